@@ -1,0 +1,8 @@
+"""Triton kernels, each with a torch reference and (where differentiable) an autograd.Function.
+
+- kernels/topk_select.py: exact per-row top-k by |score| without a sort (mask or indices).
+- kernels/mone.py: MoNE SwiGLU experts, ``mone_swiglu_grouped`` (the contract in moe_core/mone.py) and
+  ``mone_swiglu``; training path (cuBLAS GEMMs + fused select/SwiGLU kernels, differentiable).
+- kernels/mone_decode.py: the decode path (reads only kept neurons' weights).
+Kernels run on CUDA, or on CPU under TRITON_INTERPRET=1 (tests); kernels/runtime.py says which.
+"""

@@ -185,9 +185,22 @@ class LoggingConfig:
 
 @dataclass
 class FP8Config:
+    """FP8 projections when train.precision=fp8 (docs/fp8.md). Router, norms, embedding and LM head stay high
+    precision; MoNE's kept-neuron up/down path stays bf16."""
+
+    backend: Literal["te", "torch"] = "te"
+    """te = Transformer Engine modules (pip install 'moetron[gpu]'); torch = torch._scaled_mm with per-tensor
+    scales (no TE needed; Hopper/Ada GPU; recipes delayed/current)."""
     recipe: Literal["delayed", "current", "mxfp8"] = "delayed"
+    """delayed = scale from an amax history (TE DelayedScaling); current = scale from the tensor itself;
+    mxfp8 = 32-element block scales (TE only, Blackwell GPUs)."""
+    format: Literal["hybrid", "e4m3"] = "hybrid"
+    """hybrid = E4M3 activations/weights and E5M2 gradients; e4m3 = E4M3 everywhere."""
     amax_history_len: int = 16
+    amax_compute_algo: Literal["max", "most_recent"] = "max"
+    """delayed recipe: scale from the max of the amax history, or from the most recent amax."""
     margin: int = 0
+    """Scales are divided by 2**margin (headroom against amax growth between steps)."""
     keep_first_last_bf16: bool = True
     """Keep the first and last transformer layers in bf16."""
 
@@ -402,7 +415,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     if tr.precision == "fp8":
         from parallel.fp8 import check_fp8_available  # lazy: TE is only imported when fp8 is asked for
 
-        check_fp8_available()
+        check_fp8_available(cfg.fp8)
     if world_size is not None:
         validate_world(cfg, world_size)
 

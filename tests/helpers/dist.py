@@ -2,7 +2,8 @@
 
     results = run_distributed(my_fn, world_size=4, arg1, kw=...)   # my_fn(rank, world_size, arg1, kw=...)
 
-``my_fn`` must be importable at module level (it is pickled by reference). Ranks start from a forkserver that
+Workers are not daemonic (megatron-core checkpoint saving starts its own helper process); they are killed
+if the world fails or hangs. ``my_fn`` must be importable at module level (it is pickled by reference). Ranks start from a forkserver that
 has torch and megatron-core preloaded, so a 4-rank world starts in about a second instead of re-importing
 everything per rank. A failing rank's traceback is raised in the parent as AssertionError; a hung world is
 killed after ``timeout`` seconds. Return values should be tensors/dicts/lists (moved through a queue).
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import socket
 import traceback
 from typing import Any, Callable
@@ -42,7 +44,9 @@ def _worker(fn: Callable, rank: int, world_size: int, port: int, queue, args, kw
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args, **kwargs)
-        queue.put((rank, "ok", _detach(result)))
+        # Plain pickle copies tensor bytes by value; torch's queue reducer would pass a shared-memory fd
+        # that dies with this process if it exits before the parent reads it (ConnectionResetError).
+        queue.put((rank, "ok", pickle.dumps(_detach(result))))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent with its traceback
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -73,7 +77,7 @@ def run_distributed(fn: Callable, world_size: int, *args, timeout: float = 180.0
     ctx = _context()
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, queue, args, kwargs), daemon=True)
+    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, queue, args, kwargs))
              for r in range(world_size)]
     for p in procs:
         p.start()
@@ -90,7 +94,7 @@ def run_distributed(fn: Callable, world_size: int, *args, timeout: float = 180.0
                               f"{sorted(set(range(world_size)) - set(results))} (deadlock or crash)")
                 break
             if status == "ok":
-                results[rank] = payload
+                results[rank] = pickle.loads(payload)
             else:
                 errors.append(f"rank {rank} failed:\n{payload}")
                 break

@@ -1,0 +1,54 @@
+"""`moetron pretrain --recipe FILE [key.path=value ...]` (also `python -m launcher.pretrain`).
+
+Single process: `python -m launcher.pretrain --recipe recipes/smoke_cpu.yaml`
+Multi process:  `torchrun --nproc-per-node 4 -m launcher.pretrain --recipe recipes/smoke_cpu.yaml parallel.tp=2 parallel.ep=2`
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from launcher import env
+from launcher.config import ConfigError, load_config, validate_world
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="moetron pretrain", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", required=True, help="YAML recipe (see recipes/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. moe.num_experts=8 train.steps=50")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.recipe, args.overrides)
+        validate_world(cfg, env.world_size())  # before any process group exists
+    except ConfigError as e:
+        print(f"moetron: config error: {e}", file=sys.stderr)
+        return 2
+    from launcher.trainer import Trainer, TrainingError
+    from parallel import groups as pgroups
+
+    env.ensure_single_process_env()
+    pgroups.init_distributed(cfg.parallel.backend)
+    try:
+        groups = pgroups.initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep)
+        result = Trainer(cfg, groups).fit()
+        if groups.rank == 0:
+            print(f"[moetron] done: step {result.final_step}, checkpoint {result.checkpoint}", flush=True)
+        return 0
+    except (TrainingError, ConfigError) as e:
+        print(f"moetron: {e}", file=sys.stderr)
+        return 1
+    finally:
+        pgroups.destroy()
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,295 @@
+"""The training loop: micro-batches through the pipeline schedule, DP gradient sync, clip, AdamW, schedule,
+checkpoints, metrics, non-finite-loss skipping and preemption.
+
+Exactness: everything a step depends on is a function of (config, step, checkpointed state): the LR schedule is
+a function of the step, M-MoE draws are keyed on (seed, step, layer), the data loader's position and the RNG
+states are checkpointed. A run resumed from step N therefore reproduces the uninterrupted run's losses.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from launcher import checkpoint, flops
+from launcher.config import Config, save_resolved, to_dict
+from launcher.data import build_loader
+from launcher.metrics import (MetricsWriter, ProgressLine, StepStats, peak_flops_per_device, throughput,
+                              training_scalars, moe_layer_scalars)
+from parallel.grads import clip_grads, global_grad_norm, sync_grads
+from parallel.groups import ParallelGroups
+from parallel.model import build_model, token_losses
+from parallel.pipeline import forward_backward
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (e.g. too many non-finite steps in a row); the message says why and what to do."""
+
+
+def lr_at(cfg: Config, step: int) -> float:
+    """Linear warmup to optim.lr over warmup_steps, then cosine (or constant) decay to optim.min_lr."""
+    o = cfg.optim
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    if o.decay == "constant":
+        return o.lr
+    span = max(1, cfg.train.steps - o.warmup_steps)
+    progress = min(1.0, (step - o.warmup_steps) / span)
+    return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on 1-D parameters (norm weights)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    o = cfg.optim
+    return torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=False)
+
+
+def autocast_context(cfg: Config, device: torch.device):
+    """bf16/fp8 runs keep fp32 master weights and compute matmuls in bf16 under autocast."""
+    if cfg.train.precision in ("bf16", "fp8"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class Preemption:
+    """SIGUSR2/SIGTERM set a flag; at each step boundary the flag is OR-reduced over all ranks so they stop
+    together (after saving a checkpoint)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGUSR2, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame) -> None:  # noqa: ARG002
+        self.requested = True
+
+    def agreed(self, groups: ParallelGroups) -> bool:
+        flag = torch.tensor([1.0 if self.requested else 0.0])
+        if groups.distributed:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+@dataclass
+class TrainResult:
+    losses: dict[int, float] = field(default_factory=dict)
+    """Loss per executed step (global mean), as every rank sees it."""
+    final_step: int = 0
+    skipped_steps: int = 0
+    preempted: bool = False
+    checkpoint: Optional[str] = None
+
+
+class Trainer:
+    def __init__(self, cfg: Config, groups: ParallelGroups):
+        self.cfg, self.groups = cfg, groups
+        self.run_dir = Path(cfg.logging.run_dir)
+        self.ckpt_root = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
+        self.model = build_model(cfg, groups)
+        self.device = next(self.model.parameters()).device
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.dp_size = groups.dp_size
+        self.num_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * self.dp_size)
+        self.loader = build_loader(cfg, "train", groups.dp_rank, groups.dp_size)
+        self.hidden_shape = (cfg.train.micro_batch_size, cfg.model.seq_length, cfg.model.hidden_size)
+        self.is_logger = groups.rank == 0
+        self.writer = MetricsWriter(self.run_dir, enabled=self.is_logger and cfg.logging.tensorboard)
+        self.progress = ProgressLine(cfg.train.steps)
+        self.flops = flops.training_flops(cfg)
+        self.peak = peak_flops_per_device(self.device, cfg.train.precision, cfg.logging.peak_tflops)
+        self.step = 0
+        self.skipped = 0
+        self._layer_counts: dict[int, torch.Tensor] = {}
+
+    # ------------------------------------------------------------ state
+    def _per_rank_state(self) -> dict:
+        return {"rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                        "numpy": np.random.get_state()},
+                "dp.data": self.loader.state_dict()}
+
+    def _restore_per_rank(self, state: dict) -> None:
+        if "rng" in state:
+            torch.set_rng_state(state["rng"]["torch"])
+            random.setstate(state["rng"]["python"])
+            np.random.set_state(state["rng"]["numpy"])
+        if "dp.data" in state:
+            self.loader.load_state_dict(state["dp.data"])
+
+    def save(self) -> Path:
+        common = {"step": self.step, "skipped_steps": self.skipped, "config": to_dict(self.cfg)}
+        return checkpoint.save(self.ckpt_root, self.step, self.model, self.optimizer, self.groups, common,
+                               self._per_rank_state(), keep_last=self.cfg.checkpoint.keep_last)
+
+    def maybe_resume(self) -> Optional[Path]:
+        if self.cfg.checkpoint.resume != "auto":
+            return None
+        ckpt = checkpoint.find_latest(self.ckpt_root)
+        if ckpt is None:
+            return None
+        common, per_rank = checkpoint.load(ckpt, self.model, self.optimizer, self.groups, self._per_rank_state())
+        self.step, self.skipped = int(common["step"]), int(common.get("skipped_steps", 0))
+        if per_rank:
+            self._restore_per_rank(per_rank)
+        elif self.is_logger:
+            print(f"[moetron] resumed {ckpt} at a different parallel layout: RNG re-seeded and the data loader "
+                  "restarts its order (exact resume needs the same layout)", flush=True)
+        if self.is_logger:
+            print(f"[moetron] resumed from {ckpt} at step {self.step}", flush=True)
+        return ckpt
+
+    # ------------------------------------------------------------ one step
+    def _forward(self, model, mb: dict, x: Optional[torch.Tensor]) -> torch.Tensor:
+        inp = mb["tokens"].to(self.device) if x is None else x
+        with autocast_context(self.cfg, self.device):
+            out = model(inp)
+        for idx, layer in model.moe_layers().items():
+            counts = layer.last_stats["tokens_per_expert"].detach().to(torch.float64).cpu()
+            self._layer_counts[idx] = self._layer_counts.get(idx, 0) + counts
+        if not self.groups.is_last_stage:
+            return out
+        losses = token_losses(out, mb["labels"].to(self.device), self.groups)
+        mask = mb.get("loss_mask")
+        if mask is None:
+            return losses.mean()
+        mask = mask.to(self.device, torch.float32)
+        return (losses * mask).sum() / mask.sum().clamp_min(1.0)
+
+    def _global_loss(self, losses: list[torch.Tensor]) -> float:
+        """Mean micro-batch loss, averaged over DP, made known on every rank (it lives on the last stage)."""
+        value = torch.stack(losses).mean().double().cpu() if losses else torch.zeros((), dtype=torch.float64)
+        value = value.reshape(1)
+        if self.groups.pp_size > 1:
+            dist.all_reduce(value, group=self.groups.pp_group)
+        if self.groups.dp_size > 1:
+            dist.all_reduce(value, group=self.groups.dp_group)
+            value /= self.groups.dp_size
+        return float(value.item())
+
+    def _layer_stats(self) -> dict[int, dict]:
+        """Per-MoE-layer stats of this step for metrics and the expert-bias update; counts summed over DP (and
+        gathered over PP so the logging rank sees every layer)."""
+        moe_idx = flops.moe_layer_indices(self.cfg)
+        E = self.cfg.moe.num_experts
+        counts = torch.zeros(len(moe_idx), E, dtype=torch.float64)
+        ks = torch.zeros(len(moe_idx), dtype=torch.float64)
+        dropped = torch.zeros(len(moe_idx), dtype=torch.float64)
+        kept = torch.zeros(len(moe_idx), dtype=torch.float64)
+        local = self.model.moe_layers()
+        for pos, idx in enumerate(moe_idx):
+            if idx in local:
+                st = local[idx].last_stats
+                counts[pos] = self._layer_counts.get(idx, torch.zeros(E, dtype=torch.float64))
+                ks[pos] = float(st["k"])
+                dropped[pos] = float(st.get("dropped_tokens") or 0)
+                kept[pos] = float(st.get("mone_kept_fraction") or 0.0)
+        self._layer_counts = {}
+        packed = torch.cat([counts.flatten(), ks, dropped, kept])
+        if self.groups.dp_size > 1:
+            # counts are identical over TP peers and disjoint over DP; the others are DP-invariant
+            dist.all_reduce(packed, group=self.groups.dp_group)
+            packed[counts.numel():counts.numel() + len(moe_idx)] /= self.groups.dp_size
+            packed[counts.numel() + 2 * len(moe_idx):] /= self.groups.dp_size
+        if self.groups.pp_size > 1:
+            dist.all_reduce(packed, group=self.groups.pp_group)
+        n = counts.numel()
+        counts = packed[:n].view(len(moe_idx), E)
+        L = len(moe_idx)
+        return {idx: {"tokens_per_expert": counts[i], "k": packed[n + i].item(),
+                      "dropped_tokens": packed[n + L + i].item(),
+                      "mone_kept_fraction": packed[n + 2 * L + i].item() if self.cfg.moe.mone.enabled else None}
+                for i, idx in enumerate(moe_idx)}
+
+    def train_step(self) -> tuple[float, float, dict[int, dict]]:
+        cfg = self.cfg
+        self.model.train()
+        self.model.set_step(self.step)
+        lr = lr_at(cfg, self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        micro = [next(self.loader) for _ in range(self.num_micro)]
+        losses = forward_backward(self.model, micro, self._forward, self.groups, self.hidden_shape)
+        loss = self._global_loss(losses)
+        sync_grads(self.model, self.groups)
+        norm = global_grad_norm(self.model, self.groups)
+        layer_stats = self._layer_stats()
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            return loss, norm, layer_stats
+        clip_grads(self.model, norm, cfg.optim.grad_clip)
+        self.optimizer.step()
+        if cfg.moe.expert_bias:
+            for idx, layer in self.model.moe_layers().items():
+                layer.update_expert_bias(layer_stats[idx]["tokens_per_expert"].to(self.device))
+        return loss, norm, layer_stats
+
+    # ------------------------------------------------------------ loop
+    def fit(self) -> TrainResult:
+        cfg = self.cfg
+        if self.is_logger:
+            save_resolved(cfg, self.run_dir)
+        self.maybe_resume()
+        preemption = Preemption()
+        result = TrainResult()
+        consecutive_bad = 0
+        last_saved = self.step
+        while self.step < cfg.train.steps:
+            t0 = time.perf_counter()
+            loss, norm, layer_stats = self.train_step()
+            step_time = time.perf_counter() - t0
+            if math.isfinite(loss) and math.isfinite(norm):
+                consecutive_bad = 0
+            else:
+                consecutive_bad += 1
+                self.skipped += 1
+                if self.is_logger:
+                    print(f"[moetron] step {self.step}: non-finite loss/grad-norm ({loss}, {norm}); update skipped "
+                          f"({consecutive_bad} in a row)", flush=True)
+                if consecutive_bad >= cfg.train.max_consecutive_nonfinite:
+                    raise TrainingError(
+                        f"{consecutive_bad} consecutive non-finite steps (train.max_consecutive_nonfinite="
+                        f"{cfg.train.max_consecutive_nonfinite}) at step {self.step}: lower optim.lr, check the "
+                        "data, or resume from an earlier checkpoint")
+            result.losses[self.step] = loss
+            self._log(loss, norm, step_time, layer_stats)
+            self.step += 1
+            if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
+                result.checkpoint = str(self.save())
+                last_saved = self.step
+            if preemption.agreed(self.groups):
+                if last_saved != self.step:
+                    result.checkpoint = str(self.save())
+                result.preempted = True
+                if self.is_logger:
+                    (self.run_dir / "PREEMPTED").write_text(f"{self.step}\n")
+                    print(f"PREEMPTED step={self.step}", flush=True)
+                break
+        else:
+            if last_saved != self.step or result.checkpoint is None:
+                result.checkpoint = str(self.save())
+        result.final_step, result.skipped_steps = self.step, self.skipped
+        self.writer.close()
+        return result
+
+    def _log(self, loss: float, norm: float, step_time: float, layer_stats: dict[int, dict]) -> None:
+        if not self.is_logger or self.step % self.cfg.logging.log_interval != 0:
+            return
+        stats = StepStats(step=self.step, loss=loss, lr=lr_at(self.cfg, self.step), grad_norm=norm,
+                          step_time_s=step_time, tokens=self.flops.tokens_per_step, flops=self.flops.train_per_step,
+                          skipped_steps=self.skipped)
+        perf = throughput(stats, self.groups.world_size, self.peak)
+        self.writer.scalars({**training_scalars(stats, perf), **moe_layer_scalars(layer_stats)}, self.step)
+        self.writer.expert_load(layer_stats, self.step)
+        print(self.progress.format(stats, perf), flush=True)

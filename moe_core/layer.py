@@ -1,0 +1,85 @@
+"""The MoE layer: route -> dispatch -> experts -> combine, with the dispatcher passed in.
+
+Shape legend: ``T`` tokens, ``K`` experts per token, ``N`` kept routing slots, ``D`` hidden, ``E`` experts.
+
+Dispatcher protocol: ``dispatcher(x_TD, topk_idx_TK, topk_weight_TK, experts) -> y_TD`` with
+``y_t = sum_k w_tk * Expert_{idx_tk}(x_t)`` (slots with idx -1 contribute 0). :class:`LocalDispatcher` is the
+single-device one; ``parallel/dispatch.py`` provides the expert-parallel ones built on ``moe_core.permute``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from launcher.config import MoEConfig
+from moe_core.aux_loss import AuxLossAutoScaler
+from moe_core.experts import SwiGLUExperts
+from moe_core.matryoshka import KSchedule
+from moe_core.permute import make_permutation, permute_tokens, unpermute_tokens
+from moe_core.router import TopKRouter
+
+Dispatcher = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, SwiGLUExperts], torch.Tensor]
+
+__all__ = ["AuxLossAutoScaler", "Dispatcher", "LocalDispatcher", "MoELayer"]
+
+
+class LocalDispatcher:
+    """All experts on this device. Every phase is local-only (no communication)."""
+
+    def __call__(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
+                 experts: SwiGLUExperts) -> torch.Tensor:
+        # local-only: group the kept slots by expert (ids relative to this module's first expert)
+        local_idx_TK = torch.where(topk_idx_TK >= 0, topk_idx_TK - experts.first_expert, topk_idx_TK)
+        perm = make_permutation(local_idx_TK, experts.num_local_experts)
+        x_ND = permute_tokens(x_TD, perm)
+        # local-only: expert compute
+        y_ND = experts(x_ND, perm.tokens_per_expert_E.tolist())
+        # local-only: weighted combine back to token order
+        return unpermute_tokens(y_ND, perm, topk_weight_TK, x_TD.shape[0])
+
+
+class MoELayer(nn.Module):
+    """``forward(x[..., D]) -> y[..., D]``. Attributes: ``router``, ``experts`` (all E experts until the parallel
+    code swaps in a local-expert instance), ``dispatcher``, ``last_stats`` (detached metrics of the last call)."""
+
+    def __init__(self, hidden: int, moe_cfg: MoEConfig, layer_idx: int, k_schedule: KSchedule,
+                 dispatcher: Optional[Dispatcher] = None):
+        super().__init__()
+        self.hidden, self.cfg, self.layer_idx, self.k_schedule = hidden, moe_cfg, layer_idx, k_schedule
+        self.router = TopKRouter(hidden, moe_cfg.num_experts, moe_cfg)
+        self.experts = SwiGLUExperts(moe_cfg.num_experts, hidden, moe_cfg.expert_ffn_hidden_size, moe_cfg.mone)
+        self.dispatcher: Dispatcher = dispatcher if dispatcher is not None else LocalDispatcher()
+        self.step = 0
+        self.last_stats: dict = {}
+
+    def set_step(self, step: int) -> None:
+        """The current training step (keys the Matryoshka k draw)."""
+        self.step = step
+
+    def current_k(self) -> int:
+        return self.k_schedule.k_for(self.layer_idx, self.step, self.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.hidden:
+            raise ValueError(f"MoELayer expects inputs [..., {self.hidden}], got {tuple(x.shape)}")
+        x_TD = x.reshape(-1, self.hidden)
+        k = self.current_k()
+        routed = self.router(x_TD, k)
+        y_TD = self.dispatcher(x_TD, routed.topk_idx_TK, routed.topk_weight_TK, self.experts)
+        if self.training:
+            y_TD = AuxLossAutoScaler.apply(y_TD, routed.aux_loss + routed.z_loss)
+        self.last_stats = {
+            "tokens_per_expert": routed.tokens_per_expert_E.detach(),
+            "k": k,
+            "dropped_tokens": (routed.topk_idx_TK < 0).sum().detach(),
+            "mone_kept_fraction": self.experts.kept_fraction,
+            "aux_loss": routed.aux_loss.detach(),
+            "z_loss": routed.z_loss.detach(),
+        }
+        return y_TD.reshape(x.shape)
+
+    def update_expert_bias(self, tokens_per_expert_E: torch.Tensor) -> None:
+        """Aux-loss-free balancing step; pass counts all-reduced over every rank routing with this layer."""
+        self.router.update_expert_bias(tokens_per_expert_E)

@@ -1,0 +1,101 @@
+"""Matryoshka MoE (arXiv 2509.26520): which k each MoE layer routes with, per step, in training and evaluation.
+
+Training with ``moe.matryoshka.enabled``: every layer draws its own ``k`` from ``[k_min, k_max]`` each step, either
+uniformly or capacity-aware ``P(k) ∝ exp(log(k) / tau) = k^(1/tau)`` (tau -> inf tends to uniform, small tau
+favours large k). The draw uses a ``torch.Generator`` seeded from a SHA-256 of ``(seed, step, layer_idx)``, so
+every rank (TP/EP/DP/PP), every micro-batch of a step and any activation recomputation agree without
+communicating (Python's ``hash()`` is salted per process and is never used). Without Matryoshka, ``k = top_k``.
+
+Evaluation/inference k (elastic inference), in order: :meth:`KSchedule.set_eval_k` if called with a value, else
+``moe.matryoshka.eval_k``, else ``k_max`` when Matryoshka is on, else ``top_k``. A list gives one k per MoE layer,
+indexed by the layer's position among MoE layers (see ``moe_layers``).
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Optional, Sequence, Union
+
+import torch
+
+from launcher.config import MoEConfig
+
+EvalK = Optional[Union[int, Sequence[int]]]
+
+
+def stable_seed(*keys: int) -> int:
+    """A 63-bit seed that depends only on ``keys`` (identical in every process, run and Python version)."""
+    digest = hashlib.sha256(":".join(str(int(k)) for k in keys).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def k_probabilities(k_min: int, k_max: int, distribution: str, tau: float) -> torch.Tensor:
+    """fp64 ``P(k)`` for ``k = k_min..k_max``."""
+    ks = torch.arange(k_min, k_max + 1, dtype=torch.float64)
+    if distribution == "uniform":
+        weights = torch.ones_like(ks)
+    elif distribution == "capacity":
+        weights = torch.exp(torch.log(ks) / tau)
+    else:
+        raise ValueError(f"moe.matryoshka.distribution must be 'uniform' or 'capacity', got {distribution!r}")
+    return weights / weights.sum()
+
+
+class KSchedule:
+    """``k_for(layer_idx, step, training) -> int``; shared by all MoE layers of a model.
+
+    ``moe_layers``: the layer indices that are MoE layers, in order (as passed to ``MoELayer(layer_idx=...)``);
+    a list ``eval_k`` is indexed by position in it. ``None`` means ``layer_idx`` already is the MoE-layer position.
+    """
+
+    def __init__(self, moe_cfg: MoEConfig, seed: int, moe_layers: Optional[Sequence[int]] = None):
+        self.cfg, self.seed = moe_cfg, seed
+        self.moe_layers = list(moe_layers) if moe_layers is not None else None
+        mm = moe_cfg.matryoshka
+        if mm.enabled:
+            if not 1 <= mm.k_min <= mm.k_max <= moe_cfg.num_experts:
+                raise ValueError(f"moe.matryoshka needs 1 <= k_min ({mm.k_min}) <= k_max ({mm.k_max}) <= "
+                                 f"moe.num_experts ({moe_cfg.num_experts})")
+            self._probs_K = k_probabilities(mm.k_min, mm.k_max, mm.distribution, mm.tau)
+        self._eval_k_override: EvalK = None
+        self._check_eval_k(mm.eval_k, "moe.matryoshka.eval_k")
+
+    def set_eval_k(self, k: EvalK) -> None:
+        """Elastic inference: one k for every MoE layer, a list with one k per MoE layer, or None (config default)."""
+        self._check_eval_k(k, "eval k")
+        self._eval_k_override = list(k) if isinstance(k, (list, tuple)) else k
+
+    def k_for(self, layer_idx: int, step: int, training: bool) -> int:
+        if training:
+            return self._draw(layer_idx, step) if self.cfg.matryoshka.enabled else self.cfg.top_k
+        eval_k = self._eval_k_override if self._eval_k_override is not None else self.cfg.matryoshka.eval_k
+        if eval_k is None:
+            return self.cfg.matryoshka.k_max if self.cfg.matryoshka.enabled else self.cfg.top_k
+        if isinstance(eval_k, int):
+            return eval_k
+        pos = self._position(layer_idx)
+        if pos >= len(eval_k):
+            raise ValueError(f"eval k list has {len(eval_k)} entries but MoE layer position {pos} was asked for; "
+                             "give one k per MoE layer")
+        return eval_k[pos]
+
+    def _draw(self, layer_idx: int, step: int) -> int:
+        gen = torch.Generator(device="cpu").manual_seed(stable_seed(self.seed, step, layer_idx))
+        offset = int(torch.multinomial(self._probs_K, 1, generator=gen))
+        return self.cfg.matryoshka.k_min + offset
+
+    def _position(self, layer_idx: int) -> int:
+        if self.moe_layers is None:
+            return layer_idx
+        if layer_idx not in self.moe_layers:
+            raise ValueError(f"layer {layer_idx} is not among the MoE layers {self.moe_layers}")
+        return self.moe_layers.index(layer_idx)
+
+    def _check_eval_k(self, k: EvalK, name: str) -> None:
+        if k is None:
+            return
+        ks = list(k) if isinstance(k, (list, tuple)) else [k]
+        for v in ks:
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= self.cfg.num_experts:
+                raise ValueError(f"{name}: k={v!r} must be an int in [1, moe.num_experts={self.cfg.num_experts}]")
+        if isinstance(k, (list, tuple)) and self.moe_layers is not None and len(ks) != len(self.moe_layers):
+            raise ValueError(f"{name} lists {len(ks)} values but there are {len(self.moe_layers)} MoE layers")

@@ -1,0 +1,136 @@
+"""Softmax top-k router with load-balancing losses, aux-loss-free expert bias and an optional capacity factor.
+
+Shape legend: ``T`` tokens, ``D`` hidden, ``E`` experts, ``K`` experts per token (``k`` may change per call: M-MoE).
+
+Numerics: all router math is fp32 whatever the input dtype (autocast is disabled inside), because softmax over
+experts and the renormalised weights are sensitive to bf16 rounding and decide which experts a token reaches.
+
+- probabilities ``p_TE = softmax(x W^T)``; selection = top-k of ``p_TE + expert_bias_E`` (the bias only changes
+  which experts are chosen, DeepSeek-V3 style); weights = ``p`` of the chosen experts renormalised to sum to 1
+  (so with k=1 the weight is exactly 1 and the router learns only from the aux losses, as with Qwen3-MoE).
+- aux loss (Switch/megatron-core): ``coeff * E * sum_e f_e * P_e`` with ``f_e`` the fraction of the T*K routed
+  slots that chose e (before dropping) and ``P_e`` the mean over tokens of ``p_te``; equals ``coeff`` when balanced.
+- z-loss (ST-MoE): ``coeff * mean_t logsumexp(logits_t)^2``.
+- capacity factor: each expert keeps at most ``ceil(capacity_factor * T * K / E)`` slots, the ones with the highest
+  router probability (megatron-core's default drop policy); dropped slots get id -1 and weight 0 (the remaining
+  weights are not renormalised again). ``None`` = dropless.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from launcher.config import MoEConfig
+
+
+@dataclass
+class RouterOutput:
+    topk_idx_TK: torch.Tensor
+    """int64 expert ids; -1 marks a slot dropped by the capacity factor."""
+    topk_weight_TK: torch.Tensor
+    """fp32 weights renormalised over the selected experts; 0 where dropped."""
+    aux_loss: torch.Tensor
+    """Scalar load-balancing loss, already multiplied by moe.aux_loss_coeff."""
+    z_loss: torch.Tensor
+    """Scalar router z-loss, already multiplied by moe.z_loss_coeff."""
+    tokens_per_expert_E: torch.Tensor
+    """int64 routed slots per expert before capacity dropping (metrics, expert-bias update)."""
+
+
+def switch_aux_loss(probs_TE: torch.Tensor, tokens_per_expert_E: torch.Tensor, k: int) -> torch.Tensor:
+    """Uncoefficiented Switch load-balancing loss ``E * sum_e (count_e / (T*k)) * mean_t p_te``."""
+    num_tokens, num_experts = probs_TE.shape
+    frac_routed_E = tokens_per_expert_E.to(probs_TE.dtype) / max(num_tokens * k, 1)
+    return num_experts * (frac_routed_E * probs_TE.mean(0)).sum()
+
+
+def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
+    """Uncoefficiented router z-loss ``mean_t logsumexp(logits_t)^2``."""
+    return torch.logsumexp(logits_TE, dim=-1).square().mean()
+
+
+def capacity_keep_mask(probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, capacity: int) -> torch.Tensor:
+    """bool ``[T, K]``: which routed slots survive when each expert keeps its ``capacity`` most probable tokens."""
+    num_tokens = probs_TE.shape[0]
+    routed_TE = torch.zeros_like(probs_TE, dtype=torch.bool).scatter_(1, topk_idx_TK, True)
+    if capacity >= num_tokens:
+        return torch.ones_like(topk_idx_TK, dtype=torch.bool)
+    ranked_TE = torch.where(routed_TE, probs_TE, torch.full_like(probs_TE, -1.0))
+    keep_rows_CE = torch.topk(ranked_TE, capacity, dim=0).indices
+    keep_TE = torch.zeros_like(routed_TE).scatter_(0, keep_rows_CE, True) & routed_TE
+    return keep_TE.gather(1, topk_idx_TK)
+
+
+class TopKRouter(nn.Module):
+    """``forward(x_TD, k) -> RouterOutput``. Parameter ``weight`` [E, D] (like HF Qwen3-MoE ``mlp.gate.weight``),
+    buffer ``expert_bias`` [E] fp32 (all zeros and unused unless ``moe.expert_bias``)."""
+
+    def __init__(self, hidden: int, num_experts: int, cfg: MoEConfig):
+        super().__init__()
+        self.hidden, self.num_experts, self.cfg = hidden, num_experts, cfg
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden))
+        self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        nn.init.normal_(self.weight, std=std)
+        self.expert_bias.zero_()
+
+    def _apply(self, fn, recurse=True):
+        # .to(bf16)/.half() would round the expert bias, and its small updates (rate ~1e-3) would then vanish in
+        # bf16; keep the exact fp32 values and only follow device moves (megatron-core keeps it fp32 as well).
+        bias_fp32 = self.expert_bias
+        super()._apply(fn, recurse)
+        if bias_fp32.is_meta:  # materialising a meta-built model (to_empty): no values to keep yet
+            self.expert_bias = self.expert_bias.float()
+        else:
+            self.expert_bias = bias_fp32.to(device=self.expert_bias.device, dtype=torch.float32)
+        return self
+
+    def capacity(self, num_tokens: int, k: int) -> int | None:
+        """Slots each expert may keep, or None when dropless."""
+        if self.cfg.capacity_factor is None:
+            return None
+        return math.ceil(self.cfg.capacity_factor * num_tokens * k / self.num_experts)
+
+    def forward(self, x_TD: torch.Tensor, k: int) -> RouterOutput:
+        if x_TD.dim() != 2 or x_TD.shape[1] != self.hidden:
+            raise ValueError(f"router expects x of shape [T, {self.hidden}], got {tuple(x_TD.shape)}")
+        if not 1 <= k <= self.num_experts:
+            raise ValueError(f"router k={k} must be in [1, num_experts={self.num_experts}]")
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            logits_TE = F.linear(x_TD.float(), self.weight.float())
+            probs_TE = torch.softmax(logits_TE, dim=-1)
+            select_TE = probs_TE + self.expert_bias if self.cfg.expert_bias else probs_TE
+            topk_idx_TK = torch.topk(select_TE.detach(), k, dim=-1).indices
+            topk_prob_TK = probs_TE.gather(1, topk_idx_TK)
+            topk_weight_TK = topk_prob_TK / topk_prob_TK.sum(-1, keepdim=True)
+            tokens_per_expert_E = torch.zeros(self.num_experts, dtype=torch.int64, device=x_TD.device).scatter_add_(
+                0, topk_idx_TK.reshape(-1), torch.ones_like(topk_idx_TK.reshape(-1)))  # no host sync (bincount syncs)
+            aux = self.cfg.aux_loss_coeff * switch_aux_loss(probs_TE, tokens_per_expert_E, k)
+            zl = self.cfg.z_loss_coeff * z_loss(logits_TE)
+            capacity = self.capacity(x_TD.shape[0], k)
+            if capacity is not None:
+                keep_TK = capacity_keep_mask(probs_TE.detach(), topk_idx_TK, capacity)
+                topk_idx_TK = torch.where(keep_TK, topk_idx_TK, torch.full_like(topk_idx_TK, -1))
+                topk_weight_TK = topk_weight_TK * keep_TK
+        return RouterOutput(topk_idx_TK, topk_weight_TK, aux, zl, tokens_per_expert_E)
+
+    @torch.no_grad()
+    def update_expert_bias(self, tokens_per_expert_E: torch.Tensor) -> None:
+        """Aux-loss-free balancing step (DeepSeek-V3): ``bias += rate * sign(mean_load - load)``.
+
+        Pass counts summed over every rank that routes with this router (the trainer all-reduces them first),
+        so all replicas apply the same update.
+        """
+        if not self.cfg.expert_bias:
+            raise RuntimeError("update_expert_bias called but moe.expert_bias is false; enable it in the config")
+        if tokens_per_expert_E.shape != (self.num_experts,):
+            raise ValueError(f"tokens_per_expert must have shape ({self.num_experts},), "
+                             f"got {tuple(tokens_per_expert_E.shape)}")
+        load_E = tokens_per_expert_E.to(self.expert_bias.device, torch.float32)
+        self.expert_bias += self.cfg.expert_bias_update_rate * torch.sign(load_E.mean() - load_E)

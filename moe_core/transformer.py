@@ -1,0 +1,187 @@
+"""Single-device decoder-only MoE transformer; the block is Hugging Face Qwen3-MoE's, operation for operation.
+
+    x = embed(tokens)
+    for each layer:  x = x + Attn(RMSNorm(x));  x = x + FFN(RMSNorm(x))     (FFN = MoE, or dense SwiGLU)
+    logits = lm_head(RMSNorm(x))
+
+Attention: GQA, per-head RMSNorm on q and k (before RoPE), rotate-half RoPE, causal SDPA, no biases.
+Parallelism is not this file's business: the linear/embedding constructors come from a :class:`LayerFactory`
+(plain ``nn.Linear`` here; ``parallel/model.py`` passes tensor-parallel ones) and the MoE dispatcher is set on
+each MoE layer from outside. ``layer_range`` / ``pre_process`` / ``post_process`` build one pipeline stage.
+
+Shapes: B batch, S sequence, D hidden, H query heads, G key/value heads, Hd head dim, V vocab.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from launcher.config import Config
+from moe_core.layer import MoELayer
+from moe_core.matryoshka import KSchedule
+
+
+class LayerFactory:
+    """Builds the projections. ``column`` layers split their output over TP, ``row`` layers their input."""
+
+    tp_size = 1
+
+    def column(self, in_features: int, out_features: int) -> nn.Module:
+        return nn.Linear(in_features, out_features, bias=False)
+
+    def row(self, in_features: int, out_features: int) -> nn.Module:
+        return nn.Linear(in_features, out_features, bias=False)
+
+    def embedding(self, vocab: int, dim: int) -> nn.Module:
+        return nn.Embedding(vocab, dim)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 and cast back (as HF Qwen3: ``weight * x_normed.to(input_dtype)``)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [S, Hd] for rotate-half RoPE, computed in fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x_BHSd: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor) -> torch.Tensor:
+    half = x_BHSd.shape[-1] // 2
+    rotated = torch.cat([-x_BHSd[..., half:], x_BHSd[..., :half]], dim=-1)
+    return (x_BHSd * cos_SD.to(x_BHSd.dtype)) + (rotated * sin_SD.to(x_BHSd.dtype))
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Config, factory: LayerFactory):
+        super().__init__()
+        m = cfg.model
+        self.head_dim = m.head_dim or m.hidden_size // m.num_attention_heads
+        self.local_heads = m.num_attention_heads // factory.tp_size
+        self.local_kv_heads = m.num_query_groups // factory.tp_size
+        self.q_proj = factory.column(m.hidden_size, m.num_attention_heads * self.head_dim)
+        self.k_proj = factory.column(m.hidden_size, m.num_query_groups * self.head_dim)
+        self.v_proj = factory.column(m.hidden_size, m.num_query_groups * self.head_dim)
+        self.o_proj = factory.row(m.num_attention_heads * self.head_dim, m.hidden_size)
+        self.q_norm = RMSNorm(self.head_dim, m.norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, m.norm_eps)
+
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x_BSD.shape
+        q = self.q_norm(self.q_proj(x_BSD).view(B, S, self.local_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x_BSD).view(B, S, self.local_kv_heads, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x_BSD).view(B, S, self.local_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out_BHSd = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                  enable_gqa=self.local_heads != self.local_kv_heads)
+        return self.o_proj(out_BHSd.transpose(1, 2).reshape(B, S, self.local_heads * self.head_dim))
+
+
+class DenseMLP(nn.Module):
+    """SwiGLU FFN for the layers listed in ``model.dense_layers`` (HF Qwen3MoeMLP)."""
+
+    def __init__(self, hidden: int, ffn: int, factory: LayerFactory):
+        super().__init__()
+        self.gate_proj = factory.column(hidden, ffn)
+        self.up_proj = factory.column(hidden, ffn)
+        self.down_proj = factory.row(ffn, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config, layer_idx: int, factory: LayerFactory, k_schedule: KSchedule):
+        super().__init__()
+        m = cfg.model
+        self.input_layernorm = RMSNorm(m.hidden_size, m.norm_eps)
+        self.self_attn = Attention(cfg, factory)
+        self.post_attention_layernorm = RMSNorm(m.hidden_size, m.norm_eps)
+        if layer_idx in m.dense_layers:
+            self.mlp: nn.Module = DenseMLP(m.hidden_size, m.dense_ffn_hidden_size, factory)
+        else:
+            self.mlp = MoELayer(m.hidden_size, cfg.moe, layer_idx, k_schedule)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class MoETransformer(nn.Module):
+    """The whole model (defaults) or one pipeline stage (``layer_range``, ``pre_process``, ``post_process``).
+
+    ``forward(tokens_BS)`` on a first stage, ``forward(hidden_BSD)`` on later stages; returns logits [B, S, V/tp]
+    on the last stage, hidden [B, S, D] otherwise. Layers live in a ModuleDict keyed by their GLOBAL index, so
+    parameter names are identical in every pipeline layout (checkpoint keys never depend on the layout).
+    """
+
+    def __init__(self, cfg: Config, factory: Optional[LayerFactory] = None, layer_range: Optional[range] = None,
+                 pre_process: bool = True, post_process: bool = True):
+        super().__init__()
+        factory = factory or LayerFactory()
+        m = cfg.model
+        self.cfg = cfg
+        self.pre_process, self.post_process = pre_process, post_process
+        self.head_dim = m.head_dim or m.hidden_size // m.num_attention_heads
+        self.k_schedule = KSchedule(cfg.moe, cfg.train.seed,
+                                    [i for i in range(m.num_layers) if i not in m.dense_layers])
+        layer_range = layer_range if layer_range is not None else range(m.num_layers)
+        if pre_process:
+            self.embed_tokens = factory.embedding(m.vocab_size, m.hidden_size)
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i, factory, self.k_schedule) for i in layer_range})
+        if post_process:
+            self.norm = RMSNorm(m.hidden_size, m.norm_eps)
+            self.lm_head = factory.column(m.hidden_size, m.vocab_size)
+        cos, sin = rope_cos_sin(m.seq_length, self.head_dim, m.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def reset_buffers(self) -> None:
+        """Recompute buffers after ``to_empty`` (meta-device build): RoPE tables; every other buffer (router
+        expert bias) starts at zero."""
+        with torch.no_grad():
+            for buf in self.buffers():
+                buf.zero_()
+            m = self.cfg.model
+            cos, sin = rope_cos_sin(m.seq_length, self.head_dim, m.rope_theta, device=self.rope_cos.device)
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
+
+    def moe_layers(self) -> dict[int, MoELayer]:
+        return {int(i): blk.mlp for i, blk in self.layers.items() if isinstance(blk.mlp, MoELayer)}
+
+    def set_step(self, step: int) -> None:
+        """Tell every MoE layer the training step (M-MoE draws k per (seed, step, layer))."""
+        for layer in self.moe_layers().values():
+            layer.set_step(step)
+
+    def set_eval_k(self, k) -> None:
+        """Elastic inference: one k for every MoE layer, a list with one k per MoE layer, or None (config)."""
+        self.k_schedule.set_eval_k(k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed_tokens(x) if self.pre_process else x
+        S = h.shape[1]
+        if S > self.rope_cos.shape[0]:
+            raise ValueError(f"sequence length {S} exceeds model.seq_length={self.rope_cos.shape[0]}")
+        cos, sin = self.rope_cos[:S], self.rope_sin[:S]
+        for block in self.layers.values():
+            h = block(h, cos, sin)
+        if self.post_process:
+            h = self.lm_head(self.norm(h))
+        return h

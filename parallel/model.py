@@ -1,0 +1,125 @@
+"""Build this rank's piece of the model: TP projections, local experts + EP dispatcher, one pipeline stage.
+
+The module tree is built on the ``meta`` device (no memory), experts are replaced by this EP rank's slice, then
+the tensors are materialised and filled by :func:`parallel.sharding.init_parameters`, which draws exactly the
+numbers the single-device model would hold at every position. Parameter names equal the single-device names.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from launcher.config import Config
+from moe_core.experts import SwiGLUExperts
+from moe_core.transformer import LayerFactory, MoETransformer
+from parallel.groups import ParallelGroups
+from parallel.sharding import attach_specs, init_parameters
+
+
+def _tp_classes():
+    """megatron-core TP layers, returning only the output (bias is never used) and naming their split axis."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+
+    class ColumnLinear(ColumnParallelLinear):
+        tp_axis = 0  # weight [out/tp, in]
+
+        def forward(self, x):
+            return super().forward(x)[0]
+
+    class RowLinear(RowParallelLinear):
+        tp_axis = 1  # weight [out, in/tp]; output all-reduced over TP
+
+        def forward(self, x):
+            return super().forward(x)[0]
+
+    class VocabEmbedding(VocabParallelEmbedding):
+        tp_axis = 0  # weight [V/tp, D]
+
+    return ColumnLinear, RowLinear, VocabEmbedding
+
+
+class TensorParallelFactory(LayerFactory):
+    """megatron-core column/row-parallel projections and vocab-parallel embedding on an explicit TP group."""
+
+    def __init__(self, groups: ParallelGroups):
+        from megatron.core.model_parallel_config import ModelParallelConfig
+
+        self.tp_size = groups.tp_size
+        self.tp_group = groups.tp_group
+        # We initialise every tensor ourselves (layout-independent), so megatron must not.
+        self.mp_config = ModelParallelConfig(tensor_model_parallel_size=groups.tp_size, use_cpu_initialization=True,
+                                             perform_initialization=False, params_dtype=torch.float32)
+        self.column_cls, self.row_cls, self.embedding_cls = _tp_classes()
+
+    def column(self, in_features: int, out_features: int) -> nn.Module:
+        return self.column_cls(in_features, out_features, config=self.mp_config, init_method=_skip_init,
+                               bias=False, gather_output=False, tp_group=self.tp_group)
+
+    def row(self, in_features: int, out_features: int) -> nn.Module:
+        return self.row_cls(in_features, out_features, config=self.mp_config, init_method=_skip_init, bias=False,
+                            input_is_parallel=True, skip_bias_add=True, tp_group=self.tp_group)
+
+    def embedding(self, vocab: int, dim: int) -> nn.Module:
+        return self.embedding_cls(vocab, dim, config=self.mp_config, init_method=_skip_init,
+                                  tp_group=self.tp_group)
+
+
+def _skip_init(weight: torch.Tensor) -> None:
+    """megatron-core asks for an init method; ours runs later (parallel/sharding.py)."""
+
+
+def stage_layers(num_layers: int, groups: ParallelGroups) -> range:
+    per_stage = num_layers // groups.pp_size
+    return range(groups.pp_rank * per_stage, (groups.pp_rank + 1) * per_stage)
+
+
+def _make_dispatcher(cfg: Config, groups: ParallelGroups):
+    if cfg.moe.dispatcher == "llep":
+        from parallel.llep import LLEPDispatcher
+
+        return LLEPDispatcher(groups, cfg.moe)
+    from parallel.dispatch import AllToAllDispatcher
+
+    return AllToAllDispatcher(groups.tp_group, groups.ep_group, cfg.moe.num_experts)
+
+
+def _localise_experts(model: MoETransformer, cfg: Config, groups: ParallelGroups) -> None:
+    """Replace each MoE layer's experts with this EP rank's slice and install the EP dispatcher."""
+    if groups.tp_size == 1 and groups.ep_size == 1:
+        return
+    num_local = cfg.moe.num_experts // groups.ep_size
+    for layer in model.moe_layers().values():
+        layer.experts = SwiGLUExperts(num_local, cfg.model.hidden_size, cfg.moe.expert_ffn_hidden_size,
+                                      cfg.moe.mone, first_expert=groups.ep_rank * num_local)
+        layer.dispatcher = _make_dispatcher(cfg, groups)
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def build_model(cfg: Config, groups: ParallelGroups, device: torch.device | None = None) -> MoETransformer:
+    """This rank's pipeline stage with TP/EP applied, initialised layout-independently from cfg.train.seed."""
+    device = device or default_device()
+    factory = TensorParallelFactory(groups) if groups.tp_size > 1 else LayerFactory()
+    with torch.device("meta"):
+        model = MoETransformer(cfg, factory, layer_range=stage_layers(cfg.model.num_layers, groups),
+                               pre_process=groups.is_first_stage, post_process=groups.is_last_stage)
+        _localise_experts(model, cfg, groups)
+    model.to_empty(device=device)
+    model.reset_buffers()
+    attach_specs(model, groups)
+    init_parameters(model, cfg.train.seed, cfg.model.init_std, cfg.model.num_layers, groups)
+    return model
+
+
+def token_losses(logits_BSV: torch.Tensor, labels_BS: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
+    """Per-token cross-entropy in fp32; with TP the logits are vocab-sharded (megatron's vocab-parallel CE)."""
+    if groups.tp_size > 1:
+        from megatron.core.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
+
+        return vocab_parallel_cross_entropy(logits_BSV.float(), labels_BS, tp_group=groups.tp_group)
+    return F.cross_entropy(logits_BSV.float().flatten(0, 1), labels_BS.flatten(), reduction="none").view_as(labels_BS)

@@ -1,0 +1,96 @@
+"""Non-interleaved 1F1B pipeline schedule over the megatron-core pipeline group (and its PP=1 special case).
+
+Stage s runs ``pp - s - 1`` warm-up forwards, then alternates one forward / one backward, then drains the
+remaining backwards; so at most ``pp - s`` micro-batches' activations are alive on stage s (GPipe keeps all).
+Sends are non-blocking (``isend``) and receives blocking; with this order every receive has a matching send that
+is already issued or will be issued without waiting on it, so the schedule cannot deadlock. Activations travel
+in fp32 between stages whatever the compute dtype (the residual stream is fp32 under autocast).
+
+The loss of each micro-batch is divided by the number of micro-batches here, and the MoE aux-loss scale is set
+to match, so gradients are those of the mean loss over the step's micro-batches.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from moe_core.aux_loss import AuxLossAutoScaler
+from parallel.groups import ParallelGroups
+
+# forward_fn(model, micro_batch, input_BSD_or_None) -> output (hidden [B,S,D] or, on the last stage, loss scalar)
+ForwardFn = Callable[[torch.nn.Module, dict, Optional[torch.Tensor]], torch.Tensor]
+
+
+class _P2P:
+    """Point-to-point activations/gradients between neighbouring stages (collective-only)."""
+
+    def __init__(self, groups: ParallelGroups, shape: tuple[int, ...], device: torch.device):
+        self.groups, self.shape, self.device = groups, shape, device
+        self.pending: list[dist.Work] = []
+
+    def _peer(self, offset: int) -> int:
+        return self.groups.pp_ranks[self.groups.pp_rank + offset]
+
+    def send(self, tensor: torch.Tensor, offset: int) -> None:
+        self.pending.append(dist.isend(tensor.detach().float().contiguous(), self._peer(offset),
+                                       group=self.groups.pp_group))
+
+    def recv(self, offset: int) -> torch.Tensor:
+        buf = torch.empty(self.shape, dtype=torch.float32, device=self.device)
+        dist.recv(buf, self._peer(offset), group=self.groups.pp_group)
+        return buf
+
+    def drain(self) -> None:
+        for work in self.pending:
+            work.wait()
+        self.pending.clear()
+
+
+def forward_backward(model: torch.nn.Module, micro_batches: list[dict], forward_fn: ForwardFn,
+                     groups: ParallelGroups, hidden_shape: tuple[int, ...], forward_only: bool = False
+                     ) -> list[torch.Tensor]:
+    """Run all micro-batches of one step through this stage; returns the (unscaled, detached) per-micro-batch
+    losses on the last stage, an empty list elsewhere. Gradients accumulate into ``.grad``."""
+    n = len(micro_batches)
+    AuxLossAutoScaler.set_loss_scale(1.0 / n)
+    device = next(model.parameters()).device
+    p2p = _P2P(groups, hidden_shape, device)
+    first, last = groups.is_first_stage, groups.is_last_stage
+    pending: list[tuple[Optional[torch.Tensor], torch.Tensor]] = []
+    losses: list[torch.Tensor] = []
+
+    def run_forward(i: int) -> None:
+        x = None
+        if not first:
+            x = p2p.recv(-1).requires_grad_(not forward_only)
+        with torch.set_grad_enabled(not forward_only):
+            out = forward_fn(model, micro_batches[i], x)
+        if last:
+            losses.append(out.detach())
+            out = out / n
+        else:
+            p2p.send(out, +1)
+        if not forward_only:
+            pending.append((x, out))
+
+    def run_backward() -> None:
+        x, out = pending.pop(0)
+        if last:
+            out.backward()
+        else:
+            out.backward(p2p.recv(+1).to(out.dtype))
+        if not first:
+            p2p.send(x.grad, -1)
+
+    warmup = n if forward_only else min(groups.pp_size - groups.pp_rank - 1, n)
+    for i in range(warmup):
+        run_forward(i)
+    for i in range(warmup, n):
+        run_forward(i)
+        run_backward()
+    while pending:
+        run_backward()
+    p2p.drain()
+    return losses

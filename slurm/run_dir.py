@@ -1,0 +1,30 @@
+"""Validate a recipe + dotted overrides and print the run directory (used by pretrain.sbatch before launch).
+
+    python slurm/run_dir.py RECIPE.yaml [key.path=value ...]
+
+A bad recipe or override prints the one-line ConfigError and exits with status 2, so the batch job fails in
+seconds, before any node starts torchrun.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout, wherever it is run from
+
+from launcher.config import ConfigError, load_config  # noqa: E402
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        print("usage: run_dir.py RECIPE.yaml [key.path=value ...]", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(argv[0], argv[1:])
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    print(cfg.logging.run_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

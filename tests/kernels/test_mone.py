@@ -1,0 +1,102 @@
+"""Fused MoNE expert kernels (training and decode paths) vs the torch reference: outputs and gradients."""
+import pytest
+import torch
+
+from kernels.mone import mone_swiglu, mone_swiglu_grouped, mone_swiglu_reference
+from kernels.mone_decode import mone_decode, row_starts
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _problem(splits, D, F, seed, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    E = len(splits)
+    x = torch.randn(sum(splits), D, generator=gen)
+    w_gate = torch.randn(E, F, D, generator=gen) / D ** 0.5
+    w_up = torch.randn(E, F, D, generator=gen) / D ** 0.5
+    w_down = torch.randn(E, D, F, generator=gen) / F ** 0.5
+    return [t.to(DEVICE, dtype) for t in (x, w_gate, w_up, w_down)]
+
+
+def _grads(fn, tensors, dy):
+    leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+    y = fn(*leaves)
+    y.backward(dy)
+    return y.detach(), [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("splits,D,F,k,score", [
+    ([3, 0, 5, 1], 16, 24, 7, "post_act"),    # ragged, an empty expert, k not a power of two
+    ([6, 2], 32, 40, 13, "pre_act"),
+    ([4], 24, 17, 17, "post_act"),            # keep everything: equals the dense expert
+])
+def test_training_path_matches_reference(splits, D, F, k, score):
+    tensors = _problem(splits, D, F, seed=sum(splits) + F)
+    dy = torch.randn(sum(splits), D, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    y, grads = _grads(lambda *t: mone_swiglu_grouped(t[0], splits, *t[1:], k, score), tensors, dy)
+    y_ref, grads_ref = _grads(lambda *t: mone_swiglu_reference(t[0], splits, *t[1:], k, score), tensors, dy)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+    for name, g, g_ref in zip(("x", "w_gate", "w_up", "w_down"), grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5, msg=lambda m: f"grad of {name}: {m}")
+
+
+def test_gradients_reach_only_kept_neurons():
+    x, w_gate, w_up, w_down = _problem([5], 16, 20, seed=7)
+    w_up = w_up.requires_grad_(True)
+    mone_swiglu(x[0:1], w_gate[0], w_up[0], w_down[0], 6).sum().backward()
+    assert (w_up.grad[0].abs().sum(-1) > 0).sum() == 6  # one token: exactly its 6 kept rows of W_up get gradient
+
+
+@pytest.mark.parametrize("splits,D,F,k,score", [
+    ([1, 3, 0, 16], 32, 40, 13, "post_act"),  # ragged decode batch, up to DECODE_MAX_TOKENS tokens
+    ([2, 1], 40, 24, 5, "pre_act"),           # D not a multiple of the hidden block
+])
+def test_decode_path_matches_reference(splits, D, F, k, score):
+    x, w_gate, w_up, w_down = _problem(splits, D, F, seed=F + k)
+    with torch.no_grad():
+        y = mone_swiglu_grouped(x, splits, w_gate, w_up, w_down, k, score)
+    y_ref = mone_swiglu_reference(x, splits, w_gate, w_up, w_down, k, score)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_decode_kernels_handle_more_tokens_than_one_tile():
+    splits = [20, 3]  # > 16 rows for one expert: the kernels loop over token chunks
+    x, w_gate, w_up, w_down = _problem(splits, 16, 24, seed=5)
+    with torch.no_grad():
+        y = mone_decode(x, row_starts(splits, x.device), w_gate, w_up, w_down, 9, "post_act")
+    torch.testing.assert_close(y, mone_swiglu_reference(x, splits, w_gate, w_up, w_down, 9), rtol=1e-4, atol=1e-5)
+
+
+def test_decode_weight_cache_follows_in_place_updates():
+    x, w_gate, w_up, w_down = _problem([2], 16, 24, seed=3)
+    with torch.no_grad():
+        mone_swiglu_grouped(x, [2], w_gate, w_up, w_down, 8)
+        w_down.mul_(-2.0)  # optimizer-style in-place update: the cached [E, F, D] copy must be refreshed
+        y = mone_swiglu_grouped(x, [2], w_gate, w_up, w_down, 8)
+    torch.testing.assert_close(y, mone_swiglu_reference(x, [2], w_gate, w_up, w_down, 8), rtol=1e-4, atol=1e-5)
+
+
+def test_bad_inputs_name_the_problem():
+    x, w_gate, w_up, w_down = _problem([2, 2], 16, 24, seed=0)
+    with pytest.raises(ValueError, match="tokens_per_expert"):
+        mone_swiglu_grouped(x, [3, 2], w_gate, w_up, w_down, 8)
+    with pytest.raises(ValueError, match="keep_k=25"):
+        mone_swiglu_grouped(x, [2, 2], w_gate, w_up, w_down, 25)
+    with pytest.raises(ValueError, match="score must be"):
+        mone_swiglu_grouped(x, [2, 2], w_gate, w_up, w_down, 8, "abs")
+    with pytest.raises(ValueError, match=r"w_down \[E, D, F\]"):
+        mone_swiglu_grouped(x, [2, 2], w_gate, w_up, w_down.transpose(1, 2), 8)
+
+
+def test_matches_moe_core_torch_path():
+    """Same contract as moe_core.mone.mone_swiglu_torch (what backend=torch runs), outputs and gradients."""
+    from moe_core.mone import mone_swiglu_torch
+
+    splits = [2, 5, 0]
+    tensors = _problem(splits, 16, 24, seed=11)
+    dy = torch.randn(sum(splits), 16, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    y, grads = _grads(lambda *t: mone_swiglu_grouped(t[0], splits, *t[1:], 10, "post_act"), tensors, dy)
+    y_ref, grads_ref = _grads(lambda *t: mone_swiglu_torch(t[0], splits, *t[1:], 10, "post_act"), tensors, dy)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,26 @@
+"""Session fixture: a real two-node Slurm cluster on this machine (slurm/ci_cluster.sh), stopped at the end.
+
+It needs root (the daemons run as SlurmUser=root) and Debian's slurm-wlm + munge, which ci_cluster.sh installs
+with apt-get when they are missing. The state directory is fixed so that daemons left by a killed session are
+stopped (by the PIDs they wrote) before a new cluster starts.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.slurm.cluster import SlurmCluster
+
+STATE_DIR = Path("/tmp/moetron-slurm-pytest")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    cluster = SlurmCluster(STATE_DIR, nodes=2, gpus_per_node=2)
+    cluster.stop()  # leftovers of an interrupted session, if any
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
