@@ -337,6 +337,13 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def config_from_dict(data: dict) -> Config:
+    """Rebuild and validate a Config from a (resolved) dict, e.g. the one stored in a checkpoint."""
+    cfg = _from_dict(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
 def save_resolved(cfg: Config, run_dir: str | Path) -> Path:
     """Write the fully resolved config as YAML into the run directory; returns the file path."""
     out = Path(run_dir) / "config.yaml"

@@ -21,10 +21,11 @@ import torch
 import torch.distributed as dist
 
 from launcher import checkpoint, flops
-from launcher.config import Config, save_resolved, to_dict
+from launcher.config import Config, ConfigError, save_resolved, to_dict
 from launcher.data import build_loader
 from launcher.metrics import (MetricsWriter, ProgressLine, StepStats, peak_flops_per_device, throughput,
                               training_scalars, moe_layer_scalars)
+from moe_core.matryoshka import EvalK
 from parallel.grads import clip_grads, global_grad_norm, sync_grads
 from parallel.groups import ParallelGroups
 from parallel.model import build_model, token_losses
@@ -108,7 +109,6 @@ class Trainer:
         self.is_logger = groups.rank == 0
         self.writer = MetricsWriter(self.run_dir, enabled=self.is_logger and cfg.logging.tensorboard)
         self.progress = ProgressLine(cfg.train.steps)
-        self.flops = flops.training_flops(cfg)
         self.peak = peak_flops_per_device(self.device, cfg.train.precision, cfg.logging.peak_tflops)
         self.step = 0
         self.skipped = 0
@@ -155,9 +155,10 @@ class Trainer:
         inp = mb["tokens"].to(self.device) if x is None else x
         with autocast_context(self.cfg, self.device):
             out = model(inp)
-        for idx, layer in model.moe_layers().items():
-            counts = layer.last_stats["tokens_per_expert"].detach().to(torch.float64).cpu()
-            self._layer_counts[idx] = self._layer_counts.get(idx, 0) + counts
+        if model.training:  # expert load of training steps only (validation forwards run in eval mode)
+            for idx, layer in model.moe_layers().items():
+                counts = layer.last_stats["tokens_per_expert"].detach().to(torch.float64).cpu()
+                self._layer_counts[idx] = self._layer_counts.get(idx, 0) + counts
         if not self.groups.is_last_stage:
             return out
         losses = token_losses(out, mb["labels"].to(self.device), self.groups)
@@ -235,12 +236,59 @@ class Trainer:
                 layer.update_expert_bias(layer_stats[idx]["tokens_per_expert"].to(self.device))
         return loss, norm, layer_stats
 
+    # ------------------------------------------------------------ validation
+    def _valid_batches(self, n: int) -> list[dict]:
+        """This DP rank's share of the first ``n`` micro-batches of the valid split: the split is read whole and
+        in order on every rank and DP rank r takes batches r, r + dp, ..., so every layout sees the same batches."""
+        if n < 1 or n % self.dp_size:
+            raise ConfigError(f"validation needs a positive multiple of the data-parallel size ({self.dp_size}) "
+                              f"micro-batches, got {n}: change train.eval_batches (or eval --batches)")
+        loader = build_loader(self.cfg, "valid", 0, 1)
+        if loader.plan is not None and n > loader.plan.batches_per_epoch:
+            plan = loader.plan
+            raise ConfigError(f"validation asks for {n} micro-batches but the valid split of '{plan.data_dir}' holds "
+                              f"{plan.batches_per_epoch} of train.micro_batch_size={plan.micro_batch_size}: lower "
+                              "train.eval_batches (or eval --batches) or hold out more data (preprocess "
+                              "--valid-fraction)")
+        return [next(loader) for _ in range(n)][self.groups.dp_rank::self.dp_size]
+
+    def evaluate(self, k: EvalK = None, batches: Optional[int] = None) -> float:
+        """Mean validation loss (nats/token) over the first ``batches`` (default train.eval_batches) micro-batches
+        of the valid split, every MoE layer routing with ``k`` (an int, one int per MoE layer, or None = the
+        config's eval k). Depends only on the weights and the data, not on the layout. Collective: all ranks call
+        it. Leaves the model in train mode with the config's eval k."""
+        micro = self._valid_batches(batches or self.cfg.train.eval_batches)
+        self.model.eval()
+        self.model.set_eval_k(k)
+        try:
+            losses = forward_backward(self.model, micro, self._forward, self.groups, self.hidden_shape,
+                                      forward_only=True)
+        finally:
+            self.model.set_eval_k(None)
+            self.model.train()
+        return self._global_loss(losses)
+
+    def _validate(self) -> None:
+        """Periodic validation: ``valid/loss`` at the eval k and, for M-MoE, ``valid/loss_k{k}`` for every k in
+        [k_min, k_max] (the eval k's loss is reused from the sweep when it is one of them)."""
+        mm = self.cfg.moe.matryoshka
+        sweep = {k: self.evaluate(k) for k in range(mm.k_min, mm.k_max + 1)} if mm.enabled else {}
+        default_k = mm.eval_k if mm.eval_k is not None else mm.k_max
+        loss = sweep[default_k] if isinstance(default_k, int) and default_k in sweep else self.evaluate()
+        values = {"valid/loss": loss, **{f"valid/loss_k{k}": v for k, v in sweep.items()}}
+        if self.is_logger:
+            self.writer.scalars(values, self.step)
+            print(f"[moetron] validation after step {self.step}: "
+                  + " | ".join(f"{tag[len('valid/'):]} {v:.4f}" for tag, v in values.items()), flush=True)
+
     # ------------------------------------------------------------ loop
     def fit(self) -> TrainResult:
         cfg = self.cfg
         if self.is_logger:
             save_resolved(cfg, self.run_dir)
         self.maybe_resume()
+        if cfg.train.eval_interval:
+            self._valid_batches(cfg.train.eval_batches)  # bad validation settings fail now, not at the first eval
         preemption = Preemption()
         result = TrainResult()
         consecutive_bad = 0
@@ -265,6 +313,8 @@ class Trainer:
             result.losses[self.step] = loss
             self._log(loss, norm, step_time, layer_stats)
             self.step += 1
+            if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0:
+                self._validate()
             if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
                 result.checkpoint = str(self.save())
                 last_saved = self.step
@@ -286,9 +336,12 @@ class Trainer:
     def _log(self, loss: float, norm: float, step_time: float, layer_stats: dict[int, dict]) -> None:
         if not self.is_logger or self.step % self.cfg.logging.log_interval != 0:
             return
+        # FLOPs from the k each layer actually ran (M-MoE draws, capacity drops); MoNE also logs useful FLOPs
+        fc = flops.training_flops(self.cfg, k_per_layer=flops.executed_k_per_layer(layer_stats))
         stats = StepStats(step=self.step, loss=loss, lr=lr_at(self.cfg, self.step), grad_norm=norm,
-                          step_time_s=step_time, tokens=self.flops.tokens_per_step, flops=self.flops.train_per_step,
-                          skipped_steps=self.skipped)
+                          step_time_s=step_time, tokens=fc.tokens_per_step, flops=fc.train_per_step,
+                          skipped_steps=self.skipped,
+                          useful_flops=fc.train_per_step_useful if self.cfg.moe.mone.enabled else None)
         perf = throughput(stats, self.groups.world_size, self.peak)
         self.writer.scalars({**training_scalars(stats, perf), **moe_layer_scalars(layer_stats)}, self.step)
         self.writer.expert_load(layer_stats, self.step)

@@ -29,8 +29,9 @@ def stable_seed(*keys: int) -> int:
 
 
 def k_probabilities(k_min: int, k_max: int, distribution: str, tau: float) -> torch.Tensor:
-    """fp64 ``P(k)`` for ``k = k_min..k_max``."""
-    ks = torch.arange(k_min, k_max + 1, dtype=torch.float64)
+    """fp64 ``P(k)`` for ``k = k_min..k_max``, always on the CPU (it feeds a CPU generator; the model may be
+    being built on the meta device or live on a GPU)."""
+    ks = torch.arange(k_min, k_max + 1, dtype=torch.float64, device="cpu")
     if distribution == "uniform":
         weights = torch.ones_like(ks)
     elif distribution == "capacity":

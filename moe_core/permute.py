@@ -70,11 +70,13 @@ def make_permutation(topk_idx_TK: torch.Tensor, num_experts: int) -> Permutation
 
 def _gather_rows(rows_ND: torch.Tensor, row_TK: torch.Tensor) -> torch.Tensor:
     """``[T, K, D]``: row ``row_TK[t, k]`` of ``rows_ND``, zeros where it is -1 (dropped)."""
-    kept_TK1 = (row_TK >= 0).unsqueeze(-1)
     if rows_ND.shape[0] == 0:
         return rows_ND.new_zeros(*row_TK.shape, rows_ND.shape[1])
     gathered_TKD = rows_ND.index_select(0, row_TK.clamp_min(0).reshape(-1)).view(*row_TK.shape, -1)
-    return torch.where(kept_TK1, gathered_TKD, torch.zeros((), dtype=rows_ND.dtype, device=rows_ND.device))
+    if rows_ND.shape[0] == row_TK.numel():  # dropless: every slot has a row, nothing to zero (no host sync)
+        return gathered_TKD
+    zero = torch.zeros((), dtype=rows_ND.dtype, device=rows_ND.device)
+    return torch.where((row_TK >= 0).unsqueeze(-1), gathered_TKD, zero)
 
 
 class _PermuteTokens(torch.autograd.Function):

@@ -80,6 +80,9 @@ class Attention(nn.Module):
         self.o_proj = factory.row(m.num_attention_heads * self.head_dim, m.hidden_size)
         self.q_norm = RMSNorm(self.head_dim, m.norm_eps)
         self.k_norm = RMSNorm(self.head_dim, m.norm_eps)
+        # Applied to every head: with TP each rank sees only its heads, so these weights' gradients are partial
+        # sums over heads there (parallel/sharding.py marks them to be summed over TP).
+        self.q_norm.per_head = self.k_norm.per_head = True
 
     def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, S, _ = x_BSD.shape

@@ -112,8 +112,8 @@ class ScalingState(nn.Module):
 
     def record(self, amax_G: torch.Tensor, first_slot: int) -> torch.Tensor:
         """Record the amaxes of G tensors quantised now into slots ``first_slot..+G``; returns the G scales to
-        quantise them with. Vectorised over the group and free of host syncs (no ``.item()``): FP8 pays off
-        only if its bookkeeping adds a handful of kernels per group, not per GEMM."""
+        quantise them with. Vectorised over the group (a fixed handful of small kernels per group, not per
+        GEMM) and free of host syncs (no ``.item()``), so the GPU never waits for the bookkeeping."""
         slots = slice(first_slot, first_slot + amax_G.shape[0])
         with torch.no_grad():
             amax_G = amax_G.float()

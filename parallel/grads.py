@@ -5,6 +5,7 @@ Reduction: the loss is the mean over the DP ranks' micro-batches, L = (1/dp) sum
   * expert params are replicated over the expert-DP group. After the EP all-to-all backward, an expert's grad on
     its owner already sums the contributions of every token its EP group sent it; summing over expert-DP adds the
     other EP groups, so the sum covers every DP rank's tokens exactly once -> divide by the DENSE dp as well.
+Per-head q/k-norm weights under TP are first summed over TP (each rank saw only its heads).
 Norm: sum over local params of ||g||^2 / (number of ranks holding that same shard), all-reduced over the world:
 every distinct shard is counted exactly once, whatever the TP/PP/EP layout.
 """
@@ -60,6 +61,9 @@ def sync_grads(model: nn.Module, groups: ParallelGroups) -> None:
     dense_grads, expert_grads = _ensure_grads(dense), _ensure_grads(expert)
     if not groups.distributed:
         return
+    partial = [p.grad for p in dense if get_spec(p).tp_partial_grad]
+    if partial:  # per-head norms under TP: each rank holds the sum over its own heads only
+        _allreduce_bucketed(partial, groups.tp_group, 1.0)
     scale = 1.0 / groups.dp_size
     if groups.dp_size > 1:
         _allreduce_bucketed(dense_grads, groups.dp_group, scale)

@@ -78,7 +78,7 @@ def _make_dispatcher(cfg: Config, groups: ParallelGroups):
     if cfg.moe.dispatcher == "llep":
         from parallel.llep import LLEPDispatcher
 
-        return LLEPDispatcher(groups, cfg.moe)
+        return LLEPDispatcher(groups.tp_group, groups.ep_group, cfg.moe.num_experts, cfg.moe.llep)
     from parallel.dispatch import AllToAllDispatcher
 
     return AllToAllDispatcher(groups.tp_group, groups.ep_group, cfg.moe.num_experts)

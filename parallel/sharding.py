@@ -29,6 +29,8 @@ class ShardSpec:
     tp_axis: Optional[int] = None
     expert_axis: Optional[int] = None
     init: str = "normal"  # normal | scaled_normal (output projections) | ones | zeros
+    tp_partial_grad: bool = False
+    """Replicated over TP but fed TP-sharded activations (per-head q/k norms): grads must be summed over TP."""
 
     @property
     def is_expert(self) -> bool:
@@ -134,7 +136,8 @@ def attach_specs(model: nn.Module, groups: ParallelGroups) -> None:
                 init = "scaled_normal"
             else:
                 init = "normal"
-            p.moetron_spec = ShardSpec(tuple(shape), tp_axis, expert_axis, init)
+            partial = groups.tp_size > 1 and getattr(module, "per_head", False)
+            p.moetron_spec = ShardSpec(tuple(shape), tp_axis, expert_axis, init, tp_partial_grad=partial)
 
 
 def expert_and_dense(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

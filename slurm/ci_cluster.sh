@@ -59,7 +59,7 @@ SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 # cred_expire is also how long a requeued job waits before it may start again (default 120 s).
-AuthInfo=socket=$D/munge.socket,cred_expire=10
+AuthInfo=socket=$D/munge.socket,cred_expire=5
 StateSaveLocation=$D/state
 SlurmdSpoolDir=$D/spool.%n
 SlurmctldPidFile=$D/slurmctld.pid
@@ -146,29 +146,39 @@ start() {
   echo "export SLURM_CONF=$CONF"
 }
 
-# Stop one daemon by the PID in its pid file: SIGTERM, then SIGKILL after 10 s. A PID whose command line is
-# not the expected daemon (a stale file after a reboot) is left alone.
-stop_pidfile() {
-  local file=$1 daemon=$2 pid i
+# PID from a pid file if that process is still the expected daemon (a stale file after a reboot may name an
+# unrelated process, which is left alone).
+daemon_pid() {
+  local file=$1 daemon=$2 pid
   [ -s "$file" ] || return 0
   pid=$(cat "$file")
-  if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q "$daemon" && kill -TERM "$pid" 2>/dev/null; then
-    for i in $(seq 1 100); do
-      kill -0 "$pid" 2>/dev/null || break
-      sleep 0.1
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-  fi
-  rm -f "$file"
+  if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q "$daemon"; then echo "$pid"; fi
 }
 
-stop() {
-  local n
-  for n in $(node_names); do
-    stop_pidfile "$D/slurmd.$n.pid" slurmd
+# SIGTERM to the given PIDs, wait up to 15 s until all are gone, then SIGKILL what is left.
+stop_pids() {
+  local pid i alive
+  [ $# -gt 0 ] || return 0
+  kill -TERM "$@" 2>/dev/null || true
+  for i in $(seq 1 150); do
+    alive=0
+    for pid in "$@"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    [ "$alive" = 1 ] || return 0
+    sleep 0.1
   done
-  stop_pidfile "$D/slurmctld.pid" slurmctld
-  stop_pidfile "$D/munged.pid" munged
+  for pid in "$@"; do kill -KILL "$pid" 2>/dev/null || true; done
+}
+
+# Stop every daemon `start` started, by the PIDs they wrote: the Slurm daemons first, munge (their auth) last.
+stop() {
+  local slurm_pids=() n
+  for n in $(node_names); do
+    slurm_pids+=($(daemon_pid "$D/slurmd.$n.pid" slurmd))
+  done
+  slurm_pids+=($(daemon_pid "$D/slurmctld.pid" slurmctld))
+  stop_pids "${slurm_pids[@]}"
+  stop_pids $(daemon_pid "$D/munged.pid" munged)
+  rm -f "$D"/*.pid
 }
 
 status() {

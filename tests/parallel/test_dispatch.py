@@ -14,6 +14,8 @@ How the comparison works (float32, same seed and weights everywhere):
   Summing over TP peers / expert-DP ranks is a later, separate step (``parallel/grads.py``), not the dispatcher's.
 Two worlds are launched (2 and 4 ranks); each runs every layout of its size and every case in one go.
 """
+import functools
+
 import pytest
 import torch
 
@@ -115,12 +117,14 @@ def world_results():
     return get
 
 
+@functools.lru_cache(maxsize=None)  # pure in its arguments; shared by the parametrized tests
 def _reference(case: str, dp: int, step: int) -> list[dict]:
     layer = build_layer(case)
     x, g = batches(case, dp)
     return [_step(layer, x[d], g[d], step) for d in range(dp)]
 
 
+@functools.lru_cache(maxsize=None)
 def _reference_slice_expert_grads(case: str, dp: int, tp: int, step: int, d: int, j: int) -> list[torch.Tensor]:
     """Reference expert grads of micro-batch d with the loss restricted to its j-th 1/tp slice of tokens."""
     x, g = batches(case, dp)
@@ -169,9 +173,10 @@ def test_single_process_dispatcher_equals_local_dispatcher():
     ref = _step(layer, x[0], g[0], 0)
     layer.dispatcher = AllToAllDispatcher(None, None, E)  # no process group: both groups are this process
     got = _step(layer, x[0], g[0], 0)
-    for key in ("y", "x_grad", "router_grad"):
-        torch.testing.assert_close(got[key], ref[key], atol=1e-6, rtol=1e-6)
-    assert isinstance(build_layer("moe").dispatcher, LocalDispatcher)
+    for a, b in zip([got[k] for k in ("y", "x_grad", "router_grad")] + got["expert_grads"],
+                    [ref[k] for k in ("y", "x_grad", "router_grad")] + ref["expert_grads"]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    assert isinstance(build_layer("moe").dispatcher, LocalDispatcher)  # the reference path used everywhere
 
 
 def test_bad_setup_fails_with_clear_errors(world_results):

@@ -43,7 +43,7 @@ def test_two_node_job_trains_checkpoints_and_logs(slurm_cluster, tmp_path):
 def test_usr2_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path):
     """SIGUSR2 to the batch shell (what --signal=B:USR2@120 does before the time limit): the trainer saves and
     exits 0, the job requeues itself, and the second run resumes from that checkpoint instead of step 0."""
-    run_dir, log, steps = tmp_path / "run", tmp_path / "job.out", 60
+    run_dir, log, steps = tmp_path / "run", tmp_path / "job.out", 30
     job = slurm_cluster.submit(SCRIPT, pretrain_args(run_dir, steps, "checkpoint.interval=0"),
                                _sbatch_opts(log, gpus_per_node=1, name="smoke-requeue"))
     # The first progress line means every rank is inside the training loop with its signal handler installed.

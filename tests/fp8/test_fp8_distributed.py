@@ -86,3 +86,44 @@ def test_tp_fp8_matches_single_process(sequence_parallel):
         torch.testing.assert_close(dw_col, dw_col_ref[rank], **tol)
         torch.testing.assert_close(dw_row, dw_row_ref[rank], **tol)
     assert float((y_ref - y_fp32).norm() / y_fp32.norm()) < 0.08  # and the FP8 result is close to fp32
+
+
+def _amax_inputs(rank):
+    g = torch.Generator().manual_seed(100 + rank)
+    return torch.randn(6, D, generator=g) * (rank + 1), torch.randn(6, FFN, generator=g) * (3 - rank)
+
+
+def _linear_step(rank, fp8_cfg):
+    torch.manual_seed(0)  # same weights on every rank
+    lin = Fp8Linear(torch.nn.Linear(D, FFN, bias=False), fp8_cfg, emulated_scaled_mm)
+    x, grad = _amax_inputs(rank)
+    with fp8_active():
+        lin(x).backward(grad)
+    return lin
+
+
+def _synced_amax(rank, world_size):
+    import torch.distributed as dist
+
+    from parallel.fp8 import sync_amax
+
+    lin = _linear_step(rank, FP8Config(backend="torch", amax_history_len=4))
+    sync_amax(lin, dist.group.WORLD)
+    meta = lin.fp8_meta
+    meta.fwd.begin(), meta.bwd.begin()  # the next pass derives its scales from the reduced amaxes
+    return meta.fwd.scale, meta.bwd.scale, meta.fwd.amax_history, meta.bwd.amax_history
+
+
+def test_sync_amax_gives_every_rank_the_scales_of_the_global_amax():
+    world = 2
+    results = run_distributed(_synced_amax, world)
+    ref = _linear_step(0, FP8Config(backend="torch", amax_history_len=4))
+    x_amax = max(float(_amax_inputs(r)[0].abs().max()) for r in range(world))
+    g_amax = max(float(_amax_inputs(r)[1].abs().max()) for r in range(world))
+    w_amax = float(ref.weight.abs().max())
+    for fwd_scale, bwd_scale, fwd_hist, bwd_hist in results:
+        torch.testing.assert_close(fwd_hist[-1], torch.tensor([x_amax, w_amax, 0.0]))  # rolled to the last row
+        torch.testing.assert_close(bwd_hist[-1], torch.tensor([g_amax, 0.0]))
+        torch.testing.assert_close(fwd_scale, torch.tensor([448.0 / x_amax, 448.0 / w_amax, 1.0]))
+        torch.testing.assert_close(bwd_scale, torch.tensor([57344.0 / g_amax, 1.0]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
