@@ -132,6 +132,9 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp8"] = "fp32"
     max_consecutive_nonfinite: int = 5
     """Steps whose loss is NaN/inf are skipped and counted; this many in a row stops the run."""
+    exit_interval: int = 0
+    """Save a checkpoint and exit cleanly when the step count reaches a multiple of N (0 = never); for
+    time-sliced allocations. The LR schedule still spans train.steps, so a later run resumes seamlessly."""
     eval_interval: int = 0
     """Validation every N steps (0 = never during training)."""
     eval_batches: int = 4
@@ -170,6 +173,8 @@ class CheckpointConfig:
     interval: int = 0
     """Save every N steps (0 = only at the end)."""
     keep_last: int = 2
+    save_at_end: bool = True
+    """Save when training finishes (turn off for throughput benchmarks)."""
     resume: Literal["auto", "never"] = "auto"
     """auto resumes from the latest complete checkpoint under dir if one exists."""
 
@@ -398,6 +403,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         n_moe = m.num_layers - len(set(m.dense_layers))
         _require(not isinstance(mm.eval_k, list) or len(mm.eval_k) == n_moe,
                  f"moe.matryoshka.eval_k lists {len(ks)} values but the model has {n_moe} MoE layers")
+    _require(not (moe.mone.enabled and moe.mone.balance_loss_coeff > 0 and par.ep > 1),
+             "moe.mone.balance_loss_coeff > 0 is only defined without expert parallelism (each EP rank would "
+             "normalise over its own experts): set it to 0 or use parallel.ep=1")
     _require(moe.dispatcher != "llep" or moe.capacity_factor is None,
              "moe.dispatcher=llep is dropless: set moe.capacity_factor=null")
     for name in ("tp", "pp", "ep"):
@@ -413,6 +421,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _require((tr.micro_batch_size * m.seq_length) % par.tp == 0,
              f"train.micro_batch_size * model.seq_length must be divisible by parallel.tp ({par.tp})")
     _require(tr.steps >= 1, f"train.steps must be >= 1, got {tr.steps}")
+    _require(tr.exit_interval >= 0, f"train.exit_interval must be >= 0, got {tr.exit_interval}")
     _require(cfg.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
     _require(cfg.data.source != "shards" or cfg.data.path is not None,
              "data.path is required when data.source=shards (run `moetron preprocess` to make shards)")

@@ -23,12 +23,15 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional
 
 from launcher import checkpoint, env
 from launcher.config import Config, ConfigError, apply_override, config_from_dict, validate_world
+from launcher.preprocess import DataError
+from moe_core.matryoshka import EvalK
 
-KValue = Union[None, int, list[int]]
+if TYPE_CHECKING:  # imported in main() once the config is valid, as launcher.pretrain does
+    from launcher.trainer import Trainer
 
 
 def _int_list(text: str) -> list[int]:
@@ -80,12 +83,19 @@ def eval_config(common: dict, overrides: list[str]) -> Config:
     return config_from_dict(raw)
 
 
-def k_values(args: argparse.Namespace) -> list[KValue]:
+def k_values(args: argparse.Namespace, cfg: Config) -> list[EvalK]:
+    """The k settings to evaluate, checked against the model before any process starts working."""
+    E = cfg.moe.num_experts
+    n_moe = cfg.model.num_layers - len(set(cfg.model.dense_layers))
+    for k in args.k or args.k_list or []:
+        if k > E:
+            raise ConfigError(f"k={k} is more than the model's moe.num_experts={E}: use k values in [1, {E}]")
+    if args.k_list is not None and len(args.k_list) != n_moe:
+        raise ConfigError(f"--k-list gives {len(args.k_list)} values but the model has {n_moe} MoE layers: give "
+                          "one k per MoE layer (or use --k for one k in every layer)")
     if args.k is not None:
         return list(args.k)
-    if args.k_list is not None:
-        return [list(args.k_list)]
-    return [None]
+    return [list(args.k_list)] if args.k_list is not None else [None]
 
 
 def format_table(rows: list[dict]) -> str:
@@ -94,18 +104,18 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _k_label(k: KValue, cfg: Config) -> str:
+def _k_label(k: EvalK) -> str:
     if k is None:
         return "default"
     return ",".join(map(str, k)) if isinstance(k, list) else str(k)
 
 
-def run_eval(trainer, ks: list[KValue], batches: int) -> list[dict]:
+def run_eval(trainer: Trainer, ks: list[EvalK], batches: int) -> list[dict]:
     """Validation loss and perplexity at each k (collective: every rank runs it)."""
     rows = []
     for k in ks:
         loss = trainer.evaluate(k, batches)
-        rows.append({"k": k, "k_label": _k_label(k, trainer.cfg), "loss": loss, "perplexity": math.exp(loss)})
+        rows.append({"k": k, "k_label": _k_label(k), "loss": loss, "perplexity": math.exp(loss)})
     return rows
 
 
@@ -128,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         ckpt, run_dir = resolve_checkpoint(args.checkpoint)
         common = checkpoint.load_common(ckpt)
         cfg = eval_config(common, args.overrides)
+        ks = k_values(args, cfg)
         validate_world(cfg, env.world_size())  # before any process group exists
     except ConfigError as e:
         print(f"moetron: config error: {e}", file=sys.stderr)
@@ -142,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(cfg, groups)
         checkpoint.load(ckpt, trainer.model, None, groups)
         batches = args.batches or cfg.train.eval_batches
-        rows = run_eval(trainer, k_values(args), batches)
+        rows = run_eval(trainer, ks, batches)
         if groups.rank == 0:
             step = int(common["step"])
             out = write_report(run_dir or Path(cfg.logging.run_dir), ckpt, step, cfg, batches, rows)
@@ -150,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{cfg.train.micro_batch_size}x{cfg.model.seq_length} tokens\n{format_table(rows)}\n"
                   f"[moetron] wrote {out}", flush=True)
         return 0
-    except (ConfigError, ValueError) as e:
+    except (ConfigError, DataError) as e:
         print(f"moetron: {e}", file=sys.stderr)
         return 1
     finally:

@@ -29,7 +29,7 @@ $PIP "numpy<2.5" packaging psutil pyyaml "triton==3.9.0" "webdataset==1.0.2" "te
      "safetensors==0.8.0" "tokenizers==0.23.3" tqdm
 $PIP --no-deps --ignore-requires-python "megatron-core==0.19.2"
 if [ "$DEV" = 1 ]; then
-  $PIP pytest pytest-timeout hypothesis "transformers==5.23.0"
+  $PIP pytest pytest-timeout hypothesis "transformers==5.23.0" pyarrow
   DS_BUILD_OPS=0 $PIP "deepspeed==0.19.8"
 fi
 if [ "$GPU" = 1 ]; then

@@ -58,11 +58,18 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
                              lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=False)
 
 
-def autocast_context(cfg: Config, device: torch.device):
-    """bf16/fp8 runs keep fp32 master weights and compute matmuls in bf16 under autocast."""
-    if cfg.train.precision in ("bf16", "fp8"):
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def autocast_context(cfg: Config, device: torch.device, groups: ParallelGroups):
+    """bf16/fp8 runs keep fp32 master weights and compute in bf16 under autocast; fp8 adds the FP8 context
+    (converted projections run their GEMMs in FP8; amaxes are reduced over the stage's TP x DP group)."""
+    if cfg.train.precision == "fp32":
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast(device_type=device.type, dtype=torch.bfloat16))
+    if cfg.train.precision == "fp8":
+        from parallel.fp8 import fp8_context
+
+        stack.enter_context(fp8_context(cfg, amax_group=groups.amax_group))
+    return stack
 
 
 class Preemption:
@@ -153,7 +160,7 @@ class Trainer:
     # ------------------------------------------------------------ one step
     def _forward(self, model, mb: dict, x: Optional[torch.Tensor]) -> torch.Tensor:
         inp = mb["tokens"].to(self.device) if x is None else x
-        with autocast_context(self.cfg, self.device):
+        with autocast_context(self.cfg, self.device, self.groups):
             out = model(inp)
         if model.training:  # expert load of training steps only (validation forwards run in eval mode)
             for idx, layer in model.moe_layers().items():
@@ -225,6 +232,10 @@ class Trainer:
         losses = forward_backward(self.model, micro, self._forward, self.groups, self.hidden_shape)
         loss = self._global_loss(losses)
         sync_grads(self.model, self.groups)
+        if cfg.train.precision == "fp8" and cfg.fp8.backend == "torch":
+            from parallel.fp8 import sync_amax
+
+            sync_amax(self.model, self.groups.amax_group)
         norm = global_grad_norm(self.model, self.groups)
         layer_stats = self._layer_stats()
         if not (math.isfinite(loss) and math.isfinite(norm)):
@@ -326,8 +337,14 @@ class Trainer:
                     (self.run_dir / "PREEMPTED").write_text(f"{self.step}\n")
                     print(f"PREEMPTED step={self.step}", flush=True)
                 break
+            if cfg.train.exit_interval and self.step % cfg.train.exit_interval == 0 and self.step < cfg.train.steps:
+                if last_saved != self.step:
+                    result.checkpoint = str(self.save())
+                if self.is_logger:
+                    print(f"[moetron] train.exit_interval reached: exiting at step {self.step}", flush=True)
+                break
         else:
-            if last_saved != self.step or result.checkpoint is None:
+            if cfg.checkpoint.save_at_end and (last_saved != self.step or result.checkpoint is None):
                 result.checkpoint = str(self.save())
         result.final_step, result.skipped_steps = self.step, self.skipped
         self.writer.close()
@@ -343,6 +360,11 @@ class Trainer:
                           skipped_steps=self.skipped,
                           useful_flops=fc.train_per_step_useful if self.cfg.moe.mone.enabled else None)
         perf = throughput(stats, self.groups.world_size, self.peak)
-        self.writer.scalars({**training_scalars(stats, perf), **moe_layer_scalars(layer_stats)}, self.step)
+        scalars = {**training_scalars(stats, perf), **moe_layer_scalars(layer_stats)}
+        if self.cfg.train.precision == "fp8":
+            from parallel.fp8 import fp8_stats
+
+            scalars.update(fp8_stats(self.model))
+        self.writer.scalars(scalars, self.step)
         self.writer.expert_load(layer_stats, self.step)
         print(self.progress.format(stats, perf), flush=True)

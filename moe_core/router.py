@@ -55,10 +55,9 @@ def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
 
 def capacity_keep_mask(probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, capacity: int) -> torch.Tensor:
     """bool ``[T, K]``: which routed slots survive when each expert keeps its ``capacity`` most probable tokens."""
-    num_tokens = probs_TE.shape[0]
-    routed_TE = torch.zeros_like(probs_TE, dtype=torch.bool).scatter_(1, topk_idx_TK, True)
-    if capacity >= num_tokens:
+    if capacity >= probs_TE.shape[0]:  # no expert can receive more tokens than there are
         return torch.ones_like(topk_idx_TK, dtype=torch.bool)
+    routed_TE = torch.zeros_like(probs_TE, dtype=torch.bool).scatter_(1, topk_idx_TK, True)
     ranked_TE = torch.where(routed_TE, probs_TE, torch.full_like(probs_TE, -1.0))
     keep_rows_CE = torch.topk(ranked_TE, capacity, dim=0).indices
     keep_TE = torch.zeros_like(routed_TE).scatter_(0, keep_rows_CE, True) & routed_TE

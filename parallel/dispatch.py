@@ -30,6 +30,7 @@ is the sum over every token routed to it from the whole EP group; expert-DP redu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -51,8 +52,9 @@ class EPLayout:
     """Rows this rank receives from each EP rank."""
     tokens_per_local_expert: list[int]
     """Received rows per local expert, summed over source ranks."""
-    regroup_M: torch.Tensor
-    """int64 order taking received rows (by source rank, then local expert) to rows grouped by local expert."""
+    regroup_M: Optional[torch.Tensor]
+    """int64 order taking received rows (by source rank, then local expert) to rows grouped by local expert;
+    None when that order already is grouped (one EP rank or one local expert), which saves two row copies."""
 
 
 class AllToAllDispatcher:
@@ -88,21 +90,26 @@ class AllToAllDispatcher:
         """Local-only: split sizes (one device-to-host copy) and the regroup order of the received rows."""
         send_rows, recv_rows = torch.stack([tokens_per_expert_E.view(self.ep_size, self.num_local), recv_PL]).tolist()
         send_splits, recv_splits = [sum(r) for r in send_rows], [sum(r) for r in recv_rows]
-        # Received rows come grouped by source rank, then local expert; label each with its local expert and
-        # stable-sort by label to group them by local expert (source-rank order kept inside an expert).
-        local_expert_M = torch.arange(self.num_local, device=recv_PL.device).repeat(self.ep_size)
-        local_expert_M = torch.repeat_interleave(local_expert_M, recv_PL.reshape(-1), output_size=sum(recv_splits))
-        regroup_M, _ = sort_by_expert(local_expert_M, self.num_local)
+        regroup_M = None
+        if self.ep_size > 1 and self.num_local > 1:
+            # Received rows come grouped by source rank, then local expert; label each with its local expert and
+            # stable-sort by label to group them by local expert (source-rank order kept inside an expert).
+            local_expert_M = torch.arange(self.num_local, device=recv_PL.device).repeat(self.ep_size)
+            local_expert_M = torch.repeat_interleave(local_expert_M, recv_PL.reshape(-1),
+                                                     output_size=sum(recv_splits))
+            regroup_M, _ = sort_by_expert(local_expert_M, self.num_local)
         return EPLayout(send_splits, recv_splits, [sum(col) for col in zip(*recv_rows)], regroup_M)
 
     @staticmethod
     def regroup(x_MD: torch.Tensor, layout: EPLayout) -> torch.Tensor:
         """Local-only: received rows -> rows grouped by local expert."""
-        return x_MD.index_select(0, layout.regroup_M)
+        return x_MD if layout.regroup_M is None else x_MD.index_select(0, layout.regroup_M)
 
     @staticmethod
     def undo_regroup(y_MD: torch.Tensor, layout: EPLayout) -> torch.Tensor:
         """Local-only: inverse of :meth:`regroup` (back to received order)."""
+        if layout.regroup_M is None:
+            return y_MD
         return torch.empty_like(y_MD).index_copy(0, layout.regroup_M, y_MD)
 
     # -- call -----------------------------------------------------------------------------------------------------

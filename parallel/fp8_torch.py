@@ -195,13 +195,14 @@ class _Fp8GroupedMM(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_MK, w_GNK, splits, meta: Fp8Meta, gemm: Fp8Gemm):
+    def forward(ctx, x_MK, w_GNK, splits, meta: Fp8Meta, gemm: Fp8Gemm, out_dtype: torch.dtype):
         G = w_GNK.shape[0]
         meta.fwd.begin()
         xq_MK, x_inv_G = meta.fwd.quantize_rows(x_MK, splits, first_slot=0)
         wq_GNK, w_inv_G = meta.fwd.quantize_stacked(w_GNK, first_slot=G)
-        y_parts = [gemm(xq_e, x_inv_G[e], wq_GNK[e], w_inv_G[e], x_MK.dtype) if xq_e.shape[0]
-                   else x_MK.new_zeros(0, w_GNK.shape[1]) for e, xq_e in enumerate(xq_MK.split(splits))]
+        y_parts = [gemm(xq_e, x_inv_G[e], wq_GNK[e], w_inv_G[e], out_dtype) if xq_e.shape[0]
+                   else x_MK.new_zeros(0, w_GNK.shape[1], dtype=out_dtype)
+                   for e, xq_e in enumerate(xq_MK.split(splits))]
         ctx.save_for_backward(xq_MK, x_inv_G, wq_GNK, w_inv_G)
         ctx.splits, ctx.meta, ctx.gemm, ctx.x_dtype, ctx.w_dtype = splits, meta, gemm, x_MK.dtype, w_GNK.dtype
         return _cat(y_parts)
@@ -220,7 +221,7 @@ class _Fp8GroupedMM(torch.autograd.Function):
             dx_parts.append(ctx.gemm(gq_e, g_inv_G[e], wq_GKN[e], w_inv_G[e], ctx.x_dtype))    # [M,N]x[K,N]^T
             dw_GNK[e] = ctx.gemm(gq_e.t().contiguous(), g_inv_G[e], xq_e.t().contiguous(), x_inv_G[e],
                                  ctx.w_dtype)                                                # [N,M]x[K,M]^T
-        return _cat(dx_parts), dw_GNK, None, None, None
+        return _cat(dx_parts), dw_GNK, None, None, None, None
 
 
 def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -232,7 +233,11 @@ def fp8_grouped_mm(x_MK: torch.Tensor, w_GNK: torch.Tensor, splits: list[int], m
     if len(splits) != w_GNK.shape[0] or sum(splits) != x_MK.shape[0]:
         raise ValueError(f"fp8_grouped_mm: splits {splits} must have one count per weight ({w_GNK.shape[0]}) "
                          f"and sum to the rows of x ({x_MK.shape[0]})")
-    return _Fp8GroupedMM.apply(x_MK, w_GNK, list(splits), meta, gemm)
+    # Under torch.autocast (fp32 master weights, bf16 compute) the output takes the autocast dtype like F.linear;
+    # the weights are quantised straight from fp32 and their gradient stays fp32.
+    device = x_MK.device.type
+    out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_MK.dtype
+    return _Fp8GroupedMM.apply(x_MK, w_GNK, list(splits), meta, gemm, out_dtype)
 
 
 # ---------------------------------------------------------------- modules

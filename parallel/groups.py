@@ -35,6 +35,8 @@ class ParallelGroups:
     rank: int = 0
     pp_ranks: tuple[int, ...] = (0,)
     """Global ranks of this rank's pipeline group, by stage."""
+    amax_group: Optional[dist.ProcessGroup] = None
+    """TP x DP ranks of one pipeline stage: FP8 amaxes are reduced here (same layers on every member)."""
 
     @classmethod
     def single(cls) -> "ParallelGroups":
@@ -103,6 +105,7 @@ def initialize(tp: int, pp: int, ep: int) -> ParallelGroups:
         world_size=dist.get_world_size(),
         rank=dist.get_rank(),
         pp_ranks=tuple(dist.get_process_group_ranks(pp_group)),
+        amax_group=ps.get_amax_reduction_group(),
     )
 
 

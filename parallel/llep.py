@@ -13,7 +13,7 @@ an all-gather backward, exactly as in ``AllToAllDispatcher``):
   4. collective  one all-to-all of tokens and one of expert weights, inside ONE autograd node
   5. local       compute home experts with the parameters, foreign experts with the received weights
   6. collective  all-to-all of the outputs back to the ranks the tokens came from
-  7. local       undo the permutations and take the router-weighted sum per token
+  7. local       back to expert-sorted order, then the router-weighted sum per token
   8. collective  all-gather of the outputs over TP
 
 Gradients: phase 4's backward sends the gradient of every received weight back to its home rank, where the
@@ -52,8 +52,20 @@ def _segments_index(segments: tuple[tuple[int, int], ...], device: torch.device)
     return (starts[seg_of_row] + torch.arange(total) - first_row[seg_of_row]).to(device)
 
 
-def _inverse(index_N: torch.Tensor) -> torch.Tensor:
-    """Inverse of a permutation given as a row index."""
+def _send_order(layout: RankLayout, device: torch.device) -> Optional[torch.Tensor]:
+    """Row index from expert-sorted order to send order; None when they coincide, which is exactly when no
+    expert is split (every row goes to its expert's home rank, and experts are contiguous per rank)."""
+    return _segments_index(layout.send_segments, device) if layout.weights_move else None
+
+
+def _take(x_ND: torch.Tensor, index_N: Optional[torch.Tensor]) -> torch.Tensor:
+    return x_ND if index_N is None else x_ND.index_select(0, index_N)
+
+
+def _inverse(index_N: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Inverse of a permutation given as a row index (None = identity)."""
+    if index_N is None:
+        return None
     inv_N = torch.empty_like(index_N)
     inv_N[index_N] = torch.arange(index_N.numel(), device=index_N.device)
     return inv_N
@@ -86,14 +98,17 @@ class _Exchange(torch.autograd.Function):
         return grad_x_ND, grad_w_SW, None, None
 
 
-def _flat_weights(experts, local_idx: tuple[int, ...]) -> torch.Tensor:
-    """``w_SW``: the chosen home experts' gate, up and down weights, one flat row per expert (autograd-tracked:
-    the backward of this gather adds the returned gradients into the parameters' gradients). With nothing to
-    send, an empty tensor outside the graph, so the parameters get no extra zero gradient."""
+def _flat_weights(experts: SwiGLUExperts, layout: RankLayout) -> torch.Tensor:
+    """``w_SW``: the home experts' gate, up and down weights this rank sends, one flat row per copy, gathered
+    from the parameters with autograd (the gather's backward adds the returned gradients into the parameters').
+
+    Whether ``w_SW`` requires grad must be the same on every rank, or ranks would disagree on whether phase 4's
+    backward (a collective) runs: so it is a parameter gather whenever ANY rank moves weights, even if this rank
+    sends none, and a tensor outside the graph only when no rank does."""
     weights = (experts.w_gate_EFD, experts.w_up_EFD, experts.w_down_EDF)
-    if not local_idx:
+    if not layout.weights_move:
         return weights[0].new_empty(0, sum(w[0].numel() for w in weights))
-    idx = torch.tensor(local_idx, dtype=torch.int64, device=weights[0].device)
+    idx = torch.tensor(layout.weights_send_local, dtype=torch.int64, device=weights[0].device)
     return torch.cat([w.index_select(0, idx).flatten(1) for w in weights], dim=1)
 
 
@@ -170,13 +185,12 @@ class LLEPDispatcher(AllToAllDispatcher):
         perm = make_permutation(idx_tK, self.num_experts)
         counts_PE = self.gather_counts(perm.tokens_per_expert_E)                             # 2 collective
         plan, layout, planner_ms = self.plan(counts_PE)                                      # 3 local
-        send_N = _segments_index(layout.send_segments, x_tD.device)
-        x_ND = permute_tokens(x_tD, perm).index_select(0, send_N)
-        w_SW = _flat_weights(experts, layout.weights_send_local)
+        send_N = _send_order(layout, x_tD.device)
+        x_ND = _take(permute_tokens(x_tD, perm), send_N)
+        w_SW = _flat_weights(experts, layout)
         x_MD, w_RW = _Exchange.apply(x_ND, w_SW, layout, self.ep_group)                     # 4 collective
         y_MD = self.compute(x_MD, w_RW, layout, experts)                                     # 5 local
         y_ND = all_to_all(y_MD, layout.send_splits, layout.recv_splits, self.ep_group)      # 6 collective
-        y_tD = unpermute_tokens(y_ND.index_select(0, _inverse(send_N)), perm, weight_tK,     # 7 local
-                                x_tD.shape[0])
+        y_tD = unpermute_tokens(_take(y_ND, _inverse(send_N)), perm, weight_tK, x_tD.shape[0])  # 7 local
         self._record(plan, planner_ms, experts)
         return gather_dim0(y_tD, self.tp_group)                                              # 8 collective

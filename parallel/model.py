@@ -113,6 +113,11 @@ def build_model(cfg: Config, groups: ParallelGroups, device: torch.device | None
     model.reset_buffers()
     attach_specs(model, groups)
     init_parameters(model, cfg.train.seed, cfg.model.init_std, cfg.model.num_layers, groups)
+    if cfg.train.precision == "fp8":
+        from parallel.fp8 import convert_to_fp8  # lazy: bf16/fp32 runs never import FP8 code
+
+        for idx, block in model.layers.items():  # same Parameters keep their names and ShardSpecs
+            convert_to_fp8(block, cfg, int(idx))
     return model
 
 

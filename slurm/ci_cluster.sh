@@ -169,9 +169,27 @@ stop_pids() {
   for pid in "$@"; do kill -KILL "$pid" 2>/dev/null || true; done
 }
 
-# Stop every daemon `start` started, by the PIDs they wrote: the Slurm daemons first, munge (their auth) last.
+# Cancel every job still in the cluster and wait until they are gone: a job step's slurmstepd outlives its
+# slurmd, so stopping the daemons first would leave the job's processes running.
+cancel_jobs() {
+  local jobs i
+  [ -n "$(daemon_pid "$D/slurmctld.pid" slurmctld)" ] || return 0
+  jobs=$(SLURM_CONF=$CONF squeue -h -o %A 2>/dev/null || true)
+  [ -n "$jobs" ] || return 0
+  # shellcheck disable=SC2086
+  SLURM_CONF=$CONF scancel $jobs || true
+  for i in $(seq 1 90); do
+    [ -z "$(SLURM_CONF=$CONF squeue -h -o %A 2>/dev/null)" ] && return 0
+    sleep 0.5
+  done
+  echo "ci_cluster.sh: jobs still not gone after 45 s: $(SLURM_CONF=$CONF squeue -h -o '%A %T' | tr '\n' ' ')" >&2
+}
+
+# Stop every daemon `start` started, by the PIDs they wrote: jobs first, then the Slurm daemons, then munge
+# (their authentication).
 stop() {
   local slurm_pids=() n
+  cancel_jobs
   for n in $(node_names); do
     slurm_pids+=($(daemon_pid "$D/slurmd.$n.pid" slurmd))
   done

@@ -50,6 +50,19 @@ def test_fp8_linear_matches_linear_and_is_exact_outside_context():
     assert _rel_err(dx, dx_ref) < GRAD_REL_TOL and _rel_err(dw, dw_ref) < GRAD_REL_TOL
 
 
+def test_fp8_linear_under_autocast_keeps_fp32_master_grads():
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(32, 48, bias=False)
+    lin = Fp8Linear(ref, _tiny_cfg().fp8, gemm=emulated_scaled_mm)
+    x = torch.randn(6, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16), fp8_active():
+        y = lin(x)
+        y_ref = ref(x)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert lin.weight.grad.dtype == torch.float32 and _rel_err(y, y_ref) < FP8_REL_TOL
+
+
 @pytest.mark.parametrize("mone", [False, True])
 def test_fp8_experts_match_high_precision_experts(mone):
     torch.manual_seed(0)
@@ -82,6 +95,7 @@ def test_convert_model_keeps_router_first_last_and_params():
     for i, block in model.layers.items():
         convert_to_fp8(block, cfg, int(i), gemm=emulated_scaled_mm)
     assert {n: p for n, p in model.named_parameters()} == before  # names and Parameter objects unchanged
+    assert model.state_dict().keys() == ref.state_dict().keys()    # checkpoints see no FP8 state
     assert isinstance(model.layers["1"].self_attn.q_proj, Fp8Linear)
     assert isinstance(model.layers["1"].mlp.experts, Fp8SwiGLUExperts)
     assert type(model.layers["1"].mlp.router).__name__ == "TopKRouter"

@@ -79,6 +79,14 @@ def test_expert_bias_stays_exact_fp32_when_the_model_is_cast():
     assert "expert_bias" in dict(router.named_buffers())
 
 
+def test_meta_built_router_materialises_with_fp32_bias():
+    with torch.device("meta"):
+        router = TopKRouter(4, 3, MoEConfig(num_experts=3, expert_bias=True))
+    router = router.to(torch.bfloat16).to_empty(device="cpu")
+    assert router.weight.device.type == "cpu" and router.weight.dtype == torch.bfloat16
+    assert router.expert_bias.device.type == "cpu" and router.expert_bias.dtype == torch.float32
+
+
 def test_expert_bias_off_ignores_buffer():
     router = _identity_router(3)
     router.expert_bias.copy_(torch.tensor([0.0, 0.0, 10.0]))

@@ -32,6 +32,7 @@ CASES = {  # name -> (MoEConfig overrides, training steps; M-MoE draws k per ste
     "capacity": ({"capacity_factor": 0.5}, (0,)),  # each expert keeps ceil(0.5*T*2/E) = 2 slots: many drops
     "mone": ({"mone": MoNEConfig(enabled=True, keep_ratio=0.5)}, (0,)),
     "mmoe": ({"matryoshka": MatryoshkaConfig(enabled=True, k_min=1, k_max=4)}, (0, 1, 2)),
+    "e4": ({"num_experts": 4}, (0,)),  # at ep=4 one expert per rank: received rows need no regrouping
 }
 LAYOUTS = {2: [(1, 2), (2, 1)], 4: [(1, 4), (2, 2), (1, 2)]}  # world -> [(tp, ep)]
 EXPERT_PARAMS = ("w_gate_EFD", "w_up_EFD", "w_down_EDF")
@@ -43,7 +44,7 @@ def _skew_direction():
 
 def build_layer(case: str) -> MoELayer:
     overrides, _ = CASES[case]
-    cfg = MoEConfig(num_experts=E, top_k=2, expert_ffn_hidden_size=FFN, **overrides)
+    cfg = MoEConfig(**{"num_experts": E, "top_k": 2, "expert_ffn_hidden_size": FFN, **overrides})
     torch.manual_seed(SEED)
     layer = MoELayer(H, cfg, layer_idx=0, k_schedule=KSchedule(cfg, SEED))
     layer.router.reset_parameters(std=0.3)  # O(1) logits and outputs, so atol 1e-5 is a tight check

@@ -169,3 +169,20 @@ def test_llep_matches_plain_ep_and_reference(world):
                 assert stats["rebalanced"] == 1.0 and stats["weights_moved"] > 0, f"{name}: LLEP did not spill"
                 assert stats["imbalance_after"] < stats["imbalance_before"]
         assert results[0][(tp, ep, "skew80")]["imbalance_after"] <= 1.2
+
+
+def test_single_process_llep_equals_local_dispatcher():
+    batch, weights = _batch("skew80_k2", T, 5), _weights(5)
+    ref = _run(LocalDispatcher(), _experts(weights, 0, E), *batch)
+    llep = LLEPDispatcher(None, None, E, CFG)  # no process group: one EP rank holding every expert
+    got = _run(llep, _experts(weights, 0, E), *batch)
+    for key in ("y", "x", "w"):
+        torch.testing.assert_close(got[key], ref[key], atol=1e-6, rtol=1e-6)
+    for g, r in zip(got["experts"], ref["experts"]):
+        torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-6)
+    assert llep.last_stats["weights_moved"] == 0 and llep.last_stats["imbalance_before"] == 1.0
+
+
+def test_bad_llep_config_fails_when_the_dispatcher_is_built():
+    with pytest.raises(ValueError, match="moe.llep.capacity_factor must be >= 1.0"):
+        LLEPDispatcher(None, None, E, LLEPConfig(capacity_factor=0.8))

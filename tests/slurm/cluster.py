@@ -41,18 +41,22 @@ class SlurmCluster:
     def stop(self) -> None:
         self._cluster_cmd("stop")
 
-    def client(self, *args: str, cwd: Path = REPO, env: dict[str, str] | None = None) -> str:
-        """Run a Slurm client command (sbatch, scontrol, scancel) against this cluster; return its stdout."""
-        proc = subprocess.run(list(args), cwd=cwd, env={**self.env, **(env or {})}, capture_output=True,
-                              text=True, timeout=60)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
-        return proc.stdout
+    def client(self, *args: str, env: dict[str, str] | None = None, attempts: int = 3) -> str:
+        """Run a Slurm client command against this cluster from the repository root; return its stdout.
+        Queries are retried: on a loaded machine a client call occasionally dies talking to slurmctld."""
+        for attempt in range(attempts):
+            proc = subprocess.run(list(args), cwd=REPO, env={**self.env, **(env or {})}, capture_output=True,
+                                  text=True, timeout=60)
+            if proc.returncode == 0:
+                return proc.stdout
+            time.sleep(1.0)
+        raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}, {attempts} attempts): {proc.stderr.strip()}")
 
     def submit(self, script: str, args: list[str], sbatch_opts: list[str], env: dict[str, str] | None = None) -> str:
         """``sbatch`` from the repository root (the job's MOETRON_HOME); returns the job id."""
         job_env = {"MOETRON_PYTHON": sys.executable, **(env or {})}
-        return self.client("sbatch", "--parsable", *sbatch_opts, script, *args, env=job_env).strip().split(";")[0]
+        out = self.client("sbatch", "--parsable", *sbatch_opts, script, *args, env=job_env, attempts=1)
+        return out.strip().split(";")[0]
 
     def job(self, job_id: str) -> dict[str, str]:
         """``scontrol show job`` as a dict (JobState, Restarts, ExitCode, NodeList, ...)."""
@@ -68,12 +72,23 @@ class SlurmCluster:
                 return info
             if info["JobState"] in FINAL_STATES:
                 break
-            time.sleep(0.5)
+            time.sleep(0.25)
         raise AssertionError(f"job {job_id}: gave up waiting for {what} (state {info['JobState']}, "
                              f"{timeout:.0f} s)\n{self.diagnostics(log)}")
 
     def wait_final(self, job_id: str, timeout: float, log: Path) -> dict[str, str]:
         return self.wait_until(job_id, lambda i: i["JobState"] in FINAL_STATES, "the job to end", timeout, log)
+
+    def cancel_all(self, timeout: float = 60) -> None:
+        """Cancel every job still queued or running and wait until they are gone (frees the nodes)."""
+        jobs = self.client("squeue", "-h", "-o", "%A").split()
+        if jobs:
+            self.client("scancel", *jobs)
+        deadline = time.monotonic() + timeout
+        while self.client("squeue", "-h", "-o", "%A").strip():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"jobs {jobs} still in the queue {timeout:.0f} s after scancel")
+            time.sleep(0.5)
 
     def diagnostics(self, log: Path) -> str:
         parts = [f"--- job log {log}:\n{log.read_text() if log.exists() else '<none>'}"]

@@ -16,7 +16,7 @@ STATE_DIR = Path("/tmp/moetron-slurm-pytest")
 
 
 @pytest.fixture(scope="session")
-def slurm_cluster():
+def _slurm_session():
     cluster = SlurmCluster(STATE_DIR, nodes=2, gpus_per_node=2)
     cluster.stop()  # leftovers of an interrupted session, if any
     cluster.start()
@@ -24,3 +24,11 @@ def slurm_cluster():
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture
+def slurm_cluster(_slurm_session):
+    """The session's cluster; jobs a test leaves behind (e.g. after a failed assertion) are cancelled after it,
+    so the next test finds the nodes free."""
+    yield _slurm_session
+    _slurm_session.cancel_all()

@@ -10,9 +10,9 @@ from pathlib import Path
 RECIPE = "recipes/smoke_cpu.yaml"
 # Fast on CPU whatever the recipe's defaults are (gloo is picked by parallel.backend=auto). The global batch
 # of 4 sequences divides evenly over 1, 2 and 4 data-parallel ranks.
-SMOKE_OVERRIDES = ["data.source=synthetic", "model.seq_length=32", "train.micro_batch_size=1",
-                   "train.global_batch_size=4", "logging.log_interval=1", "logging.tensorboard=true",
-                   "checkpoint.resume=auto"]
+SMOKE_OVERRIDES = ["data.source=synthetic", "model.num_layers=2", "model.seq_length=32",
+                   "train.micro_batch_size=1", "train.global_batch_size=4",
+                   "logging.log_interval=1", "logging.tensorboard=true", "checkpoint.resume=auto"]
 
 
 def pretrain_args(run_dir: Path, steps: int, *extra: str) -> list[str]:

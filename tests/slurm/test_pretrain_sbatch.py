@@ -20,10 +20,10 @@ def _assert_completed(cluster, info: dict, log) -> None:
 
 def test_two_node_job_trains_checkpoints_and_logs(slurm_cluster, tmp_path):
     """2 nodes x 2 GPUs (GRES counts) -> torchrun starts 2 workers per node -> one 4-rank gloo world."""
-    run_dir, log, steps = tmp_path / "run", tmp_path / "job.out", 4
+    run_dir, log, steps = tmp_path / "run", tmp_path / "job.out", 3
     job = slurm_cluster.submit(SCRIPT, pretrain_args(run_dir, steps, "checkpoint.interval=2"),
                                _sbatch_opts(log, gpus_per_node=2, name="smoke-2n"))
-    info = slurm_cluster.wait_final(job, timeout=240, log=log)
+    info = slurm_cluster.wait_final(job, timeout=420, log=log)
     _assert_completed(slurm_cluster, info, log)
     assert info["NodeList"] == "n[1-2]" and info["Restarts"] == "0"
 
@@ -43,16 +43,17 @@ def test_two_node_job_trains_checkpoints_and_logs(slurm_cluster, tmp_path):
 def test_usr2_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path):
     """SIGUSR2 to the batch shell (what --signal=B:USR2@120 does before the time limit): the trainer saves and
     exits 0, the job requeues itself, and the second run resumes from that checkpoint instead of step 0."""
-    run_dir, log, steps = tmp_path / "run", tmp_path / "job.out", 30
+    # Enough steps that training cannot finish in the ~1 s the signal needs to arrive after the first step.
+    run_dir, log, steps = tmp_path / "run", tmp_path / "job.out", 16
     job = slurm_cluster.submit(SCRIPT, pretrain_args(run_dir, steps, "checkpoint.interval=0"),
                                _sbatch_opts(log, gpus_per_node=1, name="smoke-requeue"))
     # The first progress line means every rank is inside the training loop with its signal handler installed.
     slurm_cluster.wait_until(job, lambda _: log.exists() and re.search(r"^step +\d+/", log.read_text(), re.M),
-                             "the first training step", timeout=180, log=log)
+                             "the first training step", timeout=240, log=log)
     slurm_cluster.client("scancel", "--signal=USR2", "--batch", job)
 
-    slurm_cluster.wait_until(job, lambda i: i["Restarts"] == "1", "the requeue", timeout=60, log=log)
-    info = slurm_cluster.wait_final(job, timeout=180, log=log)
+    slurm_cluster.wait_until(job, lambda i: i["Restarts"] == "1", "the requeue", timeout=120, log=log)
+    info = slurm_cluster.wait_final(job, timeout=240, log=log)
     _assert_completed(slurm_cluster, info, log)
 
     text = log.read_text()
@@ -71,7 +72,7 @@ def test_bad_recipe_fails_fast_with_config_error(slurm_cluster, tmp_path):
     log = tmp_path / "job.out"
     job = slurm_cluster.submit(SCRIPT, pretrain_args(tmp_path / "run", 2, "moe.top_k=1000"),
                                _sbatch_opts(log, gpus_per_node=1, name="bad-recipe"))
-    info = slurm_cluster.wait_final(job, timeout=60, log=log)
+    info = slurm_cluster.wait_final(job, timeout=120, log=log)
     assert info["JobState"] == "FAILED" and info["Restarts"] == "0"
     text = log.read_text()
     assert "config error: moe.top_k (1000) must be in [1" in text and "invalid recipe or overrides" in text
