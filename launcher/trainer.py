@@ -350,6 +350,15 @@ class Trainer:
         self.writer.close()
         return result
 
+    def _dispatcher_scalars(self) -> dict[str, float]:
+        """LLEP statistics of this rank's MoE layers (last micro-batch of the step): imbalance before/after,
+        tokens and weights moved, planner time. With PP>1 the logging rank sees its own stage's layers."""
+        out = {}
+        for idx, layer in self.model.moe_layers().items():
+            for key, value in (getattr(layer.dispatcher, "last_stats", None) or {}).items():
+                out[f"moe/layer{idx:02d}/llep_{key}"] = float(value)
+        return out
+
     def _log(self, loss: float, norm: float, step_time: float, layer_stats: dict[int, dict]) -> None:
         if not self.is_logger or self.step % self.cfg.logging.log_interval != 0:
             return
@@ -365,6 +374,7 @@ class Trainer:
             from parallel.fp8 import fp8_stats
 
             scalars.update(fp8_stats(self.model))
+        scalars.update(self._dispatcher_scalars())
         self.writer.scalars(scalars, self.step)
         self.writer.expert_load(layer_stats, self.step)
         print(self.progress.format(stats, perf), flush=True)

@@ -149,7 +149,7 @@ RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 def _header_command(recipe: Path) -> tuple[int, str]:
     """(processes, recipe path) of the training command written in the recipe's header comment."""
     text = recipe.read_text()
-    m = re.search(r"^#.*?(?:torchrun .*?--nproc-per-node (\d+) -m|python -m) launcher\.pretrain --recipe (\S+)",
+    m = re.search(r"^#.*?(?:torchrun .*?--nproc-per-node (\d+) -m|python3? -m) launcher\.pretrain --recipe (\S+)",
                   text, re.M)
     assert m, f"{recipe.name}: the header names no `launcher.pretrain --recipe` command"
     return int(m.group(1) or 1), m.group(2)

@@ -61,3 +61,17 @@ def test_smoke_training_learns_and_writes_tensorboard(tmp_path):
     assert logged == pytest.approx(losses, rel=1e-6)
     assert (tmp_path / "run" / "config.yaml").is_file()
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_0000030"
+
+
+def test_llep_training_logs_rebalancing_stats(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    extra = ("parallel.ep=2", "moe.dispatcher=llep", "moe.llep.min_tokens_per_gemm=1")
+    run = run_distributed(_train, 2, _overrides(tmp_path / "run", 3, *extra))[0]
+    assert all(math.isfinite(v) for v in run["losses"].values())
+    acc = EventAccumulator(str(tmp_path / "run" / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for key in ("imbalance_before", "imbalance_after", "tokens_moved", "weights_moved", "planner_ms"):
+        assert f"moe/layer00/llep_{key}" in tags, key
+    assert all(e.value >= 1.0 for e in acc.Scalars("moe/layer00/llep_imbalance_before"))

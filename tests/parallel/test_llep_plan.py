@@ -134,7 +134,7 @@ def test_bad_arguments_are_named(kwargs, message):
         plan_llep(**kwargs)
 
 
-@SETTINGS
+@settings(max_examples=60, deadline=None)  # each example simulates a whole dispatch
 @given(routed())
 def test_rank_layouts_route_every_token_to_a_rank_that_computes_its_expert(problem):
     """Simulate the dispatcher on labelled tokens with the layouts alone."""
