@@ -1,7 +1,7 @@
 """MoE variant quality benchmark: validation loss of MoE vs MoNE(0.5) vs MoE with half the expert width, and of a
 fixed-k MoE vs an M-MoE model evaluated at each k, all trained on the same data for the same number of steps.
 
-    python -m launcher.bench_variants [--steps 150] [--seeds 1234] [--json FILE]
+    python -m launcher.bench_variants [--steps 250] [--seeds 1234 1235 1236] [--threads 1] [--json FILE]
 
 Data: the shipped corpus (recipes/data/python_reference.jsonl) through ``launcher.preprocess`` into a temporary
 directory (byte-level BPE of 512 tokens, 64-token samples, 20% of the documents held out). Every model sees the
@@ -84,31 +84,49 @@ def train_and_eval(name: str, overrides: list[str], groups) -> dict:
     return row
 
 
-def _mean_sd(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+def _mean_sd(values: list[float], signed: bool = False) -> str:
+    mean = f"{statistics.mean(values):+.4f}" if signed else f"{statistics.mean(values):.4f}"
+    return mean if len(values) == 1 else f"{mean} ± {statistics.stdev(values):.4f}"
 
 
 def format_tables(runs: list[dict[str, dict]]) -> str:
-    """Markdown tables over one or more seeds (mean ± sample standard deviation when several)."""
-    lines = ["| variant | active neurons/token/layer | final train loss | val loss |", "|---|---|---|---|"]
+    """Markdown tables over one or more seeds: mean ± sample standard deviation over seeds, and the paired
+    difference to the reference model of the same seed (same init of shared weights, same batches), which is
+    far less noisy than the spread of the losses themselves."""
+    def col(name: str, key: str) -> list[float]:
+        return [run[name][key] for run in runs]
+
+    def at_k(name: str, k: int) -> list[float]:
+        return [run[name]["valid_loss_at_k"][k] for run in runs]
+
+    def delta(a: list[float], b: list[float]) -> str:
+        return _mean_sd([x - y for x, y in zip(a, b)], signed=True)
+
+    lines = ["| variant | active neurons/token/layer | final train loss | val loss | val loss - MoE top-2 |",
+             "|---|---|---|---|---|"]
     for name, (label, _) in VARIANTS.items():
-        rows = [run[name] for run in runs]
-        lines.append(f"| {label} | {rows[0]['active']} | {_mean_sd([r['train_loss'] for r in rows])} | "
-                     f"{_mean_sd([r['valid_loss'] for r in rows])} |")
-    lines += ["", "| inference k | " + " | ".join(VARIANTS[n][0] for n in SWEPT) + " |", "|---|---|---|"]
+        valid = col(name, "valid_loss")
+        versus_moe = delta(valid, col("moe", "valid_loss")) if name != "moe" else "reference"
+        lines.append(f"| {label} | {runs[0][name]['active']} | {_mean_sd(col(name, 'train_loss'))} | "
+                     f"{_mean_sd(valid)} | {versus_moe} |")
+    fixed, mmoe = SWEPT
+    lines += ["", f"| inference k | {VARIANTS[fixed][0]} (trained at k=2) | {VARIANTS[mmoe][0]} | M-MoE - fixed-k |",
+              "|---|---|---|---|"]
     for k in range(1, K_MAX + 1):
-        cells = [_mean_sd([run[n]["valid_loss_at_k"][k] for run in runs]) for n in SWEPT]
-        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+        a, b = at_k(mmoe, k), at_k(fixed, k)
+        lines.append(f"| {k} | {_mean_sd(b)} | {_mean_sd(a)} | {delta(a, b)} |")
     return "\n".join(lines)
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m launcher.bench_variants", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=150, help="optimizer steps per model (8 sequences x 64 tokens)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[1234], help="train.seed values (one run per seed)")
+    p.add_argument("--steps", type=int, default=250, help="optimizer steps per model (8 sequences x 64 tokens)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1234, 1235, 1236],
+                   help="train.seed values: one run of every variant per seed (init and data order change)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads; 1 is fastest for these tiny GEMMs (extra threads spin-wait on a "
+                        "busy machine)")
     p.add_argument("--eval-batches", type=int, default=20, help="validation micro-batches of 8 sequences")
     p.add_argument("--json", type=Path, help="also write the raw numbers here")
     return p.parse_args(argv)
@@ -116,12 +134,16 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    import torch
+
     from launcher import env
+
+    torch.set_num_threads(args.threads)
     from parallel import groups as pgroups
 
     env.ensure_single_process_env()
     pgroups.init_distributed("gloo")  # one rank: checkpoints are saved as in a real run
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     runs: list[dict[str, dict]] = []
     try:
         groups = pgroups.initialize(1, 1, 1)
@@ -144,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
 
         dist.destroy_process_group()
     print(f"\n{args.steps} steps x 8 x 64 tokens per model, seeds {args.seeds}, validation on "
-          f"{args.eval_batches} x 8 x 64 held-out tokens, total {time.perf_counter() - start:.0f} s\n")
+          f"{args.eval_batches} x 8 x 64 held-out tokens, total {time.perf_counter() - start:.0f} s "
+          f"({time.process_time() - cpu_start:.0f} s CPU)\n")
     print(format_tables(runs))
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs},

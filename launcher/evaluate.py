@@ -6,7 +6,8 @@ Any layout:     `torchrun --nproc-per-node 4 -m launcher.evaluate --checkpoint r
 
 ``DIR`` is a checkpoint (``step_XXXXXXX``), a checkpoint root (holding ``latest``) or a run directory (holding
 ``checkpoints/``); the newest complete checkpoint is used. The config is the one stored in the checkpoint; dotted
-overrides change it (parallel layout, ``data.path`` / ``data.valid_path``, ``train.micro_batch_size``, ...).
+overrides change it (parallel layout, ``data.path`` / ``data.valid_path``, ``train.micro_batch_size``, ...). The
+layout defaults to the checkpoint's when the world size is the training's, else to tp = pp = ep = 1.
 ``--k 1,2,4`` evaluates each k in every MoE layer; ``--k-list 1,2,2,4`` one run with one k per MoE layer; neither
 evaluates the checkpoint's eval k (``moe.matryoshka.eval_k``, else ``k_max`` for M-MoE, else ``top_k``).
 ``--batches`` (default ``train.eval_batches``) counts micro-batches of the valid split over all ranks: the same
@@ -26,7 +27,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from launcher import checkpoint, env
-from launcher.config import Config, ConfigError, apply_override, config_from_dict, validate_world
+from launcher.config import (Config, ConfigError, apply_override, config_from_dict, data_parallel_size,
+                             validate_world)
 from launcher.preprocess import DataError
 from moe_core.matryoshka import EvalK
 
@@ -75,12 +77,19 @@ def resolve_checkpoint(path: Path) -> tuple[Path, Optional[Path]]:
                       "'latest') or a run directory with checkpoints/")
 
 
-def eval_config(common: dict, overrides: list[str]) -> Config:
-    """The checkpoint's resolved config with the overrides applied; TensorBoard off (eval writes no events)."""
+def eval_config(common: dict, overrides: list[str], world_size: int) -> Config:
+    """The checkpoint's resolved config with the overrides applied. The parallel layout is the checkpoint's when
+    this world has the training world's size, else tp = pp = ep = 1 (checkpoints load at any layout); overrides
+    win. Eval never trains: the global batch becomes one micro-batch per DP rank and TensorBoard is off."""
     raw = copy.deepcopy(common["config"])
+    if common.get("layout", {}).get("world") != world_size:
+        raw["parallel"].update(tp=1, pp=1, ep=1)
     for ov in [*overrides, "logging.tensorboard=false"]:
         apply_override(raw, ov)
-    return config_from_dict(raw)
+    cfg = config_from_dict(raw)
+    cfg.train.global_batch_size = cfg.train.micro_batch_size * max(1, data_parallel_size(cfg, world_size))
+    validate_world(cfg, world_size)  # before any process group exists
+    return cfg
 
 
 def k_values(args: argparse.Namespace, cfg: Config) -> list[EvalK]:
@@ -137,9 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ckpt, run_dir = resolve_checkpoint(args.checkpoint)
         common = checkpoint.load_common(ckpt)
-        cfg = eval_config(common, args.overrides)
+        cfg = eval_config(common, args.overrides, env.world_size())
         ks = k_values(args, cfg)
-        validate_world(cfg, env.world_size())  # before any process group exists
     except ConfigError as e:
         print(f"moetron: config error: {e}", file=sys.stderr)
         return 2

@@ -1,5 +1,6 @@
 """The training loop: micro-batches through the pipeline schedule, DP gradient sync, clip, AdamW, schedule,
-checkpoints, metrics, non-finite-loss skipping and preemption.
+checkpoints, metrics, periodic validation (also the `moetron eval` engine), non-finite-loss skipping and
+preemption.
 
 Exactness: everything a step depends on is a function of (config, step, checkpointed state): the LR schedule is
 a function of the step, M-MoE draws are keyed on (seed, step, layer), the data loader's position and the RNG

@@ -54,7 +54,16 @@ def forward_backward(model: torch.nn.Module, micro_batches: list[dict], forward_
     """Run all micro-batches of one step through this stage; returns the (unscaled, detached) per-micro-batch
     losses on the last stage, an empty list elsewhere. Gradients accumulate into ``.grad``."""
     n = len(micro_batches)
+    previous_scale = AuxLossAutoScaler.loss_scale
     AuxLossAutoScaler.set_loss_scale(1.0 / n)
+    try:
+        return _run_schedule(model, micro_batches, forward_fn, groups, hidden_shape, forward_only, n)
+    finally:  # the scale is process-global: leave it as found
+        AuxLossAutoScaler.set_loss_scale(previous_scale)
+
+
+def _run_schedule(model: torch.nn.Module, micro_batches: list[dict], forward_fn: ForwardFn, groups: ParallelGroups,
+                  hidden_shape: tuple[int, ...], forward_only: bool, n: int) -> list[torch.Tensor]:
     device = next(model.parameters()).device
     p2p = _P2P(groups, hidden_shape, device)
     first, last = groups.is_first_stage, groups.is_last_stage

@@ -108,8 +108,7 @@ start_munge() {
 }
 
 wait_nodes_idle() {
-  local i
-  for i in $(seq 1 60); do
+  for _ in $(seq 1 60); do
     # %T is the full state: a drained node shows as "drained", not "idle".
     if [ "$(sinfo -h -N -o '%N %T' 2>/dev/null | sort -u | grep -c ' idle$')" = "$NODES" ]; then
       return
@@ -124,7 +123,7 @@ wait_nodes_idle() {
 start() {
   [ "$(id -u)" = 0 ] || die "start needs root: the daemons run as SlurmUser=root and slurmd must launch job steps"
   install_slurm
-  if [ -s "$D/slurmctld.pid" ] && kill -0 "$(cat "$D/slurmctld.pid")" 2>/dev/null; then
+  if [ -n "$(daemon_pid "$D/slurmctld.pid" slurmctld)" ]; then
     die "a cluster already runs from $D (run '$0 stop' first)"
   fi
   if (: </dev/tcp/127.0.0.1/"$PORT") 2>/dev/null; then
@@ -157,10 +156,10 @@ daemon_pid() {
 
 # SIGTERM to the given PIDs, wait up to 15 s until all are gone, then SIGKILL what is left.
 stop_pids() {
-  local pid i alive
+  local pid alive
   [ $# -gt 0 ] || return 0
   kill -TERM "$@" 2>/dev/null || true
-  for i in $(seq 1 150); do
+  for _ in $(seq 1 150); do
     alive=0
     for pid in "$@"; do kill -0 "$pid" 2>/dev/null && alive=1; done
     [ "$alive" = 1 ] || return 0
@@ -172,13 +171,13 @@ stop_pids() {
 # Cancel every job still in the cluster and wait until they are gone: a job step's slurmstepd outlives its
 # slurmd, so stopping the daemons first would leave the job's processes running.
 cancel_jobs() {
-  local jobs i
+  local jobs
   [ -n "$(daemon_pid "$D/slurmctld.pid" slurmctld)" ] || return 0
   jobs=$(SLURM_CONF=$CONF squeue -h -o %A 2>/dev/null || true)
   [ -n "$jobs" ] || return 0
   # shellcheck disable=SC2086
   SLURM_CONF=$CONF scancel $jobs || true
-  for i in $(seq 1 90); do
+  for _ in $(seq 1 90); do
     [ -z "$(SLURM_CONF=$CONF squeue -h -o %A 2>/dev/null)" ] && return 0
     sleep 0.5
   done
@@ -188,14 +187,15 @@ cancel_jobs() {
 # Stop every daemon `start` started, by the PIDs they wrote: jobs first, then the Slurm daemons, then munge
 # (their authentication).
 stop() {
-  local slurm_pids=() n
+  local slurm_pids munge_pid n
   cancel_jobs
-  for n in $(node_names); do
-    slurm_pids+=($(daemon_pid "$D/slurmd.$n.pid" slurmd))
-  done
-  slurm_pids+=($(daemon_pid "$D/slurmctld.pid" slurmctld))
-  stop_pids "${slurm_pids[@]}"
-  stop_pids $(daemon_pid "$D/munged.pid" munged)
+  slurm_pids=$(for n in $(node_names); do daemon_pid "$D/slurmd.$n.pid" slurmd; done
+               daemon_pid "$D/slurmctld.pid" slurmctld)
+  munge_pid=$(daemon_pid "$D/munged.pid" munged)
+  # shellcheck disable=SC2086  # whitespace-separated PID lists, possibly empty
+  stop_pids $slurm_pids
+  # shellcheck disable=SC2086
+  stop_pids $munge_pid
   rm -f "$D"/*.pid
 }
 

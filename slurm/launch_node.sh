@@ -35,10 +35,11 @@ echo "[moetron] node ${SLURMD_NODENAME:-?} ($(hostname)): slurm node id ${SLURM_
      "$NPROC workers, CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-<unset>}, rendezvous $RDZV_ENDPOINT"
 
 # Preemption: pretrain.sbatch forwards SIGUSR2 to this step, and Slurm delivers it to EVERY process of the step.
-# The trainer workers catch it (checkpoint at the next step boundary, exit 0). torchrun must not act on it:
-# by default SIGUSR2 would kill the agent, and torchrun's own signal handling kills the workers 30 s after
-# forwarding, which can cut a large checkpoint save short. An ignored signal stays ignored across exec and
-# is inherited by the workers, whose signal handler then replaces the SIG_IGN.
+# The trainer workers catch it (checkpoint at the next step boundary, exit 0). The torchrun agent must not act
+# on it: SIGUSR2's default action would kill the agent (and with it the step), and making torchrun forward it
+# (TORCHELASTIC_SIGNALS_TO_HANDLE) would SIGKILL workers 30 s later, cutting a large checkpoint save short.
+# An ignored signal stays ignored across exec and is inherited by the workers; the trainer's handler then
+# replaces the SIG_IGN (a signal that arrives before the handler is installed is lost).
 trap '' USR2
 exec "$MOETRON_PYTHON" -m torch.distributed.run \
   --nnodes="$SLURM_NNODES" \

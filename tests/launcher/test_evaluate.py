@@ -3,8 +3,9 @@
 The checkpoint is trained once per module (synthetic Markov data, 4 steps, validation every 2 steps). Checks: the
 eval's k sweep gives a different loss per k and writes the JSON; the loss at a k equals the one periodic
 validation logged at the same step (same weights, same batches); ``--k-list k,k`` equals ``--k k``; the same
-checkpoint evaluated at EP=2 x DP=2 and at PP=2 gives the single-process losses; bad k values fail before any
-work with a message naming the fix.
+checkpoint evaluated at EP=2 x DP=2, at PP=2 and at the default layout of a 2-rank world (DP=2) gives the
+single-process losses; the eval layout falls back to tp = pp = ep = 1 when the world size is not the training's;
+bad k values fail before any work with a message naming the fix.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from launcher import evaluate, pretrain
-from launcher.config import load_config, validate_world
+from launcher.config import load_config, to_dict, validate_world
 from tests.helpers.dist import free_port, run_distributed
 
 REPO = Path(__file__).resolve().parents[2]
@@ -124,13 +125,26 @@ def test_eval_rejects_missing_checkpoint(tmp_path, capsys):
     assert f"no checkpoint found at '{tmp_path}'" in capsys.readouterr().err
 
 
+def test_eval_layout_defaults_to_the_checkpoints_when_the_world_matches():
+    trained = load_config(None, ["parallel.tp=2", "parallel.ep=2", "train.micro_batch_size=2",
+                                 "train.global_batch_size=8"])
+    common = {"config": to_dict(trained), "layout": {"world": 2, "tp": 2, "pp": 1, "ep": 2}}
+    same = evaluate.eval_config(common, [], world_size=2)
+    assert (same.parallel.tp, same.parallel.ep, same.train.global_batch_size) == (2, 2, 2)
+    single = evaluate.eval_config(common, [], world_size=1)
+    assert (single.parallel.tp, single.parallel.ep, single.train.global_batch_size) == (1, 1, 2)
+    four = evaluate.eval_config(common, ["parallel.ep=4"], world_size=4)
+    assert (four.parallel.tp, four.parallel.ep, four.train.global_batch_size) == (1, 4, 8)
+    assert not four.logging.tensorboard
+
+
 def _eval_on_rank(rank, world_size, ckpt: str, out: str, overrides: list[str]) -> list[dict]:
     assert evaluate.main(["--checkpoint", ckpt, "--k", "1,3", "--batches", "2", f"logging.run_dir={out}",
                           *overrides]) == 0
     return _results(Path(out) / "eval" / f"step_{STEPS:07d}.json") if rank == 0 else []
 
 
-@pytest.mark.parametrize("layout", [["parallel.ep=2"], ["parallel.pp=2"]], ids=["ep2_dp2", "pp2"])
+@pytest.mark.parametrize("layout", [["parallel.ep=2"], ["parallel.pp=2"], []], ids=["ep2_dp2", "pp2", "default"])
 def test_eval_matches_single_process_at_other_layouts(run_dir, tmp_path, layout):
     ckpt = str(run_dir / "checkpoints" / f"step_{STEPS:07d}")
     assert _eval(["--checkpoint", ckpt, "--k", "1,3", "--batches", "2"], f"logging.run_dir={tmp_path / 'ref'}") == 0

@@ -54,7 +54,9 @@ class SlurmCluster:
 
     def submit(self, script: str, args: list[str], sbatch_opts: list[str], env: dict[str, str] | None = None) -> str:
         """``sbatch`` from the repository root (the job's MOETRON_HOME); returns the job id."""
-        job_env = {"MOETRON_PYTHON": sys.executable, **(env or {})}
+        # All "nodes" share this machine's cores: one OpenMP thread per worker. Without it, workers that torchrun
+        # starts alone on a node use every core, and spinning OpenMP threads oversubscribe the CPU (20x slower).
+        job_env = {"MOETRON_PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **(env or {})}
         out = self.client("sbatch", "--parsable", *sbatch_opts, script, *args, env=job_env, attempts=1)
         return out.strip().split(";")[0]
 

@@ -19,11 +19,11 @@ STATE_DIR = Path("/tmp/moetron-slurm-pytest")
 def _slurm_session():
     cluster = SlurmCluster(STATE_DIR, nodes=2, gpus_per_node=2)
     cluster.stop()  # leftovers of an interrupted session, if any
-    cluster.start()
     try:
+        cluster.start()
         yield cluster
     finally:
-        cluster.stop()
+        cluster.stop()  # also after a failed start, which may have left some daemons running
 
 
 @pytest.fixture

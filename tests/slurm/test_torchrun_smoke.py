@@ -16,6 +16,6 @@ def test_torchrun_single_node_two_processes(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert f"[moetron] done: step {steps}" in proc.stdout
-    ckpt, common = latest_checkpoint(run_dir)
+    _, common = latest_checkpoint(run_dir)
     assert common["step"] == steps and common["layout"]["world"] == 2
     assert tensorboard_steps(run_dir) == [list(range(steps))]
