@@ -5,19 +5,20 @@ fixed-k MoE vs an M-MoE model evaluated at each k, all trained on the same data 
 
 Data: the shipped corpus (recipes/data/python_reference.jsonl) through ``launcher.preprocess`` into a temporary
 directory (byte-level BPE of 512 tokens, 64-token samples, 20% of the documents held out). Every model sees the
-same training batches in the same order (same seed) and is scored on the same validation batches (the whole held
-out split, ``Trainer.evaluate``). Model: 2 layers, hidden 64, 8 experts of width 128 (the half-width variant: 64).
+same training batches in the same order (same seed) and is scored by ``Trainer.evaluate`` on the same validation
+batches (the first ``--eval-batches`` micro-batches of 8 of the held-out split's 216 samples). Model: 2 layers,
+hidden 64, 8 experts of width 128 (the half-width variant: 64).
 
-Variants (``active/token`` = expert neurons computed per token and MoE layer, the activated-parameter budget):
+Variants ("active" = expert neurons computed per token and MoE layer, the activated-parameter budget):
 - ``moe``: top-2, the fixed-k model of the k sweep (2 x 128 = 256 active neurons);
 - ``mone``: MoNE keep_ratio 0.5 on the same experts (2 x 64 = 128);
 - ``moe_half``: top-2 with experts of width 64 (2 x 64 = 128), MoNE's equal-activated-parameters baseline;
 - ``mmoe``: M-MoE, k drawn per layer and step from [1, 4] (evaluated at k_max = 4 in the first table).
 Both sweep models are then evaluated with every layer routing to k = 1..4 experts.
 
-This is a tiny CPU budget: differences of a few hundredths of a nat are within seed noise (``--seeds`` repeats
-the whole benchmark and reports mean and spread), and a short run says nothing about the published large-scale
-results. The numbers in docs/benchmarks.md are whatever this script printed.
+This is a tiny CPU budget: paired differences of 0.01-0.02 nats are within seed noise (``--seeds`` repeats the
+whole benchmark; the tables give mean and spread over seeds), and a short run says nothing about the published
+large-scale results. The numbers in docs/benchmarks.md are whatever this script printed.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ BASE = ["data.source=shards", "model.vocab_size=512", "model.hidden_size=64", "m
         "model.num_attention_heads=4", "model.num_query_groups=2", "model.seq_length=64", "moe.num_experts=8",
         "moe.top_k=2", "moe.expert_ffn_hidden_size=128", "train.micro_batch_size=8", "train.global_batch_size=8",
         "optim.lr=0.003", "optim.min_lr=0.0003", "optim.warmup_steps=10", "logging.tensorboard=false",
-        "checkpoint.resume=never"]
+        "checkpoint.resume=never", "checkpoint.save_at_end=false"]
 VARIANTS = {
     "moe": ("MoE top-2", []),
     "mone": ("MoNE keep 0.5", ["moe.mone.enabled=true", "moe.mone.keep_ratio=0.5"]),
@@ -66,14 +67,15 @@ def active_neurons(cfg) -> str:
     return str(moe.top_k * per_expert)
 
 
-def train_and_eval(name: str, overrides: list[str], groups) -> dict:
-    """Train one variant in this process (checkpoint at the end, as a real run) and evaluate it."""
+def train_and_eval(name: str, overrides: list[str]) -> dict:
+    """Train one variant in this process (one rank, no process group, no checkpoint) and evaluate it."""
     from launcher.config import load_config
     from launcher.trainer import Trainer
+    from parallel.groups import ParallelGroups
 
     cfg = load_config(None, overrides)
     t0 = time.perf_counter()
-    trainer = Trainer(cfg, groups)
+    trainer = Trainer(cfg, ParallelGroups.single())
     result = trainer.fit()
     train_s = time.perf_counter() - t0
     batches = cfg.train.eval_batches
@@ -136,35 +138,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
-    from launcher import env
-
     torch.set_num_threads(args.threads)
-    from parallel import groups as pgroups
-
-    env.ensure_single_process_env()
-    pgroups.init_distributed("gloo")  # one rank: checkpoints are saved as in a real run
     start, cpu_start = time.perf_counter(), time.process_time()
     runs: list[dict[str, dict]] = []
-    try:
-        groups = pgroups.initialize(1, 1, 1)
-        with tempfile.TemporaryDirectory(prefix="moetron-bench-") as tmp:
-            data = make_shards(Path(tmp) / "data")
-            for seed in args.seeds:
-                run = {}
-                for name, (_, extra) in VARIANTS.items():
-                    run_dir = Path(tmp) / f"{name}-{seed}"
-                    overrides = [*BASE, f"data.path={data}", f"train.seed={seed}", f"train.steps={args.steps}",
-                                 f"train.eval_batches={args.eval_batches}", f"logging.run_dir={run_dir}",
-                                 f"logging.log_interval={args.steps}", *extra]
-                    run[name] = train_and_eval(name, overrides, groups)
-                    print(f"[bench] seed {seed} {name}: val loss {run[name]['valid_loss']:.4f} "
-                          f"({run[name]['train_s']:.1f} s)", flush=True)
-                runs.append(run)
-    finally:
-        pgroups.destroy()
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+    with tempfile.TemporaryDirectory(prefix="moetron-bench-") as tmp:
+        data = make_shards(Path(tmp) / "data")
+        for seed in args.seeds:
+            run = {}
+            for name, (_, extra) in VARIANTS.items():
+                overrides = [*BASE, f"data.path={data}", f"train.seed={seed}", f"train.steps={args.steps}",
+                             f"train.eval_batches={args.eval_batches}", f"logging.run_dir={Path(tmp) / name}",
+                             f"logging.log_interval={args.steps}", *extra]
+                run[name] = train_and_eval(name, overrides)
+                print(f"[bench] seed {seed} {name}: val loss {run[name]['valid_loss']:.4f} "
+                      f"({run[name]['train_s']:.1f} s)", flush=True)
+            runs.append(run)
     print(f"\n{args.steps} steps x 8 x 64 tokens per model, seeds {args.seeds}, validation on "
           f"{args.eval_batches} x 8 x 64 held-out tokens, total {time.perf_counter() - start:.0f} s "
           f"({time.process_time() - cpu_start:.0f} s CPU)\n")

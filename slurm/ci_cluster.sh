@@ -84,6 +84,8 @@ InactiveLimit=0
 KillWait=30
 MinJobAge=600
 JobRequeue=1
+# Schedule every 2 s (defaults: 60 s main, 30 s backfill), so a requeued job starts soon after its BeginTime.
+SchedulerParameters=sched_interval=2,bf_interval=2
 NodeName=n[1-$NODES] NodeHostname=$(hostname) NodeAddr=127.0.0.1 Port=$((PORT + 1))-$((PORT + NODES)) CPUs=$cpus RealMemory=$mem Gres=gpu:$GPUS State=UNKNOWN
 PartitionName=ci Nodes=n[1-$NODES] Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 EOF
