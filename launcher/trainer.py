@@ -85,8 +85,8 @@ class Preemption:
     def _handler(self, signum, frame) -> None:  # noqa: ARG002
         self.requested = True
 
-    def agreed(self, groups: ParallelGroups) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0])
+    def agreed(self, groups: ParallelGroups, device: torch.device) -> bool:
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)  # NCCL reduces device tensors only
         if groups.distributed:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
@@ -165,7 +165,7 @@ class Trainer:
             out = model(inp)
         if model.training:  # expert load of training steps only (validation forwards run in eval mode)
             for idx, layer in model.moe_layers().items():
-                counts = layer.last_stats["tokens_per_expert"].detach().to(torch.float64).cpu()
+                counts = layer.last_stats["tokens_per_expert"].detach().to(torch.float64)  # no host sync
                 self._layer_counts[idx] = self._layer_counts.get(idx, 0) + counts
         if not self.groups.is_last_stage:
             return out
@@ -178,8 +178,8 @@ class Trainer:
 
     def _global_loss(self, losses: list[torch.Tensor]) -> float:
         """Mean micro-batch loss, averaged over DP, made known on every rank (it lives on the last stage)."""
-        value = torch.stack(losses).mean().double().cpu() if losses else torch.zeros((), dtype=torch.float64)
-        value = value.reshape(1)
+        value = (torch.stack(losses).mean().double() if losses
+                 else torch.zeros((), dtype=torch.float64, device=self.device)).reshape(1)
         if self.groups.pp_size > 1:
             dist.all_reduce(value, group=self.groups.pp_group)
         if self.groups.dp_size > 1:
@@ -192,15 +192,16 @@ class Trainer:
         gathered over PP so the logging rank sees every layer)."""
         moe_idx = flops.moe_layer_indices(self.cfg)
         E = self.cfg.moe.num_experts
-        counts = torch.zeros(len(moe_idx), E, dtype=torch.float64)
-        ks = torch.zeros(len(moe_idx), dtype=torch.float64)
-        dropped = torch.zeros(len(moe_idx), dtype=torch.float64)
-        kept = torch.zeros(len(moe_idx), dtype=torch.float64)
+        zeros = dict(dtype=torch.float64, device=self.device)  # collectives on the training device (NCCL)
+        counts = torch.zeros(len(moe_idx), E, **zeros)
+        ks = torch.zeros(len(moe_idx), **zeros)
+        dropped = torch.zeros(len(moe_idx), **zeros)
+        kept = torch.zeros(len(moe_idx), **zeros)
         local = self.model.moe_layers()
         for pos, idx in enumerate(moe_idx):
             if idx in local:
                 st = local[idx].last_stats
-                counts[pos] = self._layer_counts.get(idx, torch.zeros(E, dtype=torch.float64))
+                counts[pos] = self._layer_counts.get(idx, torch.zeros(E, **zeros))
                 ks[pos] = float(st["k"])
                 dropped[pos] = float(st.get("dropped_tokens") or 0)
                 kept[pos] = float(st.get("mone_kept_fraction") or 0.0)
@@ -213,6 +214,7 @@ class Trainer:
             packed[counts.numel() + 2 * len(moe_idx):] /= self.groups.dp_size
         if self.groups.pp_size > 1:
             dist.all_reduce(packed, group=self.groups.pp_group)
+        packed = packed.cpu()  # one host transfer per step
         n = counts.numel()
         counts = packed[:n].view(len(moe_idx), E)
         L = len(moe_idx)
@@ -330,7 +332,7 @@ class Trainer:
             if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
                 result.checkpoint = str(self.save())
                 last_saved = self.step
-            if preemption.agreed(self.groups):
+            if preemption.agreed(self.groups, self.device):
                 if last_saved != self.step:
                     result.checkpoint = str(self.save())
                 result.preempted = True
