@@ -28,14 +28,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"moetron: config error: {e}", file=sys.stderr)
         return 2
-    from launcher.trainer import Trainer, TrainingError
+    from launcher.trainer import Preemption, Trainer, TrainingError
     from parallel import groups as pgroups
+
+    preemption = Preemption()  # first thing: a SIGUSR2/SIGTERM during start-up must still checkpoint + exit
 
     env.ensure_single_process_env()
     pgroups.init_distributed(cfg.parallel.backend)
     try:
         groups = pgroups.initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep)
-        result = Trainer(cfg, groups).fit()
+        result = Trainer(cfg, groups).fit(preemption)
         if groups.rank == 0:
             print(f"[moetron] done: step {result.final_step}, checkpoint {result.checkpoint}", flush=True)
         return 0

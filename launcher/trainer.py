@@ -296,14 +296,16 @@ class Trainer:
                   + " | ".join(f"{tag[len('valid/'):]} {v:.4f}" for tag, v in values.items()), flush=True)
 
     # ------------------------------------------------------------ loop
-    def fit(self) -> TrainResult:
+    def fit(self, preemption: Optional[Preemption] = None) -> TrainResult:
+        """Train to train.steps. Pass the Preemption created at process start so a signal that arrives while
+        the model is being built or resumed is not lost."""
         cfg = self.cfg
+        preemption = preemption or Preemption()
         if self.is_logger:
             save_resolved(cfg, self.run_dir)
         self.maybe_resume()
         if cfg.train.eval_interval:
             self._valid_batches(cfg.train.eval_batches)  # bad validation settings fail now, not at the first eval
-        preemption = Preemption()
         result = TrainResult()
         consecutive_bad = 0
         last_saved = self.step
