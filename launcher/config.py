@@ -446,6 +446,9 @@ def validate_world(cfg: Config, world_size: int) -> None:
     _require((par.tp * dp) % par.ep == 0,
              f"parallel.ep ({par.ep}) must divide parallel.tp * data-parallel size ({par.tp}*{dp}) "
              f"at world size {world_size}")
+    _require(tr.eval_interval == 0 or tr.eval_batches % dp == 0,
+             f"train.eval_batches ({tr.eval_batches}) must be a multiple of the data-parallel size ({dp}): "
+             "validation batches are split evenly over DP ranks")
     _require(tr.global_batch_size % (tr.micro_batch_size * dp) == 0,
              f"train.global_batch_size ({tr.global_batch_size}) must be divisible by train.micro_batch_size * "
              f"data-parallel size ({tr.micro_batch_size}*{dp})")

@@ -57,22 +57,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 @contextlib.contextmanager
 def single_process_groups() -> Iterator:
     """A 1-rank gloo world with tp=pp=ep=1 (reuses an existing 1-rank default group)."""
-    import torch.distributed as dist
-
-    from parallel import groups as pgroups
-
     if env.world_size() > 1:
         raise ConvertError(f"convert runs in one process, but WORLD_SIZE={env.world_size()}; run it without "
                            "torchrun/srun -n (a single task reads any checkpoint layout)")
-    env.ensure_single_process_env()
-    created = not dist.is_initialized()
-    pgroups.init_distributed("gloo")
-    try:
-        yield pgroups.initialize(1, 1, 1)
-    finally:
-        pgroups.destroy()
-        if created:
-            dist.destroy_process_group()
+    with env.parallel_session(1, 1, 1, "gloo") as groups:
+        yield groups
 
 
 def one_rank_config(raw: dict, keep_data: bool) -> Config:

@@ -6,8 +6,10 @@ A plain `python -m launcher.pretrain` gets a one-rank world on a free loopback p
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+from typing import Iterator
 
 
 def world_size() -> int:
@@ -27,3 +29,22 @@ def ensure_single_process_env() -> None:
         port = s.getsockname()[1]
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+@contextlib.contextmanager
+def parallel_session(tp: int, pp: int, ep: int, backend: str = "auto") -> Iterator["ParallelGroups"]:  # noqa: F821
+    """The default process group (torchrun's, or a one-rank world) plus megatron-core's TP/PP/EP/DP groups,
+    torn down on exit. A default group that already existed (tests, notebooks) is left in place."""
+    import torch.distributed as dist
+
+    from parallel import groups as pgroups
+
+    ensure_single_process_env()
+    created = not dist.is_initialized()
+    pgroups.init_distributed(backend)
+    try:
+        yield pgroups.initialize(tp, pp, ep)
+    finally:
+        pgroups.destroy()
+        if created and dist.is_initialized():
+            dist.destroy_process_group()

@@ -152,16 +152,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"moetron: config error: {e}", file=sys.stderr)
         return 2
     from launcher.trainer import Trainer
-    from parallel import groups as pgroups
 
-    env.ensure_single_process_env()
-    pgroups.init_distributed(cfg.parallel.backend)
-    try:
-        groups = pgroups.initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep)
-        trainer = Trainer(cfg, groups)
-        checkpoint.load(ckpt, trainer.model, None, groups)
-        batches = args.batches or cfg.train.eval_batches
-        rows = run_eval(trainer, ks, batches)
+    par = cfg.parallel
+    with env.parallel_session(par.tp, par.pp, par.ep, par.backend) as groups:
+        try:
+            trainer = Trainer(cfg, groups)
+            checkpoint.load(ckpt, trainer.model, None, groups)
+            batches = args.batches or cfg.train.eval_batches
+            rows = run_eval(trainer, ks, batches)
+        except (ConfigError, DataError) as e:
+            print(f"moetron: {e}", file=sys.stderr)
+            return 1
         if groups.rank == 0:
             step = int(common["step"])
             out = write_report(run_dir or Path(cfg.logging.run_dir), ckpt, step, cfg, batches, rows)
@@ -169,15 +170,6 @@ def main(argv: list[str] | None = None) -> int:
                   f"{cfg.train.micro_batch_size}x{cfg.model.seq_length} tokens\n{format_table(rows)}\n"
                   f"[moetron] wrote {out}", flush=True)
         return 0
-    except (ConfigError, DataError) as e:
-        print(f"moetron: {e}", file=sys.stderr)
-        return 1
-    finally:
-        pgroups.destroy()
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -29,27 +29,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"moetron: config error: {e}", file=sys.stderr)
         return 2
     from launcher.trainer import Preemption, Trainer, TrainingError
-    from parallel import groups as pgroups
 
     preemption = Preemption()  # first thing: a SIGUSR2/SIGTERM during start-up must still checkpoint + exit
-
-    env.ensure_single_process_env()
-    pgroups.init_distributed(cfg.parallel.backend)
-    try:
-        groups = pgroups.initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep)
-        result = Trainer(cfg, groups).fit(preemption)
+    par = cfg.parallel
+    with env.parallel_session(par.tp, par.pp, par.ep, par.backend) as groups:
+        try:
+            result = Trainer(cfg, groups).fit(preemption)
+        except (TrainingError, ConfigError) as e:
+            print(f"moetron: {e}", file=sys.stderr)
+            return 1
         if groups.rank == 0:
             print(f"[moetron] done: step {result.final_step}, checkpoint {result.checkpoint}", flush=True)
         return 0
-    except (TrainingError, ConfigError) as e:
-        print(f"moetron: {e}", file=sys.stderr)
-        return 1
-    finally:
-        pgroups.destroy()
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
