@@ -100,7 +100,7 @@ def save(root: str | Path, step: int, model: nn.Module, optimizer: torch.optim.O
         tmp.mkdir(parents=True)
     dist.barrier()
     sd = sharded_state_dict(model, optimizer, groups, per_rank)
-    sd["common"] = dict(common, layout=_layout(groups),
+    sd["common"] = dict(common, layout=_layout(groups), per_rank_keys=sorted(per_rank),
                         optim_step=int(next(iter(optimizer.state.values()))["step"]) if optimizer.state else 0)
     dist_checkpointing.save(sd, str(tmp))
     dist.barrier()
@@ -164,7 +164,9 @@ def load(ckpt_dir: str | Path, model: nn.Module, optimizer: Optional[torch.optim
     same_layout = common.get("layout") == _layout(groups)
     if optimizer is not None:
         init_optimizer_state(optimizer)
-    sd = sharded_state_dict(model, optimizer, groups, per_rank_templates if same_layout else None)
+    saved = set(common.get("per_rank_keys", ()))  # ask only for what this checkpoint holds
+    templates = {k: v for k, v in (per_rank_templates or {}).items() if k in saved} if same_layout else None
+    sd = sharded_state_dict(model, optimizer, groups, templates)
     loaded = dist_checkpointing.load(sd, str(ckpt_dir))
     with torch.no_grad():
         for name, p, _ in named_specs(model):
@@ -176,7 +178,7 @@ def load(ckpt_dir: str | Path, model: nn.Module, optimizer: Optional[torch.optim
                 state["step"].fill_(float(common.get("optim_step", 0)))
         for name, buf in _persistent_buffers(model).items():
             buf.copy_(loaded[f"buffer.{name}"])
-    per_rank = {k: loaded[k] for k in (per_rank_templates or {}) if same_layout and k in loaded}
+    per_rank = {k: loaded[k] for k in (templates or {})}
     return common, per_rank
 
 

@@ -56,7 +56,7 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
     o = cfg.optim
     return torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}],
-                             lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=False)
+                             lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)  # foreach on CUDA by default
 
 
 def autocast_context(cfg: Config, device: torch.device, groups: ParallelGroups):
