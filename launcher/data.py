@@ -43,7 +43,6 @@ Corrupt, truncated or missing shards raise :class:`DataError` naming the shard a
 from __future__ import annotations
 
 import hashlib
-import io
 import random
 import warnings
 from dataclasses import dataclass

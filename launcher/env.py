@@ -9,7 +9,10 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
+
+if TYPE_CHECKING:
+    from parallel.groups import ParallelGroups
 
 
 def world_size() -> int:
@@ -32,7 +35,7 @@ def ensure_single_process_env() -> None:
 
 
 @contextlib.contextmanager
-def parallel_session(tp: int, pp: int, ep: int, backend: str = "auto") -> Iterator["ParallelGroups"]:  # noqa: F821
+def parallel_session(tp: int, pp: int, ep: int, backend: str = "auto") -> Iterator["ParallelGroups"]:
     """The default process group (torchrun's, or a one-rank world) plus megatron-core's TP/PP/EP/DP groups,
     torn down on exit. A default group that already existed (tests, notebooks) is left in place."""
     import torch.distributed as dist

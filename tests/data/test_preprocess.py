@@ -1,7 +1,6 @@
 """preprocess: text -> shards is lossless, reproducible across worker counts, and loud about bad input."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from launcher.data import build_loader
-from launcher.preprocess import DataError, main as preprocess_main, read_index
+from launcher.preprocess import main as preprocess_main, read_index
 from tests.data.helpers import CORPUS, SEQ, corpus_docs, preprocess, shard_config, write_jsonl
 
 REPO = Path(__file__).resolve().parents[2]

@@ -3,7 +3,6 @@ makes every rank checkpoint and exit at the next step boundary."""
 import math
 import signal
 
-import pytest
 
 from tests.helpers.dist import run_distributed
 from tests.launcher.test_train_resume import _overrides
