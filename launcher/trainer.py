@@ -110,8 +110,7 @@ class Trainer:
         self.model = build_model(cfg, groups)
         self.device = next(self.model.parameters()).device
         self.optimizer = build_optimizer(self.model, cfg)
-        self.dp_size = groups.dp_size
-        self.num_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * self.dp_size)
+        self.num_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * groups.dp_size)
         self.loader = build_loader(cfg, "train", groups.dp_rank, groups.dp_size)
         self.hidden_shape = (cfg.train.micro_batch_size, cfg.model.seq_length, cfg.model.hidden_size)
         self.is_logger = groups.rank == 0
@@ -254,8 +253,8 @@ class Trainer:
     def _valid_batches(self, n: int) -> list[dict]:
         """This DP rank's share of the first ``n`` micro-batches of the valid split: the split is read whole and
         in order on every rank and DP rank r takes batches r, r + dp, ..., so every layout sees the same batches."""
-        if n < 1 or n % self.dp_size:
-            raise ConfigError(f"validation needs a positive multiple of the data-parallel size ({self.dp_size}) "
+        if n < 1 or n % self.groups.dp_size:
+            raise ConfigError(f"validation needs a positive multiple of the data-parallel size ({self.groups.dp_size}) "
                               f"micro-batches, got {n}: change train.eval_batches (or eval --batches)")
         loader = build_loader(self.cfg, "valid", 0, 1)
         if loader.plan is not None and n > loader.plan.batches_per_epoch:
@@ -264,7 +263,7 @@ class Trainer:
                               f"{plan.batches_per_epoch} of train.micro_batch_size={plan.micro_batch_size}: lower "
                               "train.eval_batches (or eval --batches) or hold out more data (preprocess "
                               "--valid-fraction)")
-        return [next(loader) for _ in range(n)][self.groups.dp_rank::self.dp_size]
+        return [next(loader) for _ in range(n)][self.groups.dp_rank::self.groups.dp_size]
 
     def evaluate(self, k: EvalK = None, batches: Optional[int] = None) -> float:
         """Mean validation loss (nats/token) over the first ``batches`` (default train.eval_batches) micro-batches
