@@ -18,88 +18,14 @@ the stored ``g, u`` and rounded once to the activation dtype.
 """
 from __future__ import annotations
 
-from typing import Literal, Optional, Sequence
+from typing import Sequence
 
 import torch
-import triton
-import triton.language as tl
 
-from kernels.runtime import check_keep_k, check_rows, require_triton, row_block
-from kernels.topk_select import abs_bits, keep_mask, row_cut, topk_select_reference
-
-Score = Literal["post_act", "pre_act"]
-
-
-# ----------------------------------------------------------------------------- fused elementwise kernels
-
-@triton.jit
-def _select_swiglu_fwd_kernel(g_ptr, u_ptr, h_ptr, thr_ptr, cut_ptr, F, k, stride_row,
-                              BLOCK_F: tl.constexpr, PRE_ACT: tl.constexpr, WRITE_H: tl.constexpr):
-    """One program per row: top-k cut of the score, then (if WRITE_H) ``h = keep * silu(g) * u``."""
-    r = tl.program_id(0).to(tl.int64)
-    f = tl.arange(0, BLOCK_F)
-    g = tl.load(g_ptr + r * stride_row + f, mask=f < F, other=0.0).to(tl.float32)
-    a = g * tl.sigmoid(g)
-    bits = abs_bits(g) if PRE_ACT else abs_bits(a)
-    thr, cut = row_cut(bits, f, F, k)
-    if WRITE_H:
-        keep = keep_mask(bits, f, thr, cut)
-        u = tl.load(u_ptr + r * stride_row + f, mask=f < F, other=0.0).to(tl.float32)
-        h = tl.where(keep, a * u, 0.0)
-        tl.store(h_ptr + r * stride_row + f, h.to(h_ptr.dtype.element_ty), mask=f < F)
-    tl.store(thr_ptr + r, thr)
-    tl.store(cut_ptr + r, cut)
-
-
-@triton.jit
-def _select_swiglu_bwd_kernel(dh_ptr, g_ptr, u_ptr, thr_ptr, cut_ptr, dg_ptr, du_ptr, h_ptr, F, stride_row,
-                              BLOCK_F: tl.constexpr, PRE_ACT: tl.constexpr):
-    """One program per row: ``du = keep*dh*silu(g)``, ``dg = keep*dh*u*silu'(g)`` with
-    ``silu'(g) = s*(1 + g*(1-s))``, ``s = sigmoid(g)``; also recomputes ``h`` (for ``dW_down``)."""
-    r = tl.program_id(0).to(tl.int64)
-    f = tl.arange(0, BLOCK_F)
-    off = r * stride_row + f
-    g = tl.load(g_ptr + off, mask=f < F, other=0.0).to(tl.float32)
-    s = tl.sigmoid(g)
-    a = g * s
-    bits = abs_bits(g) if PRE_ACT else abs_bits(a)
-    keep = keep_mask(bits, f, tl.load(thr_ptr + r), tl.load(cut_ptr + r))
-    u = tl.load(u_ptr + off, mask=f < F, other=0.0).to(tl.float32)
-    dh = tl.where(keep, tl.load(dh_ptr + off, mask=f < F, other=0.0).to(tl.float32), 0.0)
-    tl.store(du_ptr + off, (dh * a).to(du_ptr.dtype.element_ty), mask=f < F)
-    tl.store(dg_ptr + off, (dh * u * s * (1.0 + g * (1.0 - s))).to(dg_ptr.dtype.element_ty), mask=f < F)
-    tl.store(h_ptr + off, tl.where(keep, a * u, 0.0).to(h_ptr.dtype.element_ty), mask=f < F)
-
-
-def _warps(F: int) -> int:
-    return 8 if F > 2048 else 4
-
-
-def select_swiglu(g_NF: torch.Tensor, u_NF: Optional[torch.Tensor], keep_k: int, score: Score):
-    """Forward fused kernel: returns ``h_NF`` (zeros outside each row's top-k; None when ``u_NF`` is None, i.e.
-    only the selection is wanted) and the per-row cut ``thr_N, cut_N`` (kernels/topk_select.py)."""
-    check_rows(g_NF, keep_k, "g_NF")
-    N, F = g_NF.shape
-    h_NF = None if u_NF is None else torch.empty_like(g_NF)
-    thr_N = torch.empty(N, dtype=torch.int32, device=g_NF.device)
-    cut_N = torch.empty(N, dtype=torch.int32, device=g_NF.device)
-    if N > 0:
-        _select_swiglu_fwd_kernel[(N,)](g_NF, u_NF, h_NF, thr_N, cut_N, F, keep_k, g_NF.stride(0),
-                                        BLOCK_F=row_block(F), PRE_ACT=score == "pre_act", WRITE_H=u_NF is not None,
-                                        num_warps=_warps(F))
-    return h_NF, thr_N, cut_N
-
-
-def select_swiglu_backward(dh_NF, g_NF, u_NF, thr_N, cut_N, score: Score):
-    """Backward fused kernel: returns ``dg_NF, du_NF`` and the recomputed forward ``h_NF``."""
-    N, F = g_NF.shape
-    dg_NF, du_NF, h_NF = torch.empty_like(g_NF), torch.empty_like(u_NF), torch.empty_like(g_NF)
-    if N > 0:
-        _select_swiglu_bwd_kernel[(N,)](dh_NF.contiguous(), g_NF, u_NF, thr_N, cut_N, dg_NF, du_NF, h_NF, F,
-                                        g_NF.stride(0), BLOCK_F=row_block(F), PRE_ACT=score == "pre_act",
-                                        num_warps=_warps(F))
-    return dg_NF, du_NF, h_NF
-
+from kernels.mone_decode import mone_decode, row_starts
+from kernels.runtime import check_keep_k, require_triton
+from kernels.select_swiglu import Score, select_swiglu, select_swiglu_backward
+from kernels.topk_select import topk_select_reference
 
 # ----------------------------------------------------------------------------- grouped GEMMs (cuBLAS)
 
@@ -187,8 +113,6 @@ def mone_swiglu_grouped(x_ND: torch.Tensor, tokens_per_expert: Sequence[int], w_
     tensors = (x_ND, w_gate_EFD, w_up_EFD, w_down_EDF)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     if not needs_grad and max(splits, default=0) <= DECODE_MAX_TOKENS:
-        from kernels.mone_decode import mone_decode, row_starts  # noqa: PLC0415 - mone_decode imports this module
-
         return mone_decode(x_ND.contiguous(), row_starts(splits, x_ND.device), w_gate_EFD, w_up_EFD, w_down_EDF,
                            keep_k, score)
     return MoNESwiGLUFunction.apply(x_ND.contiguous(), w_gate_EFD, w_up_EFD, w_down_EDF, splits, keep_k, score)

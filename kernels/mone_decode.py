@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.mone import Score, select_swiglu
 from kernels.runtime import row_block
+from kernels.select_swiglu import Score, select_swiglu
 from kernels.topk_select import abs_bits, keep_mask
 
 

@@ -1,4 +1,4 @@
-"""`moetron <command> ...`: pretrain | preprocess | eval | convert. Each command is a module with main(argv)."""
+"""`moetron <command> ...`: pretrain | preprocess | evaluate | convert. Each command is a module with main(argv)."""
 from __future__ import annotations
 
 import importlib
@@ -7,7 +7,7 @@ import sys
 COMMANDS = {
     "pretrain": ("launcher.pretrain", "train a model from a YAML recipe (+ dotted overrides)"),
     "preprocess": ("launcher.preprocess", "tokenize raw text into webdataset shards"),
-    "eval": ("launcher.evaluate", "validation loss of a checkpoint, optionally swept over k (M-MoE)"),
+    "evaluate": ("launcher.evaluate", "validation loss of a checkpoint, optionally swept over k (M-MoE)"),
     "convert": ("launcher.convert", "convert a checkpoint to/from Hugging Face format"),
 }
 

@@ -18,108 +18,12 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from moe_core.config import ModelConfig
+from parallel.config import FP8Config, ParallelConfig, ParallelMoEConfig
+
 
 class ConfigError(ValueError):
     """A recipe or override is invalid. The message is one line naming the key path."""
-
-
-@dataclass
-class ModelConfig:
-    """Decoder-only transformer; the block matches Hugging Face Qwen3-MoE (RMSNorm, GQA with q/k RMSNorm, RoPE,
-    SwiGLU experts, softmax top-k router, no biases, untied embeddings)."""
-
-    vocab_size: int = 512
-    """Vocabulary size. Must equal the tokenizer's when data comes from shards (checked at data load)."""
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_attention_heads: int = 4
-    num_query_groups: int = 2
-    """Key/value heads (GQA). Must divide num_attention_heads."""
-    head_dim: Optional[int] = None
-    """Per-head width; None means hidden_size // num_attention_heads."""
-    seq_length: int = 128
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
-    init_std: float = 0.02
-    dense_layers: list[int] = field(default_factory=list)
-    """Indices of layers with a dense SwiGLU FFN instead of MoE (e.g. [0] keeps the first layer dense)."""
-    dense_ffn_hidden_size: int = 512
-    """FFN width of the dense layers listed in dense_layers."""
-
-
-@dataclass
-class MoNEConfig:
-    """Mixture of Neuron Experts (arXiv 2510.05781): inside each routed expert keep only the top-k neurons."""
-
-    enabled: bool = False
-    keep_ratio: float = 0.5
-    """Fraction of expert neurons kept per token: k_n = round(keep_ratio * expert_ffn_hidden_size)."""
-    score: Literal["post_act", "pre_act"] = "post_act"
-    """Rank neurons by |silu(W_gate x)| (post_act, default) or |W_gate x| (pre_act)."""
-    balance_loss_coeff: float = 0.0
-    """Optional neuron-level load-balance loss coefficient (0 disables)."""
-    backend: Literal["auto", "torch", "triton"] = "auto"
-    """Neuron-selection implementation: auto = Triton kernels on CUDA, torch elsewhere."""
-
-
-@dataclass
-class MatryoshkaConfig:
-    """Matryoshka MoE (arXiv 2509.26520): k is drawn per layer per step, so one model serves any k."""
-
-    enabled: bool = False
-    k_min: int = 1
-    k_max: int = 4
-    distribution: Literal["uniform", "capacity"] = "uniform"
-    """uniform over [k_min, k_max], or capacity-aware P(k) proportional to exp(log(k) / tau)."""
-    tau: float = 1.0
-    eval_k: Optional[Union[int, list[int]]] = None
-    """k used at evaluation/inference: one int for all layers or one per MoE layer; None means moe.top_k."""
-
-
-@dataclass
-class LLEPConfig:
-    """Least-Loaded Expert Parallelism (arXiv 2601.17111)."""
-
-    imbalance_threshold: float = 1.3
-    """lambda: plain EP is used while max/mean EP-rank load stays below this."""
-    capacity_factor: float = 1.0
-    """alpha: per-rank token capacity is alpha * total_tokens / ep_size."""
-    min_tokens_per_gemm: int = 1024
-    """Spilled chunks smaller than this are avoided unless nothing else fits."""
-    max_foreign_experts: int = 4
-    """Most foreign experts' weights a rank may host in one step (memory cap)."""
-
-
-@dataclass
-class MoEConfig:
-    num_experts: int = 8
-    top_k: int = 2
-    expert_ffn_hidden_size: int = 256
-    aux_loss_coeff: float = 1e-2
-    """Switch-style load-balancing loss coefficient."""
-    z_loss_coeff: float = 1e-3
-    """Router z-loss coefficient."""
-    expert_bias: bool = False
-    """Aux-loss-free balancing: a per-expert bias added to routing scores for selection only."""
-    expert_bias_update_rate: float = 1e-3
-    capacity_factor: Optional[float] = None
-    """None = dropless (default). A number caps tokens per expert at capacity_factor * T * k / E; extra tokens drop."""
-    dispatcher: Literal["alltoall", "llep"] = "alltoall"
-    mone: MoNEConfig = field(default_factory=MoNEConfig)
-    matryoshka: MatryoshkaConfig = field(default_factory=MatryoshkaConfig)
-    llep: LLEPConfig = field(default_factory=LLEPConfig)
-
-
-@dataclass
-class ParallelConfig:
-    """Sizes of the megatron-core parallel groups. DP is derived: world / (tp * pp).
-    Experts are not tensor-parallel (expert TP = 1); EP is carved out of the tp*dp ranks of a stage."""
-
-    tp: int = 1
-    pp: int = 1
-    ep: int = 1
-    backend: Literal["auto", "nccl", "gloo"] = "auto"
-    """auto = nccl when CUDA is available, else gloo."""
 
 
 @dataclass
@@ -189,31 +93,9 @@ class LoggingConfig:
 
 
 @dataclass
-class FP8Config:
-    """FP8 projections when train.precision=fp8 (docs/fp8.md). Router, norms, embedding and LM head stay high
-    precision; MoNE's kept-neuron up/down path stays bf16."""
-
-    backend: Literal["te", "torch"] = "te"
-    """te = Transformer Engine modules (pip install 'moetron[gpu]'); torch = torch._scaled_mm with per-tensor
-    scales (no TE needed; Hopper/Ada GPU; recipes delayed/current)."""
-    recipe: Literal["delayed", "current", "mxfp8"] = "delayed"
-    """delayed = scale from an amax history (TE DelayedScaling); current = scale from the tensor itself;
-    mxfp8 = 32-element block scales (TE only, Blackwell GPUs)."""
-    format: Literal["hybrid", "e4m3"] = "hybrid"
-    """hybrid = E4M3 activations/weights and E5M2 gradients; e4m3 = E4M3 everywhere."""
-    amax_history_len: int = 16
-    amax_compute_algo: Literal["max", "most_recent"] = "max"
-    """delayed recipe: scale from the max of the amax history, or from the most recent amax."""
-    margin: int = 0
-    """Scales are divided by 2**margin (headroom against amax growth between steps)."""
-    keep_first_last_bf16: bool = True
-    """Keep the first and last transformer layers in bf16."""
-
-
-@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
-    moe: MoEConfig = field(default_factory=MoEConfig)
+    moe: ParallelMoEConfig = field(default_factory=ParallelMoEConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -429,9 +311,10 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         _require(Path(cfg.data.path).is_dir(),
                  f"data.path '{cfg.data.path}' does not exist (run `moetron preprocess` to make shards)")
     if tr.precision == "fp8":
-        from parallel.fp8 import check_fp8_available  # lazy: TE is only imported when fp8 is asked for
+        from parallel.fp8 import fp8_unavailable_here  # lazy: TE is only imported when fp8 is asked for
 
-        check_fp8_available(cfg.fp8)
+        reason = fp8_unavailable_here(cfg.fp8)
+        _require(reason is None, str(reason))
     if world_size is not None:
         validate_world(cfg, world_size)
 

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"moetron: config error: {e}", file=sys.stderr)
         return 2
-    from launcher.trainer import Preemption, Trainer, TrainingError
+    from launcher.train.trainer import Preemption, Trainer, TrainingError
 
     preemption = Preemption()  # first thing: a SIGUSR2/SIGTERM during start-up must still checkpoint + exit
     par = cfg.parallel

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from launcher.config import MoNEConfig
+from moe_core.config import MoNEConfig
 from moe_core.aux_loss import AuxLossAutoScaler
 from moe_core.grouped import swiglu_grouped
 from moe_core.mone import keep_count, neuron_balance_loss, resolve_mone_fn

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from launcher.config import MoEConfig
+from moe_core.config import MoEConfig
 from moe_core.aux_loss import AuxLossAutoScaler
 from moe_core.experts import SwiGLUExperts
 from moe_core.matryoshka import KSchedule

@@ -17,7 +17,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from launcher.config import MoEConfig
+from moe_core.config import MoEConfig
 
 EvalK = Optional[Union[int, Sequence[int]]]
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from launcher.config import MoEConfig
+from moe_core.config import MoEConfig
 
 
 @dataclass

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from launcher.config import Config
+from moe_core.config import ModelConfig, MoEConfig
 from moe_core.layer import MoELayer
 from moe_core.matryoshka import KSchedule
 
@@ -68,9 +68,8 @@ def apply_rope(x_BHSd: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor)
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: Config, factory: LayerFactory):
+    def __init__(self, m: ModelConfig, factory: LayerFactory):
         super().__init__()
-        m = cfg.model
         self.head_dim = m.head_dim or m.hidden_size // m.num_attention_heads
         self.local_heads = m.num_attention_heads // factory.tp_size
         self.local_kv_heads = m.num_query_groups // factory.tp_size
@@ -109,16 +108,16 @@ class DenseMLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: Config, layer_idx: int, factory: LayerFactory, k_schedule: KSchedule):
+    def __init__(self, m: ModelConfig, moe: MoEConfig, layer_idx: int, factory: LayerFactory,
+                 k_schedule: KSchedule):
         super().__init__()
-        m = cfg.model
         self.input_layernorm = RMSNorm(m.hidden_size, m.norm_eps)
-        self.self_attn = Attention(cfg, factory)
+        self.self_attn = Attention(m, factory)
         self.post_attention_layernorm = RMSNorm(m.hidden_size, m.norm_eps)
         if layer_idx in m.dense_layers:
             self.mlp: nn.Module = DenseMLP(m.hidden_size, m.dense_ffn_hidden_size, factory)
         else:
-            self.mlp = MoELayer(m.hidden_size, cfg.moe, layer_idx, k_schedule)
+            self.mlp = MoELayer(m.hidden_size, moe, layer_idx, k_schedule)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)
@@ -131,22 +130,21 @@ class MoETransformer(nn.Module):
     ``forward(tokens_BS)`` on a first stage, ``forward(hidden_BSD)`` on later stages; returns logits [B, S, V/tp]
     on the last stage, hidden [B, S, D] otherwise. Layers live in a ModuleDict keyed by their GLOBAL index, so
     parameter names are identical in every pipeline layout (checkpoint keys never depend on the layout).
+    ``seed`` keys the Matryoshka k draws (seed, step, layer), so every rank draws the same k without talking.
     """
 
-    def __init__(self, cfg: Config, factory: Optional[LayerFactory] = None, layer_range: Optional[range] = None,
-                 pre_process: bool = True, post_process: bool = True):
+    def __init__(self, m: ModelConfig, moe: MoEConfig, seed: int, factory: Optional[LayerFactory] = None,
+                 layer_range: Optional[range] = None, pre_process: bool = True, post_process: bool = True):
         super().__init__()
         factory = factory or LayerFactory()
-        m = cfg.model
-        self.cfg = cfg
+        self.model_cfg = m
         self.pre_process, self.post_process = pre_process, post_process
         self.head_dim = m.head_dim or m.hidden_size // m.num_attention_heads
-        self.k_schedule = KSchedule(cfg.moe, cfg.train.seed,
-                                    [i for i in range(m.num_layers) if i not in m.dense_layers])
+        self.k_schedule = KSchedule(moe, seed, [i for i in range(m.num_layers) if i not in m.dense_layers])
         layer_range = layer_range if layer_range is not None else range(m.num_layers)
         if pre_process:
             self.embed_tokens = factory.embedding(m.vocab_size, m.hidden_size)
-        self.layers = nn.ModuleDict({str(i): Block(cfg, i, factory, self.k_schedule) for i in layer_range})
+        self.layers = nn.ModuleDict({str(i): Block(m, moe, i, factory, self.k_schedule) for i in layer_range})
         if post_process:
             self.norm = RMSNorm(m.hidden_size, m.norm_eps)
             self.lm_head = factory.column(m.hidden_size, m.vocab_size)
@@ -160,7 +158,7 @@ class MoETransformer(nn.Module):
         with torch.no_grad():
             for buf in self.buffers():
                 buf.zero_()
-            m = self.cfg.model
+            m = self.model_cfg
             cos, sin = rope_cos_sin(m.seq_length, self.head_dim, m.rope_theta, device=self.rope_cos.device)
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)

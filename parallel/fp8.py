@@ -26,6 +26,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from parallel.config import FP8Config, RunConfig
+
 FP8_MIN_CAPABILITY = (8, 9)      # Ada / Hopper: FP8 tensor cores
 MXFP8_MIN_CAPABILITY = (10, 0)   # Blackwell: block-scaled MXFP8
 _INSTALL_TE = "install Transformer Engine (pip install 'moetron[gpu]', i.e. transformer-engine[pytorch])"
@@ -76,17 +78,13 @@ def fp8_unavailable_reason(fp8_cfg, support: Fp8Support) -> Optional[str]:
     return None
 
 
-def check_fp8_available(fp8_cfg=None) -> None:
-    """Raise ConfigError (one line) if train.precision=fp8 cannot run here. Called by launcher.config.validate."""
-    from launcher.config import ConfigError, FP8Config
-
-    fp8_cfg = fp8_cfg if fp8_cfg is not None else FP8Config()
-    reason = fp8_unavailable_reason(fp8_cfg, probe_fp8_support(fp8_cfg.backend))
-    if reason is not None:
-        raise ConfigError(reason)
+def fp8_unavailable_here(fp8_cfg: FP8Config) -> Optional[str]:
+    """One line saying why ``train.precision=fp8`` cannot run on this machine with ``fp8_cfg``, or None if it
+    can. ``launcher.config.validate`` turns it into a config error."""
+    return fp8_unavailable_reason(fp8_cfg, probe_fp8_support(fp8_cfg.backend))
 
 
-def fp8_layer_enabled(cfg, layer_idx: Optional[int] = None) -> bool:
+def fp8_layer_enabled(cfg: RunConfig, layer_idx: Optional[int] = None) -> bool:
     """Whether transformer layer ``layer_idx`` runs in FP8 (None: whether any layer does)."""
     if cfg.train.precision != "fp8":
         return False
@@ -116,7 +114,7 @@ def build_te_recipe(fp8_cfg):
     return getattr(te_recipe, name)(**kwargs)
 
 
-def fp8_context(cfg, layer_idx: Optional[int] = None, amax_group=None):
+def fp8_context(cfg: RunConfig, layer_idx: Optional[int] = None, amax_group=None):
     """Context for a forward pass: FP8 autocast with the configured recipe, or a no-op when FP8 is off (or
     ``layer_idx`` is kept in bf16). Prefer one context around the whole model forward: TE then reduces the
     amaxes of all layers in one collective over ``amax_group`` (pass the DP x TP group so every replica scales
@@ -153,7 +151,7 @@ def sync_amax(model: nn.Module, group) -> None:
 
 # ---------------------------------------------------------------- conversion
 
-def convert_to_fp8(layer: nn.Module, cfg, layer_idx: int, gemm=None) -> nn.Module:
+def convert_to_fp8(layer: nn.Module, cfg: RunConfig, layer_idx: int, gemm=None) -> nn.Module:
     """Swap the projections of transformer layer ``layer_idx`` to FP8 modules in place and return it; a no-op
     when FP8 is off for this layer. Converted: nn.Linear, megatron-core Column/RowParallelLinear and
     SwiGLU experts (modules with w_gate_EFD/w_up_EFD/w_down_EDF). Subtrees whose name contains "router"

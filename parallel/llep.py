@@ -32,7 +32,7 @@ from typing import Optional
 
 import torch
 
-from launcher.config import LLEPConfig
+from parallel.config import LLEPConfig
 from moe_core.experts import SwiGLUExperts
 from moe_core.permute import make_permutation, permute_tokens, unpermute_tokens
 from parallel.comm import ProcessGroup, all_to_all, gather_dim0

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from launcher.config import Config
 from moe_core.experts import SwiGLUExperts
 from moe_core.transformer import LayerFactory, MoETransformer
+from parallel.config import RunConfig
 from parallel.groups import ParallelGroups
 from parallel.sharding import attach_specs, init_parameters
 
@@ -74,7 +74,7 @@ def stage_layers(num_layers: int, groups: ParallelGroups) -> range:
     return range(groups.pp_rank * per_stage, (groups.pp_rank + 1) * per_stage)
 
 
-def _make_dispatcher(cfg: Config, groups: ParallelGroups):
+def _make_dispatcher(cfg: RunConfig, groups: ParallelGroups):
     if cfg.moe.dispatcher == "llep":
         from parallel.llep import LLEPDispatcher
 
@@ -84,7 +84,7 @@ def _make_dispatcher(cfg: Config, groups: ParallelGroups):
     return AllToAllDispatcher(groups.tp_group, groups.ep_group, cfg.moe.num_experts)
 
 
-def _localise_experts(model: MoETransformer, cfg: Config, groups: ParallelGroups) -> None:
+def _localise_experts(model: MoETransformer, cfg: RunConfig, groups: ParallelGroups) -> None:
     """Replace each MoE layer's experts with this EP rank's slice and install the EP dispatcher."""
     if groups.tp_size == 1 and groups.ep_size == 1:
         return
@@ -101,12 +101,13 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def build_model(cfg: Config, groups: ParallelGroups, device: torch.device | None = None) -> MoETransformer:
+def build_model(cfg: RunConfig, groups: ParallelGroups, device: torch.device | None = None) -> MoETransformer:
     """This rank's pipeline stage with TP/EP applied, initialised layout-independently from cfg.train.seed."""
     device = device or default_device()
     factory = TensorParallelFactory(groups) if groups.tp_size > 1 else LayerFactory()
     with torch.device("meta"):
-        model = MoETransformer(cfg, factory, layer_range=stage_layers(cfg.model.num_layers, groups),
+        model = MoETransformer(cfg.model, cfg.moe, cfg.train.seed, factory,
+                               layer_range=stage_layers(cfg.model.num_layers, groups),
                                pre_process=groups.is_first_stage, post_process=groups.is_last_stage)
         _localise_experts(model, cfg, groups)
     model.to_empty(device=device)

@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from launcher.preprocess import TOKENIZER_NAME, find_eos, load_tokenizer, read_index
+from launcher.data.preprocess import TOKENIZER_NAME, find_eos, load_tokenizer, read_index
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 
 from launcher.config import Config, ConfigError
-from launcher.flops import moe_layer_indices
+from launcher.train.flops import moe_layer_indices
 from moe_core.matryoshka import KSchedule
 
 STOCK_MODEL_TYPE, STOCK_ARCH = "qwen3_moe", "Qwen3MoeForCausalLM"

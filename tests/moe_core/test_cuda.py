@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from launcher.config import MoEConfig, MoNEConfig
+from moe_core.config import MoEConfig, MoNEConfig
 from moe_core.experts import SwiGLUExperts, swiglu_reference
 from moe_core.grouped import grouped_mm_usable
 from moe_core.layer import MoELayer

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from launcher.config import MoNEConfig
+from moe_core.config import MoNEConfig
 from moe_core.experts import SwiGLUExperts, swiglu_reference
 from moe_core.grouped import grouped_linear, grouped_mm_usable, loop_linear
 

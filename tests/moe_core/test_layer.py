@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from launcher.config import MoEConfig, MoNEConfig
+from moe_core.config import MoEConfig, MoNEConfig
 from moe_core.aux_loss import AuxLossAutoScaler
 from moe_core.layer import LocalDispatcher, MoELayer
 from moe_core.matryoshka import KSchedule

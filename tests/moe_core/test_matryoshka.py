@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from launcher.config import MatryoshkaConfig, MoEConfig
+from moe_core.config import MatryoshkaConfig, MoEConfig
 from moe_core.layer import MoELayer
 from moe_core.matryoshka import KSchedule, k_probabilities
 

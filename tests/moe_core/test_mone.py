@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from launcher.config import MoNEConfig
+from moe_core.config import MoNEConfig
 from moe_core.experts import SwiGLUExperts
 from moe_core.mone import keep_count, mone_swiglu_torch, neuron_balance_loss, resolve_mone_fn
 

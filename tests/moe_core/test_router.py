@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from launcher.config import MoEConfig
+from moe_core.config import MoEConfig
 from moe_core.router import TopKRouter
 
 

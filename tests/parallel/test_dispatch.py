@@ -19,7 +19,7 @@ import functools
 import pytest
 import torch
 
-from launcher.config import MatryoshkaConfig, MoEConfig, MoNEConfig
+from moe_core.config import MatryoshkaConfig, MoEConfig, MoNEConfig
 from moe_core.layer import LocalDispatcher, MoELayer
 from moe_core.matryoshka import KSchedule
 from parallel.dispatch import AllToAllDispatcher, shard_moe_layer

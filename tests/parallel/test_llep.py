@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from launcher.config import LLEPConfig, MoNEConfig
+from moe_core.config import MoNEConfig
+from parallel.config import LLEPConfig
 from moe_core.experts import SwiGLUExperts
 from moe_core.layer import LocalDispatcher
 from parallel.dispatch import AllToAllDispatcher

@@ -34,7 +34,7 @@ def tensorboard_steps(run_dir: Path, tag: str = "train/loss") -> list[list[int]]
 
 def latest_checkpoint(run_dir: Path) -> tuple[Path, dict]:
     """The checkpoint named by ``checkpoints/latest`` and its common state (step, layout, ...)."""
-    from launcher import checkpoint
+    from launcher.train import checkpoint
 
     root = run_dir / "checkpoints"
     latest = root / (root / checkpoint.LATEST).read_text().strip()

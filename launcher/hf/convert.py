@@ -1,0 +1,218 @@
+"""`moetron convert`: moetron checkpoints <-> Hugging Face model directories (docs/convert.md).
+
+    moetron convert to-hf --checkpoint RUN/checkpoints --output hf_model [--tokenizer data/shards]
+    moetron convert from-hf --hf Qwen3-MoE-dir --output ckpts [--recipe recipes/x.yaml] [key.path=value ...]
+
+to-hf loads a checkpoint saved at ANY TP/PP/EP layout in one process (a 1-rank world: megatron-core's
+dist_checkpointing reshards it to tp=pp=ep=1) and writes config.json, safetensors shards + index, the tokenizer and
+generation config; baseline models as stock Qwen3-MoE, MoNE / Matryoshka / expert-bias models with moetron's own
+modeling code (trust_remote_code=True). from-hf writes a step-0 moetron checkpoint (weights, zero AdamW moments)
+plus ``<output>/config.yaml``: `moetron pretrain --recipe <output>/config.yaml` continues pretraining from it.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import yaml
+
+from launcher import env
+from launcher.train import checkpoint
+from launcher.config import Config, ConfigError, apply_override, config_from_dict, save_resolved, to_dict
+from launcher.hf import hf_dir, mapping
+from parallel.model import build_model
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class ConvertError(RuntimeError):
+    """The conversion cannot be done as asked; the message says why and what to do."""
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="moetron convert", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="direction", required=True)
+    to = sub.add_parser("to-hf", help="moetron checkpoint -> Hugging Face model directory")
+    to.add_argument("--checkpoint", required=True, help="a step_XXXXXXX directory or a checkpoint root (latest)")
+    to.add_argument("--output", required=True, help="new (or empty) output directory")
+    to.add_argument("--tokenizer", help="tokenizer.json, or the preprocess output directory that names it")
+    to.add_argument("--eos-token", help="EOS token text (default: from the preprocess index, else auto-detected)")
+    to.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the written weights")
+    to.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (e.g. 5GB, 500MB)")
+    fr = sub.add_parser("from-hf", help="Hugging Face Qwen3-MoE directory -> moetron checkpoint (step 0)")
+    fr.add_argument("--hf", required=True, help="Hugging Face model directory (config.json + safetensors)")
+    fr.add_argument("--output", required=True, help="checkpoint root to create (becomes checkpoint.dir)")
+    fr.add_argument("--recipe", help="YAML recipe with the training settings; the architecture comes from HF")
+    fr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.ep=8 train.steps=1000")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------- one-process world
+
+@contextlib.contextmanager
+def single_process_groups() -> Iterator:
+    """A 1-rank gloo world with tp=pp=ep=1 (reuses an existing 1-rank default group)."""
+    if env.world_size() > 1:
+        raise ConvertError(f"convert runs in one process, but WORLD_SIZE={env.world_size()}; run it without "
+                           "torchrun/srun -n (a single task reads any checkpoint layout)")
+    with env.parallel_session(1, 1, 1, "gloo") as groups:
+        yield groups
+
+
+def one_rank_config(raw: dict, keep_data: bool) -> Config:
+    """``raw`` at tp=pp=ep=1 in fp32 without TensorBoard. ``keep_data=False`` also drops the data section, which
+    to-hf does not need (the shards need not exist where the checkpoint is converted)."""
+    raw = copy.deepcopy(raw)
+    raw["parallel"] = dict(raw.get("parallel", {}), tp=1, pp=1, ep=1, backend="gloo")
+    raw.setdefault("train", {})["precision"] = "fp32"
+    raw.setdefault("logging", {})["tensorboard"] = False
+    if not keep_data:
+        raw["data"] = {"source": "synthetic"}
+    return config_from_dict(raw)
+
+
+def _exported_state(model, cfg: Config) -> dict[str, torch.Tensor]:
+    """Parameters + the router expert bias (only when it is used)."""
+    return {name: t for name, t in model.state_dict().items()
+            if not name.endswith(".expert_bias") or cfg.moe.expert_bias}
+
+
+# ---------------------------------------------------------------- to-hf
+
+def resolve_checkpoint(path: str) -> Path:
+    root = Path(path)
+    if not root.is_dir():
+        raise ConvertError(f"checkpoint '{root}' does not exist")
+    if (root / "common.pt").is_file() or (root / "metadata.json").is_file():
+        return root
+    latest = checkpoint.find_latest(root)
+    if latest is None:
+        raise ConvertError(f"'{root}' holds no complete checkpoint (no step_XXXXXXX directory); pass a step "
+                           "directory or the run's checkpoint root")
+    return latest
+
+
+def load_moetron(ckpt_dir: Path, groups) -> tuple[Config, torch.nn.Module]:
+    """The checkpoint's full model on CPU (any saved layout, resharded to tp=pp=ep=1)."""
+    common = checkpoint.load_common(ckpt_dir)
+    if "config" not in common:
+        raise ConvertError(f"'{ckpt_dir}' has no config in its common state; was it written by moetron?")
+    cfg = one_rank_config(common["config"], keep_data=False)
+    model = build_model(cfg, groups, torch.device("cpu"))
+    checkpoint.load(ckpt_dir, model, None, groups)
+    return cfg, model
+
+
+def _check_empty(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConvertError(f"output '{out}' exists and is not an empty directory; pass a new directory")
+
+
+def export_hf(cfg: Config, model: torch.nn.Module, out: Path, tokenizer: hf_dir.TokenizerInfo | None,
+              dtype: torch.dtype, max_shard_bytes: int) -> dict:
+    """Write the HF directory for ``model``; returns the written config.json dict."""
+    _check_empty(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokens = {"eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.eos_id} if tokenizer else {}
+    config = dict(mapping.hf_config(cfg, tokens), dtype=str(dtype).removeprefix("torch."))
+    hf_dir.write_weights(out, mapping.to_hf(_exported_state(model, cfg), cfg.moe.num_experts), max_shard_bytes,
+                         dtype)
+    hf_dir.write_json(out / "config.json", config)
+    hf_dir.write_json(out / "generation_config.json", dict(tokens))
+    if mapping.needs_custom_code(cfg):
+        hf_dir.copy_custom_code(out)
+    if tokenizer:
+        hf_dir.write_tokenizer(out, tokenizer, cfg.model.seq_length)
+    return config
+
+
+def to_hf(args: argparse.Namespace) -> None:
+    _check_empty(Path(args.output))
+    ckpt_dir = resolve_checkpoint(args.checkpoint)
+    tokenizer = hf_dir.find_tokenizer(args.tokenizer, args.eos_token) if args.tokenizer else None
+    max_shard = hf_dir.parse_size(args.max_shard_size)
+    with single_process_groups() as groups:
+        cfg, model = load_moetron(ckpt_dir, groups)
+    if tokenizer and tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConvertError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                           f"{cfg.model.vocab_size}; pass the tokenizer the model was trained with")
+    if cfg.moe.capacity_factor is not None:
+        print(f"[moetron] note: the model trained with moe.capacity_factor={cfg.moe.capacity_factor}; the exported "
+              "model is dropless (docs/convert.md)", flush=True)
+    config = export_hf(cfg, model, Path(args.output), tokenizer, DTYPES[args.dtype], max_shard)
+    print(f"[moetron] {ckpt_dir} -> {args.output} ({config['architectures'][0]}, "
+          f"{sum(p.numel() for p in model.parameters()):,} parameters, {args.dtype})", flush=True)
+
+
+# ---------------------------------------------------------------- from-hf
+
+def _recipe_raw(recipe: str | None, overrides: list[str]) -> dict:
+    raw: dict = {}
+    if recipe is not None:
+        if not Path(recipe).is_file():
+            raise ConfigError(f"recipe '{recipe}' not found (pass a YAML file, e.g. recipes/smoke_cpu.yaml)")
+        raw = yaml.safe_load(Path(recipe).read_text()) or {}
+    for ov in overrides:
+        apply_override(raw, ov)
+    return raw
+
+
+def load_hf_weights(model: torch.nn.Module, cfg: Config, hf_path: Path, tied: bool) -> None:
+    """Fill ``model`` (tp=pp=ep=1) from the HF directory; every HF tensor must be used exactly once."""
+    keys, read = hf_dir.weight_reader(hf_path)
+    if tied and "lm_head.weight" not in keys:  # tied embeddings: lm_head is a copy (logits are unchanged)
+        keys, raw_read = keys | {"lm_head.weight"}, read
+        read = lambda key: raw_read("model.embed_tokens.weight" if key == "lm_head.weight" else key)  # noqa: E731
+    targets = _exported_state(model, cfg)
+    tensors = mapping.from_hf(list(targets), cfg.moe.num_experts, read)
+    used = {k for name in targets for k in mapping.hf_keys(name, cfg.moe.num_experts)}
+    if keys - used:
+        raise ConvertError(f"{len(keys - used)} HF tensors have no moetron counterpart, e.g. "
+                           f"{sorted(keys - used)[:3]}; this is not a plain Qwen3-MoE checkpoint")
+    with torch.no_grad():
+        for name, target in targets.items():
+            if tensors[name].shape != target.shape:
+                raise ConvertError(f"{name}: HF tensor has shape {tuple(tensors[name].shape)}, moetron expects "
+                                   f"{tuple(target.shape)} (config.json and weights disagree)")
+            target.copy_(tensors[name])
+
+
+def from_hf(args: argparse.Namespace) -> None:
+    from launcher.train.trainer import Trainer
+
+    hf_path, root = Path(args.hf), Path(args.output)
+    hf = hf_dir.read_config(hf_path)
+    raw = mapping.merge_hf_into_raw(_recipe_raw(args.recipe, args.overrides), hf)
+    raw.setdefault("checkpoint", {})["dir"] = str(root)
+    cfg = config_from_dict(raw)
+    if checkpoint.find_latest(root) is not None:
+        raise ConvertError(f"'{root}' already holds a checkpoint; pass a new --output directory")
+    with single_process_groups() as groups:
+        # The trainer's own step-0 save: the checkpoint has exactly the structure (RNG and data-loader state
+        # included) that `moetron pretrain` resumes from, at any layout.
+        trainer = Trainer(one_rank_config(to_dict(cfg), keep_data=True), groups)
+        load_hf_weights(trainer.model, cfg, hf_path, bool(hf.get("tie_word_embeddings", False)))
+        checkpoint.init_optimizer_state(trainer.optimizer)
+        saved = trainer.save()
+    recipe = save_resolved(cfg, root)
+    print(f"[moetron] {hf_path} -> {saved}; continue with: moetron pretrain --recipe {recipe}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        (to_hf if args.direction == "to-hf" else from_hf)(args)
+    except (ConvertError, ConfigError, hf_dir.HFDirError) as e:
+        print(f"moetron convert: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Training: the trainer loop, checkpoints (dist_checkpointing), metrics/TensorBoard, analytic FLOPs, evaluation."""

@@ -1,0 +1,202 @@
+"""Analytic FLOP and parameter counts for a moetron model, from its Config alone.
+
+Conventions (the same as Megatron-LM's ``num_floating_point_operations`` and DeepSpeed's FlopsProfiler, so MFU is
+comparable across tools):
+
+- One multiply-accumulate (MAC) = 2 FLOPs. Only matmuls are counted; elementwise work (norms, RoPE, softmax, SiLU,
+  residual adds, top-k selection) is a few FLOPs per element against thousands per matmul row, and is left out.
+- The embedding lookup is free (a gather). The LM head is a full ``D x V`` matmul per token.
+- Attention: per token and head, ``Q K^T`` and ``P V`` each cost ``S * head_dim`` MACs with the FULL ``S x S``
+  score matrix, even though the mask is causal (Megatron and DeepSpeed's ``scaled_dot_product_attention`` counter
+  both count the full square; a causal flash kernel does about half of it).
+- GQA: q and o projections are ``D x H*hd``; k and v are ``D x G*hd`` each (G = num_query_groups).
+- MoE layer: router ``D x E``, plus ``k`` routed SwiGLU experts of 3 matmuls each (gate, up: ``D x F``; down:
+  ``F x D``). Layers in ``model.dense_layers`` have one SwiGLU FFN of width ``dense_ffn_hidden_size`` instead.
+- Training = 3 x forward (backward = 2 x forward: grads w.r.t. inputs and w.r.t. weights). Activation
+  recomputation is not counted (it is hardware work, not model work).
+
+Two expert counts, which differ only with MoNE:
+- ``executed``: what the hardware does. The torch MoNE path computes gate, up and down for all F neurons and masks,
+  so a MoNE expert costs exactly what a dense expert costs. Throughput and MFU use this number.
+- ``useful``: what the MoNE math needs: the full gate (to score neurons) plus up/down for the ``k_n =
+  round(keep_ratio * F)`` kept neurons only (halves round up, as moe_core.mone.keep_count). This is what a
+  gathered-weights kernel would execute.
+
+Matryoshka MoE draws k per layer per step; pass the drawn values (``k_per_layer``, one per MoE layer, possibly
+fractional when averaged or when capacity dropping removed slots, see :func:`executed_k_per_layer`). Without it
+training uses the mean of the k distribution and evaluation the k the model's KSchedule picks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Optional, Sequence
+
+import torch
+
+from launcher.config import Config
+from moe_core.config import MoEConfig
+from moe_core.matryoshka import KSchedule, k_probabilities
+from moe_core.mone import keep_count
+
+
+@dataclass(frozen=True)
+class ForwardFlops:
+    """Forward FLOPs per token, by component (summed over layers)."""
+
+    attn_proj: float
+    attn_scores: float
+    router: float
+    experts: float
+    dense_ffn: float
+    lm_head: float
+    experts_useful: float
+    """Expert FLOPs the MoNE math needs (equals ``experts`` when MoNE is off)."""
+
+    @property
+    def executed(self) -> float:
+        return self.attn_proj + self.attn_scores + self.router + self.experts + self.dense_ffn + self.lm_head
+
+    @property
+    def useful(self) -> float:
+        return self.executed - self.experts + self.experts_useful
+
+    def as_dict(self) -> dict[str, float]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    """FLOPs of one optimizer step (all ranks together) and per token."""
+
+    forward_per_token: ForwardFlops
+    tokens_per_step: int
+
+    @property
+    def train_per_token(self) -> float:
+        return 3.0 * self.forward_per_token.executed
+
+    @property
+    def train_per_token_useful(self) -> float:
+        return 3.0 * self.forward_per_token.useful
+
+    @property
+    def train_per_step(self) -> float:
+        return self.train_per_token * self.tokens_per_step
+
+    @property
+    def train_per_step_useful(self) -> float:
+        return self.train_per_token_useful * self.tokens_per_step
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    total: int
+    activated: float
+    """Parameters one token uses: everything except unselected experts (embedding and LM head included).
+    With MoNE an expert counts its whole gate plus the kept rows of up / columns of down."""
+
+
+def head_dim(cfg: Config) -> int:
+    m = cfg.model
+    return m.head_dim if m.head_dim is not None else m.hidden_size // m.num_attention_heads
+
+
+def moe_layer_indices(cfg: Config) -> list[int]:
+    dense = set(cfg.model.dense_layers)
+    return [i for i in range(cfg.model.num_layers) if i not in dense]
+
+
+def expected_k(moe: MoEConfig) -> float:
+    """Mean routed experts per token during training: top_k, or the mean of the Matryoshka k distribution."""
+    mm = moe.matryoshka
+    if not mm.enabled:
+        return float(moe.top_k)
+    probs_K = k_probabilities(mm.k_min, mm.k_max, mm.distribution, mm.tau)
+    return float((probs_K * torch.arange(mm.k_min, mm.k_max + 1, dtype=torch.float64)).sum())
+
+
+def default_k_per_layer(cfg: Config, training: bool) -> list[float]:
+    """k of every MoE layer when the caller does not know the drawn values: the training mean, or the evaluation
+    k that :class:`moe_core.matryoshka.KSchedule` picks (eval_k, else k_max with Matryoshka, else top_k)."""
+    layers = moe_layer_indices(cfg)
+    if training:
+        return [expected_k(cfg.moe)] * len(layers)
+    schedule = KSchedule(cfg.moe, cfg.train.seed, moe_layers=layers)
+    return [float(schedule.k_for(idx, step=0, training=False)) for idx in layers]
+
+
+def _check_k(cfg: Config, k_per_layer: Sequence[float]) -> list[float]:
+    n_moe = len(moe_layer_indices(cfg))
+    if len(k_per_layer) != n_moe:
+        raise ValueError(f"k_per_layer has {len(k_per_layer)} values but the model has {n_moe} MoE layers "
+                         f"(num_layers={cfg.model.num_layers} minus dense_layers={cfg.model.dense_layers})")
+    for k in k_per_layer:
+        if not 0 <= k <= cfg.moe.num_experts:
+            raise ValueError(f"k_per_layer value {k} is outside [0, moe.num_experts={cfg.moe.num_experts}]")
+    return [float(k) for k in k_per_layer]
+
+
+def _expert_macs(cfg: Config) -> tuple[int, int]:
+    """(executed, useful) MACs of one routed expert on one token."""
+    d, f = cfg.model.hidden_size, cfg.moe.expert_ffn_hidden_size
+    dense = 3 * d * f
+    if not cfg.moe.mone.enabled:
+        return dense, dense
+    return dense, d * f + 2 * d * keep_count(cfg.moe.mone.keep_ratio, f)
+
+
+def forward_flops_per_token(cfg: Config, k_per_layer: Optional[Sequence[float]] = None, training: bool = True,
+                            seq_length: Optional[int] = None) -> ForwardFlops:
+    """Forward FLOPs per token (see the module docstring for what is counted)."""
+    m = cfg.model
+    d, hd, s = m.hidden_size, head_dim(cfg), seq_length or m.seq_length
+    ks = _check_k(cfg, default_k_per_layer(cfg, training) if k_per_layer is None else k_per_layer)
+    n_moe = len(ks)
+    n_dense = m.num_layers - n_moe
+    q_width, kv_width = m.num_attention_heads * hd, m.num_query_groups * hd
+    attn_proj_macs = d * (2 * q_width + 2 * kv_width)          # q, o: D x H*hd; k, v: D x G*hd
+    attn_score_macs = 2 * s * q_width                           # Q K^T and P V over the full S x S square
+    expert_exec, expert_useful = _expert_macs(cfg)
+    return ForwardFlops(
+        attn_proj=2.0 * m.num_layers * attn_proj_macs,
+        attn_scores=2.0 * m.num_layers * attn_score_macs,
+        router=2.0 * n_moe * d * cfg.moe.num_experts,
+        experts=2.0 * sum(ks) * expert_exec,
+        dense_ffn=2.0 * n_dense * 3 * d * m.dense_ffn_hidden_size,
+        lm_head=2.0 * d * m.vocab_size,
+        experts_useful=2.0 * sum(ks) * expert_useful,
+    )
+
+
+def training_flops(cfg: Config, k_per_layer: Optional[Sequence[float]] = None) -> FlopCount:
+    """FLOPs of one optimizer step: global_batch_size sequences of seq_length tokens, forward + backward."""
+    tokens = cfg.train.global_batch_size * cfg.model.seq_length
+    return FlopCount(forward_flops_per_token(cfg, k_per_layer, training=True), tokens)
+
+
+def param_counts(cfg: Config, k_per_layer: Optional[Sequence[float]] = None, training: bool = True) -> ParamCount:
+    """Total and activated parameter counts of the Qwen3-MoE-style block (no biases, untied embeddings, q/k norm)."""
+    m = cfg.model
+    d, hd, e = m.hidden_size, head_dim(cfg), cfg.moe.num_experts
+    ks = _check_k(cfg, default_k_per_layer(cfg, training) if k_per_layer is None else k_per_layer)
+    n_moe = len(ks)
+    n_dense = m.num_layers - n_moe
+    attn = d * (2 * m.num_attention_heads * hd + 2 * m.num_query_groups * hd) + 2 * hd  # + q_norm, k_norm
+    shared = 2 * m.vocab_size * d + d + m.num_layers * (attn + 2 * d)  # embed, head, final norm; 2 norms/layer
+    dense_ffn = n_dense * 3 * d * m.dense_ffn_hidden_size
+    router = n_moe * e * d
+    expert_exec, expert_useful = _expert_macs(cfg)  # one MAC per weight per token
+    total = shared + dense_ffn + router + n_moe * e * expert_exec
+    return ParamCount(total=total, activated=shared + dense_ffn + router + sum(ks) * expert_useful)
+
+
+def executed_k_per_layer(stats_per_layer: dict[int, dict]) -> list[float]:
+    """Routed expert slots actually computed per token, per MoE layer (in layer order), from ``last_stats``:
+    the drawn k, reduced by the capacity-dropped slots (``tokens_per_expert`` counts slots before dropping)."""
+    ks = []
+    for idx in sorted(stats_per_layer):
+        st = stats_per_layer[idx]
+        slots = float(st["tokens_per_expert"].sum())
+        dropped = float(st.get("dropped_tokens") or 0)
+        ks.append(float(st["k"]) * (1.0 - dropped / slots) if slots > 0 else float(st["k"]))
+    return ks

@@ -1,0 +1,384 @@
+"""The training loop: micro-batches through the pipeline schedule, DP gradient sync, clip, AdamW, schedule,
+checkpoints, metrics, periodic validation (also the `moetron evaluate` engine), non-finite-loss skipping and
+preemption.
+
+Exactness: everything a step depends on is a function of (config, step, checkpointed state): the LR schedule is
+a function of the step, M-MoE draws are keyed on (seed, step, layer), the data loader's position and the RNG
+states are checkpointed. A run resumed from step N therefore reproduces the uninterrupted run's losses.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from launcher.train import checkpoint, flops
+from launcher.config import Config, ConfigError, save_resolved, to_dict
+from launcher.data.loader import build_loader
+from launcher.train.metrics import (MetricsWriter, ProgressLine, StepStats, peak_flops_per_device, throughput,
+                              training_scalars, moe_layer_scalars)
+from moe_core.matryoshka import EvalK
+from parallel.grads import clip_grads, global_grad_norm, sync_grads
+from parallel.groups import ParallelGroups
+from parallel.model import build_model, token_losses
+from parallel.pipeline import forward_backward
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (e.g. too many non-finite steps in a row); the message says why and what to do."""
+
+
+def lr_at(cfg: Config, step: int) -> float:
+    """Linear warmup to optim.lr over warmup_steps, then cosine (or constant) decay to optim.min_lr."""
+    o = cfg.optim
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    if o.decay == "constant":
+        return o.lr
+    span = max(1, cfg.train.steps - o.warmup_steps)
+    progress = min(1.0, (step - o.warmup_steps) / span)
+    return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on 1-D parameters (norm weights)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    o = cfg.optim
+    return torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)  # foreach on CUDA by default
+
+
+def autocast_context(cfg: Config, device: torch.device, groups: ParallelGroups):
+    """bf16/fp8 runs keep fp32 master weights and compute in bf16 under autocast; fp8 adds the FP8 context
+    (converted projections run their GEMMs in FP8; amaxes are reduced over the stage's TP x DP group)."""
+    if cfg.train.precision == "fp32":
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast(device_type=device.type, dtype=torch.bfloat16))
+    if cfg.train.precision == "fp8":
+        from parallel.fp8 import fp8_context
+
+        stack.enter_context(fp8_context(cfg, amax_group=groups.amax_group))
+    return stack
+
+
+class Preemption:
+    """SIGUSR2/SIGTERM set a flag; at each step boundary the flag is OR-reduced over all ranks so they stop
+    together (after saving a checkpoint)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGUSR2, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame) -> None:  # noqa: ARG002
+        self.requested = True
+
+    def agreed(self, groups: ParallelGroups, device: torch.device) -> bool:
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)  # NCCL reduces device tensors only
+        if groups.distributed:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+@dataclass
+class TrainResult:
+    losses: dict[int, float] = field(default_factory=dict)
+    """Loss per executed step (global mean), as every rank sees it."""
+    final_step: int = 0
+    skipped_steps: int = 0
+    preempted: bool = False
+    checkpoint: Optional[str] = None
+
+
+class Trainer:
+    def __init__(self, cfg: Config, groups: ParallelGroups):
+        self.cfg, self.groups = cfg, groups
+        self.run_dir = Path(cfg.logging.run_dir)
+        self.ckpt_root = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
+        self.model = build_model(cfg, groups)
+        self.device = next(self.model.parameters()).device
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.num_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * groups.dp_size)
+        self.loader = build_loader(cfg, "train", groups.dp_rank, groups.dp_size)
+        self.hidden_shape = (cfg.train.micro_batch_size, cfg.model.seq_length, cfg.model.hidden_size)
+        self.is_logger = groups.rank == 0
+        self.writer = MetricsWriter(self.run_dir, enabled=self.is_logger and cfg.logging.tensorboard)
+        self.progress = ProgressLine(cfg.train.steps)
+        self.peak = peak_flops_per_device(self.device, cfg.train.precision, cfg.logging.peak_tflops)
+        self.step = 0
+        self.skipped = 0
+        self._layer_counts: dict[int, torch.Tensor] = {}
+
+    # ------------------------------------------------------------ state
+    def _per_rank_state(self) -> dict:
+        return {"rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                        "numpy": np.random.get_state()},
+                "dp.data": self.loader.state_dict()}
+
+    def _restore_per_rank(self, state: dict) -> None:
+        if "rng" in state:
+            torch.set_rng_state(state["rng"]["torch"])
+            random.setstate(state["rng"]["python"])
+            np.random.set_state(state["rng"]["numpy"])
+        if "dp.data" in state:
+            self.loader.load_state_dict(state["dp.data"])
+
+    def save(self) -> Path:
+        common = {"step": self.step, "skipped_steps": self.skipped, "config": to_dict(self.cfg)}
+        return checkpoint.save(self.ckpt_root, self.step, self.model, self.optimizer, self.groups, common,
+                               self._per_rank_state(), keep_last=self.cfg.checkpoint.keep_last)
+
+    def maybe_resume(self) -> Optional[Path]:
+        if self.cfg.checkpoint.resume != "auto":
+            return None
+        ckpt = checkpoint.find_latest(self.ckpt_root)
+        if ckpt is None:
+            return None
+        common, per_rank = checkpoint.load(ckpt, self.model, self.optimizer, self.groups, self._per_rank_state())
+        self.step, self.skipped = int(common["step"]), int(common.get("skipped_steps", 0))
+        if per_rank:
+            self._restore_per_rank(per_rank)
+        elif self.is_logger:
+            print(f"[moetron] resumed {ckpt} at a different parallel layout: RNG re-seeded and the data loader "
+                  "restarts its order (exact resume needs the same layout)", flush=True)
+        if self.is_logger:
+            print(f"[moetron] resumed from {ckpt} at step {self.step}", flush=True)
+        return ckpt
+
+    # ------------------------------------------------------------ one step
+    def _forward(self, model, mb: dict, x: Optional[torch.Tensor]) -> torch.Tensor:
+        inp = mb["tokens"].to(self.device) if x is None else x
+        with autocast_context(self.cfg, self.device, self.groups):
+            out = model(inp)
+        if model.training:  # expert load of training steps only (validation forwards run in eval mode)
+            for idx, layer in model.moe_layers().items():
+                counts = layer.last_stats["tokens_per_expert"].detach().to(torch.float64)  # no host sync
+                self._layer_counts[idx] = self._layer_counts.get(idx, 0) + counts
+        if not self.groups.is_last_stage:
+            return out
+        losses = token_losses(out, mb["labels"].to(self.device), self.groups)
+        mask = mb.get("loss_mask")
+        if mask is None:
+            return losses.mean()
+        mask = mask.to(self.device, torch.float32)
+        return (losses * mask).sum() / mask.sum().clamp_min(1.0)
+
+    def _global_loss(self, losses: list[torch.Tensor]) -> float:
+        """Mean micro-batch loss, averaged over DP, made known on every rank (it lives on the last stage)."""
+        value = (torch.stack(losses).mean().double() if losses
+                 else torch.zeros((), dtype=torch.float64, device=self.device)).reshape(1)
+        if self.groups.pp_size > 1:
+            dist.all_reduce(value, group=self.groups.pp_group)
+        if self.groups.dp_size > 1:
+            dist.all_reduce(value, group=self.groups.dp_group)
+            value /= self.groups.dp_size
+        return float(value.item())
+
+    def _layer_stats(self) -> dict[int, dict]:
+        """Per-MoE-layer stats of this step for metrics and the expert-bias update; counts summed over DP (and
+        gathered over PP so the logging rank sees every layer)."""
+        moe_idx = flops.moe_layer_indices(self.cfg)
+        E = self.cfg.moe.num_experts
+        zeros = dict(dtype=torch.float64, device=self.device)  # collectives on the training device (NCCL)
+        counts = torch.zeros(len(moe_idx), E, **zeros)
+        ks = torch.zeros(len(moe_idx), **zeros)
+        dropped = torch.zeros(len(moe_idx), **zeros)
+        kept = torch.zeros(len(moe_idx), **zeros)
+        local = self.model.moe_layers()
+        for pos, idx in enumerate(moe_idx):
+            if idx in local:
+                st = local[idx].last_stats
+                counts[pos] = self._layer_counts.get(idx, torch.zeros(E, **zeros))
+                ks[pos] = float(st["k"])
+                dropped[pos] = float(st.get("dropped_tokens") or 0)
+                kept[pos] = float(st.get("mone_kept_fraction") or 0.0)
+        self._layer_counts = {}
+        packed = torch.cat([counts.flatten(), ks, dropped, kept])
+        if self.groups.dp_size > 1:
+            # counts are identical over TP peers and disjoint over DP; the others are DP-invariant
+            dist.all_reduce(packed, group=self.groups.dp_group)
+            packed[counts.numel():counts.numel() + len(moe_idx)] /= self.groups.dp_size
+            packed[counts.numel() + 2 * len(moe_idx):] /= self.groups.dp_size
+        if self.groups.pp_size > 1:
+            dist.all_reduce(packed, group=self.groups.pp_group)
+        packed = packed.cpu()  # one host transfer per step
+        n = counts.numel()
+        counts = packed[:n].view(len(moe_idx), E)
+        L = len(moe_idx)
+        return {idx: {"tokens_per_expert": counts[i], "k": packed[n + i].item(),
+                      "dropped_tokens": packed[n + L + i].item(),
+                      "mone_kept_fraction": packed[n + 2 * L + i].item() if self.cfg.moe.mone.enabled else None}
+                for i, idx in enumerate(moe_idx)}
+
+    def train_step(self) -> tuple[float, float, dict[int, dict]]:
+        cfg = self.cfg
+        self.model.train()
+        self.model.set_step(self.step)
+        lr = lr_at(cfg, self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        micro = [next(self.loader) for _ in range(self.num_micro)]
+        losses = forward_backward(self.model, micro, self._forward, self.groups, self.hidden_shape)
+        loss = self._global_loss(losses)
+        sync_grads(self.model, self.groups)
+        if cfg.train.precision == "fp8" and cfg.fp8.backend == "torch":
+            from parallel.fp8 import sync_amax
+
+            sync_amax(self.model, self.groups.amax_group)
+        norm = global_grad_norm(self.model, self.groups)
+        layer_stats = self._layer_stats()
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            return loss, norm, layer_stats
+        clip_grads(self.model, norm, cfg.optim.grad_clip)
+        self.optimizer.step()
+        if cfg.moe.expert_bias:
+            for idx, layer in self.model.moe_layers().items():
+                layer.update_expert_bias(layer_stats[idx]["tokens_per_expert"].to(self.device))
+        return loss, norm, layer_stats
+
+    # ------------------------------------------------------------ validation
+    def _valid_batches(self, n: int) -> list[dict]:
+        """This DP rank's share of the first ``n`` micro-batches of the valid split: the split is read whole and
+        in order on every rank and DP rank r takes batches r, r + dp, ..., so every layout sees the same batches."""
+        if n < 1 or n % self.groups.dp_size:
+            raise ConfigError(f"validation needs a positive multiple of the data-parallel size ({self.groups.dp_size}) "
+                              f"micro-batches, got {n}: change train.eval_batches (or eval --batches)")
+        loader = build_loader(self.cfg, "valid", 0, 1)
+        if loader.plan is not None and n > loader.plan.batches_per_epoch:
+            plan = loader.plan
+            raise ConfigError(f"validation asks for {n} micro-batches but the valid split of '{plan.data_dir}' holds "
+                              f"{plan.batches_per_epoch} of train.micro_batch_size={plan.micro_batch_size}: lower "
+                              "train.eval_batches (or eval --batches) or hold out more data (preprocess "
+                              "--valid-fraction)")
+        return [next(loader) for _ in range(n)][self.groups.dp_rank::self.groups.dp_size]
+
+    def evaluate(self, k: EvalK = None, batches: Optional[int] = None) -> float:
+        """Mean validation loss (nats/token) over the first ``batches`` (default train.eval_batches) micro-batches
+        of the valid split, every MoE layer routing with ``k`` (an int, one int per MoE layer, or None = the
+        config's eval k). Depends only on the weights and the data, not on the layout. Collective: all ranks call
+        it. Leaves the model in train mode with the config's eval k."""
+        micro = self._valid_batches(batches or self.cfg.train.eval_batches)
+        self.model.eval()
+        self.model.set_eval_k(k)
+        try:
+            losses = forward_backward(self.model, micro, self._forward, self.groups, self.hidden_shape,
+                                      forward_only=True)
+        finally:
+            self.model.set_eval_k(None)
+            self.model.train()
+        return self._global_loss(losses)
+
+    def _validate(self) -> None:
+        """Periodic validation: ``valid/loss`` at the eval k and, for M-MoE, ``valid/loss_k{k}`` for every k in
+        [k_min, k_max] (the eval k's loss is reused from the sweep when it is one of them)."""
+        mm = self.cfg.moe.matryoshka
+        sweep = {k: self.evaluate(k) for k in range(mm.k_min, mm.k_max + 1)} if mm.enabled else {}
+        default_k = mm.eval_k if mm.eval_k is not None else mm.k_max
+        loss = sweep[default_k] if isinstance(default_k, int) and default_k in sweep else self.evaluate()
+        values = {"valid/loss": loss, **{f"valid/loss_k{k}": v for k, v in sweep.items()}}
+        if self.is_logger:
+            self.writer.scalars(values, self.step)
+            print(f"[moetron] validation after step {self.step}: "
+                  + " | ".join(f"{tag[len('valid/'):]} {v:.4f}" for tag, v in values.items()), flush=True)
+
+    # ------------------------------------------------------------ loop
+    def fit(self, preemption: Optional[Preemption] = None) -> TrainResult:
+        """Train to train.steps. Pass the Preemption created at process start so a signal that arrives while
+        the model is being built or resumed is not lost."""
+        cfg = self.cfg
+        preemption = preemption or Preemption()
+        if self.is_logger:
+            save_resolved(cfg, self.run_dir)
+        self.maybe_resume()
+        if cfg.train.eval_interval:
+            self._valid_batches(cfg.train.eval_batches)  # bad validation settings fail now, not at the first eval
+        result = TrainResult()
+        consecutive_bad = 0
+        last_saved = self.step
+        while self.step < cfg.train.steps:
+            t0 = time.perf_counter()
+            loss, norm, layer_stats = self.train_step()
+            step_time = time.perf_counter() - t0
+            if math.isfinite(loss) and math.isfinite(norm):
+                consecutive_bad = 0
+            else:
+                consecutive_bad += 1
+                self.skipped += 1
+                if self.is_logger:
+                    print(f"[moetron] step {self.step}: non-finite loss/grad-norm ({loss}, {norm}); update skipped "
+                          f"({consecutive_bad} in a row)", flush=True)
+                if consecutive_bad >= cfg.train.max_consecutive_nonfinite:
+                    raise TrainingError(
+                        f"{consecutive_bad} consecutive non-finite steps (train.max_consecutive_nonfinite="
+                        f"{cfg.train.max_consecutive_nonfinite}) at step {self.step}: lower optim.lr, check the "
+                        "data, or resume from an earlier checkpoint")
+            result.losses[self.step] = loss
+            self._log(loss, norm, step_time, layer_stats)
+            self.step += 1
+            if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0:
+                self._validate()
+            if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
+                result.checkpoint = str(self.save())
+                last_saved = self.step
+            if preemption.agreed(self.groups, self.device):
+                if last_saved != self.step:
+                    result.checkpoint = str(self.save())
+                result.preempted = True
+                if self.is_logger:
+                    (self.run_dir / "PREEMPTED").write_text(f"{self.step}\n")
+                    print(f"PREEMPTED step={self.step}", flush=True)
+                break
+            if cfg.train.exit_interval and self.step % cfg.train.exit_interval == 0 and self.step < cfg.train.steps:
+                if last_saved != self.step:
+                    result.checkpoint = str(self.save())
+                if self.is_logger:
+                    print(f"[moetron] train.exit_interval reached: exiting at step {self.step}", flush=True)
+                break
+        else:
+            if cfg.checkpoint.save_at_end and (last_saved != self.step or result.checkpoint is None):
+                result.checkpoint = str(self.save())
+        result.final_step, result.skipped_steps = self.step, self.skipped
+        self.writer.close()
+        return result
+
+    def _dispatcher_scalars(self) -> dict[str, float]:
+        """LLEP statistics of this rank's MoE layers (last micro-batch of the step): imbalance before/after,
+        tokens and weights moved, planner time. With PP>1 the logging rank sees its own stage's layers."""
+        out = {}
+        for idx, layer in self.model.moe_layers().items():
+            for key, value in (getattr(layer.dispatcher, "last_stats", None) or {}).items():
+                out[f"moe/layer{idx:02d}/llep_{key}"] = float(value)
+        return out
+
+    def _log(self, loss: float, norm: float, step_time: float, layer_stats: dict[int, dict]) -> None:
+        if not self.is_logger or self.step % self.cfg.logging.log_interval != 0:
+            return
+        # FLOPs from the k each layer actually ran (M-MoE draws, capacity drops); MoNE also logs useful FLOPs
+        fc = flops.training_flops(self.cfg, k_per_layer=flops.executed_k_per_layer(layer_stats))
+        stats = StepStats(step=self.step, loss=loss, lr=lr_at(self.cfg, self.step), grad_norm=norm,
+                          step_time_s=step_time, tokens=fc.tokens_per_step, flops=fc.train_per_step,
+                          skipped_steps=self.skipped,
+                          useful_flops=fc.train_per_step_useful if self.cfg.moe.mone.enabled else None)
+        perf = throughput(stats, self.groups.world_size, self.peak)
+        scalars = {**training_scalars(stats, perf), **moe_layer_scalars(layer_stats)}
+        if self.cfg.train.precision == "fp8":
+            from parallel.fp8 import fp8_stats
+
+            scalars.update(fp8_stats(self.model))
+        scalars.update(self._dispatcher_scalars())
+        self.writer.scalars(scalars, self.step)
+        self.writer.expert_load(layer_stats, self.step)
+        print(self.progress.format(stats, perf), flush=True)

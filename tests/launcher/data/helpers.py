@@ -1,0 +1,44 @@
+"""Helpers for the data tests: slices of the shipped corpus, preprocess calls, configs pointing at shards."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from launcher.config import Config
+from launcher.data.preprocess import main as preprocess_main, read_index
+
+CORPUS = Path(__file__).resolve().parents[3] / "recipes" / "data" / "python_reference.jsonl"
+SEQ = 32
+
+
+def corpus_docs(max_bytes: int) -> list[str]:
+    """The first documents of the shipped corpus, up to about ``max_bytes`` of text."""
+    docs, size = [], 0
+    for line in CORPUS.read_text(encoding="utf-8").splitlines():
+        docs.append(json.loads(line)["text"])
+        size += len(docs[-1])
+        if size >= max_bytes:
+            break
+    return docs
+
+
+def write_jsonl(path: Path, docs: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    return path
+
+
+def preprocess(inputs: list[Path], out: Path, *extra: str) -> dict:
+    argv = ["--input", *map(str, inputs), "--output", str(out), "--seq-length", str(SEQ), "--vocab-size", "300",
+            "--samples-per-shard", "64", "--workers", "1", *extra]
+    assert preprocess_main(argv) == 0
+    return read_index(out)
+
+
+def shard_config(path: Path, **data) -> Config:
+    cfg = Config()
+    cfg.data.source, cfg.data.path = "shards", str(path)
+    cfg.model.vocab_size, cfg.model.seq_length = 320, SEQ
+    cfg.train.micro_batch_size = 4
+    for key, value in data.items():
+        setattr(cfg.data, key, value)
+    return cfg

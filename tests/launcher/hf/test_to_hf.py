@@ -1,0 +1,89 @@
+"""to-hf: a checkpoint trained at TP=2/EP=2 converts, and the HF model's logits equal moetron's (fp32)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.launcher.hf.conftest import K_VALUES, VARIANTS, probe_tokens
+
+
+def load_hf(path, k):
+    """The exported model with every MoE layer routing to k experts."""
+    from transformers import AutoModelForCausalLM
+
+    config = json.loads((path / "config.json").read_text())
+    if config["model_type"] == "qwen3_moe":  # stock: k is a plain config field
+        return AutoModelForCausalLM.from_pretrained(path, num_experts_per_tok=k).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+    model.set_moe_k(k)
+    return model
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_hf_logits_equal_moetron(exported, variant):
+    path = exported["root"] / variant / "hf"
+    for k in K_VALUES:
+        with torch.no_grad():
+            logits = load_hf(path, k)(probe_tokens()).logits
+        torch.testing.assert_close(logits, exported["ref"][(variant, k)], rtol=1e-5, atol=1e-6)
+    # the two k values really route differently (k is not ignored)
+    assert not torch.allclose(exported["ref"][(variant, K_VALUES[0])], exported["ref"][(variant, K_VALUES[1])])
+
+
+def test_stock_export_is_plain_qwen3_moe(exported):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3MoeForCausalLM
+
+    path = exported["root"] / "moe" / "hf"
+    assert not list(path.glob("*.py"))  # no custom code: loads without trust_remote_code
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert type(model) is Qwen3MoeForCausalLM
+    assert model.config.mlp_only_layers == [0] and model.config.norm_topk_prob
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in path.glob("model-*.safetensors"))
+    assert len(shards) > 1 and sorted(set(index["weight_map"].values())) == shards
+    assert "model.layers.1.mlp.experts.3.down_proj.weight" in index["weight_map"]
+    tok = AutoTokenizer.from_pretrained(path)
+    generation = json.loads((path / "generation_config.json").read_text())
+    assert tok.eos_token == "<|endoftext|>" and generation["eos_token_id"] == tok.eos_token_id
+    assert tok.decode(tok("def add(a, b):")["input_ids"]) == "def add(a, b):"
+
+
+def test_custom_export_config(exported):
+    mone = json.loads((exported["root"] / "mone" / "hf" / "config.json").read_text())
+    assert mone["model_type"] == "moetron" and mone["auto_map"]["AutoModelForCausalLM"]
+    assert mone["mone_enabled"] and mone["mone_keep_ratio"] == 0.5 and mone["router_expert_bias"]
+    mmoe = json.loads((exported["root"] / "mmoe" / "hf" / "config.json").read_text())
+    assert mmoe["matryoshka_k_range"] == [1, 3] and mmoe["num_experts_per_tok"] == 3  # eval k defaults to k_max
+    from safetensors import safe_open
+
+    index = json.loads((exported["root"] / "mone" / "hf" / "model.safetensors.index.json").read_text())
+    shard = exported["root"] / "mone" / "hf" / index["weight_map"]["model.layers.1.mlp.gate.expert_bias"]
+    with safe_open(str(shard), framework="pt") as f:
+        assert f.get_tensor("model.layers.1.mlp.gate.expert_bias").abs().sum() > 0  # trained, not a zero default
+
+
+@pytest.mark.parametrize("variant", ["moe", "mmoe"])
+def test_generate_matches_uncached_greedy(exported, variant):
+    """generate() (KV cache) gives the tokens a cache-free greedy loop over full forwards gives."""
+    model = load_hf(exported["root"] / variant / "hf", 2)
+    prompt = probe_tokens()[:1, :5]
+    out = model.generate(prompt, max_new_tokens=4, do_sample=False)
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(4):
+            nxt = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], dim=1)
+    assert torch.equal(out, seq)
+
+
+def test_per_layer_k_list(exported):
+    """A list with one k per MoE layer equals the moetron reference where all entries are the same k."""
+    model = load_hf(exported["root"] / "mmoe" / "hf", 1)
+    model.set_moe_k([3, 3])
+    with torch.no_grad():
+        logits = model(probe_tokens()).logits
+    torch.testing.assert_close(logits, exported["ref"][("mmoe", 3)], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="one per MoE layer"):
+        model.set_moe_k([1, 2, 3])
