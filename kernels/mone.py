@@ -11,10 +11,11 @@ Two execution paths, same math (``mone_swiglu_grouped`` picks):
   ``g``, ``u`` and two int32 per row ``(thr, cut)`` are saved, fewer activations than dense SwiGLU autograd.
   Masking saves no FLOPs here (different tokens keep different neurons); gradients reach kept neurons only.
 - decode (inference, <= ``DECODE_MAX_TOKENS`` tokens per expert): kernels/mone_decode.py reads only the rows of
-  ``W_up`` / ``W_down^T`` that some token of the expert keeps, so weight traffic ~ 1/3 + 2/3 * keep_ratio.
+  ``W_up`` that some token of the expert keeps (and W_gate, W_down in place), weight traffic ~ 2/3 + 1/3 * keep.
 
 Numerics: GEMMs accumulate in fp32 (cuBLAS default); SwiGLU, the score and the mask are computed in fp32 from
-the stored ``g, u`` and rounded once to the activation dtype.
+the stored ``g, u`` and rounded once to the activation dtype. The selection is the one defined in moe_core/mone.py
+(every path follows it; a bf16 test on tie-heavy inputs checks they keep identical neurons).
 """
 from __future__ import annotations
 
@@ -128,13 +129,15 @@ def mone_swiglu(x_ND: torch.Tensor, w_gate_FD: torch.Tensor, w_up_FD: torch.Tens
 def mone_swiglu_reference(x_ND: torch.Tensor, tokens_per_expert: Sequence[int], w_gate_EFD: torch.Tensor,
                           w_up_EFD: torch.Tensor, w_down_EDF: torch.Tensor, keep_k: int,
                           score: Score = "post_act") -> torch.Tensor:
-    """Torch reference (autograd does the backward): dense SwiGLU with the top-k mask, per expert."""
+    """Torch reference (autograd does the backward): dense SwiGLU with the top-k selection, per expert; SwiGLU
+    and score in fp32 from the rounded ``g`` (``silu = g * sigmoid(g)``), dropped neurons selected out."""
     _check_grouped(x_ND, tokens_per_expert, w_gate_EFD, w_up_EFD, w_down_EDF, keep_k, score)
     outs = []
     for e, x_nD in enumerate(torch.split(x_ND, list(tokens_per_expert))):
-        g_nF = x_nD @ w_gate_EFD[e].t()
-        a_nF = torch.nn.functional.silu(g_nF.float())
-        keep_nF = topk_select_reference(g_nF if score == "pre_act" else a_nF, keep_k, "mask")
-        h_nF = (a_nF * (x_nD @ w_up_EFD[e].t()).float() * keep_nF).to(x_ND.dtype)
+        g_nF = (x_nD @ w_gate_EFD[e].t()).float()
+        a_nF = g_nF * torch.sigmoid(g_nF)
+        keep_nF = topk_select_reference((g_nF if score == "pre_act" else a_nF).detach(), keep_k, "mask")
+        u_nF = (x_nD @ w_up_EFD[e].t()).float()
+        h_nF = (torch.where(keep_nF, a_nF, 0.0) * torch.where(keep_nF, u_nF, 0.0)).to(x_ND.dtype)
         outs.append(h_nF @ w_down_EDF[e].t())
     return torch.cat(outs) if outs else x_ND.new_empty(0, w_down_EDF.shape[1])

@@ -8,27 +8,32 @@ Launches, each over all experts at once (rows of ``x_ND`` grouped by expert, ``r
 2. per-row top-k cut ``(thr, cut)`` (kernels/topk_select.py rule).
 3. per expert, the union of its tokens' kept neurons, compacted to ``kept_EJ`` (ascending) + ``n_kept_E``.
 4. ``h = keep * silu(g) * (x W_up^T)`` for the compacted neurons only (rows of W_up gathered by index).
-5. ``y = h W_down^T`` reading only the compacted rows of ``W_down^T [E, F, D]``.
+5. ``y = h W_down^T`` over the compacted neurons, reading ``W_down [E, D, F]`` in place (column ``f`` of each
+   expert).
 Compaction matters: merely masking dropped rows inside fixed neuron tiles was measured to save nothing (same
 number of dependent load steps per program); compacted, the work and the loop trip counts shrink with k.
-The [E, F, D] copy of W_down makes each neuron's down weights one contiguous run; in the [E, D, F] parameter
-layout a neuron is a strided column whose 32-byte sectors are shared with neighbours, so skipping it saves
-nothing. The copy is made once per weight version and cached (an in-place update bumps the version).
-Weight bytes read: F*D (gate) + 2 * F*D * (fraction of neurons kept by at least one of the expert's tokens);
-with one token per expert that is 1/3 + 2/3 * keep_ratio of the dense expert.
+In the ``[E, D, F]`` parameter layout a neuron's down weights are a strided column whose 32-byte sectors are
+shared with neighbouring neurons, so skipping dropped neurons saves little W_down traffic. A transposed
+``[E, F, D]`` copy would make each neuron one contiguous run, but a cached copy cannot be kept correct (a write
+through ``.data`` changes the weights with no version bump and no pointer change that a cache key could see) and
+a fresh copy per call reads and writes all of W_down, more than it saves.
+So no copy is made: weight bytes read are F*D (gate, needed in full for the score) + F*D * (fraction of neurons
+kept by at least one of the expert's tokens) (up) + up to F*D (down); with one token per expert about
+2/3 + 1/3 * keep_ratio of the dense expert.
 Numerics: fp32 accumulation (``tl.dot``, IEEE for fp32 inputs), ``g`` and ``h`` rounded to the input dtype
-like the training path's GEMM outputs.
+like the training path's GEMM outputs. Under ``TRITON_INTERPRET=1`` bf16/fp16 dot operands are upcast to fp32
+first (``UPCAST_DOT``): the interpreter multiplies bf16 bit patterns in ``tl.dot`` (triton-lang/triton#11584);
+products of 16-bit floats are exact in fp32, so this is the GPU's math (fp32 accumulation) and costs the GPU nothing.
 """
 from __future__ import annotations
 
-import weakref
 from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.runtime import row_block
+from kernels.runtime import interpreter_on, row_block
 from kernels.select_swiglu import Score, select_swiglu
 from kernels.topk_select import abs_bits, keep_mask
 
@@ -67,7 +72,7 @@ def _expert_union_kernel(g_ptr, thr_ptr, cut_ptr, row_start_ptr, kept_ptr, n_kep
 def _expert_rows_kernel(x_ptr, w_ptr, g_ptr, thr_ptr, cut_ptr, kept_ptr, n_kept_ptr, out_ptr, row_start_ptr,
                         F, D, stride_we, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
                         GATHER: tl.constexpr, PRE_ACT: tl.constexpr, EVEN_D: tl.constexpr,
-                        PRECISION: tl.constexpr):
+                        PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
     """Program (expert e, block of neuron slots): ``out[n, j] = W[e, f_j] . x[n]`` for the expert's tokens.
     Plain (gate): ``f_j = j`` over all F. GATHER (up): ``f_j = kept[e, j]`` for ``j < n_kept[e]`` only, and
     ``out = keep * silu(g) * (W x)`` (the SwiGLU product) in compacted columns."""
@@ -95,6 +100,8 @@ def _expert_rows_kernel(x_ptr, w_ptr, g_ptr, thr_ptr, cut_ptr, kept_ptr, n_kept_
             d_ok = d < D if not EVEN_D else d >= 0
             x = tl.load(x_ptr + rows[:, None] * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             w = tl.load(w_base + d[None, :], mask=f_ok[:, None] & d_ok[None, :], other=0.0)
+            if UPCAST_DOT:
+                x, w = x.to(tl.float32), w.to(tl.float32)
             acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
         if GATHER:
             a, keep = _silu_keep(g_ptr, thr_ptr, cut_ptr, rows, row_ok, f, f_ok, F, PRE_ACT)
@@ -104,17 +111,17 @@ def _expert_rows_kernel(x_ptr, w_ptr, g_ptr, thr_ptr, cut_ptr, kept_ptr, n_kept_
 
 
 @triton.jit
-def _expert_down_kernel(h_ptr, wt_ptr, kept_ptr, n_kept_ptr, y_ptr, row_start_ptr, F, D, stride_we,
+def _expert_down_kernel(h_ptr, w_ptr, kept_ptr, n_kept_ptr, y_ptr, row_start_ptr, F, D, stride_we,
                         BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
-                        PRECISION: tl.constexpr):
-    """Program (expert e, hidden block): ``y[n, d] = sum_j h[n, j] W_down^T[e, kept[e, j], d]`` over the
-    compacted kept neurons only."""
+                        PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """Program (expert e, hidden block): ``y[n, d] = sum_j h[n, j] W_down[e, d, kept[e, j]]`` over the
+    compacted kept neurons only (``W_down`` contiguous ``[E, D, F]``)."""
     e = tl.program_id(0)
     start = tl.load(row_start_ptr + e)
     n_rows = tl.load(row_start_ptr + e + 1) - start
     n_slots = tl.load(n_kept_ptr + e)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    w_base = wt_ptr + e.to(tl.int64) * stride_we + d[None, :]
+    w_base = w_ptr + e.to(tl.int64) * stride_we + d[None, :].to(tl.int64) * F
     for n0 in range(0, n_rows, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         row_ok = n < n_rows
@@ -125,27 +132,12 @@ def _expert_down_kernel(h_ptr, wt_ptr, kept_ptr, n_kept_ptr, y_ptr, row_start_pt
             j_ok = j < n_slots
             f = tl.load(kept_ptr + e.to(tl.int64) * F + j, mask=j_ok, other=0)
             h = tl.load(h_ptr + rows[:, None] * F + j[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0.0)
-            w = tl.load(w_base + f[:, None].to(tl.int64) * D, mask=j_ok[:, None] & (d < D)[None, :], other=0.0)
+            w = tl.load(w_base + f[:, None], mask=j_ok[:, None] & (d < D)[None, :], other=0.0)
+            if UPCAST_DOT:
+                h, w = h.to(tl.float32), w.to(tl.float32)
             acc = tl.dot(h, w, acc, input_precision=PRECISION)
         tl.store(y_ptr + rows[:, None] * D + d[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & (d < D)[None, :])
-
-
-_DOWN_ROWS: dict = {}
-
-
-def down_rows(w_down_EDF: torch.Tensor) -> torch.Tensor:
-    """``W_down`` as contiguous ``[E, F, D]`` (one contiguous run per neuron), cached per weight and version.
-    The entry dies with the weight's storage owner."""
-    root = w_down_EDF if w_down_EDF._base is None else w_down_EDF._base
-    key = (id(root), w_down_EDF.storage_offset(), tuple(w_down_EDF.shape), tuple(w_down_EDF.stride()))
-    hit = _DOWN_ROWS.get(key)
-    if hit is not None and hit[0]() is root and hit[1] == w_down_EDF._version:
-        return hit[2]
-    wt_EFD = w_down_EDF.detach().transpose(1, 2).contiguous()
-    _DOWN_ROWS[key] = (weakref.ref(root, lambda _ref, key=key: _DOWN_ROWS.pop(key, None)), w_down_EDF._version,
-                       wt_EFD)
-    return wt_EFD
 
 
 def _largest_pow2_block(D: int, cap: int) -> int:
@@ -168,9 +160,10 @@ def mone_decode(x_ND: torch.Tensor, row_start_E1: torch.Tensor, w_gate_EFD: torc
     fast while experts have few tokens (each chunk of 16 tokens re-reads the kept weights)."""
     N, D = x_ND.shape
     E, F, _ = w_gate_EFD.shape
-    w_gate_EFD, w_up_EFD = w_gate_EFD.contiguous(), w_up_EFD.contiguous()
-    wt_down_EFD = down_rows(w_down_EDF)
-    common = dict(BLOCK_N=16, PRECISION="ieee" if x_ND.dtype == torch.float32 else "tf32")
+    w_gate_EFD, w_up_EFD, w_down_EDF = w_gate_EFD.contiguous(), w_up_EFD.contiguous(), w_down_EDF.contiguous()
+    upcast = interpreter_on() and x_ND.dtype != torch.float32
+    common = dict(BLOCK_N=16, PRECISION="ieee" if x_ND.dtype == torch.float32 or upcast else "tf32",
+                  UPCAST_DOT=upcast)
     block_d = _largest_pow2_block(D, 256)
     rows_kw = dict(BLOCK_F=16, BLOCK_D=block_d, PRE_ACT=score == "pre_act", EVEN_D=D % block_d == 0, **common)
     grid_f = (E, triton.cdiv(F, 16))
@@ -186,6 +179,6 @@ def mone_decode(x_ND: torch.Tensor, row_start_E1: torch.Tensor, w_gate_EFD: torc
     _expert_rows_kernel[grid_f](x_ND, w_up_EFD, g_NF, thr_N, cut_N, kept_EJ, n_kept_E, h_NJ, row_start_E1, F, D,
                                 F * D, GATHER=True, **rows_kw)
     y_ND = x_ND.new_empty(N, D)
-    _expert_down_kernel[(E, triton.cdiv(D, 64))](h_NJ, wt_down_EFD, kept_EJ, n_kept_E, y_ND, row_start_E1, F, D,
+    _expert_down_kernel[(E, triton.cdiv(D, 64))](h_NJ, w_down_EDF, kept_EJ, n_kept_E, y_ND, row_start_E1, F, D,
                                                  F * D, BLOCK_F=64, BLOCK_D=64, **common)
     return y_ND

@@ -3,7 +3,9 @@
 
 Forward: the per-row top-k cut of the neuron score (rule in kernels/topk_select.py) and ``h = keep * silu(g) * u``.
 Backward: the mask recomputed from ``(thr, cut)``, SwiGLU's backward and ``h`` again for ``dW_down``.
-Numerics: the score and SwiGLU in fp32 from the stored ``g, u``, rounded once to the activation dtype.
+Numerics: the score and SwiGLU in fp32 from the stored ``g, u``, rounded once to the activation dtype. Selection
+is moe_core/mone.py's definition (score ``|g * sigmoid(g)|`` or ``|g|`` in fp32, NaN lowest, ties to the lower
+index); dropped neurons are excluded with ``tl.where`` in both directions, never multiplied by 0.
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ def _select_swiglu_fwd_kernel(g_ptr, u_ptr, h_ptr, thr_ptr, cut_ptr, F, k, strid
 @triton.jit
 def _select_swiglu_bwd_kernel(dh_ptr, g_ptr, u_ptr, thr_ptr, cut_ptr, dg_ptr, du_ptr, h_ptr, F, stride_row,
                               BLOCK_F: tl.constexpr, PRE_ACT: tl.constexpr):
-    """One program per row: ``du = keep*dh*silu(g)``, ``dg = keep*dh*u*silu'(g)`` with
+    """One program per row: ``du = dh*silu(g)``, ``dg = dh*u*silu'(g)`` on kept neurons (exact 0 elsewhere) with
     ``silu'(g) = s*(1 + g*(1-s))``, ``s = sigmoid(g)``; also recomputes ``h`` (for ``dW_down``)."""
     r = tl.program_id(0).to(tl.int64)
     f = tl.arange(0, BLOCK_F)
@@ -52,9 +54,12 @@ def _select_swiglu_bwd_kernel(dh_ptr, g_ptr, u_ptr, thr_ptr, cut_ptr, dg_ptr, du
     bits = abs_bits(g) if PRE_ACT else abs_bits(a)
     keep = keep_mask(bits, f, tl.load(thr_ptr + r), tl.load(cut_ptr + r))
     u = tl.load(u_ptr + off, mask=f < F, other=0.0).to(tl.float32)
-    dh = tl.where(keep, tl.load(dh_ptr + off, mask=f < F, other=0.0).to(tl.float32), 0.0)
-    tl.store(du_ptr + off, (dh * a).to(du_ptr.dtype.element_ty), mask=f < F)
-    tl.store(dg_ptr + off, (dh * u * s * (1.0 + g * (1.0 - s))).to(dg_ptr.dtype.element_ty), mask=f < F)
+    dh = tl.load(dh_ptr + off, mask=f < F, other=0.0).to(tl.float32)
+    # selected, not multiplied by 0: a dropped neuron with inf/NaN g or u must still get exactly 0
+    du = tl.where(keep, dh * a, 0.0)
+    dg = tl.where(keep, dh * u * s * (1.0 + g * (1.0 - s)), 0.0)
+    tl.store(du_ptr + off, du.to(du_ptr.dtype.element_ty), mask=f < F)
+    tl.store(dg_ptr + off, dg.to(dg_ptr.dtype.element_ty), mask=f < F)
     tl.store(h_ptr + off, tl.where(keep, a * u, 0.0).to(h_ptr.dtype.element_ty), mask=f < F)
 
 

@@ -2,17 +2,18 @@
 
 Shapes: ``R`` rows (token x expert pairs), ``F`` neurons per row, ``k`` kept per row.
 
-Selection rule (the torch reference and the Triton kernel both follow it exactly):
-  keep the k entries of largest ``|score|``; among equal ``|score|`` the LOWER neuron index wins.
-  All NaNs compare equal and above +inf (as in ``torch.sort``).
+Selection rule (the MoNE selection defined in moe_core/mone.py; the torch reference and the Triton kernel both
+follow it exactly): keep the k entries of largest ``|score|`` (computed in fp32); ``+inf`` ranks above every
+finite value, NaN BELOW every number (even 0); among equal ``|score|`` the LOWER neuron index wins.
 
 How the kernel finds the cut without a sort: for fp32, the int32 bit pattern of ``|x|`` is monotone in ``|x|``
-(sign bit cleared, exponent above mantissa). So the k-th largest magnitude is the largest bit pattern ``t`` with
-``count(bits >= t) >= k``, found by bisection over ``[0, 2^31)`` in 31 steps of one compare+sum over the row:
-O(31 * F) per row, no sort, cheap under ``TRITON_INTERPRET=1``. Then every entry with ``bits > t`` is kept, and
-of the entries with ``bits == t`` the first ``k - count(bits > t)`` by index (a prefix sum over the tie mask).
-The selection is stored compactly per row as ``(thr, cut)``: keep ``f`` iff ``bits_f > thr`` or
-(``bits_f == thr`` and ``f <= cut``). Fused kernels (kernels/mone.py) recompute the mask from that pair.
+(sign bit cleared, exponent above mantissa); NaN is mapped to -1, below ``|0| = 0``. So the k-th largest key is
+the largest ``t`` with ``count(bits >= t) >= k``, found by bisection over ``[-1, inf_bits]`` in 31 steps of one
+compare+sum over the row: O(31 * F) per row, no sort, cheap under ``TRITON_INTERPRET=1``. Then every entry with
+``bits > t`` is kept, and of the entries with ``bits == t`` the first ``k - count(bits > t)`` by index (a prefix
+sum over the tie mask). The selection is stored compactly per row as ``(thr, cut)``: keep ``f`` iff
+``bits_f > thr`` or (``bits_f == thr`` and ``f <= cut``). Fused kernels (kernels/mone.py) recompute the mask
+from that pair.
 """
 from __future__ import annotations
 
@@ -24,13 +25,16 @@ import triton.language as tl
 
 from kernels.runtime import check_rows, require_triton, row_block
 
-NAN_BITS = tl.constexpr(0x7FC00000)  # canonical quiet NaN: every NaN ties with every other NaN, above +inf (0x7F800000)
+NAN_BITS = tl.constexpr(-1)  # every NaN ties with every other NaN, below |0| (bit pattern 0)
+PAD_BITS = tl.constexpr(-2)  # padding lanes (f >= F): below everything, never counted, never kept
+TOP_BITS = tl.constexpr(0x7F800000)  # +inf: nothing ranks higher
 
 
 @triton.jit
 def abs_bits(score):
-    """``|score|`` (computed in fp32) as an int32 bit pattern; monotone in ``|score|``; NaNs canonicalised."""
-    bits = tl.abs(score.to(tl.float32)).to(tl.int32, bitcast=True)
+    """``|score|`` (computed in fp32) as an int32 bit pattern, monotone in ``|score|``; every NaN is NAN_BITS."""
+    score = score.to(tl.float32)  # also: the interpreter compares bf16 by bit pattern, and NaN == NaN there
+    bits = tl.abs(score).to(tl.int32, bitcast=True)
     return tl.where(score != score, NAN_BITS, bits)
 
 
@@ -38,9 +42,9 @@ def abs_bits(score):
 def row_cut(bits, f, F, k):
     """Exact top-k cut of one row held in registers. ``bits`` from :func:`abs_bits`, ``f`` the lane's neuron index,
     lanes with ``f >= F`` are padding. Returns ``(thr, cut)`` (see module docstring)."""
-    b = tl.where(f < F, bits, -1)  # padding never counts and is never kept
-    lo = tl.zeros((), tl.int32)  # invariant: count(b >= lo) >= k   (true for lo = 0 since k <= F)
-    hi = tl.full((), NAN_BITS + 1, tl.int32)  # invariant: count(b >= hi) < k   (nothing is above NaN)
+    b = tl.where(f < F, bits, PAD_BITS)
+    lo = tl.full((), NAN_BITS, tl.int32)  # invariant: count(b >= lo) >= k   (every real lane, k <= F)
+    hi = tl.full((), TOP_BITS + 1, tl.int32)  # invariant: count(b >= hi) < k   (nothing is above +inf)
     for _ in range(31):  # hi - lo <= 2^31, so 31 halvings leave hi == lo + 1
         mid = lo + (hi - lo) // 2
         enough = tl.sum((b >= mid).to(tl.int32), axis=0) >= k
@@ -97,10 +101,12 @@ def topk_select(score_RF: torch.Tensor, k: int, output: Literal["mask", "indices
 
 def topk_select_reference(score_RF: torch.Tensor, k: int,
                           output: Literal["mask", "indices"] = "mask") -> torch.Tensor:
-    """Torch reference with the same rule: a stable descending sort of ``|score|`` keeps lower indices first
-    among ties (``torch.topk`` does not promise any tie order, so it is not used)."""
+    """Torch reference with the same rule: NaN becomes -1 (below every magnitude), then a stable descending sort
+    of ``|score|`` keeps lower indices first among ties (``torch.topk`` promises no tie order, so it is not used)."""
     check_rows(score_RF, k, "score_RF")
-    order_RF = torch.sort(score_RF.float().abs(), dim=-1, descending=True, stable=True).indices
+    magnitude_RF = score_RF.float().abs()
+    magnitude_RF = torch.where(magnitude_RF.isnan(), -1.0, magnitude_RF)
+    order_RF = torch.sort(magnitude_RF, dim=-1, descending=True, stable=True).indices
     idx_RK = order_RF[:, :k].sort(dim=-1).values
     if output == "indices":
         return idx_RK

@@ -1,4 +1,5 @@
-"""`moetron <command> ...`: pretrain | preprocess | evaluate | convert. Each command is a module with main(argv)."""
+"""`moetron <command> ...`: pretrain | preprocess | evaluate | convert | config. Each command is a module with main(argv)
+and is also ``python -m <module>``; `moetron --version` names the installed version."""
 from __future__ import annotations
 
 import importlib
@@ -9,6 +10,7 @@ COMMANDS = {
     "preprocess": ("launcher.preprocess", "tokenize raw text into webdataset shards"),
     "evaluate": ("launcher.evaluate", "validation loss of a checkpoint, optionally swept over k (M-MoE)"),
     "convert": ("launcher.convert", "convert a checkpoint to/from Hugging Face format"),
+    "config": ("launcher.config", "the resolved config: every key's value, type, default, range and meaning"),
 }
 
 
@@ -18,14 +20,28 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed_version
+
+    try:
+        return installed_version("moetron")
+    except PackageNotFoundError:
+        return "unknown (not installed: run launcher/install.sh)"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2
+    if argv[0] == "--version":
+        print(f"moetron {version()}")
+        return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"moetron: unknown command '{name}'\n\n{_usage()}", file=sys.stderr)
+        print(f"moetron: unknown command '{name}': use one of {', '.join(COMMANDS)} (moetron --help)",
+              file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
     return int(module.main(rest) or 0)

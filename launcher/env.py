@@ -3,12 +3,22 @@
 Under Slurm, slurm/pretrain.sbatch runs one torchrun per node, so torchrun's variables are always what we read.
 A plain `python -m launcher.pretrain` gets a one-rank world on a free loopback port, so the same code path
 (process groups, collectives, distributed checkpoints) runs everywhere.
+
+Workers never outlive their launcher: a torchrun worker asks the kernel for SIGKILL when its parent dies
+(``prctl(PR_SET_PDEATHSIG)``, Linux) and a watchdog thread checks the parent pid every second as a fallback
+(other systems, or a parent that died before the prctl). Process-group creation and every collective time out
+after ``MOETRON_DIST_TIMEOUT_MINUTES`` (default 10, megatron-core's default) instead of torch's 30 minutes.
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import signal
 import socket
+import sys
+import threading
+import time
 from typing import TYPE_CHECKING, Iterator
 
 if TYPE_CHECKING:
@@ -21,6 +31,39 @@ def world_size() -> int:
 
 def rank() -> int:
     return int(os.environ.get("RANK", "0"))
+
+
+DIST_TIMEOUT_MINUTES = 10
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_LAUNCHER_PID = os.getppid()
+"""This process's parent when this module was first imported (the entry points import it before anything heavy):
+a launcher that dies before :func:`exit_with_parent` runs is noticed even when a subreaper, not init, adopts us."""
+
+
+def dist_timeout_minutes() -> int:
+    """Timeout of process-group creation (rendezvous) and of every collective, in minutes."""
+    return int(os.environ.get("MOETRON_DIST_TIMEOUT_MINUTES", DIST_TIMEOUT_MINUTES))
+
+
+def launched_by_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def exit_with_parent(parent_pid: int, poll_s: float = 1.0) -> None:
+    """SIGKILL this process when ``parent_pid`` (its launcher) dies: ``PR_SET_PDEATHSIG`` where Linux offers it,
+    plus a daemon thread that polls ``os.getppid()`` (a dead parent means re-parenting to init or a subreaper)."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if parent_pid == 1 or os.getppid() != parent_pid:  # died before the prctl took effect
+        os.kill(os.getpid(), signal.SIGKILL)
+    threading.Thread(target=watch, name="moetron-parent-watchdog", daemon=True).start()
 
 
 def ensure_single_process_env() -> None:
@@ -38,13 +81,15 @@ def ensure_single_process_env() -> None:
 def parallel_session(tp: int, pp: int, ep: int, backend: str = "auto") -> Iterator["ParallelGroups"]:
     """The default process group (torchrun's, or a one-rank world) plus megatron-core's TP/PP/EP/DP groups,
     torn down on exit. A default group that already existed (tests, notebooks) is left in place."""
+    if launched_by_torchrun():  # first: an orphan must not spend its start-up importing megatron-core
+        exit_with_parent(_LAUNCHER_PID)
     import torch.distributed as dist
 
     from parallel import groups as pgroups
 
     ensure_single_process_env()
     created = not dist.is_initialized()
-    pgroups.init_distributed(backend)
+    pgroups.init_distributed(backend, timeout_minutes=dist_timeout_minutes())
     try:
         yield pgroups.initialize(tp, pp, ep)
     finally:

@@ -12,7 +12,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-PIP="$PY -m pip install -q --disable-pip-version-check"
+# pip's own notices about unusable index locations in a machine's pip configuration are not moetron's to act on;
+# every other message (and every error) still reaches the console.
+PIP=pip_install
+pip_install() {
+  $PY -m pip install -q --disable-pip-version-check --root-user-action=ignore "$@" 2> >(grep -v "^WARNING: Location '.*' is ignored" >&2)
+}
 DEV=0; GPU=0
 for a in "$@"; do
   case "$a" in
@@ -36,4 +41,4 @@ if [ "$GPU" = 1 ]; then
   $PIP "transformer-engine[pytorch]"
 fi
 $PIP --no-deps --no-build-isolation -e .
-$PY -c "import torch, megatron.core, triton; print('moetron install ok: torch', torch.__version__)"
+$PY -c "import parallel, torch, megatron.core, triton; print('moetron install ok: torch', torch.__version__)"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from launcher import env
 from launcher.config import ConfigError, load_config, validate_world
@@ -14,7 +15,9 @@ from launcher.config import ConfigError, load_config, validate_world
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="moetron pretrain", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Every key, with its type, default, range and meaning: "
+                                       "moetron config [--recipe FILE] [key.path=value ...]")
     p.add_argument("--recipe", required=True, help="YAML recipe (see recipes/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. moe.num_experts=8 train.steps=50")
     return p.parse_args(argv)
@@ -28,18 +31,30 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"moetron: config error: {e}", file=sys.stderr)
         return 2
+    from launcher.data.preprocess import DataError
+    from launcher.train.checkpoint import CheckpointError
+    from launcher.train import summary
     from launcher.train.trainer import Preemption, Trainer, TrainingError
 
+    started = time.perf_counter()
     preemption = Preemption()  # first thing: a SIGUSR2/SIGTERM during start-up must still checkpoint + exit
     par = cfg.parallel
     with env.parallel_session(par.tp, par.pp, par.ep, par.backend) as groups:
         try:
             result = Trainer(cfg, groups).fit(preemption)
-        except (TrainingError, ConfigError) as e:
+        except (ConfigError, DataError) as e:  # bad input found once data and checkpoints are opened
+            print(f"moetron: {'config' if isinstance(e, ConfigError) else 'data'} error: {e}", file=sys.stderr)
+            return 2
+        except CheckpointError as e:  # a checkpoint (directory) this run cannot use, or a save that failed
+            print(f"moetron: checkpoint error: {e}", file=sys.stderr)
+            return 2
+        except TrainingError as e:
             print(f"moetron: {e}", file=sys.stderr)
             return 1
         if groups.rank == 0:
-            print(f"[moetron] done: step {result.final_step}, checkpoint {result.checkpoint}", flush=True)
+            tokens = len(result.losses) * summary.tokens_per_step(cfg)
+            print(summary.end_line(result.final_step, result.checkpoint, result.losses, tokens,
+                                   time.perf_counter() - started), flush=True)
         return 0
 
 

@@ -6,7 +6,9 @@ config tree (YAML sections ``model`` and ``moe``), parses recipes and overrides 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
+
+from moe_core.config_fields import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Range
 
 
 @dataclass
@@ -14,22 +16,30 @@ class ModelConfig:
     """Decoder-only transformer; the block matches Hugging Face Qwen3-MoE (RMSNorm, GQA with q/k RMSNorm, RoPE,
     SwiGLU experts, softmax top-k router, no biases, untied embeddings)."""
 
-    vocab_size: int = 512
-    """Vocabulary size. Must equal the tokenizer's when data comes from shards (checked at data load)."""
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_attention_heads: int = 4
-    num_query_groups: int = 2
+    vocab_size: PositiveInt = 512
+    """Vocabulary size. Must be at least the tokenizer's when data comes from shards (checked at data load)."""
+    hidden_size: PositiveInt = 128
+    """Model width D."""
+    num_layers: PositiveInt = 4
+    """Transformer blocks."""
+    num_attention_heads: PositiveInt = 4
+    """Query heads H."""
+    num_query_groups: PositiveInt = 2
     """Key/value heads (GQA). Must divide num_attention_heads."""
-    head_dim: Optional[int] = None
+    head_dim: Optional[PositiveInt] = None
     """Per-head width; None means hidden_size // num_attention_heads."""
-    seq_length: int = 128
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
-    init_std: float = 0.02
-    dense_layers: list[int] = field(default_factory=list)
-    """Indices of layers with a dense SwiGLU FFN instead of MoE (e.g. [0] keeps the first layer dense)."""
-    dense_ffn_hidden_size: int = 512
+    seq_length: PositiveInt = 128
+    """Tokens per sample S."""
+    rope_theta: PositiveFloat = 10000.0
+    """RoPE base frequency."""
+    norm_eps: PositiveFloat = 1e-6
+    """RMSNorm epsilon."""
+    init_std: PositiveFloat = 0.02
+    """Standard deviation of the normal weight init."""
+    dense_layers: list[NonNegativeInt] = field(default_factory=list)
+    """Indices (< num_layers) of layers with a dense SwiGLU FFN instead of MoE (e.g. [0] keeps the first layer
+    dense)."""
+    dense_ffn_hidden_size: PositiveInt = 512
     """FFN width of the dense layers listed in dense_layers."""
 
 
@@ -38,11 +48,12 @@ class MoNEConfig:
     """Mixture of Neuron Experts (arXiv 2510.05781): inside each routed expert keep only the top-k neurons."""
 
     enabled: bool = False
-    keep_ratio: float = 0.5
-    """Fraction of expert neurons kept per token: k_n = round(keep_ratio * expert_ffn_hidden_size)."""
+    """Select neurons inside each routed expert (off: every expert neuron is computed)."""
+    keep_ratio: Annotated[float, Range(gt=0, le=1)] = 0.5
+    """Fraction of expert neurons kept per token: k_n = max(1, round(keep_ratio * expert_ffn_hidden_size))."""
     score: Literal["post_act", "pre_act"] = "post_act"
     """Rank neurons by |silu(W_gate x)| (post_act, default) or |W_gate x| (pre_act)."""
-    balance_loss_coeff: float = 0.0
+    balance_loss_coeff: NonNegativeFloat = 0.0
     """Optional neuron-level load-balance loss coefficient (0 disables)."""
     backend: Literal["auto", "torch", "triton"] = "auto"
     """Neuron-selection implementation: auto = Triton kernels on CUDA, torch elsewhere."""
@@ -53,30 +64,47 @@ class MatryoshkaConfig:
     """Matryoshka MoE (arXiv 2509.26520): k is drawn per layer per step, so one model serves any k."""
 
     enabled: bool = False
-    k_min: int = 1
-    k_max: int = 4
+    """Draw k per layer per step in training (off: every layer routes to top_k experts)."""
+    k_min: PositiveInt = 1
+    """Smallest k drawn in training (<= k_max)."""
+    k_max: PositiveInt = 4
+    """Largest k drawn in training (<= moe.num_experts)."""
     distribution: Literal["uniform", "capacity"] = "uniform"
     """uniform over [k_min, k_max], or capacity-aware P(k) proportional to exp(log(k) / tau)."""
-    tau: float = 1.0
-    eval_k: Optional[Union[int, list[int]]] = None
-    """k used at evaluation/inference: one int for all layers or one per MoE layer; None means moe.top_k."""
+    tau: PositiveFloat = 1.0
+    """Temperature of the capacity distribution."""
+    eval_k: Optional[Union[PositiveInt, list[PositiveInt]]] = None
+    """k used at evaluation/inference (each <= moe.num_experts): one int for all layers or one per MoE layer;
+    None means k_max when Matryoshka is enabled (else moe.top_k). A k outside [k_min, k_max] warns once."""
 
 
 @dataclass
 class MoEConfig:
     """Top-k router MoE layer (softmax router, SwiGLU experts), with MoNE and Matryoshka MoE inside it."""
 
-    num_experts: int = 8
-    top_k: int = 2
-    expert_ffn_hidden_size: int = 256
-    aux_loss_coeff: float = 1e-2
-    """Switch-style load-balancing loss coefficient."""
-    z_loss_coeff: float = 1e-3
-    """Router z-loss coefficient."""
+    num_experts: PositiveInt = 8
+    """Routed experts E."""
+    top_k: PositiveInt = 2
+    """Experts per token K (<= num_experts)."""
+    expert_ffn_hidden_size: PositiveInt = 256
+    """Expert FFN width F."""
+    aux_loss_coeff: NonNegativeFloat = 1e-2
+    """Switch-style load-balancing loss coefficient (0 disables)."""
+    aux_loss_scope: Literal["micro_batch", "global_batch"] = "micro_batch"
+    """Whose routing the load-balancing loss balances: micro_batch = each micro-batch's own; global_batch = the
+    step's global batch, counts summed over data-parallel ranks and accumulated over the step's micro-batches
+    (arXiv 2501.11873; lets experts specialise by domain). Details in moe_core/router.py."""
+    z_loss_coeff: NonNegativeFloat = 1e-3
+    """Router z-loss coefficient (0 disables)."""
+    norm_topk_prob: bool = True
+    """true (default): the k gate weights of a token are its selected router probabilities renormalised to sum to
+    1, except at k = 1, where the gate is the raw probability (Switch Transformer) so the language-model loss
+    still trains the router. false: the raw probabilities at every k. Hugging Face Qwen3-MoE's name."""
     expert_bias: bool = False
     """Aux-loss-free balancing: a per-expert bias added to routing scores for selection only."""
-    expert_bias_update_rate: float = 1e-3
-    capacity_factor: Optional[float] = None
+    expert_bias_update_rate: NonNegativeFloat = 1e-3
+    """Step size of the expert-bias update per optimizer step."""
+    capacity_factor: Optional[PositiveFloat] = None
     """None = dropless (default). A number caps tokens per expert at capacity_factor * T * k / E; extra tokens drop."""
     mone: MoNEConfig = field(default_factory=MoNEConfig)
     matryoshka: MatryoshkaConfig = field(default_factory=MatryoshkaConfig)

@@ -5,9 +5,9 @@ Shape legend: ``N`` permuted token rows grouped by expert, ``E`` experts, ``D`` 
 consecutive rows of ``x`` belong to each expert.
 
 ``grouped_linear`` is one ``torch._grouped_mm`` call (a single grouped GEMM on CUDA, and a correct kernel on CPU)
-wherever that op accepts the inputs, and a loop of per-expert matmuls otherwise (e.g. fp64, or CUDA tensors whose
-dtype/alignment the op rejects). Both paths compute ``y[rows of e] = x[rows of e] @ w[e].T`` in the input dtype
-with fp32 accumulation inside the GEMM.
+wherever that op accepts the inputs and there is at least one row, and a loop of per-expert matmuls otherwise
+(e.g. fp64, no rows, or CUDA tensors whose dtype/alignment the op rejects). Both paths compute
+``y[rows of e] = x[rows of e] @ w[e].T`` in the input dtype with fp32 accumulation inside the GEMM.
 """
 from __future__ import annotations
 
@@ -66,7 +66,9 @@ def loop_linear(x_NI: torch.Tensor, w_EOI: torch.Tensor, tokens_per_expert: list
 
 def grouped_linear(x_NI: torch.Tensor, w_EOI: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
     """``y_NO``: rows of expert e multiplied by ``w_EOI[e].T``; one grouped GEMM where the backend allows."""
-    if not grouped_mm_usable(x_NI, w_EOI):
+    if not grouped_mm_usable(x_NI, w_EOI) or x_NI.shape[0] == 0:
+        # no rows: torch._grouped_mm's backward rejects the stride-0 [0, O] gradient (which .contiguous() keeps,
+        # having no elements); the loop returns the same empty output and zero weight gradients
         return loop_linear(x_NI, w_EOI, tokens_per_expert)
     _check_groups(x_NI, w_EOI, tokens_per_expert)
     offsets_E = torch.tensor(tokens_per_expert, dtype=torch.int64).cumsum(0).to(torch.int32).to(x_NI.device)
@@ -74,17 +76,27 @@ def grouped_linear(x_NI: torch.Tensor, w_EOI: torch.Tensor, tokens_per_expert: l
     return _ContiguousGrad.apply(y_NO)
 
 
-HiddenMask = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""``mask(pre_act_NF, post_act_NF) -> multiplier_NF`` applied to the SwiGLU hidden activations (MoNE)."""
+NeuronSelect = Callable[[torch.Tensor], torch.Tensor]
+"""``select(pre_act_NF) -> keep_NF`` (bool): the neurons each row keeps (MoNE, ``moe_core.mone.select_neurons``)."""
+
+
+def masked_swiglu(pre_act_NF: torch.Tensor, up_NF: torch.Tensor, keep_NF: torch.Tensor) -> torch.Tensor:
+    """``silu(g) * u`` on kept neurons, exact 0 elsewhere (MoNE step 4 in moe_core/mone.py).
+
+    The mask selects the SwiGLU inputs (``torch.where``), it never multiplies: a dropped neuron whose ``g`` or
+    ``u`` is inf/NaN gives 0, not ``inf * 0 = NaN``, and gets exactly zero gradient (``where``'s backward)."""
+    return F.silu(torch.where(keep_NF, pre_act_NF, 0)) * torch.where(keep_NF, up_NF, 0)
 
 
 def swiglu_grouped(x_ND: torch.Tensor, tokens_per_expert: list[int], w_gate_EFD: torch.Tensor,
                    w_up_EFD: torch.Tensor, w_down_EDF: torch.Tensor,
-                   hidden_mask: Optional[HiddenMask] = None) -> torch.Tensor:
-    """``y = W_down[e] (silu(W_gate[e] x) * (W_up[e] x) * mask)`` for each row's expert e (mask = 1 if None)."""
+                   select: Optional[NeuronSelect] = None) -> torch.Tensor:
+    """``y = W_down[e] (silu(W_gate[e] x) * (W_up[e] x))`` for each row's expert e; with ``select`` only the kept
+    neurons of each row enter (:func:`masked_swiglu`)."""
     pre_act_NF = grouped_linear(x_ND, w_gate_EFD, tokens_per_expert)
-    post_act_NF = F.silu(pre_act_NF)
-    hidden_NF = post_act_NF * grouped_linear(x_ND, w_up_EFD, tokens_per_expert)
-    if hidden_mask is not None:
-        hidden_NF = hidden_NF * hidden_mask(pre_act_NF, post_act_NF)
+    up_NF = grouped_linear(x_ND, w_up_EFD, tokens_per_expert)
+    if select is None:
+        hidden_NF = F.silu(pre_act_NF) * up_NF
+    else:
+        hidden_NF = masked_swiglu(pre_act_NF, up_NF, select(pre_act_NF))
     return grouped_linear(hidden_NF, w_down_EDF, tokens_per_expert)

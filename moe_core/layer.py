@@ -8,6 +8,7 @@ single-device one; ``parallel/dispatch.py`` provides the expert-parallel ones bu
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -51,21 +52,45 @@ class MoELayer(nn.Module):
         self.router = TopKRouter(hidden, moe_cfg.num_experts, moe_cfg)
         self.experts = SwiGLUExperts(moe_cfg.num_experts, hidden, moe_cfg.expert_ffn_hidden_size, moe_cfg.mone)
         self.dispatcher: Dispatcher = dispatcher if dispatcher is not None else LocalDispatcher()
-        self.step = 0
+        self.step: Optional[int] = None
+        """Training step keying the Matryoshka k draw; None until :meth:`set_step` is called."""
+        self._unset_step_calls = 0
         self.last_stats: dict = {}
 
     def set_step(self, step: int) -> None:
-        """The current training step (keys the Matryoshka k draw)."""
+        """The current training step (keys the Matryoshka k draw): call it once per optimizer step, before the
+        step's forward passes, so all its micro-batches, every rank and any recomputation route with one k (and the
+        global-batch aux loss counts the step's micro-batches from here)."""
         self.step = step
+        self.router.start_step()
 
     def current_k(self) -> int:
-        return self.k_schedule.k_for(self.layer_idx, self.step, self.training)
+        """The k the next forward routes with (no side effects)."""
+        step = self.step if self.step is not None else self._unset_step_calls
+        return self.k_schedule.k_for(self.layer_idx, step, self.training)
+
+    def _next_k(self) -> int:
+        """:meth:`current_k`; a Matryoshka training loop that never called :meth:`set_step` gets a fresh draw per
+        forward call instead of the step-0 k forever: call n uses step n's draw. That is one step per forward,
+        which differs from a step with several micro-batches and breaks under activation recomputation (the
+        recomputed forward would draw again), hence the one-time warning."""
+        k = self.current_k()
+        if self.step is None and self.training and self.cfg.matryoshka.enabled:
+            if self._unset_step_calls == 0:
+                warnings.warn("Matryoshka MoE training without MoELayer.set_step: every training forward call draws "
+                              "a new k (call n uses step n's draw). Call model.set_step(step) once per optimizer step "
+                              "so all micro-batches of a step and any activation recomputation route with the same k",
+                              stacklevel=2)
+            self._unset_step_calls += 1
+        return k
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.hidden:
             raise ValueError(f"MoELayer expects inputs [..., {self.hidden}], got {tuple(x.shape)}")
         x_TD = x.reshape(-1, self.hidden)
-        k = self.current_k()
+        if self.step is None and self.training:  # without set_step every training forward is its own step
+            self.router.start_step()
+        k = self._next_k()
         routed = self.router(x_TD, k)
         y_TD = self.dispatcher(x_TD, routed.topk_idx_TK, routed.topk_weight_TK, self.experts)
         if self.training:
@@ -73,7 +98,7 @@ class MoELayer(nn.Module):
         self.last_stats = {
             "tokens_per_expert": routed.tokens_per_expert_E.detach(),
             "k": k,
-            "dropped_tokens": (routed.topk_idx_TK < 0).sum().detach(),
+            "dropped_slots": (routed.topk_idx_TK < 0).sum().detach(),
             "mone_kept_fraction": self.experts.kept_fraction,
             "aux_loss": routed.aux_loss.detach(),
             "z_loss": routed.z_loss.detach(),

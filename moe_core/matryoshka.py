@@ -2,17 +2,22 @@
 
 Training with ``moe.matryoshka.enabled``: every layer draws its own ``k`` from ``[k_min, k_max]`` each step, either
 uniformly or capacity-aware ``P(k) ∝ exp(log(k) / tau) = k^(1/tau)`` (tau -> inf tends to uniform, small tau
-favours large k). The draw uses a ``torch.Generator`` seeded from a SHA-256 of ``(seed, step, layer_idx)``, so
-every rank (TP/EP/DP/PP), every micro-batch of a step and any activation recomputation agree without
-communicating (Python's ``hash()`` is salted per process and is never used). Without Matryoshka, ``k = top_k``.
+favours large k; computed as a softmax of ``log(k) / tau``, so any tau > 0 is finite). The draw uses a
+``torch.Generator`` seeded from a SHA-256 of ``(seed, step, layer_idx)``, so every rank (TP/EP/DP/PP), every
+micro-batch of a step and any activation recomputation agree without communicating (Python's ``hash()`` is
+salted per process and is never used). Without Matryoshka, ``k = top_k``. The step comes from
+``MoELayer.set_step`` (the trainer calls it every step; see moe_core/layer.py for a loop that does not).
 
 Evaluation/inference k (elastic inference), in order: :meth:`KSchedule.set_eval_k` if called with a value, else
 ``moe.matryoshka.eval_k``, else ``k_max`` when Matryoshka is on, else ``top_k``. A list gives one k per MoE layer,
-indexed by the layer's position among MoE layers (see ``moe_layers``).
+indexed by the layer's position among MoE layers (see ``moe_layers``). A k outside the trained range
+(``[k_min, k_max]``, or ``top_k`` without Matryoshka) is allowed (elastic inference) but warns once per value,
+naming the trained range: the model never routed with it.
 """
 from __future__ import annotations
 
 import hashlib
+import warnings
 from typing import Optional, Sequence, Union
 
 import torch
@@ -30,15 +35,16 @@ def stable_seed(*keys: int) -> int:
 
 def k_probabilities(k_min: int, k_max: int, distribution: str, tau: float) -> torch.Tensor:
     """fp64 ``P(k)`` for ``k = k_min..k_max``, always on the CPU (it feeds a CPU generator; the model may be
-    being built on the meta device or live on a GPU)."""
+    being built on the meta device or live on a GPU). ``capacity``: ``softmax(log(k) / tau)`` (log space: the
+    direct ``k^(1/tau)`` overflows fp64 for small tau, e.g. tau = 0.005, k = 64 gives inf / inf = NaN)."""
     ks = torch.arange(k_min, k_max + 1, dtype=torch.float64, device="cpu")
     if distribution == "uniform":
-        weights = torch.ones_like(ks)
-    elif distribution == "capacity":
-        weights = torch.exp(torch.log(ks) / tau)
-    else:
-        raise ValueError(f"moe.matryoshka.distribution must be 'uniform' or 'capacity', got {distribution!r}")
-    return weights / weights.sum()
+        return torch.full_like(ks, 1.0 / ks.numel())
+    if distribution == "capacity":
+        if not tau > 0:
+            raise ValueError(f"moe.matryoshka.tau must be > 0, got {tau}")
+        return torch.softmax(torch.log(ks) / tau, dim=0)
+    raise ValueError(f"moe.matryoshka.distribution must be 'uniform' or 'capacity', got {distribution!r}")
 
 
 class KSchedule:
@@ -58,6 +64,7 @@ class KSchedule:
                                  f"moe.num_experts ({moe_cfg.num_experts})")
             self._probs_K = k_probabilities(mm.k_min, mm.k_max, mm.distribution, mm.tau)
         self._eval_k_override: EvalK = None
+        self._warned_eval_k: set[int] = set()
         self._check_eval_k(mm.eval_k, "moe.matryoshka.eval_k")
 
     def set_eval_k(self, k: EvalK) -> None:
@@ -100,3 +107,15 @@ class KSchedule:
                 raise ValueError(f"{name}: k={v!r} must be an int in [1, moe.num_experts={self.cfg.num_experts}]")
         if isinstance(k, (list, tuple)) and self.moe_layers is not None and len(ks) != len(self.moe_layers):
             raise ValueError(f"{name} lists {len(ks)} values but there are {len(self.moe_layers)} MoE layers")
+        lo, hi = self.trained_k_range()
+        for v in sorted(set(ks) - set(range(lo, hi + 1)) - self._warned_eval_k):
+            self._warned_eval_k.add(v)
+            trained = f"k in [{lo}, {hi}] (moe.matryoshka.k_min/k_max)" if self.cfg.matryoshka.enabled else \
+                f"k = {lo} (moe.top_k)"
+            warnings.warn(f"{name}: k={v} is outside what this model was trained with, {trained}; it never routed "
+                          f"with k={v}, so expect lower quality", stacklevel=3)
+
+    def trained_k_range(self) -> tuple[int, int]:
+        """``(k_min, k_max)`` with Matryoshka, else ``(top_k, top_k)``: the k values training routes with."""
+        mm = self.cfg.matryoshka
+        return (mm.k_min, mm.k_max) if mm.enabled else (self.cfg.top_k, self.cfg.top_k)

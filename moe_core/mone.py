@@ -7,23 +7,42 @@ KERNEL CONTRACT (kernels/mone.py must export a function with exactly this signat
     x_ND               [N, D]  token rows grouped by expert (rows of expert 0 first, then expert 1, ...)
     tokens_per_expert  list[int] of length E, sums to N (entries may be 0)
     w_gate_EFD         [E, F, D]   w_up_EFD [E, F, D]   w_down_EDF [E, D, F]   (same dtype/device as x_ND)
-    keep_k             int in [1, F]: neurons kept per row
+    keep_k             int in [1, F]: neurons kept per row (:func:`keep_count`)
     score              "post_act" -> rank neurons by |silu(W_gate x)|, "pre_act" -> by |W_gate x|
     y_ND               [N, D], dtype of x_ND
 
-    For row n of expert e:  pre = W_gate[e] x_n,  post = silu(pre),  h = post * (W_up[e] x_n)
-                            keep = the keep_k largest-|score| neurons of that row (ties: any consistent choice)
-                            y_n = W_down[e] (h * 1[keep])
-    Dropped neurons contribute exactly zero to y and receive exactly zero gradient; the function must be
-    differentiable w.r.t. x_ND and the three weights (the selection itself is not differentiated).
+    For row n of expert e:  g = W_gate[e] x_n (the GEMM output, rounded to the activation dtype),
+                            u = W_up[e] x_n,  keep = SELECT(g, keep_k, score) (below),
+                            h_f = silu(g_f) * u_f if keep_f else exactly 0,   y_n = W_down[e] h
+    The function must be differentiable w.r.t. x_ND and the three weights (the selection is not differentiated).
 
-:func:`mone_swiglu_torch` is the pure-torch implementation of that contract (and the reference for the kernels).
-It masks the dense hidden activations, so training saves no FLOPs; savings come from kernels that gather only the
-kept rows of W_up / columns of W_down. Selection uses ``torch.topk`` per row (a partial selection, no full sort).
+NEURON SELECTION - the one definition. The torch path here, the Triton training path (kernels/select_swiglu.py
+with the cut of kernels/topk_select.py), the Triton decode path (kernels/mone_decode.py), the FP8 path
+(parallel/fp8_torch.py) and the exported Hugging Face code (launcher/hf/modeling_moetron.py) all follow it:
+
+1. Score, in fp32, from the rounded ``g``: ``s_f = |g_f|`` (pre_act) or ``s_f = |silu(g_f)|`` with
+   ``silu(g) = g * sigmoid(g)`` evaluated in fp32 (post_act). No score is computed in bf16/fp16.
+2. Order: larger ``s`` first; ``+inf`` above every finite score; NaN BELOW every number (a NaN neuron is kept only
+   when its row has fewer than ``keep_k`` non-NaN scores); among equal scores the LOWER neuron index first. This
+   is a total order, so the kept set is unique however many exact ties bf16 produces.
+3. ``keep`` = the first ``keep_k`` neurons of that order.
+4. Masking is selection, never multiplication: dropped neurons enter ``h`` as exact zeros (``torch.where`` /
+   ``tl.where`` on the inputs of the SwiGLU product), so they contribute exactly 0 to ``y`` and receive exactly 0
+   gradient even where their ``g`` or ``u`` is inf or NaN (``inf * 0`` would be NaN).
+
+Paths agree bit for bit on the selection given the same ``g``; the one caveat is post_act, where two devices'
+fp32 ``sigmoid`` may differ in the last bit, which can only reorder two DIFFERENT ``g`` values whose fp32 scores
+are within one ulp (pre_act is exact everywhere). Which ``g`` each path computes is a GEMM matter (accumulation
+order), outside the selection.
+
+:func:`mone_swiglu_torch` is the pure-torch implementation of the contract (and the reference for the kernels). It
+masks the dense hidden activations, so training saves no FLOPs; savings come from kernels that gather only the
+kept rows of W_up / columns of W_down. The torch selection is one ``torch.topk`` over distinct int64 keys
+``(score bits, -index)``: a partial selection (no full sort) whose result does not depend on topk's tie order.
 """
 from __future__ import annotations
 
-import math
+from fractions import Fraction
 from typing import Callable
 
 import torch
@@ -32,40 +51,52 @@ from moe_core.grouped import grouped_linear, swiglu_grouped
 
 MoNEFn = Callable[..., torch.Tensor]
 SCORES = ("post_act", "pre_act")
+_NAN_BITS = -1  # NaN sorts below |score| = 0 (bit pattern 0)
 
 
 def keep_count(keep_ratio: float, ffn: int) -> int:
-    """Neurons kept per row: ``round(keep_ratio * F)`` rounding halves up, at least 1."""
+    """Neurons kept per row: ``keep_ratio * F`` rounded half up, clamped to ``[1, F]``.
+
+    Exact rational arithmetic on the ratio as written: the float is read as the shortest decimal that round-trips
+    (``repr``, what a recipe says: 0.29 is 29/100, not the binary 0.28999999999999998), so 0.29 * 50 = 14.5 gives
+    15. Raises ValueError unless ``0 < keep_ratio <= 1``.
+    """
     if not 0.0 < keep_ratio <= 1.0:
         raise ValueError(f"moe.mone.keep_ratio must be in (0, 1], got {keep_ratio}")
-    return max(1, min(ffn, math.floor(keep_ratio * ffn + 0.5)))
+    kept = int(Fraction(repr(float(keep_ratio))) * ffn + Fraction(1, 2))  # int() floors a positive Fraction
+    return max(1, min(ffn, kept))
 
 
-def neuron_score(pre_act_NF: torch.Tensor, post_act_NF: torch.Tensor, score: str) -> torch.Tensor:
-    """Non-negative per-neuron ranking score ``|silu(pre)|`` (post_act) or ``|pre|`` (pre_act)."""
+def neuron_score(pre_act_NF: torch.Tensor, score: str) -> torch.Tensor:
+    """fp32 ranking score (step 1 of the selection): ``|silu(g)|`` (post_act) or ``|g|`` (pre_act), from ``g`` as
+    given (the rounded GEMM output); differentiable."""
+    g_NF = pre_act_NF.float()
     if score == "post_act":
-        return post_act_NF.abs()
+        return (g_NF * torch.sigmoid(g_NF)).abs()
     if score == "pre_act":
-        return pre_act_NF.abs()
+        return g_NF.abs()
     raise ValueError(f"moe.mone.score must be one of {list(SCORES)}, got {score!r}")
 
 
-def neuron_mask(score_NF: torch.Tensor, keep_k: int) -> torch.Tensor:
-    """0/1 mask (dtype of ``score_NF``) keeping the ``keep_k`` highest scores of each row; not differentiable."""
-    if not 1 <= keep_k <= score_NF.shape[-1]:
-        raise ValueError(f"keep_k={keep_k} must be in [1, F={score_NF.shape[-1]}]")
-    keep_idx_NK = torch.topk(score_NF.detach(), keep_k, dim=-1, sorted=False).indices
-    mask_NF = torch.zeros_like(score_NF, memory_format=torch.contiguous_format)
-    return mask_NF.scatter_(-1, keep_idx_NK, 1.0)
+@torch.no_grad()
+def select_neurons(pre_act_NF: torch.Tensor, keep_k: int, score: str) -> torch.Tensor:
+    """bool ``[N, F]``: the ``keep_k`` neurons of each row chosen by the selection in the module docstring."""
+    F = pre_act_NF.shape[-1]
+    if not 1 <= keep_k <= F:
+        raise ValueError(f"keep_k={keep_k} must be in [1, F={F}]")
+    score_NF = neuron_score(pre_act_NF, score)
+    bits_NF = torch.where(score_NF.isnan(), _NAN_BITS, score_NF.view(torch.int32)).to(torch.int64)
+    # fp32 |s| bit patterns are monotone in |s|; appending (F - 1 - f) makes every key distinct, lower f larger
+    key_NF = bits_NF * (1 << 32) + torch.arange(F - 1, -1, -1, device=pre_act_NF.device)
+    keep_idx_NK = torch.topk(key_NF, keep_k, dim=-1, sorted=False).indices
+    return torch.zeros(score_NF.shape, dtype=torch.bool, device=pre_act_NF.device).scatter_(-1, keep_idx_NK, True)
 
 
 def mone_swiglu_torch(x_ND: torch.Tensor, tokens_per_expert: list[int], w_gate_EFD: torch.Tensor,
                       w_up_EFD: torch.Tensor, w_down_EDF: torch.Tensor, keep_k: int, score: str) -> torch.Tensor:
     """Pure-torch implementation of the kernel contract in this module's docstring."""
-    def hidden_mask(pre_act_NF: torch.Tensor, post_act_NF: torch.Tensor) -> torch.Tensor:
-        return neuron_mask(neuron_score(pre_act_NF, post_act_NF, score), keep_k)
-
-    return swiglu_grouped(x_ND, tokens_per_expert, w_gate_EFD, w_up_EFD, w_down_EDF, hidden_mask)
+    return swiglu_grouped(x_ND, tokens_per_expert, w_gate_EFD, w_up_EFD, w_down_EDF,
+                          lambda pre_act_NF: select_neurons(pre_act_NF, keep_k, score))
 
 
 def neuron_balance_loss(x_ND: torch.Tensor, tokens_per_expert: list[int], w_gate_EFD: torch.Tensor,
@@ -78,9 +109,9 @@ def neuron_balance_loss(x_ND: torch.Tensor, tokens_per_expert: list[int], w_gate
     the result is the mean over experts that received rows (0 if none). Computed in fp32. It recomputes the gate
     GEMM, so it costs one extra ``N x D x F`` GEMM when enabled (and works with any kernel backend).
     """
-    pre_act_NF = grouped_linear(x_ND, w_gate_EFD, tokens_per_expert).float()
-    score_NF = neuron_score(pre_act_NF, torch.nn.functional.silu(pre_act_NF), score)
-    mask_NF = neuron_mask(score_NF, keep_k)
+    pre_act_NF = grouped_linear(x_ND, w_gate_EFD, tokens_per_expert)
+    score_NF = neuron_score(pre_act_NF, score)
+    mask_NF = select_neurons(pre_act_NF, keep_k, score).float()
     share_NF = score_NF / score_NF.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     rows_E = torch.tensor(tokens_per_expert, device=x_ND.device)
     expert_N = torch.repeat_interleave(torch.arange(len(tokens_per_expert), device=x_ND.device), rows_E)

@@ -6,11 +6,21 @@ Numerics: all router math is fp32 whatever the input dtype (autocast is disabled
 experts and the renormalised weights are sensitive to bf16 rounding and decide which experts a token reaches.
 
 - probabilities ``p_TE = softmax(x W^T)``; selection = top-k of ``p_TE + expert_bias_E`` (the bias only changes
-  which experts are chosen, DeepSeek-V3 style); weights = ``p`` of the chosen experts renormalised to sum to 1
-  (so with k=1 the weight is exactly 1 and the router learns only from the aux losses, as with Qwen3-MoE).
-- aux loss (Switch/megatron-core): ``coeff * E * sum_e f_e * P_e`` with ``f_e`` the fraction of the T*K routed
-  slots that chose e (before dropping) and ``P_e`` the mean over tokens of ``p_te``; equals ``coeff`` when balanced.
+  which experts are chosen, DeepSeek-V3 style).
+- gate weights (``moe.norm_topk_prob``, Hugging Face Qwen3-MoE's name): true = ``p`` of the chosen experts
+  renormalised to sum to 1 when k > 1, and the raw ``p`` at k = 1, as in the Switch Transformer (arXiv
+  2101.03961): renormalising one weight would give exactly 1.0, whose gradient w.r.t. the router is zero, so a
+  top-1 layer (or a Matryoshka layer that drew k = 1) would learn routing from the aux losses only. false = the
+  raw ``p`` at every k.
+- aux loss (Switch/megatron-core): ``coeff * E * sum_e f_e * P_e`` with ``f_e`` the fraction of the routed slots
+  that chose e (before dropping) and ``P_e`` the mean over this micro-batch's tokens of ``p_te``; equals ``coeff``
+  when balanced. ``moe.aux_loss_scope`` says whose slots ``f_e`` counts: ``micro_batch`` = this micro-batch's T*K;
+  ``global_batch`` (arXiv 2501.11873, as Qwen3-MoE trains) = the step's global batch: the counts are summed over
+  the data-parallel ranks by ``count_reducer`` (installed by parallel/, collective-only) and accumulated over the
+  step's micro-batches, so micro-batch m of a step uses micro-batches 1..m of every DP rank and the last one the
+  whole global batch (megatron-core's ``global_aux_loss`` does the same). :meth:`TopKRouter.start_step` resets it.
 - z-loss (ST-MoE): ``coeff * mean_t logsumexp(logits_t)^2``.
+- no tokens (an empty micro-batch or pipeline chunk): aux and z losses are exactly 0 with zero gradient.
 - capacity factor: each expert keeps at most ``ceil(capacity_factor * T * K / E)`` slots, the ones with the highest
   router probability (megatron-core's default drop policy); dropped slots get id -1 and weight 0 (the remaining
   weights are not renormalised again). ``None`` = dropless.
@@ -19,6 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -32,7 +43,7 @@ class RouterOutput:
     topk_idx_TK: torch.Tensor
     """int64 expert ids; -1 marks a slot dropped by the capacity factor."""
     topk_weight_TK: torch.Tensor
-    """fp32 weights renormalised over the selected experts; 0 where dropped."""
+    """fp32 gate weights (renormalised over the selected experts per moe.norm_topk_prob); 0 where dropped."""
     aux_loss: torch.Tensor
     """Scalar load-balancing loss, already multiplied by moe.aux_loss_coeff."""
     z_loss: torch.Tensor
@@ -41,16 +52,25 @@ class RouterOutput:
     """int64 routed slots per expert before capacity dropping (metrics, expert-bias update)."""
 
 
-def switch_aux_loss(probs_TE: torch.Tensor, tokens_per_expert_E: torch.Tensor, k: int) -> torch.Tensor:
-    """Uncoefficiented Switch load-balancing loss ``E * sum_e (count_e / (T*k)) * mean_t p_te``."""
+CountReducer = Callable[[torch.Tensor], torch.Tensor]
+"""Sums a count vector over the ranks that share a global batch (collective-only); identity on one device."""
+
+
+def switch_aux_loss(probs_TE: torch.Tensor, frac_routed_E: torch.Tensor) -> torch.Tensor:
+    """Uncoefficiented Switch load-balancing loss ``E * sum_e f_e * mean_t p_te`` for slot fractions ``f_e``
+    (detached counts); 0 when there are no tokens."""
     num_tokens, num_experts = probs_TE.shape
-    frac_routed_E = tokens_per_expert_E.to(probs_TE.dtype) / max(num_tokens * k, 1)
-    return num_experts * (frac_routed_E * probs_TE.mean(0)).sum()
+    mean_prob_E = probs_TE.sum(0) / max(num_tokens, 1)  # sum over no rows is 0 (mean would be NaN)
+    return num_experts * (frac_routed_E.to(probs_TE.dtype) * mean_prob_E).sum()
+
+
+def _no_reduction(counts: torch.Tensor) -> torch.Tensor:
+    return counts
 
 
 def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
-    """Uncoefficiented router z-loss ``mean_t logsumexp(logits_t)^2``."""
-    return torch.logsumexp(logits_TE, dim=-1).square().mean()
+    """Uncoefficiented router z-loss ``mean_t logsumexp(logits_t)^2``; 0 when there are no tokens."""
+    return torch.logsumexp(logits_TE, dim=-1).square().sum() / max(logits_TE.shape[0], 1)
 
 
 def capacity_keep_mask(probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -73,6 +93,9 @@ class TopKRouter(nn.Module):
         self.hidden, self.num_experts, self.cfg = hidden, num_experts, cfg
         self.weight = nn.Parameter(torch.empty(num_experts, hidden))
         self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
+        self.count_reducer: CountReducer = _no_reduction
+        self._step_slots_E1: Optional[torch.Tensor] = None
+        """global_batch scope: [E + 1] routed slots per expert and in total, this step's micro-batches so far."""
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -89,6 +112,22 @@ class TopKRouter(nn.Module):
         else:
             self.expert_bias = bias_fp32.to(device=self.expert_bias.device, dtype=torch.float32)
         return self
+
+    def start_step(self) -> None:
+        """A new optimizer step begins: the global-batch slot counts start from zero."""
+        self._step_slots_E1 = None
+
+    def balance_fractions(self, tokens_per_expert_E: torch.Tensor, num_tokens: int, k: int) -> torch.Tensor:
+        """``f_e`` of the aux loss (module docstring): this micro-batch's slot fractions, or under
+        ``global_batch`` in training those of the step so far over every DP rank (collective through
+        ``count_reducer``)."""
+        slots_E1 = torch.cat([tokens_per_expert_E, tokens_per_expert_E.new_full((1,), num_tokens * k)]).float()
+        if self.cfg.aux_loss_scope == "global_batch" and self.training:
+            slots_E1 = self.count_reducer(slots_E1)
+            if self._step_slots_E1 is not None:
+                slots_E1 = slots_E1 + self._step_slots_E1
+            self._step_slots_E1 = slots_E1
+        return slots_E1[:-1] / slots_E1[-1].clamp_min(1)
 
     def capacity(self, num_tokens: int, k: int) -> int | None:
         """Slots each expert may keep, or None when dropless."""
@@ -107,10 +146,14 @@ class TopKRouter(nn.Module):
             select_TE = probs_TE + self.expert_bias if self.cfg.expert_bias else probs_TE
             topk_idx_TK = torch.topk(select_TE.detach(), k, dim=-1).indices
             topk_prob_TK = probs_TE.gather(1, topk_idx_TK)
-            topk_weight_TK = topk_prob_TK / topk_prob_TK.sum(-1, keepdim=True)
+            if self.cfg.norm_topk_prob and k > 1:
+                topk_weight_TK = topk_prob_TK / topk_prob_TK.sum(-1, keepdim=True)
+            else:  # k = 1: the raw probability keeps the router in the LM loss's gradient (Switch)
+                topk_weight_TK = topk_prob_TK
             tokens_per_expert_E = torch.zeros(self.num_experts, dtype=torch.int64, device=x_TD.device).scatter_add_(
                 0, topk_idx_TK.reshape(-1), torch.ones_like(topk_idx_TK.reshape(-1)))  # no host sync (bincount syncs)
-            aux = self.cfg.aux_loss_coeff * switch_aux_loss(probs_TE, tokens_per_expert_E, k)
+            frac_routed_E = self.balance_fractions(tokens_per_expert_E, x_TD.shape[0], k)
+            aux = self.cfg.aux_loss_coeff * switch_aux_loss(probs_TE, frac_routed_E)
             zl = self.cfg.z_loss_coeff * z_loss(logits_TE)
             capacity = self.capacity(x_TD.shape[0], k)
             if capacity is not None:

@@ -1,0 +1,30 @@
+"""Everything that knows process groups: groups, TP/EP/PP model build, dispatchers, LLEP, FP8, the optimizer.
+
+Importing it quiets megatron-core's and torch's notices that no moetron user can act on, so the console keeps what
+they can (a bad input's one line, the run summary, progress):
+- "Transformer Engine and Apex are not installed": megatron-core at import, on every CPU and every TE-less GPU node,
+  where it falls back to torch code by design (8 lines per process);
+- "MCore's async save is deprecated": megatron-core on the first save of every rank, about an API moetron does not
+  call (``dist_checkpointing/strategies/torch.py:749``);
+- "torch.distributed is disabled ... single process": torch.distributed.checkpoint when megatron-core reads a
+  checkpoint's metadata without collectives (``state_dict_loader.py:161``, ``state_dict_saver.py:187``), printed
+  by every rank of a torchrun world.
+"""
+import logging
+import warnings
+
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed", category=UserWarning)
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+logging.getLogger("megatron.core.dist_checkpointing.strategies.torch").addFilter(
+    _DropMessage("MCore's async save is deprecated"))

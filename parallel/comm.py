@@ -1,8 +1,10 @@
 """Autograd-aware collectives over an explicit process group (works on gloo and NCCL).
 
 Every function takes the process group as an argument (never a global) and is the identity, with no
-communication, when the group has a single rank. ``group=None`` follows torch.distributed (the default group);
-without an initialised default group it means "this process alone".
+communication, when the group has a single rank. A group is a ``torch.distributed.ProcessGroup`` (megatron's
+groups, or ``dist.group.WORLD`` when the world really is meant) or :data:`SINGLE_PROCESS` (this process alone, no
+torch.distributed needed). ``None`` is rejected with a ValueError: torch.distributed would read it as the whole
+world, which silently turned a forgotten TP group into a TP group of every rank (issue 17).
 
 - ``all_to_all(x, output_splits, input_splits, group)``: variable-size all-to-all along dim 0. Split sizes are
   Python lists of ints (gloo requires lists; NCCL accepts them). Backward is the reverse all-to-all.
@@ -18,23 +20,45 @@ error naming the fix) and only ``all_to_all`` handles ragged sizes.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence, Union
 
 import torch
 import torch.distributed as dist
 
-ProcessGroup = Optional[dist.ProcessGroup]
+
+class SingleProcess:
+    """The explicit group of this process alone: every collective on it is the identity."""
+
+    def __repr__(self) -> str:
+        return "SINGLE_PROCESS"
+
+
+SINGLE_PROCESS = SingleProcess()
+ProcessGroup = Union[dist.ProcessGroup, SingleProcess]
 
 # torch >= 2.13 renamed all_gather_into_tensor to all_gather_single (the old name warns); keep older torch working.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
+def check_group(group: ProcessGroup, what: str = "process group") -> ProcessGroup:
+    """``group`` itself; ValueError if it is None (a missing group is never the world)."""
+    if group is None:
+        raise ValueError(f"{what} is None: pass the process group explicitly (megatron's group from "
+                         f"parallel.groups.ParallelGroups, dist.group.WORLD if the world is meant, or "
+                         f"parallel.comm.SINGLE_PROCESS for one process); None is never taken as the world")
+    return group
+
+
 def group_size(group: ProcessGroup) -> int:
-    return dist.get_world_size(group) if dist.is_initialized() else 1
+    if isinstance(check_group(group), SingleProcess):
+        return 1
+    return dist.get_world_size(group)
 
 
 def group_rank(group: ProcessGroup) -> int:
-    return dist.get_rank(group) if dist.is_initialized() else 0
+    if isinstance(check_group(group), SingleProcess):
+        return 0
+    return dist.get_rank(group)
 
 
 def _check_splits(name: str, splits: Sequence[int], group: ProcessGroup) -> list[int]:

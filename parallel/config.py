@@ -6,23 +6,31 @@ LLEP, and FP8 projections.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Annotated, Literal, Protocol
 
 from moe_core.config import ModelConfig, MoEConfig
+from moe_core.config_fields import NonNegativeInt, PositiveFloat, PositiveInt, Range
 
 
 @dataclass
 class LLEPConfig:
-    """Least-Loaded Expert Parallelism (arXiv 2601.17111)."""
+    """Least-Loaded Expert Parallelism (arXiv 2601.17111; rules in parallel/llep_plan.py). Extra expert-weight
+    memory per rank is at most ``W * (2 * max_foreign_experts + max_helpers_per_expert * experts_per_rank)``,
+    ``W`` = one expert's gate+up+down bytes (``parallel.llep.extra_weight_bytes_bound``)."""
 
-    imbalance_threshold: float = 1.3
-    """lambda: plain EP is used while max/mean EP-rank load stays below this."""
-    capacity_factor: float = 1.0
-    """alpha: per-rank token capacity is alpha * total_tokens / ep_size."""
-    min_tokens_per_gemm: int = 1024
-    """Spilled chunks smaller than this are avoided unless nothing else fits."""
-    max_foreign_experts: int = 4
-    """Most foreign experts' weights a rank may host in one step (memory cap)."""
+    imbalance_threshold: PositiveFloat = 1.3
+    """lambda (paper 1.3): plain EP is used while max/mean EP-rank load stays below this."""
+    capacity_factor: Annotated[float, Range(ge=1)] = 1.0
+    """alpha (paper 1.0-1.1): per-rank token capacity is alpha * total_tokens / ep_size (at least 1 so the ranks
+    hold every token)."""
+    min_tokens_per_gemm: NonNegativeInt = 1024
+    """(paper 1024) A spilled chunk has at least min(this, tokens left) tokens, so an expert spilling s tokens
+    makes at most ceil(s / this) weight transfers; a helper may end up to this - 1 tokens over capacity."""
+    max_foreign_experts: NonNegativeInt = 4
+    """Most foreign experts' weights a rank receives in one step (memory cap on the receiving side)."""
+    max_helpers_per_expert: PositiveInt = 16
+    """Most helper ranks one expert is spilled to in one step (memory cap on the home rank, which receives one
+    weight gradient per helper); a hot expert's tokens are then split over at most this + 1 ranks."""
 
 
 @dataclass
@@ -39,9 +47,12 @@ class ParallelConfig:
     """Sizes of the megatron-core parallel groups. DP is derived: world / (tp * pp).
     Experts are not tensor-parallel (expert TP = 1); EP is carved out of the tp*dp ranks of a stage."""
 
-    tp: int = 1
-    pp: int = 1
-    ep: int = 1
+    tp: PositiveInt = 1
+    """Tensor-parallel size (dense layers)."""
+    pp: PositiveInt = 1
+    """Pipeline-parallel stages."""
+    ep: PositiveInt = 1
+    """Expert-parallel size."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """auto = nccl when CUDA is available, else gloo."""
 
@@ -59,10 +70,11 @@ class FP8Config:
     mxfp8 = 32-element block scales (TE only, Blackwell GPUs)."""
     format: Literal["hybrid", "e4m3"] = "hybrid"
     """hybrid = E4M3 activations/weights and E5M2 gradients; e4m3 = E4M3 everywhere."""
-    amax_history_len: int = 16
+    amax_history_len: PositiveInt = 16
+    """delayed recipe: amax values kept per tensor."""
     amax_compute_algo: Literal["max", "most_recent"] = "max"
     """delayed recipe: scale from the max of the amax history, or from the most recent amax."""
-    margin: int = 0
+    margin: NonNegativeInt = 0
     """Scales are divided by 2**margin (headroom against amax growth between steps)."""
     keep_first_last_bf16: bool = True
     """Keep the first and last transformer layers in bf16."""

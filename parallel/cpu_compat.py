@@ -15,10 +15,24 @@ around; tests/parallel/test_cpu_compat.py reproduces the original failure, so an
 3. ``torch.cuda.current_device()`` places the failure flag of a save on the GPU
    (``dist_checkpointing/strategies/state_dict_saver.py:252``); without CUDA it raises. It returns ``"cpu"``,
    which every ``device=`` argument accepts.
+4. The distributed optimizer and its gradient buffers create small tensors with a literal ``device='cuda'``
+   (``optimizer/optimizer.py:702`` ``_scale_one``, ``optimizer/clip_grads.py:96/108/180``, ``utils.py:1332``
+   ``local_multi_tensor_l2_norm``) and order work on CUDA streams (``distributed/param_and_grad_buffer.py:632``
+   ``torch.cuda.current_stream()``). Those modules get a ``torch`` whose tensor factories map the device
+   ``cuda`` to ``cpu`` and whose ``torch.cuda.current_stream()`` / ``torch.cuda.stream()`` are no-op stand-ins
+   (there is one stream on a CPU); every other name is torch's own.
+5. The distributed optimizer tells parameter dtypes apart by CUDA type names
+   (``optimizer/distrib_optimizer.py:401/466`` ``model_param.type() in ['torch.cuda.HalfTensor', ...]``, also
+   ``:758``) and ``clip_grads.py:174`` asserts ``param.grad.type() == 'torch.cuda.FloatTensor'``; CPU tensors are
+   named ``torch.BFloat16Tensor`` and are rejected. While ``DistributedOptimizer.__init__`` and
+   ``clip_grad_by_total_norm_fp32`` run, ``Tensor.type()`` (no arguments) answers with the CUDA name.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import queue
+import types
 
 import torch
 
@@ -49,6 +63,90 @@ def _thread_results_queue(mp_mode: str = "spawn") -> queue.Queue:  # noqa: ARG00
 _RESULTS_QUEUE: queue.Queue | None = None
 
 
+_FACTORIES = frozenset({"tensor", "zeros", "ones", "empty", "full", "zeros_like", "empty_like", "ones_like"})
+_CUDA_MODULES = ("megatron.core.optimizer.optimizer", "megatron.core.optimizer.distrib_optimizer",
+                 "megatron.core.optimizer.clip_grads", "megatron.core.utils",
+                 "megatron.core.distributed.param_and_grad_buffer")
+
+
+class _CpuStream:
+    """Patch 4: the stand-in for ``torch.cuda.current_stream()``: one in-order stream, nothing to wait for."""
+
+    def wait_event(self, event) -> None:  # noqa: ARG002
+        """Nothing runs asynchronously on the CPU stream."""
+
+    def wait_stream(self, stream) -> None:  # noqa: ARG002
+        """Nothing runs asynchronously on the CPU stream."""
+
+
+def _on_cpu(kwargs: dict) -> dict:
+    device = kwargs.get("device")
+    if device == "cuda" or (isinstance(device, torch.device) and device.type == "cuda"):
+        kwargs["device"] = "cpu"
+    return kwargs
+
+
+class _CpuCuda(types.ModuleType):
+    """Patch 4: ``torch.cuda`` as those modules see it."""
+
+    def __getattr__(self, name):
+        if name == "current_stream":
+            return lambda *args, **kwargs: _CpuStream()
+        if name == "stream":
+            return lambda *args, **kwargs: contextlib.nullcontext()
+        return getattr(torch.cuda, name)
+
+
+class _CpuTorch(types.ModuleType):
+    """Patch 4: ``torch`` as those modules see it: factories place ``cuda`` tensors on the CPU."""
+
+    def __getattr__(self, name):
+        if name == "cuda":
+            return _CpuCuda("torch.cuda")
+        value = getattr(torch, name)
+        if name in _FACTORIES:
+            return functools.wraps(value)(lambda *args, **kwargs: value(*args, **_on_cpu(kwargs)))
+        return value
+
+
+@contextlib.contextmanager
+def _cuda_type_names():
+    """Patch 5: ``tensor.type()`` answers ``torch.cuda.*`` names inside the wrapped megatron calls."""
+    original = torch.Tensor.type
+
+    def cuda_named(self, *args, **kwargs):
+        name = original(self, *args, **kwargs)
+        if args or kwargs or self.is_cuda:
+            return name
+        return name.replace("torch.", "torch.cuda.", 1)
+
+    torch.Tensor.type = cuda_named
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original
+
+
+def _with_cuda_type_names(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _cuda_type_names():
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+def _patch_optimizer() -> None:
+    import importlib
+
+    from megatron.core.optimizer import distrib_optimizer, optimizer
+
+    for name in _CUDA_MODULES:
+        importlib.import_module(name).torch = _CpuTorch("torch")
+    distrib_optimizer.DistributedOptimizer.__init__ = _with_cuda_type_names(
+        distrib_optimizer.DistributedOptimizer.__init__)
+    optimizer.clip_grad_by_total_norm_fp32 = _with_cuda_type_names(optimizer.clip_grad_by_total_norm_fp32)
+
+
 def apply() -> bool:
     """Install the CPU patches once; returns whether they are active (False on CUDA machines)."""
     global _APPLIED
@@ -61,5 +159,6 @@ def apply() -> bool:
     torch.cuda.synchronize = _noop_synchronize
     torch.cuda.current_device = _cpu_current_device
     filesystem_async.get_write_results_queue = _thread_results_queue
+    _patch_optimizer()
     _APPLIED = True
     return True

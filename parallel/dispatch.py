@@ -37,7 +37,7 @@ import torch
 from moe_core.experts import SwiGLUExperts
 from moe_core.layer import MoELayer
 from moe_core.permute import make_permutation, permute_tokens, sort_by_expert, unpermute_tokens
-from parallel.comm import ProcessGroup, all_to_all, gather_dim0, group_rank, group_size, split_dim0
+from parallel.comm import ProcessGroup, all_to_all, check_group, gather_dim0, group_rank, group_size, split_dim0
 
 __all__ = ["AllToAllDispatcher", "EPLayout", "shard_moe_layer"]
 
@@ -66,6 +66,8 @@ class AllToAllDispatcher:
     """
 
     def __init__(self, tp_group: ProcessGroup, ep_group: ProcessGroup, num_experts: int):
+        check_group(tp_group, f"{type(self).__name__} tp_group")
+        check_group(ep_group, f"{type(self).__name__} ep_group")
         self.tp_group, self.ep_group, self.num_experts = tp_group, ep_group, num_experts
         self.ep_size, self.ep_rank = group_size(ep_group), group_rank(ep_group)
         if num_experts % self.ep_size:
@@ -89,6 +91,13 @@ class AllToAllDispatcher:
     def layout(self, tokens_per_expert_E: torch.Tensor, recv_PL: torch.Tensor) -> EPLayout:
         """Local-only: split sizes (one device-to-host copy) and the regroup order of the received rows."""
         send_rows, recv_rows = torch.stack([tokens_per_expert_E.view(self.ep_size, self.num_local), recv_PL]).tolist()
+        return self.layout_from_host(send_rows, recv_rows, recv_PL)
+
+    def layout_from_host(self, send_rows: list[list[int]], recv_rows: list[list[int]],
+                         recv_PL: torch.Tensor) -> EPLayout:
+        """Local-only, no host sync: the layout from counts already on the host. ``send_rows[r][l]`` = slots this
+        rank sends to rank r's local expert l; ``recv_rows[s][l]`` (host) and ``recv_PL`` (int64 on the token
+        device, same values) = slots rank s sends to this rank's local expert l."""
         send_splits, recv_splits = [sum(r) for r in send_rows], [sum(r) for r in recv_rows]
         regroup_M = None
         if self.ep_size > 1 and self.num_local > 1:
@@ -131,13 +140,18 @@ class AllToAllDispatcher:
         x_ND = permute_tokens(x_tD, perm)
         recv_PL = self.exchange_counts(perm.tokens_per_expert_E)                              # 2 collective
         layout = self.layout(perm.tokens_per_expert_E, recv_PL)                               # 3 local
+        y_tD = self.exchange_and_compute(x_ND, perm, weight_tK, layout, experts)              # 4-9
+        return gather_dim0(y_tD, self.tp_group)                                               # 10 collective
+
+    def exchange_and_compute(self, x_ND: torch.Tensor, perm, weight_tK: torch.Tensor, layout: EPLayout,
+                             experts: SwiGLUExperts) -> torch.Tensor:
+        """Phases 4-9: permuted rows ``x_ND`` -> this TP rank's combined outputs ``y_tD``."""
         x_MD = all_to_all(x_ND, layout.recv_splits, layout.send_splits, self.ep_group)       # 4 collective
         x_grouped_MD = self.regroup(x_MD, layout)                                             # 5 local
         y_grouped_MD = experts(x_grouped_MD, layout.tokens_per_local_expert)                  # 6 local
         y_MD = self.undo_regroup(y_grouped_MD, layout)                                        # 7 local
         y_ND = all_to_all(y_MD, layout.send_splits, layout.recv_splits, self.ep_group)       # 8 collective
-        y_tD = unpermute_tokens(y_ND, perm, weight_tK, x_tD.shape[0])                         # 9 local
-        return gather_dim0(y_tD, self.tp_group)                                               # 10 collective
+        return unpermute_tokens(y_ND, perm, weight_tK, perm.row_TK.shape[0])                  # 9 local
 
 
 def shard_moe_layer(layer: MoELayer, groups) -> MoELayer:

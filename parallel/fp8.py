@@ -188,16 +188,16 @@ _FWD_KINDS, _BWD_KINDS = ("input", "weight"), ("grad_output",)
 
 
 def fp8_stats(model: nn.Module) -> dict[str, float]:
-    """Per FP8 module: ``fp8/<module>/<tensor>_amax`` (max over the history window and over the module's GEMMs)
-    and ``fp8/<module>/<tensor>_scale`` (smallest scale, the most range-limited GEMM), tensor in
+    """Per FP8 module: ``train_fp8/<module>/<tensor>_amax`` (max over the history window and over the module's
+    GEMMs) and ``train_fp8/<module>/<tensor>_scale`` (smallest scale, the most range-limited GEMM), tensor in
     input/weight/grad_output. Works for both backends (TE's delayed-scaling fp8_meta has the same layout)."""
     stats: dict[str, float] = {}
     for name, num_gemms, fwd, bwd in _scaling_tables(model):
         for kinds, (history, scale) in ((_FWD_KINDS, fwd), (_BWD_KINDS, bwd)):
             for i, kind in enumerate(kinds):
                 slots = slice(i * num_gemms, (i + 1) * num_gemms)
-                stats[f"fp8/{name}/{kind}_amax"] = float(history[:, slots].max())
-                stats[f"fp8/{name}/{kind}_scale"] = float(scale[slots].min())
+                stats[f"train_fp8/{name}/{kind}_amax"] = float(history[:, slots].max())
+                stats[f"train_fp8/{name}/{kind}_scale"] = float(scale[slots].min())
     return stats
 
 

@@ -325,13 +325,12 @@ def mone_from_gate(experts: nn.Module, x_ND: torch.Tensor, tokens_per_expert: li
     """MoNE expert output from an already computed (FP8) gate projection; the rest is moe_core's MoNE math in the
     model dtype: neuron selection on the gate, masked up/down grouped GEMMs, optional neuron balance loss."""
     from moe_core.aux_loss import AuxLossAutoScaler
-    from moe_core.grouped import grouped_linear
-    from moe_core.mone import neuron_balance_loss, neuron_mask, neuron_score
+    from moe_core.grouped import grouped_linear, masked_swiglu
+    from moe_core.mone import neuron_balance_loss, select_neurons
 
     mone = experts.mone
-    post_NF = F.silu(gate_NF)
-    mask_NF = neuron_mask(neuron_score(gate_NF, post_NF, mone.score), experts.keep_k)
-    h_NF = post_NF * grouped_linear(x_ND, experts.w_up_EFD, tokens_per_expert) * mask_NF.to(post_NF.dtype)
+    keep_NF = select_neurons(gate_NF, experts.keep_k, mone.score)
+    h_NF = masked_swiglu(gate_NF, grouped_linear(x_ND, experts.w_up_EFD, tokens_per_expert), keep_NF)
     y_ND = grouped_linear(h_NF, experts.w_down_EDF, tokens_per_expert)
     if mone.balance_loss_coeff > 0 and experts.training:
         balance = neuron_balance_loss(x_ND, tokens_per_expert, experts.w_gate_EFD, experts.keep_k, mone.score)

@@ -40,8 +40,11 @@ class ParallelGroups:
 
     @classmethod
     def single(cls) -> "ParallelGroups":
-        """One process, no collectives."""
-        return cls(None, None, None, None, None)
+        """One process, no collectives: every group is ``parallel.comm.SINGLE_PROCESS`` (never None, which
+        torch.distributed would read as the world)."""
+        from parallel.comm import SINGLE_PROCESS
+
+        return cls(*(SINGLE_PROCESS,) * 5)
 
     @property
     def is_first_stage(self) -> bool:
@@ -114,3 +117,11 @@ def destroy() -> None:
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
+
+
+def megatron_process_groups():
+    """The megatron-core ``ProcessGroupCollection`` of the groups :func:`initialize` created, for the modules that
+    take one explicitly (``DistributedDataParallel``, ``get_megatron_optimizer``)."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    return ProcessGroupCollection.use_mpu_process_groups()

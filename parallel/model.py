@@ -6,7 +6,10 @@ numbers the single-device model would hold at every position. Parameter names eq
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -95,6 +98,27 @@ def _localise_experts(model: MoETransformer, cfg: RunConfig, groups: ParallelGro
         layer.dispatcher = _make_dispatcher(cfg, groups)
 
 
+def to_compute_dtype(model: nn.Module, dtype: torch.dtype) -> None:
+    """Parameters to ``dtype`` in place (same Parameter objects, specs kept), except the router's: routing is
+    decided and its softmax differentiated in fp32 (moe_core/router.py computes in fp32 whatever the input), so
+    its weight stays fp32, as megatron-core's fp32 router does. Buffers (RoPE tables, expert bias) stay fp32."""
+    for name, p in model.named_parameters():
+        if "router" not in name.split("."):
+            p.data = p.data.to(dtype)
+
+
+def dp_count_reducer(dp_group) -> Callable[[torch.Tensor], torch.Tensor]:
+    """For ``moe.aux_loss_scope=global_batch``: a router ``count_reducer`` that sums routed-slot counts over the
+    data-parallel group (collective-only: one all-reduce of E + 1 numbers per MoE layer and micro-batch). Tokens are
+    replicated over TP peers and disjoint over DP ranks, so the DP sum counts each token of the global batch once."""
+
+    def over_dp(counts: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(counts, group=dp_group)
+        return counts
+
+    return over_dp
+
+
 def default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
@@ -114,6 +138,11 @@ def build_model(cfg: RunConfig, groups: ParallelGroups, device: torch.device | N
     model.reset_buffers()
     attach_specs(model, groups)
     init_parameters(model, cfg.train.seed, cfg.model.init_std, cfg.model.num_layers, groups)
+    if cfg.train.precision != "fp32":
+        to_compute_dtype(model, torch.bfloat16)
+    if cfg.moe.aux_loss_scope == "global_batch" and groups.dp_size > 1:
+        for layer in model.moe_layers().values():
+            layer.router.count_reducer = dp_count_reducer(groups.dp_group)
     if cfg.train.precision == "fp8":
         from parallel.fp8 import convert_to_fp8  # lazy: bf16/fp32 runs never import FP8 code
 

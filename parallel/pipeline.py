@@ -4,14 +4,15 @@ Stage s runs ``pp - s - 1`` warm-up forwards, then alternates one forward / one 
 remaining backwards; so at most ``pp - s`` micro-batches' activations are alive on stage s (GPipe keeps all).
 Sends are non-blocking (``isend``) and receives blocking; with this order every receive has a matching send that
 is already issued or will be issued without waiting on it, so the schedule cannot deadlock. Activations travel
-in fp32 between stages whatever the compute dtype (the residual stream is fp32 under autocast).
+in fp32 between stages whatever the compute dtype (the receiving stage casts them to its own).
 
 The loss of each micro-batch is divided by the number of micro-batches here, and the MoE aux-loss scale is set
 to match, so gradients are those of the mean loss over the step's micro-batches.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+import contextlib
+from typing import Callable, ContextManager, Optional
 
 import torch
 import torch.distributed as dist
@@ -49,21 +50,24 @@ class _P2P:
 
 
 def forward_backward(model: torch.nn.Module, micro_batches: list[dict], forward_fn: ForwardFn,
-                     groups: ParallelGroups, hidden_shape: tuple[int, ...], forward_only: bool = False
-                     ) -> list[torch.Tensor]:
+                     groups: ParallelGroups, hidden_shape: tuple[int, ...], forward_only: bool = False,
+                     no_sync: Callable[[], ContextManager] = contextlib.nullcontext) -> list[torch.Tensor]:
     """Run all micro-batches of one step through this stage; returns the (unscaled, detached) per-micro-batch
-    losses on the last stage, an empty list elsewhere. Gradients accumulate into ``.grad``."""
+    losses on the last stage, an empty list elsewhere. Gradients accumulate (``.grad``, or the distributed
+    optimizer's ``main_grad``). Every backward but the last runs inside ``no_sync()``, so a data-parallel reduction
+    overlapped with backward starts only in the last one."""
     n = len(micro_batches)
     previous_scale = AuxLossAutoScaler.loss_scale
     AuxLossAutoScaler.set_loss_scale(1.0 / n)
     try:
-        return _run_schedule(model, micro_batches, forward_fn, groups, hidden_shape, forward_only, n)
+        return _run_schedule(model, micro_batches, forward_fn, groups, hidden_shape, forward_only, n, no_sync)
     finally:  # the scale is process-global: leave it as found
         AuxLossAutoScaler.set_loss_scale(previous_scale)
 
 
 def _run_schedule(model: torch.nn.Module, micro_batches: list[dict], forward_fn: ForwardFn, groups: ParallelGroups,
-                  hidden_shape: tuple[int, ...], forward_only: bool, n: int) -> list[torch.Tensor]:
+                  hidden_shape: tuple[int, ...], forward_only: bool, n: int,
+                  no_sync: Callable[[], ContextManager]) -> list[torch.Tensor]:
     device = next(model.parameters()).device
     p2p = _P2P(groups, hidden_shape, device)
     first, last = groups.is_first_stage, groups.is_last_stage
@@ -84,12 +88,14 @@ def _run_schedule(model: torch.nn.Module, micro_batches: list[dict], forward_fn:
         if not forward_only:
             pending.append((x, out))
 
+    backwards = [0]
+
     def run_backward() -> None:
         x, out = pending.pop(0)
-        if last:
-            out.backward()
-        else:
-            out.backward(p2p.recv(+1).to(out.dtype))
+        grad = None if last else p2p.recv(+1).to(out.dtype)
+        backwards[0] += 1
+        with contextlib.nullcontext() if backwards[0] == n else no_sync():
+            out.backward(grad)
         if not first:
             p2p.send(x.grad, -1)
 

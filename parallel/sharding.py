@@ -72,6 +72,15 @@ def replica_id(spec: ShardSpec, groups: ParallelGroups) -> tuple[int, int]:
     return (groups.tp_rank if spec.tp_axis is None else 0, groups.dp_rank)
 
 
+def sharded_tensor(key: str, tensor: torch.Tensor, spec: ShardSpec, groups: ParallelGroups):
+    """megatron-core ``ShardedTensor`` placing ``tensor`` (this rank's TP/EP slice of a parameter-shaped tensor)
+    in the global tensor, written by one of the ranks that hold the same slice."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    return ShardedTensor.from_rank_offsets(key, tensor, *rank_offsets(spec, groups),
+                                           replica_id=replica_id(spec, groups))
+
+
 def replication(spec: ShardSpec, groups: ParallelGroups) -> int:
     """How many ranks of the world hold this exact shard (ranks of one pipeline stage)."""
     if spec.is_expert:

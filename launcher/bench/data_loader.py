@@ -8,7 +8,7 @@
    (start-up: worker processes, first shard opened) and then ``--batches`` batches in steady state. tokens/s per
    core = tokens/s / max(1, num_workers) (with workers, the main process only receives ready batches).
 3. Trainer: runs the real trainer (``python -m launcher.pretrain``, one process) on the same shards for
-   ``--trainer-steps`` steps and reads its ``perf/tokens_per_s`` back from TensorBoard (median, first step
+   ``--trainer-steps`` steps and reads its ``train/tokens_per_s`` back from TensorBoard (median, first step
    excluded as warm-up).
 Prints the loader table, the trainer's rate and the headroom = loader tokens/s per core / trainer tokens/s.
 """
@@ -54,7 +54,7 @@ def loader_rate(cfg, workers: int, batches: int) -> tuple[float, float]:
 
 
 def trainer_rate(cfg, steps: int, run_dir: Path) -> float:
-    """Median tokens/s the real trainer reports (TensorBoard perf/tokens_per_s), first step excluded."""
+    """Median tokens/s the real trainer reports (TensorBoard train/tokens_per_s), first step excluded."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from launcher.config import save_resolved
@@ -67,9 +67,9 @@ def trainer_rate(cfg, steps: int, run_dir: Path) -> float:
         raise SystemExit(f"bench_data: the trainer failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
     acc = EventAccumulator(str(run_dir / "tb"))
     acc.Reload()
-    values = [e.value for e in acc.Scalars("perf/tokens_per_s")][1:]
+    values = [e.value for e in acc.Scalars("train/tokens_per_s")][1:]
     if not values:
-        raise SystemExit(f"bench_data: no perf/tokens_per_s after the first step in {run_dir / 'tb'}; "
+        raise SystemExit(f"bench_data: no train/tokens_per_s after the first step in {run_dir / 'tb'}; "
                          "use more --trainer-steps")
     return statistics.median(values)
 

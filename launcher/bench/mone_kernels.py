@@ -17,6 +17,7 @@ import torch.nn.functional as Fn
 
 from kernels.mone import mone_swiglu_grouped, mone_swiglu_reference
 from kernels.mone_decode import mone_decode, row_starts
+from moe_core.mone import keep_count
 
 SHAPES = [(2048, 1024), (2048, 1408), (4096, 2816)]  # (hidden D, expert width F)
 
@@ -41,7 +42,7 @@ def bench_training(D, F, E, T, keep):
     x = torch.randn(E * T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     ws = _weights(E, D, F, True)
     dy = torch.randn_like(x)
-    k = round(keep * F)
+    k = keep_count(keep, F)
     fns = {
         "triton": lambda: mone_swiglu_grouped(x, splits, *ws, k),
         "torch_ref": lambda: mone_swiglu_reference(x, splits, *ws, k),
@@ -59,7 +60,7 @@ def bench_decode(D, F, E, T, keep):
     splits = [T] * E
     x = torch.randn(E * T, D, device="cuda", dtype=torch.bfloat16)
     ws = _weights(E, D, F, False)
-    k = round(keep * F)
+    k = keep_count(keep, F)
     starts = row_starts(splits, x.device)
     fns = {
         "triton": lambda: mone_decode(x, starts, *ws, k, "post_act"),
@@ -72,7 +73,7 @@ def bench_decode(D, F, E, T, keep):
         err = ((y.float() - y_ref.float()).norm() / y_ref.float().norm()).item()
         ms = {name: tt.do_bench_cudagraph(f, rep=100) for name, f in fns.items()}
     weight_bytes = 3 * E * F * D * 2
-    read = weight_bytes * (1 / 3 + 2 / 3 * keep) if T == 1 else float("nan")
+    read = weight_bytes * (2 / 3 + 1 / 3 * keep) if T == 1 else float("nan")  # W_gate, W_down in full; kept W_up
     print(f"decode D={D:5d} F={F:5d} E={E} T/expert={T:2d} k={k:5d} | triton {ms['triton'] * 1e3:.1f} us  "
           f"triton_k=F {ms['triton_k=F'] * 1e3:.1f} us  torch_ref {ms['torch_ref'] * 1e3:.1f} us  dense "
           f"{ms['dense'] * 1e3:.1f} us | dense/triton {ms['dense'] / ms['triton']:.2f}x  "

@@ -61,7 +61,10 @@ def make_shards(out: Path) -> Path:
 def active_neurons(cfg) -> str:
     """Expert neurons computed per token and MoE layer (a range for M-MoE: one value per k)."""
     moe = cfg.moe
-    per_expert = round((moe.mone.keep_ratio if moe.mone.enabled else 1.0) * moe.expert_ffn_hidden_size)
+    from moe_core.mone import keep_count
+
+    ffn = moe.expert_ffn_hidden_size
+    per_expert = keep_count(moe.mone.keep_ratio, ffn) if moe.mone.enabled else ffn
     if moe.matryoshka.enabled:
         return f"{moe.matryoshka.k_min * per_expert}-{moe.matryoshka.k_max * per_expert}"
     return str(moe.top_k * per_expert)

@@ -21,10 +21,13 @@ Output format (version ``FORMAT``), everything the loader (``launcher/data/loade
   its JSON), vocab size, EOS id, seq_length, dtype, per shard its sample/token counts, byte size and sha256, and
   the input statistics (documents, skipped empty files, lines that were not JSON, ...).
 
-Bad input never stops silently: missing paths and unsupported files are errors before any work; empty files and
-documents, malformed JSON lines and records without the text field are skipped and counted; bytes that are not
-UTF-8 are replaced by U+FFFD and the document is counted. ``--verify DIR`` re-hashes every shard of an output.
-This module does not import torch (fast CLI, cheap worker processes).
+Bad input never stops silently: missing paths, unsupported files and binary files (a NUL byte, or mostly bytes
+that are not UTF-8, in the first 8 KiB) are errors before any work, one line each (exit code 2); empty files and
+documents, lines that are not JSON (malformed, nested deeper than the parser goes, integers over Python's digit
+limit), records without the text field and records whose text is not Unicode (a lone surrogate escape such as
+``"\\ud800"``) are skipped and counted; bytes that are not UTF-8 are replaced by U+FFFD and the document is
+counted. ``--verify DIR`` re-hashes every shard of an output; the loader verifies each shard's sha256 once per
+process, when it first opens it. This module does not import torch (fast CLI, cheap worker processes).
 """
 from __future__ import annotations
 
@@ -43,6 +46,8 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
+from launcher.errors import OneLineError
+
 FORMAT = "moetron-shards/1"
 INDEX_NAME = "index.json"
 TOKENIZER_NAME = "tokenizer.json"
@@ -52,10 +57,12 @@ EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
 TEXT_SUFFIXES = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "jsonl", ".json": "jsonl",
                  ".parquet": "parquet"}
 _MAX_WARNINGS = 5
+_SNIFF_BYTES = 8192  # how much of each text input is looked at to tell text from a binary file
+_MAX_NON_UTF8 = 0.3  # more than this fraction of undecodable bytes in the sniffed block: binary
 
 
-class DataError(ValueError):
-    """Bad input data or shards. The message names the file and what to do."""
+class DataError(OneLineError):
+    """Bad input data or shards. The message is one line naming the file and what to do."""
 
 
 # ---------------------------------------------------------------- reading inputs
@@ -70,6 +77,7 @@ class InputStats:
     invalid_utf8_documents: int = 0
     bad_json_lines: int = 0
     records_without_text: int = 0
+    invalid_unicode_records: int = 0
 
     def warn(self, counter: str, message: str) -> None:
         """Count one skipped/repaired item; print the first few so the user can find them."""
@@ -78,8 +86,36 @@ class InputStats:
             print(f"preprocess: warning: {message}", file=sys.stderr)
 
 
+def binary_reason(path: Path) -> Optional[str]:
+    """Why the start of ``path`` looks binary rather than text (a NUL byte, mostly non-UTF-8 bytes), else None.
+    UTF-16 text counts as binary (it is full of NUL bytes)."""
+    with path.open("rb") as f:
+        head = f.read(_SNIFF_BYTES)
+    nul = head.find(b"\0")
+    if nul >= 0:
+        return f"NUL byte at offset {nul}"
+    bad = head.decode("utf-8", errors="replace").count("\ufffd")
+    if bad > _MAX_NON_UTF8 * len(head):
+        return f"{bad} of its first {len(head)} bytes are not UTF-8"
+    return None
+
+
+def _check_text_file(path: Path) -> Path:
+    if TEXT_SUFFIXES[path.suffix.lower()] == "parquet":
+        return path
+    try:
+        reason = binary_reason(path)
+    except OSError as e:
+        raise DataError(f"input '{path}' cannot be read ({e.strerror})") from None
+    if reason is not None:
+        raise DataError(f"input '{path}' is a binary file ({reason}), not text: remove it from --input "
+                        "(convert UTF-16 text to UTF-8)")
+    return path
+
+
 def find_inputs(paths: Iterable[str]) -> list[Path]:
-    """Expand files and directories into a sorted list of readable text files; error on anything unusable."""
+    """Expand files and directories into a sorted list of readable text files; error on anything unusable
+    (missing, unsupported suffix, unreadable, binary)."""
     files: list[Path] = []
     for raw in paths:
         path = Path(raw)
@@ -95,7 +131,7 @@ def find_inputs(paths: Iterable[str]) -> list[Path]:
             files.append(path)
         else:
             raise DataError(f"input '{path}' does not exist (pass existing files or directories to --input)")
-    return files
+    return [_check_text_file(path) for path in files]
 
 
 def _decode(data: bytes, where: str, stats: InputStats) -> str:
@@ -122,10 +158,20 @@ def _jsonl_docs(path: Path, text_field: str, stats: InputStats) -> Iterator[str]
             except json.JSONDecodeError as e:
                 stats.warn("bad_json_lines", f"{where}: not JSON ({e.msg}); line skipped")
                 continue
+            except (ValueError, RecursionError) as e:  # integers over Python's digit limit; nesting too deep
+                stats.warn("bad_json_lines", f"{where}: JSON this parser cannot read ({type(e).__name__}: "
+                                             f"{str(e).splitlines()[0][:120]}); line skipped")
+                continue
             text = record.get(text_field) if isinstance(record, dict) else None
             if not isinstance(text, str):
                 stats.warn("records_without_text", f"{where}: no string field '{text_field}' "
                                                    "(set --text-field); record skipped")
+                continue
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                stats.warn("invalid_unicode_records", f"{where}: '{text_field}' is not Unicode text (lone surrogate "
+                                                      f"{text[e.start]!r} at character {e.start}); record skipped")
                 continue
             yield text
 
@@ -157,18 +203,24 @@ def iter_documents(files: list[Path], text_field: str, stats: InputStats, progre
     """Non-empty documents of every file in order; counts what is skipped into ``stats``."""
     for path in files:
         stats.files += 1
-        if path.stat().st_size == 0:
+        size, reported = path.stat().st_size, 0  # progress: each document's bytes, then the rest of the file
+        if size == 0:
             stats.warn("empty_files", f"{path}: empty file skipped")
         else:
             for text in _READERS[TEXT_SUFFIXES[path.suffix.lower()]](path, text_field, stats):
+                nbytes = len(text.encode("utf-8"))
+                if progress is not None:
+                    step = min(nbytes, size - reported)
+                    progress.update(step)
+                    reported += step
                 if not text.strip():
                     stats.empty_documents += 1
                     continue
                 stats.documents += 1
-                stats.text_bytes += len(text.encode("utf-8"))
+                stats.text_bytes += nbytes
                 yield text
         if progress is not None:
-            progress.update(path.stat().st_size)
+            progress.update(size - reported)
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -344,19 +396,72 @@ def is_valid_document(doc_index: int, valid_fraction: float) -> bool:
 
 # ---------------------------------------------------------------- index
 
+_SHARD_ENTRY = {"name": str, "num_samples": int, "bytes": int, "sha256": str}
+_SPLIT_ENTRY = {"num_samples": int, "shards": [_SHARD_ENTRY]}
+INDEX_SCHEMA = {"format": str, "tokenizer": {"id": str, "vocab_size": int, "eos_id": int}, "seq_length": int,
+                "dtype": str, "splits": {split: _SPLIT_ENTRY for split in SPLITS}}
+"""What the loader reads from ``index.json``: keys, JSON types (integers are >= 0) and nesting."""
+_TOKEN_DTYPES = ("uint16", "uint32")
+
+
+def _schema_problem(value, schema, where: str) -> Optional[str]:
+    """The first place where ``value`` does not have the shape of ``schema``, as one phrase, or None."""
+    if isinstance(schema, dict):
+        if not isinstance(value, dict):
+            return f"'{where}' is not an object"
+        for key, sub in schema.items():
+            inner = f"{where}.{key}" if where else key
+            if key not in value:
+                return f"'{inner}' is missing"
+            problem = _schema_problem(value[key], sub, inner)
+            if problem:
+                return problem
+        return None
+    if isinstance(schema, list):
+        if not isinstance(value, list):
+            return f"'{where}' is not a list"
+        return next(filter(None, (_schema_problem(v, schema[0], f"{where}[{i}]") for i, v in enumerate(value))),
+                    None)
+    if schema is int and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+        return f"'{where}' is {value!r}, not a non-negative integer"
+    if not isinstance(value, schema):
+        return f"'{where}' is {value!r}, not a {schema.__name__}"
+    return None
+
+
+def _index_problem(index) -> Optional[str]:
+    problem = _schema_problem(index, INDEX_SCHEMA, "")
+    if problem:
+        return problem
+    if index["dtype"] not in _TOKEN_DTYPES:
+        return f"'dtype' is {index['dtype']!r}, not one of {list(_TOKEN_DTYPES)}"
+    for split in SPLITS:
+        for shard in index["splits"][split]["shards"]:
+            if Path(shard["name"]).name != shard["name"] or shard["name"].startswith("."):
+                return f"shard name {shard['name']!r} is not a file name inside the directory"
+    return None
+
+
 def read_index(data_dir: str | Path) -> dict:
-    """Load and check ``index.json`` of a preprocess output directory."""
+    """Load and check ``index.json`` of a preprocess output directory (format, and the shape of everything the
+    loader reads: :data:`INDEX_SCHEMA`). Any problem is one :class:`DataError` naming the file and the key."""
     path = Path(data_dir) / INDEX_NAME
     if not path.is_file():
         raise DataError(f"'{path}' not found: '{data_dir}' is not a finished preprocess output "
                         "(run `moetron preprocess --input ... --output DIR`)")
     try:
-        index = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"'{path}' is not valid JSON ({e.msg}); re-run preprocess") from None
-    if index.get("format") != FORMAT:
-        raise DataError(f"'{path}' has format {index.get('format')!r}, this moetron reads {FORMAT!r}; "
-                        "re-run preprocess")
+        index = json.loads(path.read_bytes())
+    except OSError as e:
+        raise DataError(f"'{path}' cannot be read ({e.strerror})") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bytes that are not UTF-8, absurd nesting
+        raise DataError(f"'{path}' is not valid JSON ({getattr(e, 'msg', type(e).__name__)}); re-run preprocess "
+                        "(--overwrite)") from None
+    fmt = index.get("format") if isinstance(index, dict) else None
+    if fmt != FORMAT:
+        raise DataError(f"'{path}' has format {fmt!r}, this moetron reads {FORMAT!r}; re-run preprocess (--overwrite)")
+    problem = _index_problem(index)
+    if problem:
+        raise DataError(f"'{path}' is damaged or incomplete: {problem}; re-run preprocess (--overwrite)")
     return index
 
 
@@ -364,6 +469,12 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj, indent=1))
     tmp.replace(path)
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, streamed (shards need not fit in memory)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def verify_shards(data_dir: str | Path) -> list[str]:
@@ -375,7 +486,7 @@ def verify_shards(data_dir: str | Path) -> list[str]:
             path = Path(data_dir) / shard["name"]
             if not path.is_file():
                 problems.append(f"{path}: missing")
-            elif hashlib.sha256(path.read_bytes()).hexdigest() != shard["sha256"]:
+            elif file_sha256(path) != shard["sha256"]:
                 problems.append(f"{path}: sha256 mismatch (corrupt or modified)")
     return problems
 
@@ -383,6 +494,8 @@ def verify_shards(data_dir: str | Path) -> list[str]:
 # ---------------------------------------------------------------- the command
 
 def _prepare_output(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"--output '{out_dir}' is a file; pass a directory")
     if (out_dir / INDEX_NAME).exists() and not overwrite:
         raise DataError(f"output '{out_dir}' already holds a preprocess result; pass --overwrite to replace it")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -391,10 +504,9 @@ def _prepare_output(out_dir: Path, overwrite: bool) -> None:
 
 
 def _progress(files: list[Path], desc: str):
-    from tqdm import tqdm
+    from launcher.progress import progress
 
-    return tqdm(total=sum(p.stat().st_size for p in files), desc=desc, unit="B", unit_scale=True,
-                file=sys.stderr, mininterval=0.5, disable=None)
+    return progress(sum(p.stat().st_size for p in files), desc, unit="B")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -456,14 +568,21 @@ def run(args: argparse.Namespace) -> dict:
           f"{sum(len(p.sink.shards) for p in packers.values())} shards; {elapsed:.1f} s total, tokenize+pack "
           f"{tokens / tok_elapsed:,.0f} tokens/s ({stats.text_bytes / 1e6 / tok_elapsed:.2f} MB/s) with "
           f"{args.workers} worker(s); skipped: {stats.empty_files} empty files, {stats.empty_documents} empty "
-          f"documents, {stats.bad_json_lines} bad JSON lines, {stats.records_without_text} records without text; "
+          f"documents, {stats.bad_json_lines} bad JSON lines, {stats.records_without_text} records without text, "
+          f"{stats.invalid_unicode_records} records with invalid Unicode; "
           f"{stats.invalid_utf8_documents} documents had invalid UTF-8 -> {out_dir}")
     return index
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """One line and exit code 2, like every other bad input (argparse would print the whole usage first)."""
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moetron preprocess", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _ArgumentParser(prog="moetron preprocess", description=__doc__.split("\n\n")[0],
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--input", nargs="+", help="text files (.txt/.md, .jsonl, .parquet) or directories")
     p.add_argument("--output", help="output directory for shards, tokenizer.json and index.json")
     p.add_argument("--tokenizer", help="local Hugging Face tokenizer.json (default: train a byte-level BPE)")
@@ -493,6 +612,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         run(args)
     except DataError as e:
         print(f"preprocess: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # an unwritable output, a full disk, a file that vanished mid-run
+        where = f" '{e.filename}'" if e.filename else ""
+        print(f"preprocess: error: {e.strerror or e}{where} (check --input/--output and free space)", file=sys.stderr)
         return 2
     return 0
 

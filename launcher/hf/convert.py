@@ -25,6 +25,7 @@ from launcher import env
 from launcher.train import checkpoint
 from launcher.config import Config, ConfigError, apply_override, config_from_dict, save_resolved, to_dict
 from launcher.hf import hf_dir, mapping
+from launcher.progress import progress
 from parallel.model import build_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -175,12 +176,13 @@ def load_hf_weights(model: torch.nn.Module, cfg: Config, hf_path: Path, tied: bo
     if keys - used:
         raise ConvertError(f"{len(keys - used)} HF tensors have no moetron counterpart, e.g. "
                            f"{sorted(keys - used)[:3]}; this is not a plain Qwen3-MoE checkpoint")
-    with torch.no_grad():
+    with torch.no_grad(), progress(len(targets), "read weights", unit="tensor") as bar:
         for name, target in targets.items():
             if tensors[name].shape != target.shape:
                 raise ConvertError(f"{name}: HF tensor has shape {tuple(tensors[name].shape)}, moetron expects "
                                    f"{tuple(target.shape)} (config.json and weights disagree)")
             target.copy_(tensors[name])
+            bar.update(1)
 
 
 def from_hf(args: argparse.Namespace) -> None:
@@ -190,6 +192,7 @@ def from_hf(args: argparse.Namespace) -> None:
     hf = hf_dir.read_config(hf_path)
     raw = mapping.merge_hf_into_raw(_recipe_raw(args.recipe, args.overrides), hf)
     raw.setdefault("checkpoint", {})["dir"] = str(root)
+    raw.setdefault("logging", {}).setdefault("run_dir", str(root))  # the continued run lives beside its checkpoints
     cfg = config_from_dict(raw)
     if checkpoint.find_latest(root) is not None:
         raise ConvertError(f"'{root}' already holds a checkpoint; pass a new --output directory")
@@ -198,17 +201,35 @@ def from_hf(args: argparse.Namespace) -> None:
         # included) that `moetron pretrain` resumes from, at any layout.
         trainer = Trainer(one_rank_config(to_dict(cfg), keep_data=True), groups)
         load_hf_weights(trainer.model, cfg, hf_path, bool(hf.get("tie_word_embeddings", False)))
-        checkpoint.init_optimizer_state(trainer.optimizer)
         saved = trainer.save()
     recipe = save_resolved(cfg, root)
-    print(f"[moetron] {hf_path} -> {saved}; continue with: moetron pretrain --recipe {recipe}", flush=True)
+    print(f"[moetron] {hf_path} -> {saved}", flush=True)
+    print("\n".join(follow_up_commands(cfg, hf_path, recipe, root)), flush=True)
+
+
+def follow_up_commands(cfg: Config, hf_path: Path, recipe: Path, root: Path) -> list[str]:
+    """What to run next to continue pretraining the converted model: tokenize text with the model's own tokenizer
+    (unless the recipe already names shards), then pretrain from the step-0 checkpoint on those shards."""
+    if cfg.data.source == "shards":
+        return ["[moetron] continue pretraining on the recipe's shards:", f"  moetron pretrain --recipe {recipe}"]
+    tokenizer = hf_path / "tokenizer.json"
+    data = Path("data") / root.name
+    if not tokenizer.is_file():
+        return [f"[moetron] {hf_path} has no tokenizer.json: tokenize your text with the tokenizer this model was "
+                f"trained with (moetron preprocess --tokenizer PATH --output {data} "
+                f"--seq-length {cfg.model.seq_length}), then:",
+                f"  moetron pretrain --recipe {recipe} data.source=shards data.path={data}"]
+    return ["[moetron] continue pretraining on your text with the model's own tokenizer:",
+            f"  moetron preprocess --input YOUR_TEXT.jsonl --output {data} --tokenizer {tokenizer} "
+            f"--seq-length {cfg.model.seq_length}",
+            f"  moetron pretrain --recipe {recipe} data.source=shards data.path={data}"]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         (to_hf if args.direction == "to-hf" else from_hf)(args)
-    except (ConvertError, ConfigError, hf_dir.HFDirError) as e:
+    except (ConvertError, ConfigError, hf_dir.HFDirError, checkpoint.CheckpointError) as e:
         print(f"moetron convert: {e}", file=sys.stderr)
         return 2
     return 0

@@ -12,6 +12,7 @@ Written layout::
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from launcher.data.preprocess import TOKENIZER_NAME, find_eos, load_tokenizer, read_index
+from launcher.hf.mapping import export_dtype
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -45,8 +47,8 @@ def parse_size(text: str) -> int:
 def _plan_shards(items: list[tuple[str, torch.Tensor]], max_bytes: int, dtype: torch.dtype) -> list[list[int]]:
     shards: list[list[int]] = [[]]
     size = 0
-    for i, (_, tensor) in enumerate(items):
-        nbytes = tensor.numel() * dtype.itemsize
+    for i, (key, tensor) in enumerate(items):
+        nbytes = tensor.numel() * export_dtype(key, dtype).itemsize
         if shards[-1] and size + nbytes > max_bytes:
             shards.append([])
             size = 0
@@ -57,22 +59,43 @@ def _plan_shards(items: list[tuple[str, torch.Tensor]], max_bytes: int, dtype: t
 
 def write_weights(out_dir: Path, items: Iterable[tuple[str, torch.Tensor]], max_shard_bytes: int,
                   dtype: torch.dtype) -> dict:
-    """Write the tensors as safetensors shards + index; only one shard's copy is in memory at a time."""
-    from safetensors.torch import save_file
+    """Write the tensors as safetensors shards + index, each in ``mapping.export_dtype(key, dtype)`` (the export
+    dtype, fp32 for what the model keeps in fp32); only one shard's copy is in memory at a time. Reports progress
+    per shard written (launcher/progress.py)."""
+    from launcher.progress import progress
 
     items = list(items)
     shards = _plan_shards(items, max_shard_bytes, dtype)
     weight_map, total = {}, 0
-    for n, members in enumerate(shards, start=1):
-        name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
-        # copy=True: expert weights are views of one stacked tensor and safetensors refuses shared storage
-        tensors = {items[i][0]: items[i][1].detach().to(dtype=dtype, copy=True).contiguous() for i in members}
-        save_file(tensors, str(out_dir / name), metadata={"format": "pt"})
-        total += sum(t.numel() * t.element_size() for t in tensors.values())
-        weight_map.update(dict.fromkeys(tensors, name))
+    with progress(len(items), "write weights", unit="tensor") as bar:
+        for n, members in enumerate(shards, start=1):
+            total += _write_shard(out_dir, f"model-{n:05d}-of-{len(shards):05d}.safetensors",
+                                  [items[i] for i in members], dtype, weight_map)
+            bar.update(len(members))
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     write_json(out_dir / INDEX_NAME, index)
     return index
+
+
+def _write_shard(out_dir: Path, name: str, items: list[tuple[str, torch.Tensor]], dtype: torch.dtype,
+                 weight_map: dict) -> int:
+    """One safetensors shard; records its tensors in ``weight_map``; returns its bytes."""
+    from safetensors.torch import save_file
+
+    # copy=True: expert weights are views of one stacked tensor and safetensors refuses shared storage
+    tensors = {key: tensor.detach().to(dtype=export_dtype(key, dtype), copy=True).contiguous()
+               for key, tensor in items}
+    save_file(tensors, str(out_dir / name), metadata={"format": "pt"})
+    follow_umask(out_dir / name)
+    weight_map.update(dict.fromkeys(tensors, name))
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def follow_umask(path: Path) -> None:
+    """Give ``path`` the mode every other new file gets (0666 less the umask): safetensors writes 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def write_json(path: Path, data: dict) -> None:

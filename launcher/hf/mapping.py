@@ -1,10 +1,20 @@
 """moetron <-> Hugging Face: parameter names and config fields (pure functions, no I/O, no transformers import).
 
-Architecture: a baseline moetron model (softmax top-k router with renormalisation, SwiGLU experts, no expert bias)
-IS Hugging Face Qwen3-MoE (``model_type: qwen3_moe``, ``norm_topk_prob: true``); moetron's ``dense_layers`` are
-Qwen3-MoE's ``mlp_only_layers`` with ``intermediate_size = dense_ffn_hidden_size``. MoNE, Matryoshka (per-layer
-k) and aux-loss-free expert bias need moetron's own modeling code (``model_type: moetron``, a subclass of the
-Qwen3-MoE classes, shipped in the directory and registered through ``auto_map``).
+Architecture: a baseline moetron model (softmax top-k router, SwiGLU experts, no expert bias) IS Hugging Face
+Qwen3-MoE (``model_type: qwen3_moe``); moetron's ``dense_layers`` are Qwen3-MoE's ``mlp_only_layers`` with
+``intermediate_size = dense_ffn_hidden_size``. MoNE, Matryoshka and per-layer k, and aux-loss-free expert bias
+need moetron's own modeling code (``model_type: moetron``, a subclass of the Qwen3-MoE classes, shipped in the
+directory and registered through ``auto_map``).
+
+Gate weights: ``moe.norm_topk_prob`` is Qwen3-MoE's ``norm_topk_prob`` except at k = 1, where moetron gates by the
+raw probability (Switch) and Qwen3-MoE with ``norm_topk_prob: true`` by 1.0. A stock export is exact at its
+``num_experts_per_tok`` (a top-1 model is written with ``norm_topk_prob: false``, the same math at k = 1); changing
+k on a stock export follows Qwen3-MoE's rule. The moetron flavour follows moetron's rule at every k. A Qwen3-MoE
+model with ``norm_topk_prob: true`` and one expert per token cannot be imported (moetron has no such gate).
+
+Dtypes: tensors the model keeps in fp32 (router weight: the router computes in fp32 from the fp32 master weight;
+aux-loss-free expert bias) are written in fp32 whatever ``--dtype`` is; the moetron flavour's modeling code keeps
+them fp32 when loaded in bf16/fp16. Everything else is written in the export dtype.
 
 Weights on disk use the Qwen3-MoE Hub layout for both flavours (what transformers' own ``save_pretrained`` writes;
 transformers >= 5 fuses the experts into ``gate_up_proj`` when loading)::
@@ -50,6 +60,15 @@ def hf_keys(name: str, num_experts: int) -> list[str]:
     return ["model." + name.replace(".mlp.router.", ".mlp.gate.")]
 
 
+FP32_KEY_SUFFIXES = (".mlp.gate.weight", ".mlp.gate.expert_bias")
+"""HF keys written in fp32 whatever the export dtype (the router's weight and expert bias)."""
+
+
+def export_dtype(hf_key: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype HF tensor ``hf_key`` is written in when the export dtype is ``dtype``."""
+    return torch.float32 if hf_key.endswith(FP32_KEY_SUFFIXES) else dtype
+
+
 def to_hf(tensors: Mapping[str, torch.Tensor], num_experts: int) -> Iterator[tuple[str, torch.Tensor]]:
     """HF (key, tensor) pairs of a full (single-device) moetron state; expert stacks are split per expert."""
     for name, tensor in tensors.items():
@@ -69,8 +88,9 @@ def from_hf(names: list[str], num_experts: int, read: Callable[[str], torch.Tens
 # ---------------------------------------------------------------- config: moetron -> HF
 
 def needs_custom_code(cfg: Config) -> bool:
-    """MoNE, Matryoshka and the expert-bias router are not expressible as stock Qwen3-MoE."""
-    return cfg.moe.mone.enabled or cfg.moe.matryoshka.enabled or cfg.moe.expert_bias
+    """MoNE, Matryoshka, per-layer k and the expert-bias router are not expressible as stock Qwen3-MoE."""
+    moe = cfg.moe
+    return moe.mone.enabled or moe.matryoshka.enabled or moe.expert_bias or len(set(inference_k(cfg))) > 1
 
 
 def inference_k(cfg: Config) -> list[int]:
@@ -97,7 +117,8 @@ def hf_config(cfg: Config, tokens: Mapping[str, int]) -> dict[str, Any]:
         "initializer_range": m.init_std, "hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0,
         "use_sliding_window": False, "sliding_window": None, "tie_word_embeddings": False, "use_cache": True,
         "num_experts": moe.num_experts, "num_experts_per_tok": ks[0], "moe_intermediate_size":
-            moe.expert_ffn_hidden_size, "norm_topk_prob": True, "router_aux_loss_coef": moe.aux_loss_coeff,
+            moe.expert_ffn_hidden_size, "norm_topk_prob": moe.norm_topk_prob and (custom or ks[0] > 1),
+        "router_aux_loss_coef": moe.aux_loss_coeff,
         "output_router_logits": False, "dtype": "float32", **dict(tokens),
     }
     if custom:
@@ -138,9 +159,10 @@ def check_stock_hf(hf: Mapping[str, Any]) -> None:
     """Fail with a clear message unless ``hf`` is a Qwen3-MoE config moetron represents exactly."""
     _require(hf.get("model_type") == STOCK_MODEL_TYPE,
              f"HF config: model_type is {hf.get('model_type')!r}; from-hf converts '{STOCK_MODEL_TYPE}' models")
-    _require(hf.get("norm_topk_prob", False) is True,
-             "HF config: norm_topk_prob=false; moetron always renormalises the top-k router weights, so this model "
-             "cannot be represented exactly")
+    _require(not (hf.get("norm_topk_prob", False) and int(hf["num_experts_per_tok"]) == 1),
+             "HF config: norm_topk_prob=true with num_experts_per_tok=1 gates every token with weight 1.0; moetron "
+             "gates top-1 routing by the raw router probability (Switch), so this model cannot be represented "
+             "exactly")
     _require(hf.get("hidden_act", "silu") == "silu", f"HF config: hidden_act {hf.get('hidden_act')!r} != 'silu'")
     _require(not hf.get("attention_bias", False), "HF config: attention_bias=true (moetron has no biases)")
     _require(not hf.get("use_sliding_window", False), "HF config: use_sliding_window=true is not supported")
@@ -159,7 +181,8 @@ def moetron_model_fields(hf: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
              "dense_layers": _hf_dense_layers(hf, layers, num_experts),
              "dense_ffn_hidden_size": int(hf["intermediate_size"])}
     moe = {"num_experts": num_experts, "top_k": int(hf["num_experts_per_tok"]),
-           "expert_ffn_hidden_size": int(hf["moe_intermediate_size"])}
+           "expert_ffn_hidden_size": int(hf["moe_intermediate_size"]),
+           "norm_topk_prob": bool(hf.get("norm_topk_prob", False))}  # Qwen3MoeConfig's default is false
     return {"model": model, "moe": moe}
 
 

@@ -1,20 +1,29 @@
 """Hugging Face modeling code of a moetron MoNE / Matryoshka-MoE / expert-bias model (shipped inside exported
-model directories, loaded with ``trust_remote_code=True``; imports only torch and transformers >= 5).
+model directories, loaded with ``trust_remote_code=True``; imports only torch, transformers >= 5 and the standard
+library).
 
 The model is transformers' Qwen3-MoE (attention, norms, RoPE, KV cache and ``generate`` unchanged) with each
 sparse MoE block replaced: the router takes a per-layer k (elastic k) and an optional selection-only expert bias,
 the experts optionally apply MoNE neuron selection. The math is moetron's (``moe_core/router.py``,
 ``moe_core/mone.py``), restated here because this file must run without moetron installed:
 
-    p = softmax(fp32(x) @ fp32(W_gate_router)^T);  chosen = top-k(p + bias);  w = p[chosen] / sum(p[chosen])
-    expert e:  pre = W_gate[e] x,  h = silu(pre) * (W_up[e] x) * mask,  y = W_down[e] h
-    mask (MoNE): 1 for the keep_k neurons with the largest |silu(pre)| (post_act) or |pre| (pre_act), else 0
+    p = softmax(fp32(x) @ fp32(W_gate_router)^T);  chosen = top-k(p + bias)
+    w = p[chosen] / sum(p[chosen]) if norm_topk_prob and k > 1, else p[chosen] (k = 1: the raw probability,
+        as in the Switch Transformer, so the router is trained by the language-model loss)
+    expert e:  g = W_gate[e] x,  u = W_up[e] x,  h = silu(g) * u on kept neurons, exactly 0 elsewhere,  y = W_down[e] h
+    kept (MoNE): the keep_k neurons with the largest fp32 score |g * sigmoid(g)| (post_act) or |g| (pre_act);
+        NaN scores rank below every number, equal scores keep the lower neuron index; dropped neurons are
+        selected out with torch.where (never multiplied by 0)
+
+The router weight and expert bias stay fp32 when the model is loaded in bf16/fp16 (``_keep_in_fp32_modules_strict``)
+because moetron routes with fp32 values; load with ``dtype=...`` rather than calling ``model.to(dtype)``, which
+would round them.
 
 Weights use the Qwen3-MoE Hub layout (per-expert ``gate_proj``/``up_proj``/``down_proj``); the qwen3_moe
 checkpoint conversion (fusing experts into ``gate_up_proj`` on load, splitting on save) is registered for this
 model type below. ``output_router_logits`` reports the router logits as Qwen3-MoE does.
 """
-import math
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
@@ -28,16 +37,31 @@ register_checkpoint_conversion_mapping("moetron", get_checkpoint_conversion_mapp
 
 
 def mone_keep_count(keep_ratio: float, ffn: int) -> int:
-    """Neurons kept per token: round(keep_ratio * F) with halves rounded up, at least 1 (as moetron)."""
-    return max(1, min(ffn, math.floor(keep_ratio * ffn + 0.5)))
+    """Neurons kept per token: keep_ratio * F (the ratio read as the decimal it prints as) rounded half up,
+    clamped to [1, F], in exact rational arithmetic (as moetron)."""
+    return max(1, min(ffn, int(Fraction(repr(float(keep_ratio))) * ffn + Fraction(1, 2))))
+
+
+@torch.no_grad()
+def mone_keep_mask(pre_act_NF: torch.Tensor, keep_k: int, score: str) -> torch.Tensor:
+    """bool [N, F]: the keep_k neurons each row keeps (the selection in the module docstring)."""
+    g_NF = pre_act_NF.float()
+    score_NF = (g_NF * torch.sigmoid(g_NF) if score == "post_act" else g_NF).abs()
+    bits_NF = torch.where(score_NF.isnan(), -1, score_NF.view(torch.int32)).to(torch.int64)
+    ffn = score_NF.shape[-1]
+    key_NF = bits_NF * (1 << 32) + torch.arange(ffn - 1, -1, -1, device=score_NF.device)  # distinct keys
+    keep_idx_NK = torch.topk(key_NF, keep_k, dim=-1, sorted=False).indices
+    return torch.zeros(score_NF.shape, dtype=torch.bool, device=score_NF.device).scatter_(-1, keep_idx_NK, True)
 
 
 class MoetronRouter(qwen3_moe.Qwen3MoeTopKRouter):
-    """Softmax top-k router in fp32 with renormalised weights; ``top_k`` may be changed at any time."""
+    """Softmax top-k router in fp32 (weights renormalised if norm_topk_prob and k > 1); ``top_k`` may be changed
+    at any time."""
 
     def __init__(self, config: MoetronConfig, top_k: int):
         super().__init__(config)
         self.top_k = top_k
+        self.norm_topk_prob = config.norm_topk_prob
         if config.router_expert_bias:
             self.register_buffer("expert_bias", torch.zeros(self.num_experts, dtype=torch.float32))
         else:
@@ -50,7 +74,8 @@ class MoetronRouter(qwen3_moe.Qwen3MoeTopKRouter):
         select_TE = probs_TE if self.expert_bias is None else probs_TE + self.expert_bias.float()
         topk_idx_TK = torch.topk(select_TE, self.top_k, dim=-1).indices
         topk_prob_TK = probs_TE.gather(1, topk_idx_TK)
-        topk_weight_TK = topk_prob_TK / topk_prob_TK.sum(-1, keepdim=True)
+        renormalise = self.norm_topk_prob and self.top_k > 1
+        topk_weight_TK = topk_prob_TK / topk_prob_TK.sum(-1, keepdim=True) if renormalise else topk_prob_TK
         return logits_TE, topk_weight_TK.to(x_TD.dtype), topk_idx_TK
 
 
@@ -64,13 +89,10 @@ class MoetronExperts(qwen3_moe.Qwen3MoeExperts):
 
     def _hidden(self, x_nD: torch.Tensor, expert: int) -> torch.Tensor:
         pre_nF, up_nF = F.linear(x_nD, self.gate_up_proj[expert]).chunk(2, dim=-1)
-        post_nF = self.act_fn(pre_nF)
-        h_nF = post_nF * up_nF
-        if self.keep_k is None:
-            return h_nF
-        score_nF = (post_nF if self.score == "post_act" else pre_nF).abs()
-        keep_nK = torch.topk(score_nF, self.keep_k, dim=-1, sorted=False).indices
-        return h_nF * torch.zeros_like(h_nF).scatter_(-1, keep_nK, 1.0)
+        if self.keep_k is not None:
+            keep_nF = mone_keep_mask(pre_nF, self.keep_k, self.score)
+            pre_nF, up_nF = torch.where(keep_nF, pre_nF, 0), torch.where(keep_nF, up_nF, 0)
+        return self.act_fn(pre_nF) * up_nF
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         out_TD = torch.zeros_like(hidden_states)
@@ -91,6 +113,7 @@ class MoetronSparseMoeBlock(qwen3_moe.Qwen3MoeSparseMoeBlock):
 class MoetronForCausalLM(qwen3_moe.Qwen3MoeForCausalLM):
     config_class = MoetronConfig
     config: MoetronConfig
+    _keep_in_fp32_modules_strict = [r"mlp\.gate\.weight$", r"mlp\.gate\.expert_bias$"]  # moetron routes in fp32
 
     def __init__(self, config: MoetronConfig):
         super().__init__(config)

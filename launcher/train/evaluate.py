@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         common = checkpoint.load_common(ckpt)
         cfg = eval_config(common, args.overrides, env.world_size())
         ks = k_values(args, cfg)
-    except ConfigError as e:
+    except (ConfigError, checkpoint.CheckpointError) as e:
         print(f"moetron: config error: {e}", file=sys.stderr)
         return 2
     from launcher.train.trainer import Trainer
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint.load(ckpt, trainer.model, None, groups)
             batches = args.batches or cfg.train.eval_batches
             rows = run_eval(trainer, ks, batches)
-        except (ConfigError, DataError) as e:
+        except (ConfigError, DataError, checkpoint.CheckpointError) as e:
             print(f"moetron: {e}", file=sys.stderr)
             return 1
         if groups.rank == 0:

@@ -197,6 +197,6 @@ def executed_k_per_layer(stats_per_layer: dict[int, dict]) -> list[float]:
     for idx in sorted(stats_per_layer):
         st = stats_per_layer[idx]
         slots = float(st["tokens_per_expert"].sum())
-        dropped = float(st.get("dropped_tokens") or 0)
+        dropped = float(st.get("dropped_slots") or 0)
         ks.append(float(st["k"]) * (1.0 - dropped / slots) if slots > 0 else float(st["k"]))
     return ks

@@ -2,25 +2,40 @@
 
 Trainer usage, once per log step::
 
-    stats = StepStats(step, loss, lr, grad_norm, step_time_s, tokens, flops, skipped_steps)  # flops: launcher.train.flops
-    perf = throughput(stats, world_size, peak)          # peak = peak_flops_per_device(device, precision, override)
-    writer.scalars({**training_scalars(stats, perf), **moe_layer_scalars(layer_stats)}, stats.step)
-    writer.expert_load(layer_stats, stats.step)
+    stats = StepStats(step, loss, lr, grad_norm, step_time_s, tokens, flops, skipped_steps)  # flops: train/flops.py
+    perf = throughput(stats, world_size, peak)  # peak = peak_flops_per_device(device, precision, override) | None
+    writer.scalars({**training_scalars(stats, perf), **moe_layer_scalars(layer_stats, cfg.moe)}, stats.step)
+    writer.expert_load(layer_stats, stats.step)  # load pictures (heatmap.py)
     print(progress.format(stats, perf))
 
 MFU = executed model FLOPs per step / (step time * world size * peak FLOP/s per device). Model FLOPs are analytic
-(launcher/train/flops.py): recomputation is not counted, attention counts the full S x S square.
+(launcher/train/flops.py): recomputation is not counted, attention counts the full S x S square. MFU is reported
+only where the peak is known: ``logging.peak_tflops``, or a GPU in the datasheet table below. Elsewhere (CPU, a GPU
+not in the table) ``peak`` is None, MFU is "n/a" and only TFLOP/s is logged: a measured or guessed peak would make
+MFU a number nobody can compare (a CPU matmul "peak" measured under load swung MFU between 2.7% and 91.7%).
+
+Tag names decide what a person sees first. TensorBoard's Time Series tab groups cards by the tag's first path
+component and orders the groups by their tags (tensorboard/webapp/metrics/utils.ts, ``compareTagNames``: per
+character, digits as numbers, ``/`` before anything else, so ``train`` < ``train_moe`` < ``valid``). Hence
+``train/`` holds the headline curves (loss, lr, grad norm, skipped steps, throughput), MoE statistics and load
+pictures follow in ``train_moe/``, then ``valid/``; a new group should sort after ``train`` too.
 """
 from __future__ import annotations
 
+import datetime
 import functools
 import math
-import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
+import numpy as np
 import torch
+import yaml
+
+from launcher.train import heatmap
+from moe_core.config import MoEConfig
 
 # ---------------------------------------------------------------- peak FLOP/s per device
 
@@ -46,55 +61,45 @@ def _precision_name(dtype: Precision) -> str:
     return name
 
 
-def gpu_peak_tflops(device_name: str, precision: str, tf32: bool) -> float:
-    """Datasheet dense peak for a CUDA device name; raises naming the fix when the device is not in the table."""
+def gpu_peak_tflops(device_name: str, precision: str, tf32: bool) -> Optional[float]:
+    """Datasheet dense peak for a CUDA device name, or None when the GPU (or its peak at this precision) is not in
+    the table."""
     key = "tf32" if precision == "fp32" and tf32 else precision
     for fragment, peaks in _GPU_PEAK_TFLOPS:
         if fragment in device_name:
-            if key not in peaks:
-                raise ValueError(f"{device_name} has no {key} peak (no {key} tensor cores); "
-                                 f"choose another train.precision or set logging.peak_tflops")
-            return peaks[key]
-    raise ValueError(f"no known peak TFLOP/s for GPU '{device_name}': set logging.peak_tflops to its dense "
-                     f"{key} peak (datasheet value without sparsity)")
+            return peaks.get(key)
+    return None
 
 
 @functools.lru_cache(maxsize=None)
-def measured_cpu_peak_flops(precision: str = "fp32", n: int = 512, budget_s: float = 0.3) -> float:
-    """Best observed square-matmul FLOP/s on this CPU with the current torch thread count (cached per process).
-
-    Takes about ``budget_s`` seconds. The best of the timed matmuls is the peak, so a busy neighbour process
-    makes the number lower, never higher, than what the hardware can do. ``n = 512`` keeps one matmul short on a
-    loaded 2-core machine; on a many-core server it under-uses the cores, so CPU MFU there is an upper bound."""
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(precision)
-    if dtype is None:
-        raise ValueError(f"cannot measure a CPU peak for precision {precision!r}: fp8 training needs a GPU")
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    torch.mm(a, b)  # warm-up: first call allocates and picks a kernel
-    best, deadline = 0.0, time.perf_counter() + budget_s
-    while time.perf_counter() < deadline:
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        best = max(best, 2.0 * n ** 3 / (time.perf_counter() - t0))
-    return best
+def _warn_unknown_peak(device_name: str, key: str) -> None:
+    warnings.warn(f"no known dense {key} peak TFLOP/s for GPU '{device_name}': MFU is not reported (TFLOP/s is); "
+                  "set logging.peak_tflops to the datasheet value without sparsity to get MFU", stacklevel=2)
 
 
 def peak_flops_per_device(device: Union[torch.device, str], dtype: Precision,
-                          override: Optional[float] = None) -> float:
-    """Peak FLOP/s of one device for MFU. ``override`` is in TFLOP/s (``logging.peak_tflops``) and wins; otherwise
-    a datasheet value for known GPUs, or a measured matmul peak on CPU (so MFU is meaningful in CPU runs too)."""
+                          override: Optional[float] = None) -> Optional[float]:
+    """Peak FLOP/s of one device for MFU, or None when it is not known (then MFU is not reported).
+
+    ``override`` is in TFLOP/s (``logging.peak_tflops``) and wins; otherwise the datasheet value of a GPU in the
+    table. A GPU not in the table (B200, H20, L40S, ...) warns once and gives None; so does a CPU (no datasheet
+    value; a measured matmul rate is not a peak). Raises ValueError for a non-positive override or an unknown
+    precision."""
     if override is not None:
         if override <= 0:
             raise ValueError(f"logging.peak_tflops must be > 0, got {override}")
         return override * 1e12
     device = torch.device(device)
     precision = _precision_name(dtype)
-    if device.type == "cuda":
-        tf32 = torch.backends.cuda.matmul.allow_tf32
-        return gpu_peak_tflops(torch.cuda.get_device_name(device), precision, tf32) * 1e12
-    if device.type == "cpu":
-        return measured_cpu_peak_flops(precision)
-    raise ValueError(f"no peak FLOP/s for device type '{device.type}': set logging.peak_tflops")
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    peak = gpu_peak_tflops(name, precision, tf32)
+    if peak is None:
+        _warn_unknown_peak(name, "tf32" if precision == "fp32" and tf32 else precision)
+        return None
+    return peak * 1e12
 
 
 # ---------------------------------------------------------------- per-step numbers
@@ -123,87 +128,136 @@ class StepStats:
 class Throughput:
     tokens_per_s: float
     tflops_per_device: float
-    mfu: float
+    mfu: Optional[float]
+    """A fraction (1.0 = peak); None when the device peak is not known."""
     useful_tflops_per_device: Optional[float] = None
 
 
-def throughput(stats: StepStats, world_size: int, peak_flops: float) -> Throughput:
-    """tokens/s (whole job), achieved TFLOP/s per device and MFU (a fraction, 1.0 = peak)."""
-    if stats.step_time_s <= 0 or world_size < 1 or peak_flops <= 0:
-        raise ValueError(f"throughput needs step_time_s > 0, world_size >= 1, peak_flops > 0; got "
+def throughput(stats: StepStats, world_size: int, peak_flops: Optional[float]) -> Throughput:
+    """tokens/s (whole job), achieved TFLOP/s per device and MFU (None when ``peak_flops`` is None)."""
+    if stats.step_time_s <= 0 or world_size < 1 or (peak_flops is not None and peak_flops <= 0):
+        raise ValueError(f"throughput needs step_time_s > 0, world_size >= 1, peak_flops > 0 or None; got "
                          f"{stats.step_time_s}, {world_size}, {peak_flops}")
     per_device_s = stats.step_time_s * world_size
     useful = None if stats.useful_flops is None else stats.useful_flops / per_device_s / 1e12
     return Throughput(tokens_per_s=stats.tokens / stats.step_time_s,
                       tflops_per_device=stats.flops / per_device_s / 1e12,
-                      mfu=stats.flops / (per_device_s * peak_flops),
+                      mfu=None if peak_flops is None else stats.flops / (per_device_s * peak_flops),
                       useful_tflops_per_device=useful)
 
 
 def training_scalars(stats: StepStats, perf: Throughput) -> dict[str, float]:
+    """TensorBoard scalars of one log step, all in the ``train`` group (see the module docstring on ordering):
+    loss, lr, grad norm, skipped steps and throughput; ``train/mfu`` only where the peak is known,
+    ``train/useful_tflops_per_device`` only for MoNE."""
     out = {"train/loss": stats.loss, "train/lr": stats.lr, "train/grad_norm": stats.grad_norm,
-           "train/skipped_steps": float(stats.skipped_steps), "perf/step_time_s": stats.step_time_s,
-           "perf/tokens_per_s": perf.tokens_per_s, "perf/tflops_per_device": perf.tflops_per_device,
-           "perf/mfu": perf.mfu}
+           "train/skipped_steps": float(stats.skipped_steps), "train/step_time_s": stats.step_time_s,
+           "train/tokens_per_s": perf.tokens_per_s, "train/tflops_per_device": perf.tflops_per_device}
+    if perf.mfu is not None:
+        out["train/mfu"] = perf.mfu
     if perf.useful_tflops_per_device is not None:
-        out["perf/useful_tflops_per_device"] = perf.useful_tflops_per_device
+        out["train/useful_tflops_per_device"] = perf.useful_tflops_per_device
     return out
 
 
 # ---------------------------------------------------------------- MoE layer statistics
 
-def _layer_tag(idx: int) -> str:
-    return f"moe/layer{idx:02d}"
+MOE_GROUP = "train_moe"
+"""TensorBoard tag group of the MoE statistics and load pictures: right after ``train`` (module docstring)."""
 
 
-def moe_layer_scalars(stats_per_layer: dict[int, dict]) -> dict[str, float]:
-    """Scalars from each MoE layer's ``last_stats`` (keyed by layer index): per layer the max and mean tokens per
-    expert, their ratio (1.0 = perfectly balanced), dropped routing slots, the k drawn, and the MoNE kept fraction
-    and aux / z losses when the layer reports them; plus the worst imbalance over layers and the total dropped."""
+def moe_layer_tag(idx: int) -> str:
+    """Tag prefix of MoE layer ``idx``'s scalars, e.g. ``train_moe/layer03``."""
+    return f"{MOE_GROUP}/layer{idx:02d}"
+
+
+def moe_layer_scalars(stats_per_layer: dict[int, dict], moe: MoEConfig) -> dict[str, float]:
+    """Scalars from each MoE layer's step statistics (keyed by layer index), only those that can change in this
+    run:
+
+    - ``load_max_over_mean`` (max / mean tokens per expert; 1.0 = balanced): always;
+    - ``aux_loss`` / ``z_loss``: when ``moe.aux_loss_coeff`` / ``moe.z_loss_coeff`` > 0 (else always 0);
+    - ``dropped_slots``: when ``moe.capacity_factor`` is set (dropless runs drop nothing);
+    - ``k``: when Matryoshka draws k (else always ``moe.top_k``);
+    - over layers, when there is more than one: ``load_max_over_mean_worst`` and, with a capacity factor,
+      ``dropped_slots_total``.
+
+    Never logged: the mean load (tokens * k / E: fixed by the config and k), the max load (the ratio times that
+    mean; the load pictures show it per expert), the MoNE kept fraction (keep_k / F, fixed by the config)."""
     out: dict[str, float] = {}
     for idx in sorted(stats_per_layer):
-        st, tag = stats_per_layer[idx], _layer_tag(idx)
+        st, tag = stats_per_layer[idx], moe_layer_tag(idx)
         load_E = torch.as_tensor(st["tokens_per_expert"]).double()
-        mean, peak = load_E.mean().item(), load_E.max().item()
-        out[f"{tag}/load_max"] = peak
-        out[f"{tag}/load_mean"] = mean
-        out[f"{tag}/load_max_over_mean"] = peak / mean if mean > 0 else 0.0
-        out[f"{tag}/dropped_tokens"] = float(st.get("dropped_tokens") or 0)
-        out[f"{tag}/k"] = float(st["k"])
-        for name in ("mone_kept_fraction", "aux_loss", "z_loss"):  # reported by layers that have them
-            if st.get(name) is not None:
-                out[f"{tag}/{name}"] = float(st[name])
-    if stats_per_layer:
-        out["moe/load_max_over_mean_worst"] = max(v for t, v in out.items() if t.endswith("/load_max_over_mean"))
-        out["moe/dropped_tokens_total"] = sum(v for t, v in out.items() if t.endswith("/dropped_tokens"))
+        mean = load_E.mean().item()
+        out[f"{tag}/load_max_over_mean"] = load_E.max().item() / mean if mean > 0 else 0.0
+        if moe.aux_loss_coeff > 0:
+            out[f"{tag}/aux_loss"] = float(st["aux_loss"])
+        if moe.z_loss_coeff > 0:
+            out[f"{tag}/z_loss"] = float(st["z_loss"])
+        if moe.capacity_factor is not None:
+            out[f"{tag}/dropped_slots"] = float(st["dropped_slots"])
+        if moe.matryoshka.enabled:
+            out[f"{tag}/k"] = float(st["k"])
+    if len(stats_per_layer) > 1:
+        out[f"{MOE_GROUP}/load_max_over_mean_worst"] = max(
+            v for t, v in out.items() if t.endswith("/load_max_over_mean"))
+        if moe.capacity_factor is not None:
+            out[f"{MOE_GROUP}/dropped_slots_total"] = sum(v for t, v in out.items() if t.endswith("/dropped_slots"))
     return out
 
 
-def expert_load_histogram(tokens_per_expert_E: torch.Tensor) -> dict:
-    """``SummaryWriter.add_histogram_raw`` arguments for a histogram over expert ids weighted by tokens: bucket e
-    (right edge e + 0.5) holds expert e's token count, so TensorBoard draws the load of every expert."""
-    counts = torch.as_tensor(tokens_per_expert_E).double().flatten()
-    ids = torch.arange(counts.numel(), dtype=torch.float64)
-    return dict(min=0.0, max=float(counts.numel() - 1), num=float(counts.sum()), sum=float((ids * counts).sum()),
-                sum_squares=float((ids * ids * counts).sum()), bucket_limits=(ids + 0.5).tolist(),
-                bucket_counts=counts.tolist())
+def load_shares(stats_per_layer: dict[int, dict]) -> tuple[list[int], np.ndarray]:
+    """(MoE layer indices, shares [L, E] float64): each expert's fraction of its layer's routed tokens (rows sum
+    to 1; a layer that routed nothing is NaN)."""
+    layer_ids = sorted(stats_per_layer)
+    counts_LE = np.stack([torch.as_tensor(stats_per_layer[i]["tokens_per_expert"]).double().cpu().numpy()
+                          for i in layer_ids])
+    totals_L1 = counts_LE.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return layer_ids, np.where(totals_L1 > 0, counts_LE / totals_L1, np.nan)
 
 
 # ---------------------------------------------------------------- TensorBoard
 
+def _image_summary(tag: str, rgb_HW3: np.ndarray):
+    from tensorboard.compat.proto.summary_pb2 import Summary  # lazy, as SummaryWriter
+
+    height, width, _ = rgb_HW3.shape
+    image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=heatmap.png_bytes(rgb_HW3))
+    return Summary(value=[Summary.Value(tag=tag, image=image)])
+
+
 class MetricsWriter:
     """TensorBoard event files under ``<run_dir>/tb``, written only where ``enabled`` (the trainer passes
-    ``rank == 0 and logging.tensorboard``); elsewhere every call is a no-op and tensorboard is never imported."""
+    ``rank == 0 and logging.tensorboard``); elsewhere every call is a no-op and tensorboard is never imported.
 
-    def __init__(self, run_dir: Union[str, Path], enabled: bool):
+    Expert load is logged as pictures (launcher/train/heatmap.py has the colour scale), not histograms: a
+    TensorBoard histogram of per-expert counts is drawn as a ridge plot over bucket edges, where no one can tell
+    which expert is hot; a heatmap cell per (layer, expert) or (expert, step) says it at a glance."""
+
+    HISTORY_COLUMNS = 128
+    """The per-layer history pictures show at most this many columns (the whole run: see LoadHistory)."""
+    HISTORY_REFRESH_COLUMNS = 32
+    """History pictures are rewritten once this many new columns have accumulated (sooner early in the run: when
+    the columns have doubled), and at close. Each refresh writes one picture per MoE layer, so refreshing every
+    log step would make the event file grow with L x steps pictures."""
+
+    def __init__(self, run_dir: Union[str, Path], enabled: bool, purge_step: Optional[int] = None):
+        """``purge_step``: the step a resumed run restarts from; TensorBoard then hides the events an interrupted
+        earlier run wrote at that step and after (the steps this run repeats), so every step shows once."""
         self.enabled = enabled
         self.log_dir = Path(run_dir) / "tb"
         self._writer = None
+        self._history = heatmap.LoadHistory(self.HISTORY_COLUMNS)
+        self._history_layers: list[int] = []
+        self._history_written = (0, 0, None)
+        """(columns created, columns shown, step) when the history pictures were last written."""
+        self._last_step: Optional[int] = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter  # lazy: only the logging rank pays the import
 
             self.log_dir.mkdir(parents=True, exist_ok=True)
-            self._writer = SummaryWriter(log_dir=str(self.log_dir))
+            self._writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=purge_step)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self._writer is None:
@@ -214,25 +268,57 @@ class MetricsWriter:
                 continue  # a skipped NaN step is counted in train/skipped_steps; TensorBoard can't plot inf
             self._writer.add_scalar(tag, value, step)
 
-    def histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
+    def config_text(self, resolved: dict, step: int) -> None:
+        """The resolved config (``launcher.config.to_dict``) as text: tag ``config`` in TensorBoard's Text tab, a
+        YAML code block in the order and form of the run's config.yaml."""
         if self._writer is not None:
-            self._writer.add_histogram(tag, torch.as_tensor(values).detach().float().cpu(), step)
+            text = yaml.safe_dump(resolved, sort_keys=False).rstrip()
+            self._writer.add_text("config", f"```yaml\n{text}\n```", step)
 
     def expert_load(self, stats_per_layer: dict[int, dict], step: int) -> None:
-        """One histogram per MoE layer: tokens routed to each expert (see :func:`expert_load_histogram`)."""
-        if self._writer is None:
+        """Pictures of where tokens went, from one log step's MoE layer statistics (see :func:`load_shares`):
+
+        - ``train_moe/expert_load``: layers x experts at this step (rows: MoE layers, columns: experts);
+        - ``train_moe/expert_load_over_steps/layerNN``: per layer, experts x log steps of this process's run so
+          far (a resumed run starts a new history), refreshed as ``HISTORY_REFRESH_COLUMNS`` says.
+
+        Colour: share of the layer's routed tokens on a fixed log scale, white = 1/E (heatmap.py). Every call
+        must report the same MoE layers (ValueError otherwise)."""
+        if self._writer is None or not stats_per_layer:
             return
-        for idx in sorted(stats_per_layer):
-            hist = expert_load_histogram(stats_per_layer[idx]["tokens_per_expert"])
-            if hist["num"] > 0:
-                self._writer.add_histogram_raw(f"{_layer_tag(idx)}/expert_load", global_step=step, **hist)
+        layer_ids, shares_LE = load_shares(stats_per_layer)
+        if not self._history_layers:
+            self._history_layers = layer_ids
+        elif layer_ids != self._history_layers:
+            raise ValueError(f"expert_load got MoE layers {layer_ids}, earlier calls {self._history_layers}")
+        self._add_image(f"{MOE_GROUP}/expert_load", heatmap.layers_by_experts(shares_LE, layer_ids, step), step)
+        self._history.append(step, shares_LE)
+        self._last_step = step
+        created, shown, _ = self._history_written
+        if self._history.columns_created - created >= min(self.HISTORY_REFRESH_COLUMNS, max(1, shown)):
+            self._write_history()
+
+    def _write_history(self) -> None:
+        shares_LEC, last_steps = self._history.shares_LEC(), self._history.last_steps()
+        for pos, idx in enumerate(self._history_layers):
+            image = heatmap.experts_by_steps(shares_LEC[pos], idx, last_steps, self._history.steps_per_column)
+            self._add_image(f"{MOE_GROUP}/expert_load_over_steps/layer{idx:02d}", image, self._last_step)
+        self._history_written = (self._history.columns_created, len(self._history), self._last_step)
+
+    def _add_image(self, tag: str, rgb_HW3: np.ndarray, step: int) -> None:
+        # palette PNG written directly (SummaryWriter.add_image re-encodes as RGB, about 3x the bytes) through the
+        # event file writer SummaryWriter opened in __init__ (it already wrote the purge_step marker)
+        self._writer.file_writer.add_summary(_image_summary(tag, rgb_HW3), step)
 
     def flush(self) -> None:
         if self._writer is not None:
             self._writer.flush()
 
     def close(self) -> None:
+        """Writes the history pictures if they miss the last log step, then closes the event file."""
         if self._writer is not None:
+            if self._history_written[2] != self._last_step:
+                self._write_history()
             self._writer.close()
             self._writer = None
 
@@ -252,6 +338,10 @@ def _si(value: float) -> str:
     return f"{value:.1f}"
 
 
+def _percent(fraction: Optional[float]) -> str:
+    return "n/a" if fraction is None else f"{100 * fraction:.1f}%"
+
+
 def _hms(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
@@ -260,7 +350,7 @@ def _hms(seconds: float) -> str:
 
 
 class ProgressLine:
-    """One console line per log step. ETA = remaining steps x an exponential moving average of the step time
+    """One console line per log step, ending in a timestamp. ETA = remaining steps x an exponential moving average of the step time
     (weight ``ema`` on the newest), so it settles after warm-up and follows slow drifts."""
 
     def __init__(self, total_steps: int, ema: float = 0.3):
@@ -275,10 +365,12 @@ class ProgressLine:
         self._avg_step_s = step_time_s if prev is None else self.ema * step_time_s + (1 - self.ema) * prev
         return max(self.total_steps - step, 0) * self._avg_step_s
 
-    def format(self, stats: StepStats, perf: Throughput) -> str:
+    def format(self, stats: StepStats, perf: Throughput, now: Optional[datetime.datetime] = None) -> str:
+        """The line, ending in the local wall-clock time (``now``, default: the current time) for Slurm logs."""
         eta = self.eta_s(stats.step, stats.step_time_s)
         width = len(str(self.total_steps))
+        stamp = (now or datetime.datetime.now()).strftime("%Y-%m-%d %H:%M:%S")
         return (f"step {stats.step:>{width}}/{self.total_steps} | loss {stats.loss:.4f} | lr {stats.lr:.2e} | "
                 f"gnorm {stats.grad_norm:.3f} | {_si(perf.tokens_per_s)} tok/s | "
-                f"{perf.tflops_per_device:.3g} TFLOP/s/dev | MFU {100 * perf.mfu:.1f}% | "
-                f"{stats.step_time_s:.3f} s/step | skipped {stats.skipped_steps} | ETA {_hms(eta)}")
+                f"{perf.tflops_per_device:.3g} TFLOP/s/dev | MFU {_percent(perf.mfu)} | "
+                f"{stats.step_time_s:.3f} s/step | skipped {stats.skipped_steps} | ETA {_hms(eta)} | {stamp}")

@@ -13,6 +13,7 @@ import math
 import random
 import signal
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -21,15 +22,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from launcher.train import checkpoint, flops
-from launcher.config import Config, ConfigError, save_resolved, to_dict
+from launcher.train import checkpoint, flops, summary
+from launcher.config import Config, ConfigError, save_resolved, to_dict, uses_distributed_optimizer
 from launcher.data.loader import build_loader
-from launcher.train.metrics import (MetricsWriter, ProgressLine, StepStats, peak_flops_per_device, throughput,
-                              training_scalars, moe_layer_scalars)
+from launcher.train.metrics import (MetricsWriter, ProgressLine, StepStats, moe_layer_tag, peak_flops_per_device,
+                                    throughput, training_scalars, moe_layer_scalars)
 from moe_core.matryoshka import EvalK
-from parallel.grads import clip_grads, global_grad_norm, sync_grads
 from parallel.groups import ParallelGroups
 from parallel.model import build_model, token_losses
+from parallel.optimizer import build_optimizer
 from parallel.pipeline import forward_backward
 
 
@@ -38,7 +39,8 @@ class TrainingError(RuntimeError):
 
 
 def lr_at(cfg: Config, step: int) -> float:
-    """Linear warmup to optim.lr over warmup_steps, then cosine (or constant) decay to optim.min_lr."""
+    """Linear warmup to optim.lr over warmup_steps, then cosine (or constant) decay to optim.min_lr (lr / 10 when
+    unset)."""
     o = cfg.optim
     if step < o.warmup_steps:
         return o.lr * (step + 1) / o.warmup_steps
@@ -46,31 +48,19 @@ def lr_at(cfg: Config, step: int) -> float:
         return o.lr
     span = max(1, cfg.train.steps - o.warmup_steps)
     progress = min(1.0, (step - o.warmup_steps) / span)
-    return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1.0 + math.cos(math.pi * progress))
+    min_lr = o.lr / 10 if o.min_lr is None else o.min_lr
+    return min_lr + 0.5 * (o.lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on 1-D parameters (norm weights)."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    o = cfg.optim
-    return torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}],
-                             lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)  # foreach on CUDA by default
-
-
-def autocast_context(cfg: Config, device: torch.device, groups: ParallelGroups):
-    """bf16/fp8 runs keep fp32 master weights and compute in bf16 under autocast; fp8 adds the FP8 context
-    (converted projections run their GEMMs in FP8; amaxes are reduced over the stage's TP x DP group)."""
-    if cfg.train.precision == "fp32":
+def precision_context(cfg: Config, groups: ParallelGroups):
+    """bf16 runs need no context: parameters are bf16 (fp32 main weights live in the distributed optimizer,
+    parallel/optimizer.py), so every GEMM gets bf16 operands. fp8 runs add the FP8 context (converted projections
+    run their GEMMs in FP8; amaxes are reduced over the stage's TP x DP group)."""
+    if cfg.train.precision != "fp8":
         return contextlib.nullcontext()
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.autocast(device_type=device.type, dtype=torch.bfloat16))
-    if cfg.train.precision == "fp8":
-        from parallel.fp8 import fp8_context
+    from parallel.fp8 import fp8_context
 
-        stack.enter_context(fp8_context(cfg, amax_group=groups.amax_group))
-    return stack
+    return fp8_context(cfg, amax_group=groups.amax_group)
 
 
 class Preemption:
@@ -109,17 +99,27 @@ class Trainer:
         self.ckpt_root = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
         self.model = build_model(cfg, groups)
         self.device = next(self.model.parameters()).device
-        self.optimizer = build_optimizer(self.model, cfg)
+        self.compute_dtype = next(p.dtype for n, p in self.model.named_parameters() if "router" not in n)
+        self.optimizer = build_optimizer(self.model, groups, cfg.optim, cfg.model,
+                                         distributed=uses_distributed_optimizer(cfg, groups.dp_size))
         self.num_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * groups.dp_size)
         self.loader = build_loader(cfg, "train", groups.dp_rank, groups.dp_size)
         self.hidden_shape = (cfg.train.micro_batch_size, cfg.model.seq_length, cfg.model.hidden_size)
         self.is_logger = groups.rank == 0
-        self.writer = MetricsWriter(self.run_dir, enabled=self.is_logger and cfg.logging.tensorboard)
+        self.writer = MetricsWriter(self.run_dir, enabled=False)  # fit() opens the real one once there is work
         self.progress = ProgressLine(cfg.train.steps)
         self.peak = peak_flops_per_device(self.device, cfg.train.precision, cfg.logging.peak_tflops)
         self.step = 0
         self.skipped = 0
-        self._layer_counts: dict[int, torch.Tensor] = {}
+        self.nonfinite_streak = 0
+        """Non-finite steps in a row up to now (checkpointed, so a restart cannot reset the count)."""
+        self.run_id = uuid.uuid4().hex[:12]
+        """Lineage id of this run's checkpoints (a resumed run takes its checkpoint's; rank 0's is the one used)."""
+        self.last_good: Optional[str] = None
+        """The newest checkpoint saved outside a non-finite streak: pruning keeps it, a stopped run names it."""
+        self._layer_sums: dict[int, torch.Tensor] = {}
+        """Per MoE layer of this stage, summed over the step's micro-batches so far (on the device, no host sync):
+        tokens per expert [E], then dropped routing slots, aux loss, z loss."""
 
     # ------------------------------------------------------------ state
     def _per_rank_state(self) -> dict:
@@ -136,36 +136,50 @@ class Trainer:
             self.loader.load_state_dict(state["dp.data"])
 
     def save(self) -> Path:
-        common = {"step": self.step, "skipped_steps": self.skipped, "config": to_dict(self.cfg)}
-        return checkpoint.save(self.ckpt_root, self.step, self.model, self.optimizer, self.groups, common,
-                               self._per_rank_state(), keep_last=self.cfg.checkpoint.keep_last)
+        common = {"step": self.step, "skipped_steps": self.skipped, "config": to_dict(self.cfg),
+                  "nonfinite_streak": self.nonfinite_streak, "last_good": self.last_good}
+        path = checkpoint.save(self.ckpt_root, self.step, self.model, self.optimizer, self.groups, common,
+                               self._per_rank_state(), keep_last=self.cfg.checkpoint.keep_last, run=self.run_id,
+                               protect=(self.last_good,) if self.last_good else ())
+        if self.nonfinite_streak == 0:
+            self.last_good = path.name
+        return path
 
-    def maybe_resume(self) -> Optional[Path]:
-        if self.cfg.checkpoint.resume != "auto":
-            return None
-        ckpt = checkpoint.find_latest(self.ckpt_root)
+    def maybe_resume(self, ckpt: Optional[Path]) -> Optional[Path]:
+        """Resume from ``ckpt`` (``checkpoint.prepare``'s answer; None starts from scratch) after checking that its
+        model/MoE config is this run's: a different shape would load wrongly or not at all."""
         if ckpt is None:
             return None
+        diffs = checkpoint.config_differences(checkpoint.load_common(ckpt).get("config", {}), to_dict(self.cfg))
+        if diffs:
+            raise checkpoint.CheckpointError(
+                f"cannot resume from '{ckpt}': the model differs from the checkpoint's ({', '.join(diffs)}); restore "
+                "these values, or start a new run (another logging.run_dir or checkpoint.resume=never)")
         common, per_rank = checkpoint.load(ckpt, self.model, self.optimizer, self.groups, self._per_rank_state())
         self.step, self.skipped = int(common["step"]), int(common.get("skipped_steps", 0))
-        if per_rank:
-            self._restore_per_rank(per_rank)
-        elif self.is_logger:
-            print(f"[moetron] resumed {ckpt} at a different parallel layout: RNG re-seeded and the data loader "
-                  "restarts its order (exact resume needs the same layout)", flush=True)
+        self.nonfinite_streak = int(common.get("nonfinite_streak", 0))
+        self.last_good = ckpt.name if self.nonfinite_streak == 0 else common.get("last_good")
+        self.run_id = checkpoint.run_of(ckpt)
+        self._restore_per_rank(per_rank)
+        if "rng" not in per_rank and self.is_logger:
+            print(f"[moetron] resumed {ckpt} at a different parallel layout: random streams are re-seeded; the data "
+                  "continues from the checkpoint's position (exactly when the data-parallel size is unchanged)",
+                  flush=True)
         if self.is_logger:
             print(f"[moetron] resumed from {ckpt} at step {self.step}", flush=True)
         return ckpt
 
     # ------------------------------------------------------------ one step
     def _forward(self, model, mb: dict, x: Optional[torch.Tensor]) -> torch.Tensor:
-        inp = mb["tokens"].to(self.device) if x is None else x
-        with autocast_context(self.cfg, self.device, self.groups):
+        inp = mb["tokens"].to(self.device) if x is None else x.to(self.compute_dtype)  # stages exchange fp32
+        with precision_context(self.cfg, self.groups):
             out = model(inp)
-        if model.training:  # expert load of training steps only (validation forwards run in eval mode)
+        if model.training:  # MoE statistics of training steps only (validation forwards run in eval mode)
             for idx, layer in model.moe_layers().items():
-                counts = layer.last_stats["tokens_per_expert"].detach().to(torch.float64)  # no host sync
-                self._layer_counts[idx] = self._layer_counts.get(idx, 0) + counts
+                st = layer.last_stats
+                parts = [st["tokens_per_expert"], *(st[k].reshape(1) for k in ("dropped_slots", "aux_loss", "z_loss"))]
+                row = torch.cat([part.detach().to(torch.float64) for part in parts])
+                self._layer_sums[idx] = self._layer_sums.get(idx, 0) + row
         if not self.groups.is_last_stage:
             return out
         losses = token_losses(out, mb["labels"].to(self.device), self.groups)
@@ -187,63 +201,56 @@ class Trainer:
         return float(value.item())
 
     def _layer_stats(self) -> dict[int, dict]:
-        """Per-MoE-layer stats of this step for metrics and the expert-bias update; counts summed over DP (and
-        gathered over PP so the logging rank sees every layer)."""
+        """Per-MoE-layer statistics of the whole step, for metrics and the expert-bias update: tokens per expert and
+        dropped routing slots summed over every micro-batch and DP rank; aux and z losses averaged over them; the
+        drawn k and the MoNE kept fraction (constant within a step). Gathered over PP so the logging rank sees every
+        layer; one host transfer."""
         moe_idx = flops.moe_layer_indices(self.cfg)
-        E = self.cfg.moe.num_experts
-        zeros = dict(dtype=torch.float64, device=self.device)  # collectives on the training device (NCCL)
-        counts = torch.zeros(len(moe_idx), E, **zeros)
-        ks = torch.zeros(len(moe_idx), **zeros)
-        dropped = torch.zeros(len(moe_idx), **zeros)
-        kept = torch.zeros(len(moe_idx), **zeros)
+        L, E = len(moe_idx), self.cfg.moe.num_experts
+        sums = torch.zeros(L, E + 3, dtype=torch.float64, device=self.device)  # collectives on the training device
+        constants = torch.zeros(2, L, dtype=torch.float64, device=self.device)  # k, kept fraction
         local = self.model.moe_layers()
         for pos, idx in enumerate(moe_idx):
             if idx in local:
-                st = local[idx].last_stats
-                counts[pos] = self._layer_counts.get(idx, torch.zeros(E, **zeros))
-                ks[pos] = float(st["k"])
-                dropped[pos] = float(st.get("dropped_tokens") or 0)
-                kept[pos] = float(st.get("mone_kept_fraction") or 0.0)
-        self._layer_counts = {}
-        packed = torch.cat([counts.flatten(), ks, dropped, kept])
-        if self.groups.dp_size > 1:
-            # counts are identical over TP peers and disjoint over DP; the others are DP-invariant
+                sums[pos] = self._layer_sums.get(idx, 0)
+                constants[0, pos] = float(local[idx].last_stats["k"])
+                constants[1, pos] = float(local[idx].last_stats["mone_kept_fraction"])
+        self._layer_sums = {}
+        packed = torch.cat([sums.flatten(), constants.flatten()])
+        if self.groups.dp_size > 1:  # sums are identical over TP peers and disjoint over DP; constants DP-invariant
             dist.all_reduce(packed, group=self.groups.dp_group)
-            packed[counts.numel():counts.numel() + len(moe_idx)] /= self.groups.dp_size
-            packed[counts.numel() + 2 * len(moe_idx):] /= self.groups.dp_size
+            packed[sums.numel():] /= self.groups.dp_size
         if self.groups.pp_size > 1:
             dist.all_reduce(packed, group=self.groups.pp_group)
-        packed = packed.cpu()  # one host transfer per step
-        n = counts.numel()
-        counts = packed[:n].view(len(moe_idx), E)
-        L = len(moe_idx)
-        return {idx: {"tokens_per_expert": counts[i], "k": packed[n + i].item(),
-                      "dropped_tokens": packed[n + L + i].item(),
-                      "mone_kept_fraction": packed[n + 2 * L + i].item() if self.cfg.moe.mone.enabled else None}
+        packed = packed.cpu()
+        sums, constants = packed[:sums.numel()].view(L, E + 3), packed[sums.numel():].view(2, L)
+        micro_batches = self.num_micro * self.groups.dp_size
+        return {idx: {"tokens_per_expert": sums[i, :E], "dropped_slots": sums[i, E].item(),
+                      "aux_loss": sums[i, E + 1].item() / micro_batches, "z_loss": sums[i, E + 2].item() / micro_batches,
+                      "k": constants[0, i].item(),
+                      "mone_kept_fraction": constants[1, i].item() if self.cfg.moe.mone.enabled else None}
                 for i, idx in enumerate(moe_idx)}
 
     def train_step(self) -> tuple[float, float, dict[int, dict]]:
         cfg = self.cfg
         self.model.train()
         self.model.set_step(self.step)
-        lr = lr_at(cfg, self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.set_lr(lr_at(cfg, self.step))
+        self.optimizer.zero_grad()
         micro = [next(self.loader) for _ in range(self.num_micro)]
-        losses = forward_backward(self.model, micro, self._forward, self.groups, self.hidden_shape)
+        losses = forward_backward(self.model, micro, self._forward, self.groups, self.hidden_shape,
+                                  no_sync=self.optimizer.no_sync)
         loss = self._global_loss(losses)
-        sync_grads(self.model, self.groups)
+        self.optimizer.reduce_grads()
         if cfg.train.precision == "fp8" and cfg.fp8.backend == "torch":
             from parallel.fp8 import sync_amax
 
             sync_amax(self.model, self.groups.amax_group)
-        norm = global_grad_norm(self.model, self.groups)
+        norm = self.optimizer.grad_norm()
         layer_stats = self._layer_stats()
         if not (math.isfinite(loss) and math.isfinite(norm)):
             return loss, norm, layer_stats
-        clip_grads(self.model, norm, cfg.optim.grad_clip)
-        self.optimizer.step()
+        self.optimizer.step(norm)
         if cfg.moe.expert_bias:
             for idx, layer in self.model.moe_layers().items():
                 layer.update_expert_bias(layer_stats[idx]["tokens_per_expert"].to(self.device))
@@ -300,31 +307,41 @@ class Trainer:
         the model is being built or resumed is not lost."""
         cfg = self.cfg
         preemption = preemption or Preemption()
+        ckpt = checkpoint.prepare(self.ckpt_root, self.groups, resume=cfg.checkpoint.resume == "auto",
+                                  writable=(self.run_dir,))
+        resumed = self.maybe_resume(ckpt)
+        result = TrainResult(checkpoint=str(resumed) if resumed else None)
+        if self.step >= cfg.train.steps:
+            if self.is_logger:
+                print(f"[moetron] nothing to do: finished at step {self.step}", flush=True)
+            result.final_step, result.skipped_steps = self.step, self.skipped
+            return result
+        checkpoint.preflight_space(self.ckpt_root, self.groups, checkpoint.checkpoint_bytes(self.model, self.groups),
+                                   self._saves_to_come(), cfg.checkpoint.keep_last, self.run_id)
         if self.is_logger:
             save_resolved(cfg, self.run_dir)
-        self.maybe_resume()
+            print(summary.start_block(cfg, self.groups, self.step, self.ckpt_root, self.optimizer.label),
+                  flush=True)
+        self.writer = MetricsWriter(self.run_dir, enabled=self.is_logger and cfg.logging.tensorboard,
+                                    purge_step=self.step if resumed else None)
+        self.writer.config_text(to_dict(cfg), self.step)
         if cfg.train.eval_interval:
             self._valid_batches(cfg.train.eval_batches)  # bad validation settings fail now, not at the first eval
-        result = TrainResult()
-        consecutive_bad = 0
         last_saved = self.step
         while self.step < cfg.train.steps:
             t0 = time.perf_counter()
             loss, norm, layer_stats = self.train_step()
             step_time = time.perf_counter() - t0
             if math.isfinite(loss) and math.isfinite(norm):
-                consecutive_bad = 0
+                self.nonfinite_streak = 0
             else:
-                consecutive_bad += 1
+                self.nonfinite_streak += 1
                 self.skipped += 1
                 if self.is_logger:
                     print(f"[moetron] step {self.step}: non-finite loss/grad-norm ({loss}, {norm}); update skipped "
-                          f"({consecutive_bad} in a row)", flush=True)
-                if consecutive_bad >= cfg.train.max_consecutive_nonfinite:
-                    raise TrainingError(
-                        f"{consecutive_bad} consecutive non-finite steps (train.max_consecutive_nonfinite="
-                        f"{cfg.train.max_consecutive_nonfinite}) at step {self.step}: lower optim.lr, check the "
-                        "data, or resume from an earlier checkpoint")
+                          f"({self.nonfinite_streak} in a row)", flush=True)
+                if self.nonfinite_streak >= cfg.train.max_consecutive_nonfinite:
+                    raise TrainingError(self._stop_nonfinite())
             result.losses[self.step] = loss
             self._log(loss, norm, step_time, layer_stats)
             self.step += 1
@@ -348,11 +365,31 @@ class Trainer:
                     print(f"[moetron] train.exit_interval reached: exiting at step {self.step}", flush=True)
                 break
         else:
-            if cfg.checkpoint.save_at_end and (last_saved != self.step or result.checkpoint is None):
+            if cfg.checkpoint.save_at_end and last_saved != self.step:  # never re-save the step resumed from
                 result.checkpoint = str(self.save())
         result.final_step, result.skipped_steps = self.step, self.skipped
         self.writer.close()
         return result
+
+    def _saves_to_come(self) -> int:
+        """Checkpoints the rest of this run writes on schedule (interval saves and the final one)."""
+        c, steps = self.cfg.checkpoint, self.cfg.train.steps
+        saves = steps // c.interval - self.step // c.interval if c.interval else 0
+        return saves + int(c.save_at_end and not (c.interval and steps % c.interval == 0))
+
+    def _stop_nonfinite(self) -> str:
+        """Point ``latest`` back at the newest checkpoint saved before the non-finite streak (collective) and say
+        so: the TrainingError message."""
+        cfg, first = self.cfg, self.step - self.nonfinite_streak + 1
+        head = (f"{self.nonfinite_streak} consecutive non-finite steps (train.max_consecutive_nonfinite="
+                f"{cfg.train.max_consecutive_nonfinite}) at step {self.step}")
+        good = self.ckpt_root / self.last_good if self.last_good else None
+        if good is None or not good.is_dir():
+            return (f"{head}: no checkpoint was saved before the first of them (step {first}); lower optim.lr or "
+                    "check the data, and start again")
+        checkpoint.set_latest(self.ckpt_root, good, self.groups)
+        return (f"{head}: 'latest' now names {good}, the last checkpoint saved before them (the first was step "
+                f"{first}); lower optim.lr or check the data, then restart to resume from it")
 
     def _dispatcher_scalars(self) -> dict[str, float]:
         """LLEP statistics of this rank's MoE layers (last micro-batch of the step): imbalance before/after,
@@ -360,7 +397,7 @@ class Trainer:
         out = {}
         for idx, layer in self.model.moe_layers().items():
             for key, value in (getattr(layer.dispatcher, "last_stats", None) or {}).items():
-                out[f"moe/layer{idx:02d}/llep_{key}"] = float(value)
+                out[f"{moe_layer_tag(idx)}/llep_{key}"] = float(value)
         return out
 
     def _log(self, loss: float, norm: float, step_time: float, layer_stats: dict[int, dict]) -> None:
@@ -373,12 +410,14 @@ class Trainer:
                           skipped_steps=self.skipped,
                           useful_flops=fc.train_per_step_useful if self.cfg.moe.mone.enabled else None)
         perf = throughput(stats, self.groups.world_size, self.peak)
-        scalars = {**training_scalars(stats, perf), **moe_layer_scalars(layer_stats)}
+        scalars = {**training_scalars(stats, perf), **moe_layer_scalars(layer_stats, self.cfg.moe)}
         if self.cfg.train.precision == "fp8":
             from parallel.fp8 import fp8_stats
 
             scalars.update(fp8_stats(self.model))
         scalars.update(self._dispatcher_scalars())
+        # data.paths mixtures: cumulative tokens per source (all DP ranks; the same on every rank, no collective)
+        scalars.update({f"train_data/tokens/{name}": n for name, n in self.loader.source_tokens().items()})
         self.writer.scalars(scalars, self.step)
         self.writer.expert_load(layer_stats, self.step)
         print(self.progress.format(stats, perf), flush=True)

@@ -67,13 +67,18 @@ def test_decode_kernels_handle_more_tokens_than_one_tile():
     torch.testing.assert_close(y, mone_swiglu_reference(x, splits, w_gate, w_up, w_down, 9), rtol=1e-4, atol=1e-5)
 
 
-def test_decode_weight_cache_follows_in_place_updates():
+def test_decode_reads_the_current_weights_after_any_write():
     x, w_gate, w_up, w_down = _problem([2], 16, 24, seed=3)
-    with torch.no_grad():
-        mone_swiglu_grouped(x, [2], w_gate, w_up, w_down, 8)
-        w_down.mul_(-2.0)  # optimizer-style in-place update: the cached [E, F, D] copy must be refreshed
-        y = mone_swiglu_grouped(x, [2], w_gate, w_up, w_down, 8)
-    torch.testing.assert_close(y, mone_swiglu_reference(x, [2], w_gate, w_up, w_down, 8), rtol=1e-4, atol=1e-5)
+    w_down = torch.nn.Parameter(w_down)
+    for write in (lambda: w_down.mul_(-2.0),  # optimizer-style in-place update (bumps the version counter)
+                  lambda: w_down.data.mul_(-0.5),  # through .data (EMA, user code): no version bump
+                  lambda: w_down.data.copy_(torch.randn_like(w_down))):
+        with torch.no_grad():
+            mone_swiglu_grouped(x, [2], w_gate, w_up, w_down, 8)
+            write()
+            y = mone_swiglu_grouped(x, [2], w_gate, w_up, w_down, 8)
+            y_ref = mone_swiglu_reference(x, [2], w_gate, w_up, w_down, 8)
+        torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
 
 
 def test_bad_inputs_name_the_problem():

@@ -18,13 +18,16 @@ def test_matches_reference_random(R, F, k, output):
         assert (got.sum(-1) == k).all()
 
 
-def test_ties_broken_by_lower_index():
-    # row 0: the cut falls inside a run of equal magnitudes (signs differ); row 1: all equal; row 2: zeros + NaN
+def test_ties_broken_by_lower_index_and_nan_ranks_lowest():
+    # row 0: the cut falls inside a run of equal magnitudes (signs differ); row 1: all equal; row 2: zeros, inf and
+    # NaN (NaN ranks below 0); row 3: too few numbers, so NaNs fill the rest by lowest index
+    nan, inf = float("nan"), float("inf")
     score = torch.tensor([[0.5, -2.0, 2.0, 1.0, -1.0, 1.0, 1.0, 0.0, -1.0, 3.0],
                           [4.0] * 10,
-                          [0.0, -0.0, float("nan"), 0.0, float("inf"), 0.0, -0.0, float("nan"), 0.0, 0.0]])
+                          [0.0, -0.0, nan, 0.0, inf, 0.0, -0.0, nan, 0.0, 0.0],
+                          [nan, nan, -inf, nan, 1.0, nan, 2.0, nan, nan, nan]])
     k = 5
-    want = torch.tensor([[1, 2, 3, 4, 9], [0, 1, 2, 3, 4], [0, 1, 2, 4, 7]])
+    want = torch.tensor([[1, 2, 3, 4, 9], [0, 1, 2, 3, 4], [0, 1, 3, 4, 5], [0, 1, 2, 4, 6]])
     assert torch.equal(topk_select_reference(score, k, "indices"), want)
     assert torch.equal(topk_select(score.to(DEVICE), k, "indices").cpu(), want)
 

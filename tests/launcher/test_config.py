@@ -1,11 +1,10 @@
-"""Recipes: parsing, dotted overrides, and one clear error line for each kind of bad input (through the CLI)."""
-import subprocess
-import sys
+"""Recipes: parsing, dotted overrides, and one clear error line for each kind of bad input (through the CLI's main)."""
 from pathlib import Path
 
 import pytest
 import yaml
 
+from launcher import pretrain
 from launcher.config import ConfigError, load_config, save_resolved, validate_world
 
 REPO = Path(__file__).resolve().parents[2]
@@ -54,11 +53,12 @@ def test_world_size_checks_before_any_process_group():
         validate_world(cfg, 1)
 
 
-def _pretrain(tmp_path, recipe_text, *overrides, env=None):
+def _pretrain(tmp_path, capsys, recipe_text, *overrides) -> tuple[int, str]:
+    """``moetron pretrain`` in-process (the subprocess contract is in tests/launcher/test_bad_inputs.py)."""
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(recipe_text)
-    return subprocess.run([sys.executable, "-m", "launcher.pretrain", "--recipe", str(recipe), *overrides],
-                          capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    code = pretrain.main(["--recipe", str(recipe), *overrides])
+    return code, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("recipe,overrides,message", [
@@ -67,22 +67,21 @@ def _pretrain(tmp_path, recipe_text, *overrides, env=None):
     ("parallel:\n  ep: 3\n", [], "moe.num_experts (8) must be divisible by parallel.ep (3)"),
     ("data:\n  source: shards\n", [], "data.path is required when data.source=shards"),
     ("data:\n  source: shards\n  path: /no/such/dir\n", [], "data.path '/no/such/dir' does not exist"),
-    ("model: [1, 2\n", [], "is not valid YAML"),
+    ("model: [1, 2\n", [], "is not valid YAML: expected ',' or ']', but got '<stream end>' at line 2, column 1"),
     ("{}\n", ["moe.top_k"], "override 'moe.top_k' must look like key.path=value"),
 ])
-def test_cli_prints_one_error_line_and_exits_2(tmp_path, recipe, overrides, message):
-    proc = _pretrain(tmp_path, recipe, *overrides)
-    assert proc.returncode == 2, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+def test_cli_prints_one_error_line_and_exits_2(tmp_path, capsys, recipe, overrides, message):
+    code, err = _pretrain(tmp_path, capsys, recipe, *overrides)
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
     assert lines == [lines[0]] and lines[0].startswith("moetron: config error: ")
     assert message in lines[0]
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in err
 
 
-def test_cli_rejects_indivisible_world_before_process_groups(tmp_path):
-    import os
-
-    env = dict(os.environ, WORLD_SIZE="3", RANK="0")
-    proc = _pretrain(tmp_path, yaml.safe_dump({"parallel": {"tp": 2}}), env=env)
-    assert proc.returncode == 2
-    assert "world size 3 is not divisible by parallel.tp * parallel.pp = 2*1" in proc.stderr
+def test_cli_rejects_indivisible_world_before_process_groups(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "0")
+    code, err = _pretrain(tmp_path, capsys, yaml.safe_dump({"parallel": {"tp": 2}}))
+    assert code == 2
+    assert "world size 3 is not divisible by parallel.tp * parallel.pp = 2*1" in err

@@ -61,6 +61,21 @@ def test_forward_uses_own_weights_and_expanded_grads_work():
     torch.testing.assert_close(x.grad, x_ref.grad)
 
 
+@pytest.mark.parametrize("mone", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_rows_at_all_backpropagates_zero_gradients(mone, dtype):
+    """A rank whose local experts receive no token in a micro-batch: y.sum()'s stride-0 [0, D] gradient used to
+    fail in torch._grouped_mm's backward ("Invalid strides/sizes")."""
+    torch.manual_seed(0)
+    experts = SwiGLUExperts(3, 8, 16, MoNEConfig(enabled=mone, backend="torch")).to(dtype)
+    x = torch.randn(0, 8, dtype=dtype, requires_grad=True)
+    y = experts(x, [0, 0, 0])
+    assert y.shape == (0, 8)
+    y.sum().backward()
+    for w in experts.parameters():
+        assert torch.equal(w.grad, torch.zeros_like(w))
+
+
 @pytest.mark.parametrize("width", [8, 6])  # 32-byte rows take torch._grouped_mm, 24-byte rows the loop
 def test_grouped_linear_matches_per_row_matmul(width):
     torch.manual_seed(1)

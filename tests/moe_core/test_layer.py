@@ -121,7 +121,7 @@ def test_last_stats_with_capacity_and_mone():
     assert stats["k"] == 2 and stats["tokens_per_expert"].shape == (4,)
     assert int(stats["tokens_per_expert"].sum()) == 20  # counted before dropping
     # capacity = ceil(0.5 * 10 * 2 / 4) = 3 slots per expert: at least 20 - 12 slots are dropped
-    assert int(stats["dropped_tokens"]) >= 8
+    assert int(stats["dropped_slots"]) >= 8
     assert stats["mone_kept_fraction"] == 0.25
     assert not stats["tokens_per_expert"].requires_grad
 
@@ -145,3 +145,18 @@ def test_update_expert_bias_through_layer_changes_routing():
 def test_wrong_hidden_size_is_reported():
     with pytest.raises(ValueError, match=r"\[\.\.\., 8\]"):
         _layer()(torch.randn(3, 7))
+
+
+@pytest.mark.parametrize("mone", [False, True])
+def test_micro_batch_without_tokens_gives_zero_losses_and_finite_zero_gradients(mone):
+    """A pipeline chunk or EP rank with no tokens: aux and z losses were NaN (a mean over no tokens) and poisoned
+    every router gradient through the aux-loss injection."""
+    cfg = MoEConfig(num_experts=4, top_k=2, expert_ffn_hidden_size=16, capacity_factor=1.0,
+                    mone=MoNEConfig(enabled=mone, backend="torch"))
+    layer = MoELayer(8, cfg, 0, KSchedule(cfg, 0))
+    y = layer(torch.randn(0, 8, requires_grad=True))
+    y.sum().backward()
+    assert y.shape == (0, 8)
+    assert layer.last_stats["aux_loss"].item() == 0.0 and layer.last_stats["z_loss"].item() == 0.0
+    for p in layer.parameters():
+        assert torch.equal(p.grad, torch.zeros_like(p))

@@ -1,5 +1,6 @@
 """M-MoE k schedule: rank-independent draws, per layer/step variation, distributions, eval k, k_min=k_max."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -109,3 +110,50 @@ def test_layer_routes_with_the_drawn_k():
     layer.k_schedule.set_eval_k(3)
     layer(x)
     assert layer.last_stats["k"] == 3
+
+
+def test_capacity_distribution_is_finite_for_small_tau():
+    # tau = 0.005, k_max = 64: k^(1/tau) = 64^200 overflows fp64 (inf / inf = NaN) unless computed in log space
+    probs = k_probabilities(1, 64, "capacity", 0.005)
+    assert torch.isfinite(probs).all() and probs.sum().item() == pytest.approx(1.0)
+    assert probs[62].item() / probs[63].item() == pytest.approx((63 / 64) ** 200, rel=1e-9)
+    cfg = MoEConfig(num_experts=64, top_k=2, expert_ffn_hidden_size=16,
+                    matryoshka=MatryoshkaConfig(enabled=True, k_min=1, k_max=64, distribution="capacity", tau=0.005))
+    assert {KSchedule(cfg, 0).k_for(0, step, training=True) for step in range(50)} <= set(range(58, 65))
+
+
+def test_loop_without_set_step_draws_a_new_k_per_forward_and_warns_once():
+    cfg = _cfg()
+    torch.manual_seed(0)
+    layer = MoELayer(8, cfg, 0, KSchedule(cfg, seed=1))
+    with pytest.warns(UserWarning, match="without MoELayer.set_step") as record:
+        ks = []
+        for _ in range(20):
+            layer(torch.randn(5, 8))
+            ks.append(layer.last_stats["k"])
+    assert len([w for w in record if "set_step" in str(w.message)]) == 1
+    # call n uses step n's draw (was: the step-0 k on every call)
+    assert ks == [KSchedule(cfg, seed=1).k_for(0, step, training=True) for step in range(20)]
+    assert len(set(ks)) > 1
+    layer.set_step(7)  # once set, the step decides, and no further warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(torch.randn(5, 8))
+        layer(torch.randn(5, 8))
+    assert layer.last_stats["k"] == KSchedule(cfg, seed=1).k_for(0, 7, training=True)
+    layer.eval()
+    layer(torch.randn(5, 8))
+    assert layer.last_stats["k"] == 4  # evaluation: k_max, untouched by the counter
+
+
+def test_eval_k_outside_the_trained_range_warns_once_naming_it():
+    sched = KSchedule(_cfg(), 0)  # trained k in [1, 4]
+    with pytest.warns(UserWarning, match=r"k=8 is outside .* k in \[1, 4\]"):
+        sched.set_eval_k(8)
+    assert sched.k_for(0, 0, training=False) == 8  # allowed (elastic inference), just not silently
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sched.set_eval_k(8)  # once per value
+        sched.set_eval_k([2, 3])  # inside the range: no warning
+    with pytest.warns(UserWarning, match=r"k=3 is outside .* k = 2 \(moe.top_k\)"):
+        KSchedule(MoEConfig(num_experts=8, top_k=2), 0).set_eval_k(3)

@@ -37,6 +37,8 @@ def _per_token_reference(x_ND, experts: SwiGLUExperts, score: str) -> torch.Tens
 def test_keep_count_rounds_half_up_and_validates():
     assert keep_count(0.5, 16) == 8 and keep_count(0.25, 10) == 3 and keep_count(0.01, 16) == 1
     assert keep_count(1.0, 16) == 16
+    # exact decimal arithmetic: 0.29 * 50 = 14.5 -> 15 (binary float gives 14.499999999999998 -> 14)
+    assert keep_count(0.29, 50) == 15 and keep_count(0.57, 50) == 29
     with pytest.raises(ValueError, match="keep_ratio"):
         keep_count(0.0, 16)
 

@@ -47,7 +47,7 @@ def test_capacity_factor_drops_lowest_probability_tokens():
     p0 = [0.6, 0.9, 0.7, 0.8]  # all four prefer expert 0; it keeps tokens 1 (0.9) and 3 (0.8)
     out = router(_logits_from_probs([[p, 1 - p] for p in p0]), k=1)
     assert out.topk_idx_TK.flatten().tolist() == [-1, 0, -1, 0]
-    assert out.topk_weight_TK.flatten().tolist() == [0.0, 1.0, 0.0, 1.0]
+    torch.testing.assert_close(out.topk_weight_TK.flatten(), torch.tensor([0.0, 0.9, 0.0, 0.8]))  # k=1: raw p
     assert out.tokens_per_expert_E.tolist() == [4, 0]  # counted before dropping
 
 
@@ -121,3 +121,85 @@ def test_router_rejects_bad_k_and_shapes():
         router(torch.randn(3, 8), k=5)
     with pytest.raises(ValueError, match="shape"):
         router(torch.randn(3, 7), k=1)
+
+
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+def test_gate_weights_follow_norm_topk_prob(norm_topk_prob):
+    router = _identity_router(3, norm_topk_prob=norm_topk_prob)
+    x = _logits_from_probs([[4.0, 2.0, 1.0], [1.0, 3.0, 2.0]])  # p = [4, 2, 1] / 7 and [1, 3, 2] / 6
+    top2 = router(x, k=2).topk_weight_TK
+    want2 = [[2 / 3, 1 / 3], [3 / 5, 2 / 5]] if norm_topk_prob else [[4 / 7, 2 / 7], [3 / 6, 2 / 6]]
+    torch.testing.assert_close(top2, torch.tensor(want2))
+    # k = 1 gates by the raw probability either way (Switch): renormalising would give exactly 1.0
+    torch.testing.assert_close(router(x, k=1).topk_weight_TK, torch.tensor([[4 / 7], [3 / 6]]))
+
+
+def test_k1_router_gets_language_model_gradient():
+    """Aux and z losses off: the LM-loss gradient reaching the router at k=1 equals that of
+    ``sum_t p_t[e_t] * <Expert_e_t(x_t), dy_t>`` (the gate is the raw probability) and is far from zero; with
+    renormalisation the gate is the constant 1.0 and this gradient vanishes."""
+    from moe_core.experts import swiglu_reference
+    from moe_core.layer import MoELayer
+    from moe_core.matryoshka import KSchedule
+
+    cfg = MoEConfig(num_experts=4, top_k=1, expert_ffn_hidden_size=8, aux_loss_coeff=0.0, z_loss_coeff=0.0)
+    torch.manual_seed(0)
+    layer = MoELayer(6, cfg, 0, KSchedule(cfg, 0))
+    layer.experts.reset_parameters(std=0.5)
+    x, dy = torch.randn(10, 6), torch.randn(10, 6)
+    (layer(x) * dy).sum().backward()
+    ex = layer.experts
+    w = layer.router.weight.detach().clone().requires_grad_(True)
+    probs = torch.softmax(x @ w.T, dim=-1)
+    idx = probs.argmax(-1)
+    with torch.no_grad():
+        expert_out = torch.stack([swiglu_reference(x[t:t + 1], [1], ex.w_gate_EFD[e:e + 1], ex.w_up_EFD[e:e + 1],
+                                                   ex.w_down_EDF[e:e + 1])[0] for t, e in enumerate(idx.tolist())])
+    (probs.gather(1, idx[:, None])[:, 0] * (expert_out * dy).sum(-1)).sum().backward()
+    torch.testing.assert_close(layer.router.weight.grad, w.grad, rtol=1e-4, atol=1e-6)
+    assert w.grad.abs().max() > 1e-2
+
+
+def test_no_tokens_gives_zero_losses_and_zero_gradient():
+    router = TopKRouter(8, 4, MoEConfig(num_experts=4, aux_loss_coeff=0.5, z_loss_coeff=0.5, capacity_factor=1.0))
+    out = router(torch.randn(0, 8, requires_grad=True), k=2)
+    assert out.aux_loss.item() == 0.0 and out.z_loss.item() == 0.0  # was NaN (mean over no tokens)
+    (out.aux_loss + out.z_loss).backward()
+    assert torch.equal(router.weight.grad, torch.zeros(4, 8))
+
+
+def _one_sided_router(scope: str):
+    """E=2, k=1: inputs along +u route to expert 0, along -u to expert 1 (p about 0.98 for the chosen one)."""
+    from moe_core.config import MoEConfig
+    from moe_core.router import TopKRouter
+
+    torch.manual_seed(0)
+    router = TopKRouter(4, 2, MoEConfig(num_experts=2, top_k=1, aux_loss_coeff=0.5, aux_loss_scope=scope))
+    with torch.no_grad():
+        router.weight.copy_(torch.tensor([[2.0, 0, 0, 0], [-2.0, 0, 0, 0]]))
+    u = torch.zeros(8, 4)
+    u[:, 0] = 1.0
+    return router.train(), u, -u
+
+
+def test_global_batch_aux_loss_balances_over_the_steps_micro_batches():
+    # two micro-batches of one step, each fully one-sided, balanced together
+    values = {}
+    for scope in ("micro_batch", "global_batch"):
+        router, mb1, mb2 = _one_sided_router(scope)
+        router.start_step()
+        values[scope] = [float(router(mb, 1).aux_loss) for mb in (mb1, mb2)]
+    p_chosen = torch.softmax(torch.tensor([2.0, -2.0]), 0)[0].item()
+    # micro_batch: f = (1, 0) on its own expert -> coeff * E * p_chosen (imbalanced) for both micro-batches
+    assert values["micro_batch"] == pytest.approx([0.5 * 2 * p_chosen] * 2)
+    # global_batch: micro-batch 2 sees both (f = (1/2, 1/2)) -> coeff * E * 1/2 * (p0 + p1) = coeff, the balanced value
+    assert values["global_batch"][0] == pytest.approx(0.5 * 2 * p_chosen)
+    assert values["global_batch"][1] == pytest.approx(0.5)
+
+
+def test_global_batch_counts_restart_every_step():
+    router, mb1, mb2 = _one_sided_router("global_batch")
+    router.start_step()
+    router(mb1, 1)
+    router.start_step()
+    assert float(router(mb2, 1).aux_loss) == pytest.approx(float(_one_sided_router("micro_batch")[0](mb2, 1).aux_loss))

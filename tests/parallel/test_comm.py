@@ -5,6 +5,7 @@ gradient locally; the parent process asserts they match what the collective prod
 """
 import pytest
 import torch
+import torch.distributed as dist
 
 from parallel import comm
 from tests.helpers.dist import run_distributed
@@ -30,7 +31,7 @@ def _check_all_to_all(rank, world):
     xs = [_rank_rows(s, sum(send[s]), seed=1) for s in range(world)]
     gs = [_rank_rows(s, sum(send[d][s] for d in range(world)), seed=2) for s in range(world)]  # grad of outputs
     x = xs[rank].clone().requires_grad_(True)
-    out = comm.all_to_all(x, [send[s][rank] for s in range(world)], send[rank], group=None)
+    out = comm.all_to_all(x, [send[s][rank] for s in range(world)], send[rank], group=dist.group.WORLD)
     (out * gs[rank]).sum().backward()
     # Expected: rank receives, in source-rank order, the block each source addressed to it.
     offsets = lambda row: [sum(row[:i]) for i in range(len(row))]  # noqa: E731
@@ -45,14 +46,14 @@ def _check_split_gather(rank, world):
     x_full = torch.randn(2 * world, D, generator=g)  # replicated input
     slice_grads = [torch.randn(2, D, generator=g) for _ in range(world)]  # per-rank grad of its slice
     x = x_full.clone().requires_grad_(True)
-    part = comm.split_dim0(x, group=None)
+    part = comm.split_dim0(x, group=dist.group.WORLD)
     (part * slice_grads[rank]).sum().backward()
     split = (part.detach(), x_full[2 * rank:2 * rank + 2], x.grad, torch.cat(slice_grads))
 
     parts = [torch.randn(2, D, generator=g) for _ in range(world)]  # per-rank input
     full_grad = torch.randn(2 * world, D, generator=g)  # replicated downstream grad
     y = parts[rank].clone().requires_grad_(True)
-    gathered = comm.gather_dim0(y, group=None)
+    gathered = comm.gather_dim0(y, group=dist.group.WORLD)
     (gathered * full_grad).sum().backward()
     gather = (gathered.detach(), torch.cat(parts), y.grad, full_grad[2 * rank:2 * rank + 2])
     return split, gather
@@ -60,20 +61,38 @@ def _check_split_gather(rank, world):
 
 def _check_counts(rank, world):
     counts = torch.tensor([rank, 10 * rank, 1], dtype=torch.int64)
-    return comm.all_reduce_counts(counts, group=None), counts
+    return comm.all_reduce_counts(counts, group=dist.group.WORLD), counts
 
 
 def _check_uneven_split_error(rank, world):
     try:
-        comm.split_dim0(torch.zeros(world + 1, D), group=None)
+        comm.split_dim0(torch.zeros(world + 1, D), group=dist.group.WORLD)
     except ValueError as e:
         return str(e)
     return None
 
 
+def _missing_group_errors(rank, world):
+    """Inside a real world, None must not mean the world (issue 17): every entry point raises."""
+    x = torch.zeros(world, D)
+    calls = {"all_to_all": lambda: comm.all_to_all(x, [1] * world, [1] * world, None),
+             "split_dim0": lambda: comm.split_dim0(x, None), "gather_dim0": lambda: comm.gather_dim0(x, None),
+             "all_reduce_counts": lambda: comm.all_reduce_counts(torch.ones(2, dtype=torch.int64), None),
+             "group_size": lambda: comm.group_size(None), "group_rank": lambda: comm.group_rank(None)}
+    errors = {}
+    for name, call in calls.items():
+        try:
+            call()
+            errors[name] = None
+        except ValueError as e:
+            errors[name] = str(e)
+    return errors
+
+
 def _all_checks(rank, world):
     return {"a2a": _check_all_to_all(rank, world), "split_gather": _check_split_gather(rank, world),
-            "counts": _check_counts(rank, world), "uneven_error": _check_uneven_split_error(rank, world)}
+            "counts": _check_counts(rank, world), "uneven_error": _check_uneven_split_error(rank, world),
+            "missing_group": _missing_group_errors(rank, world)}
 
 
 @pytest.fixture(scope="module")
@@ -108,16 +127,26 @@ def test_all_reduce_counts_sums_without_touching_input(results):
 
 def test_single_process_is_identity_and_validates():
     x = torch.randn(4, D, requires_grad=True)
-    assert comm.all_to_all(x, [4], [4], group=None) is x
-    assert comm.split_dim0(x, group=None) is x and comm.gather_dim0(x, group=None) is x
+    one = comm.SINGLE_PROCESS
+    assert comm.all_to_all(x, [4], [4], group=one) is x
+    assert comm.split_dim0(x, group=one) is x and comm.gather_dim0(x, group=one) is x
+    assert comm.group_size(one) == 1 and comm.group_rank(one) == 0
     with pytest.raises(TypeError, match="tolist"):
-        comm.all_to_all(x, torch.tensor([4]), [4], group=None)
+        comm.all_to_all(x, torch.tensor([4]), [4], group=one)
     with pytest.raises(ValueError, match="1 ranks"):
-        comm.all_to_all(x, [2, 2], [2, 2], group=None)
+        comm.all_to_all(x, [2, 2], [2, 2], group=one)
     with pytest.raises(ValueError, match="sum to 3"):
-        comm.all_to_all(x, [4], [3], group=None)
+        comm.all_to_all(x, [4], [3], group=one)
     with pytest.raises(TypeError, match="integer"):
-        comm.all_reduce_counts(torch.ones(2), group=None)
+        comm.all_reduce_counts(torch.ones(2), group=one)
+    with pytest.raises(ValueError, match="is None: pass the process group explicitly"):
+        comm.split_dim0(x, group=None)
+
+
+def test_a_missing_group_is_an_error_never_the_world(results):
+    for r in results:
+        for name, error in r["missing_group"].items():
+            assert error is not None and "never taken as the world" in error, f"{name}(group=None) did not raise"
 
 
 def test_split_dim0_rejects_uneven_rows(results):

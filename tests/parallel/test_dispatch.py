@@ -22,6 +22,7 @@ import torch
 from moe_core.config import MatryoshkaConfig, MoEConfig, MoNEConfig
 from moe_core.layer import LocalDispatcher, MoELayer
 from moe_core.matryoshka import KSchedule
+from parallel.comm import SINGLE_PROCESS
 from parallel.dispatch import AllToAllDispatcher, shard_moe_layer
 from tests.helpers.dist import run_distributed
 
@@ -75,7 +76,7 @@ def _step(layer: MoELayer, x_TD: torch.Tensor, g_TD: torch.Tensor, step: int) ->
     params = [getattr(layer.experts, n) for n in EXPERT_PARAMS]
     stats = layer.last_stats
     return {"y": y.detach(), "x_grad": x.grad, "router_grad": layer.router.weight.grad, "k": stats["k"],
-            "dropped": int(stats["dropped_tokens"]), "tokens_per_expert": stats["tokens_per_expert"],
+            "dropped": int(stats["dropped_slots"]), "tokens_per_expert": stats["tokens_per_expert"],
             # an expert set that computed no rows may have no grad at all: that is a zero grad
             "expert_grads": [torch.zeros_like(p) if p.grad is None else p.grad for p in params]}
 
@@ -172,7 +173,7 @@ def test_single_process_dispatcher_equals_local_dispatcher():
     layer = build_layer("capacity")
     x, g = batches("capacity", 1)
     ref = _step(layer, x[0], g[0], 0)
-    layer.dispatcher = AllToAllDispatcher(None, None, E)  # no process group: both groups are this process
+    layer.dispatcher = AllToAllDispatcher(SINGLE_PROCESS, SINGLE_PROCESS, E)  # both groups: this process alone
     got = _step(layer, x[0], g[0], 0)
     for a, b in zip([got[k] for k in ("y", "x_grad", "router_grad")] + got["expert_grads"],
                     [ref[k] for k in ("y", "x_grad", "router_grad")] + ref["expert_grads"]):
@@ -188,7 +189,10 @@ def test_bad_setup_fails_with_clear_errors(world_results):
     layer.experts.first_expert = 2  # not the experts this (single) EP rank owns
     routed = layer.router(x[0], layer.current_k())
     with pytest.raises(ValueError, match=r"expects experts \[0, 8\) but got experts \[2, 10\)"):
-        AllToAllDispatcher(None, None, E)(x[0], routed.topk_idx_TK, routed.topk_weight_TK, layer.experts)
+        AllToAllDispatcher(SINGLE_PROCESS, SINGLE_PROCESS, E)(x[0], routed.topk_idx_TK, routed.topk_weight_TK,
+                                                             layer.experts)
+    with pytest.raises(ValueError, match="AllToAllDispatcher tp_group is None"):
+        AllToAllDispatcher(None, SINGLE_PROCESS, E)  # never "the world"
     with pytest.raises(ValueError, match="already sharded"):
         shard_moe_layer(layer, ParallelGroups.single())
     for r in world_results(2):

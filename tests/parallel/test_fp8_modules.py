@@ -114,9 +114,9 @@ def test_convert_model_keeps_router_first_last_and_params():
         assert _rel_err(p.grad, p_ref.grad) < GRAD_REL_TOL, name
 
     stats = fp8_stats(model)
-    q = "fp8/layers.1.self_attn.q_proj"
+    q = "train_fp8/layers.1.self_attn.q_proj"
     assert stats[f"{q}/input_amax"] > 0 and stats[f"{q}/grad_output_amax"] > 0
     q_weight = model.layers["1"].self_attn.q_proj.weight
     assert stats[f"{q}/weight_scale"] == pytest.approx(448.0 / q_weight.abs().max().item())
-    assert {f"fp8/layers.1.mlp.experts.{p}/weight_amax" for p in ("gate", "up", "down")} <= set(stats)
+    assert {f"train_fp8/layers.1.mlp.experts.{p}/weight_amax" for p in ("gate", "up", "down")} <= set(stats)
     assert not any(".layers.0." in k or "layers.2." in k or "router" in k for k in stats)

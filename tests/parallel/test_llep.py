@@ -1,6 +1,7 @@
 """LLEP dispatcher on gloo worlds (EP=2, EP=4): outputs and every gradient equal plain EP (AllToAllDispatcher) and
-the single-process reference, on balanced and heavily skewed routing; plus activation checkpointing and two
-micro-batches in flight (pipeline-style), which must neither deadlock nor change a gradient."""
+the single-process reference, on balanced and heavily skewed routing, with the default min_tokens_per_gemm, MoNE,
+bf16 and duplicate top-k choices; plus activation checkpointing and two micro-batches in flight (pipeline-style),
+which must neither deadlock nor change a gradient."""
 from __future__ import annotations
 
 import pytest
@@ -12,7 +13,7 @@ from parallel.config import LLEPConfig
 from moe_core.experts import SwiGLUExperts
 from moe_core.layer import LocalDispatcher
 from parallel.dispatch import AllToAllDispatcher
-from parallel.comm import gather_dim0
+from parallel.comm import SINGLE_PROCESS, gather_dim0
 from parallel.groups import initialize
 from parallel.llep import LLEPDispatcher
 from tests.helpers.dist import run_distributed
@@ -29,6 +30,10 @@ def _routing(kind: str, n_tokens: int, gen: torch.Generator) -> torch.Tensor:
     if kind == "balanced":
         slots = torch.arange(2 * n_tokens).view(n_tokens, 2) % E
         return slots[torch.randperm(n_tokens, generator=gen)]
+    if kind == "duplicate_k2":  # 80% of tokens pick expert 0 twice (a router may repeat a choice), rest uniform
+        other = torch.randint(1, E, (n_tokens,), generator=gen)
+        first = torch.where(torch.rand(n_tokens, generator=gen) < 0.8, 0, other)
+        return torch.stack([first, torch.where(torch.rand(n_tokens, generator=gen) < 0.5, first, (first + 3) % E)], 1)
     share = {"skew80": 0.8, "skew95": 0.95, "skew80_k2": 0.8}[kind]
     hot = torch.rand(n_tokens, generator=gen) < share
     other = torch.randint(1, E, (n_tokens,), generator=gen)
@@ -54,8 +59,9 @@ def _batch(kind: str, n_tokens: int, seed: int) -> list[torch.Tensor]:
             torch.rand(idx_TK.shape, generator=gen) * (idx_TK >= 0), torch.randn(n_tokens, D, generator=gen)]
 
 
-def _experts(weights: list[torch.Tensor], first: int, count: int) -> SwiGLUExperts:
-    experts = SwiGLUExperts(count, D, F, MoNEConfig(), first_expert=first)
+def _experts(weights: list[torch.Tensor], first: int, count: int, mone: MoNEConfig | None = None,
+             dtype: torch.dtype = torch.float32) -> SwiGLUExperts:
+    experts = SwiGLUExperts(count, D, F, mone or MoNEConfig(), first_expert=first).to(dtype)
     with torch.no_grad():
         for p, w in zip((experts.w_gate_EFD, experts.w_up_EFD, experts.w_down_EDF), weights):
             p.copy_(w[first:first + count])
@@ -71,31 +77,55 @@ def _run(dispatcher, experts, x_TD, idx_TK, w_TK, grad_TD) -> dict:
                 experts=[p.grad.clone() for p in (experts.w_gate_EFD, experts.w_up_EFD, experts.w_down_EDF)])
 
 
-def _compare_case(groups, kind: str, tokens_per_batch: list[int], seed: int) -> dict:
+# name -> (LLEP config, MoNE config, dtype, tolerance)
+VARIANTS = {
+    "fp32": (CFG, MoNEConfig(), torch.float32, 1e-5),
+    "default_min_tokens": (LLEPConfig(), MoNEConfig(), torch.float32, 1e-4),  # 1024; sums over 1000s of rows
+    "mone": (CFG, MoNEConfig(enabled=True, keep_ratio=0.5), torch.float32, 1e-5),
+    "bf16": (CFG, MoNEConfig(), torch.bfloat16, 3e-2),
+}
+
+
+def _compare_case(groups, kind: str, tokens_per_batch: list[int], seed: int, variant: str = "fp32") -> dict:
     """LLEP vs plain EP vs the single-process reference for this rank's micro-batch. The EP group computes the
     micro-batches of its members (TP peers share one); the reference runs their concatenation through all E
     experts, so an expert's reference gradient is exactly what its owner must end up with."""
+    cfg, mone, dtype, tol = VARIANTS[variant]
     ep_batches = sorted(set(gather_dim0(torch.tensor([groups.dp_rank]), groups.ep_group).tolist()))
     batches = {d: _batch(kind, tokens_per_batch[d], seed + d) for d in ep_batches}
+    for b in batches.values():
+        b[0] = b[0].to(dtype)
     weights, epr = _weights(seed), E // groups.ep_size
-    ref = _run(LocalDispatcher(), _experts(weights, 0, E), *[torch.cat(parts) for parts in zip(*batches.values())])
+    ref = _run(LocalDispatcher(), _experts(weights, 0, E, mone, dtype),
+               *[torch.cat(parts) for parts in zip(*batches.values())])
     lo = sum(tokens_per_batch[d] for d in ep_batches if d < groups.dp_rank)
     mine = slice(lo, lo + tokens_per_batch[groups.dp_rank])
     first = groups.ep_rank * epr
     ref_local = dict(y=ref["y"][mine], x=ref["x"][mine], w=ref["w"][mine],
                      experts=[g[first:first + epr] for g in ref["experts"]])
-    llep = LLEPDispatcher(groups.tp_group, groups.ep_group, E, CFG)
-    got = _run(llep, _experts(weights, first, epr), *batches[groups.dp_rank])
-    plain = _run(AllToAllDispatcher(groups.tp_group, groups.ep_group, E), _experts(weights, first, epr),
+    llep = LLEPDispatcher(groups.tp_group, groups.ep_group, E, cfg)
+    got = _run(llep, _experts(weights, first, epr, mone, dtype), *batches[groups.dp_rank])
+    plain = _run(AllToAllDispatcher(groups.tp_group, groups.ep_group, E), _experts(weights, first, epr, mone, dtype),
                  *batches[groups.dp_rank])
     for name, other in (("reference", ref_local), ("plain EP", plain)):
         for key in ("y", "x", "w"):
-            torch.testing.assert_close(got[key], other[key], atol=ATOL, rtol=1e-5,
-                                       msg=lambda m: f"{kind}: {key} differs from {name}: {m}")
+            torch.testing.assert_close(got[key], other[key], atol=tol, rtol=tol,
+                                       msg=lambda m: f"{kind}/{variant}: {key} differs from {name}: {m}")
         for i, (g, o) in enumerate(zip(got["experts"], other["experts"])):
-            torch.testing.assert_close(g, o, atol=ATOL, rtol=1e-5,
-                                       msg=lambda m: f"{kind}: expert weight {i} grad differs from {name}: {m}")
-    return dict(llep.last_stats, plan=repr(llep.last_plan))
+            torch.testing.assert_close(g, o, atol=tol, rtol=tol,
+                                       msg=lambda m: f"{kind}/{variant}: expert weight {i} grad vs {name}: {m}")
+    assert got["y"].dtype == dtype
+    return _plan_stats(llep)
+
+
+def _plan_stats(llep: LLEPDispatcher) -> dict:
+    """The stats every EP rank must agree on (the per-rank ones left out), plus the plan."""
+    per_rank = ("planner_ms", "weight_buffer_bytes")
+    plan, m = llep.last_plan, llep.cfg.min_tokens_per_gemm
+    small = [c for e, cs in enumerate(plan.chunks) for c in cs
+             if c.rank != plan.home(e) and c.size < min(m, int(plan.counts_E[e]) - c.start)]
+    return dict({k: v for k, v in llep.last_stats.items() if k not in per_rank}, plan=repr(plan.transfers),
+                chunks=repr(plan.chunks), sub_gemm_chunks=len(small))
 
 
 def _layer_stack(dispatcher, experts_list, router_DE, x_TD, use_checkpoint: bool) -> torch.Tensor:
@@ -135,7 +165,14 @@ def _checkpoint_and_microbatches(groups) -> dict:
     for mode in ("checkpoint", "interleaved"):
         for g, ref in zip(grads[mode], grads["plain"]):
             torch.testing.assert_close(g, ref, atol=ATOL, rtol=1e-5, msg=lambda m: f"{mode}: {m}")
-    return dict(llep.last_stats, plan=repr(llep.last_plan))
+    return _plan_stats(llep)
+
+
+CASES = {  # name -> (routing kind, variant)
+    "balanced": ("balanced", "fp32"), "skew80": ("skew80", "fp32"), "skew95": ("skew95", "fp32"),
+    "skew80_k2": ("skew80_k2", "fp32"), "default_min_tokens": ("skew95", "default_min_tokens"),
+    "mone": ("skew80_k2", "mone"), "bf16": ("skew80", "bf16"), "duplicate_k2": ("duplicate_k2", "fp32"),
+}
 
 
 def _all_cases(rank: int, world: int) -> dict:
@@ -144,8 +181,9 @@ def _all_cases(rank: int, world: int) -> dict:
         groups = initialize(tp, 1, ep)
         dp = groups.dp_size
         out[(tp, ep, "ep_group")] = gather_dim0(torch.tensor([rank]), groups.ep_group).tolist()
-        for kind in ("balanced", "skew80", "skew95", "skew80_k2"):
-            out[(tp, ep, kind)] = _compare_case(groups, kind, [T] * dp, seed=11)
+        for name, (kind, variant) in CASES.items():
+            tokens = 1200 if variant == "default_min_tokens" else T  # enough to spill GEMM-sized chunks of 1024
+            out[(tp, ep, name)] = _compare_case(groups, kind, [tokens] * dp, seed=11, variant=variant)
         out[(tp, ep, "empty_rank")] = _compare_case(groups, "skew80", [T] * (dp - 1) + [0], seed=3)
         out[(tp, ep, "checkpoint")] = _checkpoint_and_microbatches(groups)
     return out
@@ -154,14 +192,10 @@ def _all_cases(rank: int, world: int) -> dict:
 @pytest.mark.parametrize("world", [2, 4])
 def test_llep_matches_plain_ep_and_reference(world):
     results = run_distributed(_all_cases, world, timeout=150)
-    for case in results[0]:
-        for r in results:  # planner time is the only per-rank stat
-            if isinstance(r[case], dict):
-                assert r[case].pop("planner_ms") >= 0
     for tp, ep in LAYOUTS[world]:
         peers = [r for r in results if r[(tp, ep, "ep_group")] == results[0][(tp, ep, "ep_group")]]
         assert len(peers) == ep
-        for name in ("balanced", "skew80", "skew95", "skew80_k2", "empty_rank", "checkpoint"):
+        for name in (*CASES, "empty_rank", "checkpoint"):
             stats = results[0][(tp, ep, name)]
             assert all(r[(tp, ep, name)] == stats for r in peers), f"{name}: EP ranks disagree on the plan"
             if name == "balanced":
@@ -169,13 +203,14 @@ def test_llep_matches_plain_ep_and_reference(world):
             else:
                 assert stats["rebalanced"] == 1.0 and stats["weights_moved"] > 0, f"{name}: LLEP did not spill"
                 assert stats["imbalance_after"] < stats["imbalance_before"]
+            assert stats["sub_gemm_chunks"] == 0, f"{name}: a spilled chunk breaks the min_tokens_per_gemm rule"
         assert results[0][(tp, ep, "skew80")]["imbalance_after"] <= 1.2
 
 
 def test_single_process_llep_equals_local_dispatcher():
     batch, weights = _batch("skew80_k2", T, 5), _weights(5)
     ref = _run(LocalDispatcher(), _experts(weights, 0, E), *batch)
-    llep = LLEPDispatcher(None, None, E, CFG)  # no process group: one EP rank holding every expert
+    llep = LLEPDispatcher(SINGLE_PROCESS, SINGLE_PROCESS, E, CFG)  # one EP rank holding every expert
     got = _run(llep, _experts(weights, 0, E), *batch)
     for key in ("y", "x", "w"):
         torch.testing.assert_close(got[key], ref[key], atol=1e-6, rtol=1e-6)
@@ -184,6 +219,11 @@ def test_single_process_llep_equals_local_dispatcher():
     assert llep.last_stats["weights_moved"] == 0 and llep.last_stats["imbalance_before"] == 1.0
 
 
-def test_bad_llep_config_fails_when_the_dispatcher_is_built():
+def test_bad_llep_config_or_missing_group_fails_when_the_dispatcher_is_built():
     with pytest.raises(ValueError, match="moe.llep.capacity_factor must be >= 1.0"):
-        LLEPDispatcher(None, None, E, LLEPConfig(capacity_factor=0.8))
+        LLEPDispatcher(SINGLE_PROCESS, SINGLE_PROCESS, E, LLEPConfig(capacity_factor=0.8))
+    with pytest.raises(ValueError, match="moe.llep.max_helpers_per_expert must be >= 1"):
+        LLEPDispatcher(SINGLE_PROCESS, SINGLE_PROCESS, E, LLEPConfig(max_helpers_per_expert=0))
+    for tp, ep in ((None, SINGLE_PROCESS), (SINGLE_PROCESS, None)):
+        with pytest.raises(ValueError, match="is None: pass the process group explicitly"):
+            LLEPDispatcher(tp, ep, E, CFG)

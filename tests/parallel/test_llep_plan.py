@@ -12,7 +12,7 @@ SETTINGS = settings(max_examples=150, deadline=None)
 
 
 @st.composite
-def problems(draw, max_foreign=None):
+def problems(draw, max_foreign=None, max_helpers=None):
     """(counts, P, experts_per_rank, planner kwargs), with skewed counts made likely."""
     P = draw(st.integers(1, 6))
     epr = draw(st.integers(1, 4))
@@ -23,7 +23,8 @@ def problems(draw, max_foreign=None):
     kwargs = dict(imbalance_threshold=draw(st.sampled_from([1.0, 1.1, 1.3, 2.0])),
                   capacity_factor=draw(st.sampled_from([1.0, 1.05, 1.2])),
                   min_tokens_per_gemm=draw(st.sampled_from([0, 1, 16, 300])),
-                  max_foreign_experts=max_foreign if max_foreign is not None else draw(st.integers(0, 3)))
+                  max_foreign_experts=max_foreign if max_foreign is not None else draw(st.integers(0, 3)),
+                  max_helpers_per_expert=max_helpers if max_helpers is not None else draw(st.integers(1, 4)))
     return counts, P, epr, kwargs
 
 
@@ -57,27 +58,63 @@ def test_every_token_assigned_exactly_once(problem):
     assert set(plan.transfers) == moved and len(plan.transfers) == len(moved)
     for r in range(P):
         assert len(plan.foreign_experts(r)) <= kwargs["max_foreign_experts"], "memory cap broken"
-
-
-@SETTINGS
-@given(problems(max_foreign=24))
-def test_no_rank_over_capacity_when_memory_cap_does_not_bind(problem):
-    counts, P, epr, kwargs = problem
-    plan = plan_llep(counts, P, epr, **kwargs)
-    if plan.rebalanced:
-        assert max(plan.loads_after) <= plan.capacity
-        if kwargs["capacity_factor"] == 1.0:
-            assert max(plan.loads_after) <= max(plan.loads_before)
+    for e in range(len(counts)):
+        assert len(plan.helpers(e)) <= kwargs["max_helpers_per_expert"], "helper cap broken"
 
 
 @SETTINGS
 @given(problems())
-def test_over_capacity_only_when_forced_by_the_memory_cap(problem):
+def test_chunking_rule_spilled_chunks_are_gemm_sized(problem):
+    """Every chunk computed off the home rank has at least min(min_tokens_per_gemm, tokens left) tokens, so an
+    expert spilling s tokens makes at most ceil(s / min_tokens_per_gemm) of them."""
+    counts, P, epr, kwargs = problem
+    plan, m = plan_llep(counts, P, epr, **kwargs), kwargs["min_tokens_per_gemm"]
+    for e, chunks in enumerate(plan.chunks):
+        away = [c for c in chunks if c.rank != e // epr]
+        for c in away:
+            assert c.size >= min(m, counts[e] - c.start), (e, chunks)
+        if m and away:
+            assert len(away) <= -(-sum(c.size for c in away) // m)
+
+@SETTINGS
+@given(problems(max_foreign=24, max_helpers=24))
+def test_over_capacity_by_less_than_a_gemm_chunk_when_memory_caps_do_not_bind(problem):
     counts, P, epr, kwargs = problem
     plan = plan_llep(counts, P, epr, **kwargs)
-    if plan.rebalanced and max(plan.loads_after) > plan.capacity:
-        assert any(len(plan.foreign_experts(r)) == kwargs["max_foreign_experts"] for r in range(P))
+    if plan.rebalanced:
+        assert max(plan.loads_after) <= plan.capacity + max(kwargs["min_tokens_per_gemm"] - 1, 0)
+        if kwargs["capacity_factor"] == 1.0 and kwargs["min_tokens_per_gemm"] <= 1:
+            assert max(plan.loads_after) <= max(plan.loads_before)
 
+
+def test_chunking_rule_two_transfers_not_seven_at_p8_e8():
+    """Issue 17: one hot expert spills 2537 tokens while every helper has 363 tokens of room. Taking only the room
+    cut them into 7 transfers; with min_tokens_per_gemm=1024 two helpers take 1024 each and the 489 left (less than
+    a GEMM, and no room for it anywhere) stay home."""
+    counts = [4000] + [1100] * 7
+    plan = plan_llep(counts, 8, 1)  # default min_tokens_per_gemm=1024
+    assert plan.capacity == 1463
+    assert [(c.rank, c.size) for c in plan.chunks[0]] == [(0, 1463), (1, 1024), (2, 1024), (0, 489)]
+    assert len(plan.transfers) == 2 and max(plan.loads_after) < plan.capacity + 1024
+    assert max(plan.loads_after) < max(plan.loads_before)
+    assert all(len(c) == 1 for c in plan.chunks[1:]), "an overfilled helper must not cascade its own expert"
+
+
+def test_helper_cap_bounds_an_experts_helpers_and_forces_the_rest():
+    counts = [8000] + [10] * 15  # one expert with nearly everything, P=16
+    plan = plan_llep(counts, 16, 1, min_tokens_per_gemm=1, max_helpers_per_expert=3)
+    assert plan.helpers(0) == (1, 2, 3) and len(plan.transfers) == 3
+    assert sum(c.size for c in plan.chunks[0]) == 8000 and max(plan.loads_after) > plan.capacity  # forced
+
+
+@SETTINGS
+@given(problems())
+def test_over_capacity_only_when_forced_by_the_memory_caps(problem):
+    counts, P, epr, kwargs = problem
+    plan = plan_llep(counts, P, epr, **kwargs)
+    if plan.rebalanced and max(plan.loads_after) >= plan.capacity + max(kwargs["min_tokens_per_gemm"], 1):
+        assert any(len(plan.foreign_experts(r)) == kwargs["max_foreign_experts"] for r in range(P)) or any(
+            len(plan.helpers(e)) == kwargs["max_helpers_per_expert"] for e in range(len(counts)))
 
 @SETTINGS
 @given(problems())
@@ -128,6 +165,7 @@ def test_eighty_percent_to_one_expert_is_rebalanced_to_near_uniform():
     (dict(counts=[1, 2], ep_size=2, experts_per_rank=1, capacity_factor=0.9), "capacity_factor"),
     (dict(counts=[1, 2], ep_size=2, experts_per_rank=1, imbalance_threshold=0.0), "imbalance_threshold"),
     (dict(counts=[1, 2], ep_size=2, experts_per_rank=1, max_foreign_experts=-1), "max_foreign_experts"),
+    (dict(counts=[1, 2], ep_size=2, experts_per_rank=1, max_helpers_per_expert=0), "max_helpers_per_expert"),
 ])
 def test_bad_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -144,29 +182,24 @@ def test_rank_layouts_route_every_token_to_a_rank_that_computes_its_expert(probl
     sorted_buffers = [[(s, e, i) for e in range(len(counts)) for i in range(counts_PE[s][e])] for s in range(P)]
     outboxes = []
     for s, lay in enumerate(layouts):
-        rows = [sorted_buffers[s][a + i] for a, n in lay.send_segments for i in range(n)]
+        rows = [sorted_buffers[s][a + i] for a, n in zip(lay.send_starts, lay.send_lengths) for i in range(n)]
         assert sorted(rows) == sorted(sorted_buffers[s]), "each local token is sent exactly once"
-        if not plan.transfers:  # the dispatcher skips the send reorder then: it must be the identity
-            assert rows == sorted_buffers[s]
         edges = [sum(lay.send_splits[:r]) for r in range(P + 1)]
         outboxes.append([rows[edges[r]:edges[r + 1]] for r in range(P)])
     seen = []
     for r, lay in enumerate(layouts):
-        assert lay.recv_splits == tuple(len(outboxes[s][r]) for s in range(P))
+        assert lay.recv_splits == [len(outboxes[s][r]) for s in range(P)]
         received = [tok for s in range(P) for tok in outboxes[s][r]]
-        computed = [received[a + i] for a, n in lay.compute_segments for i in range(n)]
+        computed = [received[a + i] for a, n in zip(lay.compute_starts, lay.compute_lengths) for i in range(n)]
         assert sorted(computed) == sorted(received)
         experts = list(range(r * epr, (r + 1) * epr)) + list(lay.foreign_experts)
         sizes = list(lay.home_tokens) + list(lay.foreign_tokens)
         labels = [e for e, n in zip(experts, sizes) for _ in range(n)]
         assert [tok[1] for tok in computed] == labels, "rows must be grouped by the expert that computes them"
         assert sum(sizes) == plan.loads_after[r]
-        assert lay.weights_recv_splits == tuple(layouts[s].weights_send_splits[r] for s in range(P))
-        assert [s * epr + i for s in range(P) for i in _sent_to(layouts[s], r)] == list(lay.foreign_experts)
+        assert [(e, home) for e, home in lay.weights_recv] == [(e, e // epr) for e in lay.foreign_experts]
+        sent_here = [e for s in range(P) for _, e, helper in layouts[s].weights_send if helper == r]
+        assert sorted(sent_here) == list(lay.foreign_experts), "every received weight is sent by its home"
+        assert all(e == s * epr + local for s in range(P) for local, e, _ in layouts[s].weights_send)
         seen += computed
     assert sorted(seen) == sorted(tok for buf in sorted_buffers for tok in buf)
-
-
-def _sent_to(layout, dst):
-    start = sum(layout.weights_send_splits[:dst])
-    return layout.weights_send_local[start:start + layout.weights_send_splits[dst]]

@@ -37,6 +37,7 @@ def _reference_grads(cfg, micro_by_dp):
 
     single = ParallelGroups.single()
     ref = build_model(cfg, single)
+    ref.set_step(0)  # one training step: every micro-batch routes with the step's Matryoshka k draw
     n = len(micro_by_dp) * len(micro_by_dp[0])
     AuxLossAutoScaler.set_loss_scale(1.0 / n)
     losses = []
@@ -63,6 +64,7 @@ def _compare(rank, world_size, overrides):
     ref_grads, ref_losses = _reference_grads(cfg, micro_by_dp)
 
     model = build_model(cfg, g)
+    model.set_step(0)
 
     def forward(m, mb, x):
         out = m(mb["tokens"] if x is None else x)

@@ -123,6 +123,20 @@ def test_corrupt_shard_raises_during_streaming_without_hanging(shards, tmp_path,
     assert preprocess_main(["--verify", str(path)]) == 1
 
 
+def test_each_shard_is_hashed_once_per_process_before_its_first_sample(shards, tmp_path, monkeypatch):
+    """Two epochs read every shard twice; each is hashed only the first time it is opened."""
+    from launcher.data import loader as loader_module
+
+    path = _copy(shards, tmp_path)
+    hashed, sha256 = [], loader_module.file_sha256
+    monkeypatch.setattr(loader_module, "_VERIFIED", set())
+    monkeypatch.setattr(loader_module, "file_sha256", lambda p: hashed.append(p.name) or sha256(p))
+    loader = build_loader(shard_config(path), "train", 0, 1)
+    _take(loader, 2 * loader.plan.batches_per_epoch)
+    names = [s["name"] for s in read_index(path)["splits"]["train"]["shards"]]
+    assert sorted(hashed) == sorted(names)
+
+
 def _npy(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.lib.format.write_array(buf, array, allow_pickle=False)

@@ -61,14 +61,32 @@ def test_round_trip_is_identical_and_pretraining_resumes(tmp_path):
 
 
 def test_from_hf_rejects_what_moetron_cannot_represent():
-    with pytest.raises(ConfigError, match="norm_topk_prob"):
-        mapping.merge_hf_into_raw({}, _qwen3_config(norm_topk_prob=False))
+    with pytest.raises(ConfigError, match="norm_topk_prob=true with num_experts_per_tok=1"):
+        mapping.merge_hf_into_raw({}, _qwen3_config(num_experts_per_tok=1))  # HF gates top-1 with 1.0
     with pytest.raises(ConfigError, match="model_type"):
         mapping.merge_hf_into_raw({}, _qwen3_config(model_type="mixtral"))
     with pytest.raises(ConfigError, match="rope type 'yarn'"):
         mapping.merge_hf_into_raw({}, _qwen3_config(rope_parameters={"rope_type": "yarn", "rope_theta": 1.0}))
     with pytest.raises(ConfigError, match="model.hidden_size=128 but the HF model has 32"):
         mapping.merge_hf_into_raw({"model": {"hidden_size": 128}}, _qwen3_config())
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_norm_topk_prob_is_carried_both_ways(norm):
+    from launcher.config import config_from_dict
+
+    raw = mapping.merge_hf_into_raw({}, _qwen3_config(norm_topk_prob=norm))
+    assert raw["moe"]["norm_topk_prob"] is norm
+    assert mapping.merge_hf_into_raw({}, _qwen3_config(norm_topk_prob=False, num_experts_per_tok=1))["moe"] == \
+        {**raw["moe"], "top_k": 1, "norm_topk_prob": False}  # raw top-1 gates are representable
+    raw["data"] = {"source": "synthetic"}
+    cfg = config_from_dict(raw)
+    assert cfg.moe.norm_topk_prob is norm
+    assert mapping.hf_config(cfg, {})["norm_topk_prob"] is norm
+    cfg.moe.top_k = 1  # a stock top-1 export writes false: the same gate (raw probability) as moetron's k=1 rule
+    assert mapping.hf_config(cfg, {})["norm_topk_prob"] is False
+    cfg.moe.expert_bias = True  # moetron flavour: its modeling code applies moetron's rule, the field is carried
+    assert mapping.hf_config(cfg, {})["norm_topk_prob"] is norm
 
 
 def test_from_hf_fields():
@@ -96,3 +114,50 @@ def test_cli_errors(tmp_path, capsys):
     assert hf_dir.parse_size("2GiB") == 2 * 2**30 and hf_dir.parse_size("500MB") == 500 * 10**6
     with pytest.raises(hf_dir.HFDirError, match="not understood"):
         hf_dir.parse_size("lots")
+
+
+def _from_hf_printing(rank, world_size, root):
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = convert.main(["from-hf", "--hf", f"{root}/hf", "--output", f"{root}/ckpt", "train.steps=2",
+                           "train.micro_batch_size=2", "train.global_batch_size=2", "model.seq_length=16",
+                           "logging.tensorboard=false"])
+    return rc, out.getvalue()
+
+
+def test_printed_follow_up_continues_pretraining_on_shards_with_the_hf_tokenizer(tmp_path):
+    """The commands from-hf prints, run as printed (YOUR_TEXT.jsonl = a real corpus), tokenize with the model's own
+    tokenizer and continue pretraining from the converted step-0 checkpoint on those shards."""
+    import os
+    import shlex
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from launcher.data.preprocess import train_tokenizer
+    from tests.launcher.data.helpers import CORPUS, corpus_docs
+
+    (tmp_path / "hf").mkdir()
+    train_tokenizer(corpus_docs(200_000), 300, "<|endoftext|>").save(str(tmp_path / "hf" / "tokenizer.json"))
+    torch.manual_seed(0)
+    qwen = {k: v for k, v in _qwen3_config(vocab_size=320).items() if k != "model_type"}
+    Qwen3MoeForCausalLM(Qwen3MoeConfig(**qwen)).save_pretrained(tmp_path / "hf")
+    rc, printed = run_distributed(_from_hf_printing, 1, str(tmp_path))[0]
+    assert rc == 0, printed
+    commands = [line.strip() for line in printed.splitlines() if line.startswith("  moetron ")]
+    assert [c.split()[1] for c in commands] == ["preprocess", "pretrain"], printed
+    assert f"--tokenizer {tmp_path / 'hf' / 'tokenizer.json'}" in commands[0]
+    repo = Path(__file__).resolve().parents[3]
+    env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
+    for command in commands:
+        argv = [a if a != "YOUR_TEXT.jsonl" else str(CORPUS) for a in shlex.split(command)[1:]]
+        proc = subprocess.run([sys.executable, "-m", "launcher.cli", *argv], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, (command, proc.stdout[-2000:], proc.stderr[-2000:])
+    assert f"resumed from {tmp_path / 'ckpt' / 'step_0000000'}" in proc.stdout
+    assert "done: step 2" in proc.stdout and "data        shards in data/ckpt" in proc.stdout

@@ -95,8 +95,8 @@ def test_bad_k_per_layer_is_named():
 
 
 def test_executed_k_from_layer_stats():
-    stats = {3: dict(tokens_per_expert=torch.tensor([10, 6, 4, 0]), k=2, dropped_tokens=5),
-             1: dict(tokens_per_expert=torch.tensor([3, 3, 3, 3]), k=3, dropped_tokens=0)}
+    stats = {3: dict(tokens_per_expert=torch.tensor([10, 6, 4, 0]), k=2, dropped_slots=5),
+             1: dict(tokens_per_expert=torch.tensor([3, 3, 3, 3]), k=3, dropped_slots=0)}
     # sorted by layer: layer 1 keeps all 12 slots (k=3); layer 3 drops 5 of 20 slots: 2 * 15/20 = 1.5
     assert executed_k_per_layer(stats) == [3.0, 1.5]
 

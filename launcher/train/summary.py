@@ -1,0 +1,51 @@
+"""What rank 0 tells a person at the start and the end of a run: one block before the first step, one line after
+the last. Everything a Slurm log reader needs to know what ran where."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from launcher.config import Config
+from launcher.train import flops
+from parallel.groups import ParallelGroups
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def tokens_per_step(cfg: Config) -> int:
+    return cfg.train.global_batch_size * cfg.model.seq_length
+
+
+def start_block(cfg: Config, groups: ParallelGroups, start_step: int, ckpt_root: Path, optimizer: str) -> str:
+    """Layout, parameters (total and activated per token), tokens per step, data, run dir, TensorBoard command."""
+    counts = flops.param_counts(cfg)
+    g, tr = groups, cfg.train
+    data = f"shards in {cfg.data.path}" if cfg.data.source == "shards" else "synthetic tokens (data.source=synthetic)"
+    if cfg.data.paths:
+        total = sum(e.weight for e in cfg.data.paths)
+        data = "mixture of " + ", ".join(f"{e.weight / total:.3g} {e.path}" for e in cfg.data.paths)
+    begin = "from scratch" if start_step == 0 else f"resuming at step {start_step}"
+    lines = [
+        "[moetron] run",
+        f"  layout      {g.world_size} rank(s) = TP {g.tp_size} x PP {g.pp_size} x DP {g.dp_size}; "
+        f"EP {g.ep_size}, expert-DP {g.edp_size}",
+        f"  parameters  {counts.total:,} total, {math.floor(counts.activated):,} activated per token",
+        f"  training    {tr.steps} steps ({begin}), {tokens_per_step(cfg):,} tokens per step "
+        f"({tr.global_batch_size} x {cfg.model.seq_length}), {tr.precision}, {optimizer}",
+        f"  data        {data}",
+        f"  run dir     {cfg.logging.run_dir} (checkpoints: {ckpt_root})",
+    ]
+    if cfg.logging.tensorboard:
+        lines.append(f"  tensorboard tensorboard --logdir {Path(cfg.logging.run_dir) / 'tb'}")
+    return "\n".join(lines)
+
+
+def end_line(final_step: int, checkpoint: str | None, losses: dict[int, float], tokens: int, wall_s: float) -> str:
+    """``[moetron] done: step N, checkpoint C; final loss L, T tokens this run, wall H:MM:SS``."""
+    finite = [v for _, v in sorted(losses.items()) if math.isfinite(v)]
+    loss = f"final loss {finite[-1]:.4f}" if finite else "no finite loss this run"
+    return (f"[moetron] done: step {final_step}, checkpoint {checkpoint}; {loss}, {tokens:,} tokens this run, "
+            f"wall {_hms(wall_s)}")
