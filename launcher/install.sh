@@ -30,7 +30,7 @@ TORCH_VERSION=${MOETRON_TORCH_VERSION:-2.13.0}
 if ! $PY -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$TORCH_VERSION' else 1)" 2>/dev/null; then
   $PIP "torch==$TORCH_VERSION"
 fi
-$PIP "numpy<2.5" packaging psutil pyyaml "triton==3.9.0" "webdataset==1.0.2" "tensorboard==2.21.0" \
+$PIP "numpy<2.5" packaging psutil pyyaml "triton==3.9.0" "webdataset==1.0.2" "tensorboard==2.21.0" pillow \
      "safetensors==0.8.0" "tokenizers==0.23.3" tqdm
 $PIP --no-deps --ignore-requires-python "megatron-core==0.19.2"
 if [ "$DEV" = 1 ]; then

@@ -32,6 +32,7 @@ process, when it first opens it. This module does not import torch (fast CLI, ch
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
@@ -310,9 +311,11 @@ def encode_documents(docs: Iterator[str], tok, eos_id: int, workers: int) -> Ite
         for batch in batches:
             yield from _encode_batch(batch)
         return
-    # Each worker is single-threaded; the tokenizers library would otherwise warn after fork and oversubscribe.
+    # Each worker is single-threaded; the tokenizers library would otherwise oversubscribe the cores.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    with mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(tok.to_str(),)) as pool:
+    # spawn, not fork: a process that already runs threads (torch, gloo, a data loader: any in-process caller)
+    # can be forked while one of them holds a lock, and the child then hangs on it forever
+    with mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(tok.to_str(),)) as pool:
         for encoded in pool.imap(_encode_batch, batches, chunksize=1):
             yield from encoded
 
@@ -538,8 +541,10 @@ def run(args: argparse.Namespace) -> dict:
     tok_start = time.perf_counter()
     with _progress(files, "tokenize") as bar:
         docs = iter_documents(files, args.text_field, stats, bar)
-        for i, ids in enumerate(encode_documents(docs, tok, eos_id, args.workers)):
-            packers["valid" if is_valid_document(i, args.valid_fraction) else "train"].add(ids)
+        # closing(): an error mid-stream shuts the tokenizer pool down now, not when the generator is collected
+        with contextlib.closing(encode_documents(docs, tok, eos_id, args.workers)) as encoded:
+            for i, ids in enumerate(encoded):
+                packers["valid" if is_valid_document(i, args.valid_fraction) else "train"].add(ids)
     for packer in packers.values():
         packer.finish()
     if stats.documents == 0:

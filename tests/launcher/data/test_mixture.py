@@ -4,6 +4,7 @@ samples, exact resume, resume at another DP size, the mixed validation split, ba
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -192,10 +193,15 @@ def test_validation_mixes_the_sources_valid_splits(sources, rows):
 
 @pytest.fixture
 def world(monkeypatch):
-    """A one-rank world for ``pretrain.main`` in this process."""
+    """A one-rank world for ``pretrain.main`` in this process; afterwards the signal handlers its preemption
+    handling installs are put back (a process forked later, e.g. preprocess's pool, would ignore SIGTERM)."""
     for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}.items():
         monkeypatch.setenv(key, value)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR2)}
+    yield
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
 
 
 def _paths(*entries) -> str:
