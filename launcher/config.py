@@ -297,6 +297,21 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     return f"{getattr(e, 'problem', None) or str(e).splitlines()[0]}{where}"
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error: YAML would silently keep the last
+    one (a repeated ``model:`` section would drop the first one's fields)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_recipe(recipe: str | Path) -> dict:
     """The raw section tree of a YAML recipe; any unreadable, non-text or non-YAML file is one ConfigError."""
     path = Path(recipe)
@@ -304,7 +319,7 @@ def read_recipe(recipe: str | Path) -> dict:
         raise ConfigError(f"recipe '{path}' not found (pass a YAML file, e.g. recipes/smoke_cpu.yaml)")
     try:
         text = path.read_bytes().decode("utf-8")
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_RecipeLoader)
     except OSError as e:
         raise ConfigError(f"recipe '{path}' cannot be read ({e.strerror})") from None
     except UnicodeDecodeError as e:
@@ -314,9 +329,11 @@ def read_recipe(recipe: str | Path) -> dict:
         raise ConfigError(f"recipe '{path}' is not valid YAML: {_yaml_problem(e)}") from None
     except RecursionError:
         raise ConfigError(f"recipe '{path}' is nested too deeply to be a recipe") from None
-    if not isinstance(raw, (dict, type(None))):
+    if raw is None:
+        raise ConfigError(f"recipe '{path}' is empty: a recipe is one complete YAML file (see recipes/smoke_cpu.yaml)")
+    if not isinstance(raw, dict):
         raise ConfigError(f"recipe '{path}' must be a mapping of sections (model:, moe:, ...)")
-    return raw or {}
+    return raw
 
 
 def load_config(recipe: Optional[str | Path] = None, overrides: list[str] = ()) -> Config:
@@ -420,6 +437,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
              f"optim.distributed=false needs train.precision=fp32: {tr.precision} parameters take their fp32 main "
              "weights from the distributed optimizer (leave optim.distributed unset, or true)")
     _validate_data(cfg.data)
+    _validate_device_needs(cfg)
     if tr.precision == "fp8":
         from parallel.fp8 import fp8_unavailable_here  # lazy: TE is only imported when fp8 is asked for
 
@@ -456,6 +474,23 @@ def _validate_data(data: DataConfig) -> None:
         first = seen.setdefault(Path(entry.path).resolve(), i)
         _require(first == i, f"{key}.path '{entry.path}' repeats data.paths[{first}].path: list each directory once "
                              "(with the sum of its weights)")
+
+
+def _validate_device_needs(cfg: Config) -> None:
+    """Settings that need a CUDA GPU fail here, in one line, instead of as a traceback after start-up."""
+    if not (cfg.parallel.backend == "nccl" or (cfg.moe.mone.enabled and cfg.moe.mone.backend == "triton")):
+        return
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    _require(cfg.parallel.backend != "nccl",
+             "parallel.backend=nccl needs CUDA GPUs and none is visible: use parallel.backend=auto (gloo on CPU)")
+    _require(os.environ.get("TRITON_INTERPRET") == "1",
+             "moe.mone.backend=triton needs a CUDA GPU and none is visible: use moe.mone.backend=auto (the torch "
+             "path on CPU), or TRITON_INTERPRET=1 for Triton's slow interpreter")
 
 
 def validate_world(cfg: Config, world_size: int) -> None:

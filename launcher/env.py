@@ -96,3 +96,11 @@ def parallel_session(tp: int, pp: int, ep: int, backend: str = "auto") -> Iterat
         pgroups.destroy()
         if created and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def plain_warnings() -> None:
+    """Print every Python warning of this process as one ``moetron: warning: <message>`` line on stderr, without the
+    source file and line a person cannot act on."""
+    import warnings
+
+    warnings.formatwarning = lambda message, *args, **kwargs: f"moetron: warning: {message}\n"

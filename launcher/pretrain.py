@@ -1,7 +1,8 @@
 """`moetron pretrain --recipe FILE [key.path=value ...]` (also `python -m launcher.pretrain`).
 
 Single process: `python -m launcher.pretrain --recipe recipes/smoke_cpu.yaml`
-Multi process:  `torchrun --nproc-per-node 4 -m launcher.pretrain --recipe recipes/smoke_cpu.yaml parallel.tp=2 parallel.ep=2`
+Multi process:  `torchrun --nproc-per-node 4 -m launcher.pretrain --recipe recipes/smoke_cpu.yaml parallel.tp=2 parallel.ep=2
+                 logging.run_dir=runs/smoke_tp2_ep2`
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    env.plain_warnings()
     try:
         cfg = load_config(args.recipe, args.overrides)
         validate_world(cfg, env.world_size())  # before any process group exists
@@ -51,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         except TrainingError as e:
             print(f"moetron: {e}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:
+            print("moetron: stopped by a second Ctrl-C; the last checkpoint is the newest in the run's checkpoint "
+                  "directory (`latest`)", file=sys.stderr)
+            return 130
         if groups.rank == 0:
             tokens = len(result.losses) * summary.tokens_per_step(cfg)
             print(summary.end_line(result.final_step, result.checkpoint, result.losses, tokens,

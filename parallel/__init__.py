@@ -8,13 +8,16 @@ they can (a bad input's one line, the run summary, progress):
   call (``dist_checkpointing/strategies/torch.py:749``);
 - "torch.distributed is disabled ... single process": torch.distributed.checkpoint when megatron-core reads a
   checkpoint's metadata without collectives (``state_dict_loader.py:161``, ``state_dict_saver.py:187``), printed
-  by every rank of a torchrun world.
+  by every rank of a torchrun world;
+- "The argument order of load has been changed": torch.distributed.checkpoint (``utils.py:465``) about the
+  positional call megatron-core makes on every checkpoint load.
 """
 import logging
 import warnings
 
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed", category=UserWarning)
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+warnings.filterwarnings("ignore", message="The argument order of load has been changed")
 
 
 class _DropMessage(logging.Filter):

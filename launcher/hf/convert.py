@@ -194,8 +194,7 @@ def from_hf(args: argparse.Namespace) -> None:
     raw.setdefault("checkpoint", {})["dir"] = str(root)
     raw.setdefault("logging", {}).setdefault("run_dir", str(root))  # the continued run lives beside its checkpoints
     cfg = config_from_dict(raw)
-    if checkpoint.find_latest(root) is not None:
-        raise ConvertError(f"'{root}' already holds a checkpoint; pass a new --output directory")
+    _check_empty(root)  # never write into a run directory that holds anything (its config, its checkpoints)
     with single_process_groups() as groups:
         # The trainer's own step-0 save: the checkpoint has exactly the structure (RNG and data-loader state
         # included) that `moetron pretrain` resumes from, at any layout.
@@ -221,7 +220,7 @@ def follow_up_commands(cfg: Config, hf_path: Path, recipe: Path, root: Path) -> 
                 f"  moetron pretrain --recipe {recipe} data.source=shards data.path={data}"]
     return ["[moetron] continue pretraining on your text with the model's own tokenizer:",
             f"  moetron preprocess --input YOUR_TEXT.jsonl --output {data} --tokenizer {tokenizer} "
-            f"--seq-length {cfg.model.seq_length}",
+            f"--seq-length {cfg.model.seq_length} --valid-fraction 0.01",
             f"  moetron pretrain --recipe {recipe} data.source=shards data.path={data}"]
 
 

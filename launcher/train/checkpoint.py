@@ -50,8 +50,11 @@ LATEST = "latest"
 SIDECAR = "moetron.json"
 TMP, NEW = ".tmp", ".new"
 _STEP_DIR = re.compile(r"^step_(\d{7})$")
-RESUME_MAY_DIFFER = ("moe.dispatcher", "moe.llep", "moe.mone.backend", "moe.matryoshka.eval_k")
-"""model.*/moe.* keys a resumed run may change: how tokens travel and which kernel runs, not what is computed."""
+RESUME_MAY_DIFFER = ("moe.dispatcher", "moe.llep", "moe.mone.backend", "moe.matryoshka.eval_k", "moe.aux_loss_coeff",
+                     "moe.aux_loss_scope", "moe.z_loss_coeff", "moe.expert_bias_update_rate",
+                     "moe.mone.balance_loss_coeff")
+"""model.*/moe.* keys a resumed run may change: how tokens travel, which kernel runs, and the weights of the
+auxiliary losses (training settings, not the model that is computed)."""
 
 
 class CheckpointError(RuntimeError):

@@ -144,6 +144,7 @@ def write_report(run_dir: Path, ckpt: Path, step: int, cfg: Config, batches: int
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    env.plain_warnings()
     try:
         ckpt, run_dir = resolve_checkpoint(args.checkpoint)
         common = checkpoint.load_common(ckpt)
@@ -156,14 +157,19 @@ def main(argv: list[str] | None = None) -> int:
 
     par = cfg.parallel
     with env.parallel_session(par.tp, par.pp, par.ep, par.backend) as groups:
+        if groups.rank == 0:
+            from launcher.train.summary import data_description
+
+            print(f"[moetron] evaluating {ckpt} on {data_description(cfg)}", flush=True)
         try:
             trainer = Trainer(cfg, groups)
             checkpoint.load(ckpt, trainer.model, None, groups)
             batches = args.batches or cfg.train.eval_batches
             rows = run_eval(trainer, ks, batches)
-        except (ConfigError, DataError, checkpoint.CheckpointError) as e:
-            print(f"moetron: {e}", file=sys.stderr)
-            return 1
+        except (ConfigError, DataError, checkpoint.CheckpointError) as e:  # bad input: one line, exit 2
+            kind = {ConfigError: "config", DataError: "data"}.get(type(e), "checkpoint")
+            print(f"moetron: {kind} error: {e}", file=sys.stderr)
+            return 2
         if groups.rank == 0:
             step = int(common["step"])
             out = write_report(run_dir or Path(cfg.logging.run_dir), ckpt, step, cfg, batches, rows)

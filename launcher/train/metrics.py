@@ -359,8 +359,14 @@ class ProgressLine:
         self.total_steps = total_steps
         self.ema = ema
         self._avg_step_s: Optional[float] = None
+        self._first = True
 
     def eta_s(self, step: int, step_time_s: float) -> float:
+        """The first logged step (start-up, first-touch allocations, compilation) only estimates itself: the average
+        starts from the second one, so one slow first step does not inflate the ETA for the rest of the run."""
+        if self._first:
+            self._first = False
+            return max(self.total_steps - step, 0) * step_time_s
         prev = self._avg_step_s
         self._avg_step_s = step_time_s if prev is None else self.ema * step_time_s + (1 - self.ema) * prev
         return max(self.total_steps - step, 0) * self._avg_step_s

@@ -19,14 +19,21 @@ def tokens_per_step(cfg: Config) -> int:
     return cfg.train.global_batch_size * cfg.model.seq_length
 
 
+def data_description(cfg: Config) -> str:
+    """What data a run or an evaluation reads, in words (a person should never guess it is synthetic)."""
+    if cfg.data.source != "shards":
+        return "synthetic tokens (data.source=synthetic)"
+    if cfg.data.paths:
+        total = sum(e.weight for e in cfg.data.paths)
+        return "mixture of " + ", ".join(f"{e.weight / total:.3g} {e.path}" for e in cfg.data.paths)
+    return f"shards in {cfg.data.path}"
+
+
 def start_block(cfg: Config, groups: ParallelGroups, start_step: int, ckpt_root: Path, optimizer: str) -> str:
     """Layout, parameters (total and activated per token), tokens per step, data, run dir, TensorBoard command."""
     counts = flops.param_counts(cfg)
     g, tr = groups, cfg.train
-    data = f"shards in {cfg.data.path}" if cfg.data.source == "shards" else "synthetic tokens (data.source=synthetic)"
-    if cfg.data.paths:
-        total = sum(e.weight for e in cfg.data.paths)
-        data = "mixture of " + ", ".join(f"{e.weight / total:.3g} {e.path}" for e in cfg.data.paths)
+    data = data_description(cfg)
     begin = "from scratch" if start_step == 0 else f"resuming at step {start_step}"
     lines = [
         "[moetron] run",
@@ -46,6 +53,6 @@ def start_block(cfg: Config, groups: ParallelGroups, start_step: int, ckpt_root:
 def end_line(final_step: int, checkpoint: str | None, losses: dict[int, float], tokens: int, wall_s: float) -> str:
     """``[moetron] done: step N, checkpoint C; final loss L, T tokens this run, wall H:MM:SS``."""
     finite = [v for _, v in sorted(losses.items()) if math.isfinite(v)]
-    loss = f"final loss {finite[-1]:.4f}" if finite else "no finite loss this run"
+    loss = f"final loss {finite[-1]:.4f}" if finite else ("no step run" if not losses else "no finite loss this run")
     return (f"[moetron] done: step {final_step}, checkpoint {checkpoint}; {loss}, {tokens:,} tokens this run, "
             f"wall {_hms(wall_s)}")

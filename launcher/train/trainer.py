@@ -12,6 +12,7 @@ import contextlib
 import math
 import random
 import signal
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -64,15 +65,20 @@ def precision_context(cfg: Config, groups: ParallelGroups):
 
 
 class Preemption:
-    """SIGUSR2/SIGTERM set a flag; at each step boundary the flag is OR-reduced over all ranks so they stop
-    together (after saving a checkpoint)."""
+    """SIGUSR2/SIGTERM and a first Ctrl-C (SIGINT) set a flag; at each step boundary the flag is OR-reduced over all
+    ranks so they stop together after saving a checkpoint. A second Ctrl-C stops at once (KeyboardInterrupt)."""
 
     def __init__(self) -> None:
         self.requested = False
-        for sig in (signal.SIGUSR2, signal.SIGTERM):
+        for sig in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame) -> None:  # noqa: ARG002
+        if signum == signal.SIGINT:
+            if self.requested:
+                raise KeyboardInterrupt
+            print("[moetron] Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again: stop now, without "
+                  "one)", file=sys.stderr, flush=True)
         self.requested = True
 
     def agreed(self, groups: ParallelGroups, device: torch.device) -> bool:
@@ -320,6 +326,7 @@ class Trainer:
                                    self._saves_to_come(), cfg.checkpoint.keep_last, self.run_id)
         if self.is_logger:
             save_resolved(cfg, self.run_dir)
+            (self.run_dir / "PREEMPTED").unlink(missing_ok=True)  # a previous attempt's marker, not this run's
             print(summary.start_block(cfg, self.groups, self.step, self.ckpt_root, self.optimizer.label),
                   flush=True)
         self.writer = MetricsWriter(self.run_dir, enabled=self.is_logger and cfg.logging.tensorboard,

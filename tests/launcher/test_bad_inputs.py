@@ -202,8 +202,12 @@ def test_every_float_spelling_is_a_number(tmp_path, spelling):
     (b"- train\n- optim\n", "must be a mapping of sections"),
     (b"[" * 1000, "is nested too deeply"),
     (b"fp8: 3\n", "fp8: expected a mapping of FP8Config fields, got 3"),
+    (b"model:\n  vocab_size: 1024\nmodel:\n  hidden_size: 64\n", "key 'model' is given twice at line 3"),
+    (b"optim:\n  lr: 0.1\n  lr: 0.2\n", "key 'lr' is given twice at line 3"),
+    (b"", "is empty: a recipe is one complete YAML file"),
+    (b"# only a comment\n", "is empty: a recipe is one complete YAML file"),
 ], ids=["random bytes", "png", "NUL byte", "unclosed list", "range in a recipe", "a list", "deep nesting",
-        "section not a mapping"])
+        "section not a mapping", "repeated section", "repeated key", "empty file", "only comments"])
 def test_bad_recipe_file_is_one_line(run_pretrain, tmp_path, content, message):
     recipe = tmp_path / "bad.yaml"
     recipe.write_bytes(content)

@@ -85,3 +85,18 @@ def test_cli_rejects_indivisible_world_before_process_groups(tmp_path, capsys, m
     code, err = _pretrain(tmp_path, capsys, yaml.safe_dump({"parallel": {"tp": 2}}))
     assert code == 2
     assert "world size 3 is not divisible by parallel.tp * parallel.pp = 2*1" in err
+
+
+def test_cuda_only_settings_fail_in_one_line_on_a_cpu(monkeypatch):
+    import torch
+
+    from launcher.config import ConfigError, load_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ConfigError, match="parallel.backend=nccl needs CUDA GPUs and none is visible"):
+        load_config(None, ["parallel.backend=nccl"])
+    with pytest.raises(ConfigError, match="moe.mone.backend=triton needs a CUDA GPU"):
+        load_config(None, ["moe.mone.enabled=true", "moe.mone.backend=triton"])
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter runs Triton kernels on a CPU (slowly)
+    assert load_config(None, ["moe.mone.enabled=true", "moe.mone.backend=triton"]).moe.mone.backend == "triton"

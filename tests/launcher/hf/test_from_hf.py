@@ -161,3 +161,14 @@ def test_printed_follow_up_continues_pretraining_on_shards_with_the_hf_tokenizer
         assert proc.returncode == 0, (command, proc.stdout[-2000:], proc.stderr[-2000:])
     assert f"resumed from {tmp_path / 'ckpt' / 'step_0000000'}" in proc.stdout
     assert "done: step 2" in proc.stdout and "data        shards in data/ckpt" in proc.stdout
+
+
+def test_from_hf_never_writes_into_a_used_directory(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("model: {}\n")  # e.g. an existing run directory
+    (tmp_path / "hf").mkdir()
+    hf_dir.write_json(tmp_path / "hf" / "config.json", _qwen3_config())
+    assert convert.main(["from-hf", "--hf", str(tmp_path / "hf"), "--output", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "exists and is not an empty directory" in err
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["config.yaml"]

@@ -140,8 +140,10 @@ def test_progress_line_fields_and_eta():
                        now=datetime.datetime(2026, 11, 30, 6, 40, 1))
     assert text == ("step  10/100 | loss 2.3457 | lr 3.00e-04 | gnorm 1.250 | 2.05k tok/s | 4 TFLOP/s/dev | "
                     "MFU 40.0% | 2.000 s/step | skipped 1 | ETA 0:03:00 | 2026-11-30 06:40:01")  # 90 left * 2 s
-    # the step-time average moves halfway to the new 4 s (ema 0.5): 3 s * 80 remaining steps
-    assert line.eta_s(20, 4.0) == pytest.approx(240.0)
+    # the first (warm-up) step does not enter the average: it starts at the second, 4 s, then moves halfway
+    # (ema 0.5) to the next 2 s: 3 s * 70 remaining steps
+    assert line.eta_s(20, 4.0) == pytest.approx(320.0)
+    assert line.eta_s(30, 2.0) == pytest.approx(210.0)
     assert line.eta_s(100, 4.0) == 0.0
     with pytest.raises(ValueError, match="total_steps >= 1"):
         ProgressLine(0)

@@ -8,11 +8,11 @@ from tests.helpers.dist import run_distributed
 from tests.launcher.train.test_train_resume import _overrides
 
 
-def _train_with_faults(rank, world_size, overrides, nan_steps, signal_at):
+def _train_with_faults(rank, world_size, overrides, nan_steps, signal_at, signum=signal.SIGUSR2):
     import torch
 
     from launcher.config import load_config
-    from launcher.train.trainer import Trainer, TrainingError
+    from launcher.train.trainer import Preemption, Trainer, TrainingError
     from parallel.groups import initialize
 
     cfg = load_config(None, overrides)
@@ -23,13 +23,15 @@ def _train_with_faults(rank, world_size, overrides, nan_steps, signal_at):
         out = forward(model, mb, x)
         if trainer.step in nan_steps:
             out = out * torch.tensor(float("nan"))
-        if trainer.step == signal_at and rank == 0:
-            signal.raise_signal(signal.SIGUSR2)
+        if trainer.step == signal_at and rank == 0 and not raised:
+            raised.append(signum)  # once, like a person pressing Ctrl-C once (the step has several micro-batches)
+            signal.raise_signal(signum)
         return out
 
+    raised = []
     trainer._forward = faulty_forward
     try:
-        result = trainer.fit()
+        result = trainer.fit(Preemption())
     except TrainingError as e:
         return {"error": str(e)}
     return {"losses": result.losses, "skipped": result.skipped_steps, "final": result.final_step,
@@ -58,3 +60,9 @@ def test_sigusr2_checkpoints_and_exits_on_all_ranks(tmp_path):
         assert out["checkpoint"].endswith("step_0000004")
     assert (tmp_path / "run" / "PREEMPTED").read_text().strip() == "4"
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_0000004"
+
+
+def test_ctrl_c_checkpoints_at_the_step_boundary_and_exits(tmp_path):
+    overrides = _overrides(tmp_path / "run", 20)
+    out = run_distributed(_train_with_faults, 1, overrides, set(), 2, signal.SIGINT)[0]
+    assert out["preempted"] and out["final"] == 3 and out["checkpoint"].endswith("step_0000003")
