@@ -42,3 +42,29 @@ def shard_config(path: Path, **data) -> Config:
     for key, value in data.items():
         setattr(cfg.data, key, value)
     return cfg
+
+
+def take(loader, n: int) -> list:
+    return [next(loader) for _ in range(n)]
+
+
+def resume_after(cfg: Config, k: int, total: int, dp_rank: int = 1, dp_size: int = 2):
+    """(uninterrupted loader, resumed loader): the resumed one read ``k`` batches, went through a JSON round trip of
+    its state (as a checkpoint stores it) into a new loader, and read on to ``total``. Asserts every batch equals
+    the uninterrupted loader's."""
+    import torch
+
+    from launcher.data.loader import build_loader
+
+    ref = build_loader(cfg, "train", dp_rank, dp_size)
+    expected = take(ref, total)
+    first = build_loader(cfg, "train", dp_rank, dp_size)
+    head = take(first, k)
+    state = json.loads(json.dumps(first.state_dict()))
+    first.close()
+    resumed = build_loader(cfg, "train", dp_rank, dp_size)
+    resumed.load_state_dict(state)
+    for a, b in zip(head + take(resumed, total - k), expected):
+        for key in ("tokens", "labels", "loss_mask"):
+            assert torch.equal(a[key], b[key])
+    return ref, resumed

@@ -12,7 +12,7 @@ import torch
 from launcher.config import Config, ConfigError
 from launcher.data.loader import build_loader, markov_entropy_nats
 from launcher.data.preprocess import DataError, main as preprocess_main, read_index
-from tests.launcher.data.helpers import SEQ, shard_config
+from tests.launcher.data.helpers import SEQ, resume_after, shard_config, take
 
 
 def _rows(batches) -> list[tuple]:
@@ -20,15 +20,11 @@ def _rows(batches) -> list[tuple]:
     return [tuple(t.tolist()) + (int(l[-1]),) for b in batches for t, l in zip(b["tokens"], b["labels"])]
 
 
-def _take(loader, n):
-    return [next(loader) for _ in range(n)]
-
-
 def _all_samples(path) -> set[tuple]:
     cfg = shard_config(path, valid_path=str(path))
     cfg.train.micro_batch_size = 1
     loader = build_loader(cfg, "valid", 0, 1)
-    return set(_rows(_take(loader, read_index(path)["splits"]["train"]["num_samples"])))
+    return set(_rows(take(loader, read_index(path)["splits"]["train"]["num_samples"])))
 
 
 def test_dp2_workers2_disjoint_and_cover_the_epoch(shards):
@@ -36,7 +32,7 @@ def test_dp2_workers2_disjoint_and_cover_the_epoch(shards):
     loaders = [build_loader(cfg, "train", r, 2) for r in range(2)]
     per_rank = loaders[0].plan.batches_per_epoch
     assert per_rank == loaders[1].plan.batches_per_epoch > 0  # equal batch counts: no DP rank waits at epoch end
-    seen = [_rows(_take(l, per_rank)) for l in loaders]
+    seen = [_rows(take(l, per_rank)) for l in loaders]
     everything = _all_samples(shards)
     flat = seen[0] + seen[1]
     assert len(set(flat)) == len(flat)  # disjoint across ranks and workers (every sample is unique text)
@@ -44,34 +40,22 @@ def test_dp2_workers2_disjoint_and_cover_the_epoch(shards):
     assert len(everything) - len(flat) < 2 * 2 * cfg.train.micro_batch_size  # only the documented remainder
     assert all(l.state_dict()["epoch"] == 1 and l.state_dict()["batch_in_epoch"] == 0 for l in loaders)
     # the next epoch is another order of the same kind of coverage
-    nxt = _rows(_take(loaders[0], per_rank))
+    nxt = _rows(take(loaders[0], per_rank))
     assert nxt != seen[0] and len(set(nxt)) == len(nxt)
 
 
 @pytest.mark.parametrize("workers, k", [(2, 5), (0, 7)])
 def test_resume_mid_epoch_matches_uninterrupted(shards, workers, k):
     cfg = shard_config(shards, num_workers=workers, shuffle_buffer=32)
-    ref = build_loader(cfg, "train", 1, 2)
-    per_rank = ref.plan.batches_per_epoch
-    total = per_rank + 6  # crosses an epoch boundary after resuming
-    expected = _take(ref, total)
-    first = build_loader(cfg, "train", 1, 2)
-    head = _take(first, k)
-    state = json.loads(json.dumps(first.state_dict()))  # JSON-able, as the checkpoint stores it
-    first.close()
-    resumed = build_loader(cfg, "train", 1, 2)
-    resumed.load_state_dict(state)
-    tail = _take(resumed, total - k)
-    for a, b in zip(head + tail, expected):
-        for key in ("tokens", "labels", "loss_mask"):
-            assert torch.equal(a[key], b[key])
+    per_rank = build_loader(cfg, "train", 1, 2).plan.batches_per_epoch
+    ref, resumed = resume_after(cfg, k, per_rank + 6)  # crosses an epoch boundary after resuming
     assert resumed.state_dict() == ref.state_dict()
 
 
 def test_resume_with_another_layout_keeps_the_global_position(shards):
     cfg = shard_config(shards, num_workers=0)
     loader = build_loader(cfg, "train", 0, 2)
-    _take(loader, 6)
+    take(loader, 6)
     state = loader.state_dict()
     cfg.data.num_workers = 2
     other = build_loader(cfg, "train", 0, 1)
@@ -83,7 +67,7 @@ def test_resume_with_another_layout_keeps_the_global_position(shards):
 def test_valid_split_is_in_order_and_repeatable(shards):
     cfg = shard_config(shards, valid_path=str(shards))
     a, b = build_loader(cfg, "valid", 0, 1), build_loader(cfg, "valid", 0, 1)
-    for x, y in zip(_take(a, 3), _take(b, 3)):
+    for x, y in zip(take(a, 3), take(b, 3)):
         assert torch.equal(x["tokens"], y["tokens"])
     assert torch.equal(x["tokens"][0, 1:], x["labels"][0, :-1])  # labels are the next tokens
 
@@ -118,7 +102,7 @@ def test_corrupt_shard_raises_during_streaming_without_hanging(shards, tmp_path,
         (path / shard["name"]).write_bytes(bytes(data))
     loader = build_loader(shard_config(path, num_workers=workers), "train", 0, 1)
     with pytest.raises(DataError, match=r"shard '.*train-0000\d\d\.tar'.*(corrupt|unreadable)"):
-        _take(loader, 40)
+        take(loader, 40)
     loader.close()
     assert preprocess_main(["--verify", str(path)]) == 1
 
@@ -132,7 +116,7 @@ def test_each_shard_is_hashed_once_per_process_before_its_first_sample(shards, t
     monkeypatch.setattr(loader_module, "_VERIFIED", set())
     monkeypatch.setattr(loader_module, "file_sha256", lambda p: hashed.append(p.name) or sha256(p))
     loader = build_loader(shard_config(path), "train", 0, 1)
-    _take(loader, 2 * loader.plan.batches_per_epoch)
+    take(loader, 2 * loader.plan.batches_per_epoch)
     names = [s["name"] for s in read_index(path)["splits"]["train"]["shards"]]
     assert sorted(hashed) == sorted(names)
 
@@ -182,7 +166,7 @@ def _synthetic(seed=3) -> Config:
 def test_synthetic_is_deterministic_per_rank_and_resumable():
     cfg = _synthetic()
     a, b, other = build_loader(cfg, "train", 0, 2), build_loader(cfg, "train", 0, 2), build_loader(cfg, "train", 1, 2)
-    xa, xb, xo = _take(a, 3), _take(b, 3), _take(other, 3)
+    xa, xb, xo = take(a, 3), take(b, 3), take(other, 3)
     assert all(torch.equal(p["tokens"], q["tokens"]) for p, q in zip(xa, xb))
     assert not torch.equal(xa[0]["tokens"], xo[0]["tokens"])
     c = build_loader(cfg, "train", 0, 2)
@@ -197,7 +181,7 @@ def test_synthetic_has_learnable_structure():
     """Every transition is one of 4 fixed successors, so the conditional entropy is far below log(V)."""
     cfg = _synthetic()
     loader = build_loader(cfg, "train", 0, 1)
-    pairs = torch.cat([torch.stack([b["tokens"].flatten(), b["labels"].flatten()], 1) for b in _take(loader, 200)])
+    pairs = torch.cat([torch.stack([b["tokens"].flatten(), b["labels"].flatten()], 1) for b in take(loader, 200)])
     counts = torch.zeros(64, 64)
     counts.index_put_((pairs[:, 0], pairs[:, 1]), torch.ones(len(pairs)), accumulate=True)
     assert int((counts > 0).sum(1).max()) <= 4

@@ -3,7 +3,6 @@ samples, exact resume, resume at another DP size, the mixed validation split, ba
 ``launcher.pretrain.main``) and the per-source token counts in TensorBoard, across a real checkpoint resume."""
 from __future__ import annotations
 
-import json
 import signal
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from launcher.config import Config, DataSource
 from launcher.data.loader import Blend, MixtureLoader, build_loader
 from launcher.data.preprocess import DataError
 from tests.helpers.dist import free_port
-from tests.launcher.data.helpers import SEQ, corpus_docs, preprocess, shard_config, write_jsonl
+from tests.launcher.data.helpers import SEQ, corpus_docs, preprocess, resume_after, shard_config, take, write_jsonl
 from tests.launcher.test_bad_inputs import TINY, _one_error_line
 
 WEIGHTS = (0.5, 0.3, 0.2)
@@ -85,10 +84,6 @@ def _same_sources(ids: np.ndarray, expected: np.ndarray) -> bool:
     return known.mean() >= 0.99 and np.array_equal(ids[known], expected[known])
 
 
-def _take(loader, n):
-    return [next(loader) for _ in range(n)]
-
-
 def test_blend_rule_matches_the_weights_over_every_prefix_and_dp_rank():
     for weights in [(0.7, 0.3), WEIGHTS, (0.6, 0.25, 0.1, 0.04, 0.01)]:
         blend = Blend(weights)
@@ -108,7 +103,7 @@ def test_realised_mixture_matches_the_weights_within_1_percent_over_10k_samples(
     cfg = _config([sources[n] for n in "abc"], micro_batch=32, global_batch=64)
     loader = build_loader(cfg, "train", 0, 1)
     assert isinstance(loader, MixtureLoader)
-    batches = _take(loader, 313)  # 10,016 samples: each source wraps its epochs several times
+    batches = take(loader, 313)  # 10,016 samples: each source wraps its epochs several times
     ids = _source_ids(batches, rows["train"])
     known = ids[ids >= 0]
     assert len(known) >= 0.99 * len(ids)
@@ -125,20 +120,9 @@ def test_realised_mixture_matches_the_weights_within_1_percent_over_10k_samples(
 def test_mixture_resume_is_exact(sources, workers, k):
     cfg = _config([sources[n] for n in "ace"], num_workers=workers, shuffle_buffer=16)
     total = 160
-    ref = build_loader(cfg, "train", 1, 2)
-    expected = _take(ref, total)
+    ref, resumed = resume_after(cfg, k, total)
     per_worker = total * 4 / max(1, workers)  # every source passes an epoch end of its slot
     assert all(per_worker * w > 1.2 * p.per_slot for p, w in zip(ref.mixture.sources, WEIGHTS))
-    first = build_loader(cfg, "train", 1, 2)
-    head = _take(first, k)
-    state = json.loads(json.dumps(first.state_dict()))  # JSON-able, as the checkpoint stores it
-    first.close()
-    resumed = build_loader(cfg, "train", 1, 2)
-    resumed.load_state_dict(state)
-    tail = _take(resumed, total - k)
-    for a, b in zip(head + tail, expected):
-        for key in ("tokens", "labels", "loss_mask"):
-            assert torch.equal(a[key], b[key])
     assert resumed.state_dict() == ref.state_dict()
     assert resumed.source_tokens() == ref.source_tokens()
     ref.close()
@@ -148,14 +132,14 @@ def test_mixture_resume_is_exact(sources, workers, k):
 def test_resume_at_another_dp_size_continues_the_mixture(sources, rows):
     cfg = _config([sources[n] for n in "abc"])
     before = build_loader(cfg, "train", 0, 2)  # 2 micro-batches of 4 per rank and step of 16
-    _take(before, 10)
+    take(before, 10)
     state = before.state_dict()
     assert state["global_samples"] == 5 * 16
     after = build_loader(cfg, "train", 0, 1)
     with pytest.warns(UserWarning, match="approximate"):
         after.load_state_dict(state)
     assert after.source_tokens() == before.source_tokens()
-    ids = _source_ids(_take(after, 4), rows["train"])  # the next step, 16 samples, all on this rank
+    ids = _source_ids(take(after, 4), rows["train"])  # the next step, 16 samples, all on this rank
     blend = after.mixture.blend
     assert _same_sources(ids, blend.source_of(np.arange(80, 96)))  # exactly the uninterrupted run's sources
     assert list(after.source_tokens().values()) == (blend.counts(0, 96) * SEQ).tolist()
@@ -163,7 +147,7 @@ def test_resume_at_another_dp_size_continues_the_mixture(sources, rows):
 
 def test_switching_between_one_directory_and_a_mixture_starts_the_new_data(sources):
     single = build_loader(shard_config(sources["a"]), "train", 0, 1)
-    _take(single, 3)
+    take(single, 3)
     mixture = build_loader(_config([sources[n] for n in "abc"]), "train", 0, 1)
     fresh = build_loader(_config([sources[n] for n in "abc"]), "train", 0, 1)
     with pytest.warns(UserWarning, match=r"data changed since the checkpoint \(data.path -> data.paths"):
@@ -179,14 +163,14 @@ def test_switching_between_one_directory_and_a_mixture_starts_the_new_data(sourc
 def test_validation_mixes_the_sources_valid_splits(sources, rows):
     cfg = _config([sources[n] for n in "abc"])
     valid = build_loader(cfg, "valid", 0, 1)
-    batches = _take(valid, 3)
+    batches = take(valid, 3)
     ids = _source_ids(batches, rows["valid"])  # only held-out samples, in the blend's order
     assert _same_sources(ids, valid.mixture.blend.source_of(np.arange(12)))
-    again = _take(build_loader(cfg, "valid", 0, 1), 3)  # a fresh loader repeats the same batches
+    again = take(build_loader(cfg, "valid", 0, 1), 3)  # a fresh loader repeats the same batches
     assert all(torch.equal(a["tokens"], b["tokens"]) for a, b in zip(batches, again))
     with pytest.raises(DataError, match=r"validation reads more than the \d+ samples of the valid split of .*"
                                          r"lower train.eval_batches"):
-        _take(valid, 1000)
+        take(valid, 1000)
     cfg.data.valid_path = str(sources["a"])  # data.valid_path wins: one directory, read in order
     assert not isinstance(build_loader(cfg, "valid", 0, 1), MixtureLoader)
 
