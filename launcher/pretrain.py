@@ -21,6 +21,8 @@ def parse_args(argv):
                                        "moetron config [--recipe FILE] [key.path=value ...]")
     p.add_argument("--recipe", required=True, help="YAML recipe (see recipes/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. moe.num_experts=8 train.steps=50")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print parameter counts and the per-rank memory estimate for this layout, then exit")
     return p.parse_args(argv)
 
 
@@ -33,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"moetron: config error: {e}", file=sys.stderr)
         return 2
+    if args.dry_run:
+        return dry_run(cfg, env.world_size())
     from launcher.data.preprocess import DataError
     from launcher.train.checkpoint import CheckpointError
     from launcher.train import summary
@@ -62,6 +66,20 @@ def main(argv: list[str] | None = None) -> int:
             print(summary.end_line(result.final_step, result.checkpoint, result.losses, tokens,
                                    time.perf_counter() - started), flush=True)
         return 0
+
+
+def dry_run(cfg, world_size: int) -> int:
+    """Parameter counts and the busiest rank's memory estimate (launcher/train/memory.py); nothing is built."""
+    from launcher.train import flops
+    from launcher.train.memory import estimate
+
+    counts = flops.param_counts(cfg)
+    par = cfg.parallel
+    print(f"[moetron] dry run: {world_size} rank(s) = TP {par.tp} x PP {par.pp} x DP "
+          f"{world_size // (par.tp * par.pp)}, EP {par.ep}; {counts.total:,} parameters, "
+          f"{int(counts.activated):,} activated per token; busiest rank:")
+    print("\n".join(estimate(cfg, world_size).lines()), flush=True)
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,109 @@
+"""Per-rank memory estimate of a training layout, without building anything real (``moetron pretrain --dry-run``).
+
+Bytes on the busiest rank (the first pipeline stage, which also holds the embedding, or the last, which holds the LM
+head: whichever is larger), by kind:
+- weights: this rank's parameters (TP splits the attention/dense projections, embedding and LM head; EP splits the
+  experts; PP splits the layers), bf16 in bf16/fp8 runs except the fp32 router, else fp32;
+- gradients: one fp32 buffer of the rank's parameters (megatron-core's ``main_grad`` buffer, or fp32 ``.grad``);
+- optimizer state: two fp32 Adam moments (+ fp32 main weights in bf16 runs), divided by the data-parallel size for
+  dense parameters and by the expert-data-parallel size for expert parameters when the distributed optimizer is on;
+- activations: what autograd keeps for one micro-batch, times the micro-batches a 1F1B stage holds at once
+  (min(pp - stage, micro-batches)). Per token and layer: ``b * (12 D + K (4 F + 2 D)) + 12 E + 20 K`` bytes plus
+  ``4 V + 12 D`` per token outside the layers (fp32 logits for the loss), where b is the compute dtype's bytes;
+  the coefficients count the tensors moetron's eager block saves (norm inputs, q/k/v/o inputs, SDPA outputs, the
+  router's fp32 logits and probabilities, the permuted rows, gate/up/activation/hidden of each routed slot, the
+  combine's inputs), measured with autograd's saved-tensor hooks on CPU. With TP the projections, attention and
+  routed slots are divided by TP (the norms' inputs are not). Allocator slack and temporaries are not included;
+  checked against measured steps at TP=1 (fp32 and bf16), not yet at TP > 1.
+The estimate is checked against a measured CPU step in tests/launcher/train/test_memory_estimate.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from launcher.config import Config, uses_distributed_optimizer
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    params: int
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+    def lines(self) -> list[str]:
+        return [f"  per-rank parameters {self.params:,}",
+                f"  weights     {self.weights / MiB:10.1f} MiB",
+                f"  gradients   {self.gradients / MiB:10.1f} MiB",
+                f"  optimizer   {self.optimizer / MiB:10.1f} MiB",
+                f"  activations {self.activations / MiB:10.1f} MiB",
+                f"  total       {self.total / MiB:10.1f} MiB (no allocator slack or temporaries)"]
+
+
+def _stage_params(cfg: Config, tp: int, ep: int, pp: int) -> list[dict[str, int]]:
+    """Per pipeline stage: parameter counts on one rank by kind (dense, router, expert)."""
+    from torch import nn
+
+    from moe_core.transformer import MoETransformer
+
+    with torch.device("meta"):
+        model = MoETransformer(cfg.model, cfg.moe, cfg.train.seed)
+    split_by_tp = {id(p) for m in model.modules() if isinstance(m, (nn.Linear, nn.Embedding)) for p in m.parameters()}
+    per_stage = cfg.model.num_layers // pp
+    stages = [dict(dense=0, router=0, expert=0) for _ in range(pp)]
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        if parts[0] == "layers":
+            owners = [int(parts[1]) // per_stage]
+        else:  # embedding on the first stage, final norm and LM head on the last
+            owners = [0] if parts[0] == "embed_tokens" else [pp - 1]
+        kind = "expert" if "experts" in parts else "router" if "router" in parts else "dense"
+        n = p.numel() // (tp if id(p) in split_by_tp else 1) // (ep if kind == "expert" else 1)
+        for s in owners:
+            stages[s][kind] += n
+    return stages
+
+
+def estimate(cfg: Config, world_size: int) -> MemoryEstimate:
+    """The busiest rank's estimate for ``cfg`` at ``world_size`` ranks (module docstring)."""
+    tp, pp, ep = cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep
+    dp = world_size // (tp * pp)
+    edp = tp * dp // ep
+    m, moe, tr = cfg.model, cfg.moe, cfg.train
+    b = 4 if tr.precision == "fp32" else 2
+    distributed = uses_distributed_optimizer(cfg, dp)
+    num_micro = tr.global_batch_size // (tr.micro_batch_size * dp)
+    tokens = tr.micro_batch_size * m.seq_length
+    n_moe_total = m.num_layers - len(set(m.dense_layers))
+    best = None
+    for stage, counts in enumerate(_stage_params(cfg, tp, ep, pp)):
+        params = sum(counts.values())
+        weights = b * (counts["dense"] + counts["expert"]) + 4 * counts["router"]
+        state_per_param = 8 + (4 if b == 2 else 0)
+        if distributed:
+            optimizer = state_per_param * ((counts["dense"] + counts["router"]) / dp + counts["expert"] / edp)
+        else:
+            optimizer = state_per_param * params
+        layers = m.num_layers // pp
+        moe_layers = round(n_moe_total / pp)
+        # norms and residual inputs are whole on every TP rank; projections, attention and the routed slots (each TP
+        # rank dispatches 1/tp of the tokens) are split over TP
+        per_token = layers * b * (4 * m.hidden_size + 8 * m.hidden_size / tp) + moe_layers * (
+            b * moe.top_k * (4 * moe.expert_ffn_hidden_size + 2 * m.hidden_size) / tp + 12 * moe.num_experts
+            + 20 * moe.top_k)
+        per_token += (layers - moe_layers) * b * 4 * m.dense_ffn_hidden_size / tp
+        if stage == pp - 1:
+            per_token += 4 * m.vocab_size // tp + 12 * m.hidden_size
+        activations = int(per_token * tokens * min(pp - stage, num_micro))
+        est = MemoryEstimate(params, int(weights), 4 * params, int(optimizer), activations)
+        best = est if best is None or est.total > best.total else best
+    return best

@@ -1,0 +1,58 @@
+"""`moetron pretrain --dry-run`: the per-rank memory estimate (launcher/train/memory.py) against a measured CPU step:
+the bytes the trainer's parameters, gradients and optimizer really hold after a step, plus the bytes autograd
+really keeps for one micro-batch (saved-tensor hooks, parameter storage excluded) -- the live tensors at the step's
+peak, the end of the forward pass -- within 20% (measured: -0.2% default, -0.1% wide, -2.8% bf16)."""
+import pytest
+import torch
+
+from tests.helpers.dist import run_distributed
+
+SHAPES = {
+    "default": [],
+    "wide": ["model.hidden_size=128", "moe.expert_ffn_hidden_size=256", "moe.top_k=4", "moe.num_experts=16"],
+    "bf16": ["train.precision=bf16"],  # bf16 parameters, distributed optimizer with fp32 main weights
+}
+
+
+def _measured(rank, world, overrides):
+    from launcher.config import load_config
+    from launcher.train.memory import estimate
+    from launcher.train.trainer import Trainer
+    from parallel.groups import initialize
+
+    cfg = load_config(None, ["data.source=synthetic", "logging.tensorboard=false", "train.global_batch_size=4",
+                             "train.micro_batch_size=4", *overrides])
+    trainer = Trainer(cfg, initialize(1, 1, 1))
+    trainer.train_step()
+    held = trainer.optimizer.memory_bytes()
+    weights = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
+    params = {p.untyped_storage().data_ptr() for p in trainer.model.parameters()}
+    params |= {b.untyped_storage().data_ptr() for b in trainer.model.buffers()}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        trainer._forward(trainer.model, next(trainer.loader), None)
+    measured = weights + held["grads"] + held["optimizer_state"] + held["main_params"] + sum(saved.values())
+    return measured, estimate(cfg, world).total
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=list(SHAPES))
+def test_estimate_is_within_20_percent_of_a_measured_step(shape):
+    measured, estimated = run_distributed(_measured, 1, SHAPES[shape])[0]
+    assert abs(estimated - measured) <= 0.2 * measured, (estimated, measured)
+
+
+def test_dry_run_prints_the_estimate_and_builds_nothing(capsys, tmp_path):
+    from launcher import pretrain
+
+    assert pretrain.main(["--recipe", "recipes/smoke_cpu.yaml", "data.source=synthetic",
+                          f"logging.run_dir={tmp_path / 'run'}", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "per-rank parameters" in out and "activations" in out and "total" in out
+    assert not (tmp_path / "run").exists()
