@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from launcher.bench.routing import SCENARIOS, routing
+from launcher.bench.world import free_port
 from moe_core.config import MoNEConfig
 from parallel.config import LLEPConfig
 
@@ -296,15 +297,7 @@ def main(argv=None) -> None:
 
         torch.set_num_threads(args.threads)
         gemm = measure_gemm(args.hidden, args.ffn, max_rows=args.ep * args.tokens * args.top_k)
-    mp.spawn(_worker, args=(args.ep, _free_port(), args, gemm), nprocs=args.ep, join=True)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    mp.spawn(_worker, args=(args.ep, free_port(), args, gemm), nprocs=args.ep, join=True)
 
 
 if __name__ == "__main__":
