@@ -33,6 +33,7 @@ fi
 $PIP "numpy<2.5" packaging psutil pyyaml "triton==3.9.0" "webdataset==1.0.2" "tensorboard==2.21.0" pillow \
      "safetensors==0.8.0" "tokenizers==0.23.3" tqdm
 $PIP --no-deps --ignore-requires-python "megatron-core==0.19.2"
+$PIP --no-deps "torchao==0.18.0"  # FP8 (fp8.backend=torchao); --no-deps: it must never replace the torch above
 if [ "$DEV" = 1 ]; then
   $PIP pytest pytest-timeout hypothesis "transformers==5.23.0" pyarrow
   DS_BUILD_OPS=0 $PIP "deepspeed==0.19.8"
@@ -41,4 +42,4 @@ if [ "$GPU" = 1 ]; then
   $PIP "transformer-engine[pytorch]"
 fi
 $PIP --no-deps --no-build-isolation -e .
-$PY -c "import parallel, torch, megatron.core, triton; print('moetron install ok: torch', torch.__version__)"
+$PY -c "import parallel, torch, megatron.core, triton, torchao.float8; print('moetron install ok: torch', torch.__version__)"

@@ -10,7 +10,11 @@ they can (a bad input's one line, the run summary, progress):
   checkpoint's metadata without collectives (``state_dict_loader.py:161``, ``state_dict_saver.py:187``), printed
   by every rank of a torchrun world;
 - "The argument order of load has been changed": torch.distributed.checkpoint (``utils.py:465``) about the
-  positional call megatron-core makes on every checkpoint load.
+  positional call megatron-core makes on every checkpoint load;
+- "Failed to load .../torchao/_C_*.so": torchao at import (fp8 runs), for its MXFP8/CUTLASS C++ extensions, which
+  cannot load on a CPU-only torch or (the cp310 build) on Python 3.11; moetron's FP8 path uses torchao's Python and
+  Triton code and ``torch._scaled_(grouped_)mm``, none of those extensions;
+- "<enum 'KernelPreference'> is an Enum subclass ...": torch's pytree about a registration torchao makes at import.
 """
 import logging
 import warnings
@@ -31,3 +35,5 @@ class _DropMessage(logging.Filter):
 
 logging.getLogger("megatron.core.dist_checkpointing.strategies.torch").addFilter(
     _DropMessage("MCore's async save is deprecated"))
+logging.getLogger("torchao").addFilter(_DropMessage("Failed to load "))
+logging.getLogger("torch.utils._pytree").addFilter(_DropMessage("%s is an Enum subclass"))

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parallel.fp8_torch import ExpertsProxy, mone_from_gate
+from parallel.fp8_experts import ExpertsProxy, mone_from_gate
 
 
 def grouped_state_from_stacked(w_ENK: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -57,11 +57,18 @@ class TeSwiGLUExperts(ExpertsProxy):
         else:
             self.up, self.down = _grouped_linear(experts.w_up_EFD), _grouped_linear(experts.w_down_EDF)
 
-    def forward(self, x_ND: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
-        gate_NF = self.gate(x_ND, tokens_per_expert)
+    def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+        """TE 2.x GroupedLinear takes the split sizes as host ints: this reads the counts (one host sync per
+        call) and runs the live rows only; dead rows (past the counts' sum) get zeros."""
+        splits = tokens_per_expert_E.tolist()
+        live = sum(splits)
+        x_LD = x_ND[:live]
+        gate_LF = self.gate(x_LD, splits)
         if self.mone_enabled:
-            return mone_from_gate(self._hp, x_ND, tokens_per_expert, gate_NF)
-        return self.down(F.silu(gate_NF) * self.up(x_ND, tokens_per_expert), tokens_per_expert)
+            y_LD = mone_from_gate(self._hp, x_LD, tokens_per_expert_E, gate_LF)
+        else:
+            y_LD = self.down(F.silu(gate_LF) * self.up(x_LD, splits), splits)
+        return torch.cat([y_LD, y_LD.new_zeros(x_ND.shape[0] - live, y_LD.shape[1])])
 
 
 class _TpLinearAdapter(nn.Module):
@@ -106,7 +113,7 @@ def convert_module(module: nn.Module, fp8_cfg) -> Optional[nn.Module]:
         if (column and module.gather_output) or (not column and not module.input_is_parallel) \
                 or module.skip_bias_add and module.bias is not None:
             raise NotImplementedError(f"{type(module).__name__} with gather_output / input_is_parallel=False / "
-                                      "skip_bias_add has no TE equivalent here; use fp8.backend=torch")
+                                      "skip_bias_add has no TE equivalent here; use fp8.backend=torchao")
         tp = dict(tp_group=module.tp_group, tp_size=module.tp_group.size(),
                   sequence_parallel=module.sequence_parallel)
         return _TpLinearAdapter(_te_linear_like(module, "column" if column else "row", **tp))
