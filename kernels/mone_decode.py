@@ -27,7 +27,6 @@ products of 16-bit floats are exact in fp32, so this is the GPU's math (fp32 acc
 """
 from __future__ import annotations
 
-from typing import Sequence
 
 import torch
 import triton
@@ -147,9 +146,10 @@ def _largest_pow2_block(D: int, cap: int) -> int:
     return block
 
 
-def row_starts(tokens_per_expert: Sequence[int], device: torch.device) -> torch.Tensor:
-    """``[E + 1]`` int32 offsets of each expert's first row (what the decode kernels take)."""
-    return torch.tensor([0, *tokens_per_expert], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+def row_starts(tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+    """``[E + 1]`` int32 first row of each expert, then the end of the live rows, on the counts' device (what the
+    decode kernels take; no host sync)."""
+    return torch.nn.functional.pad(tokens_per_expert_E.cumsum(0), (1, 0)).to(torch.int32)
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 
-from launcher.errors import OneLineError
+from launcher.errors import ArgumentParser, OneLineError
 from moe_core.config import ModelConfig
 from moe_core.config_fields import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Range
 from parallel.config import FP8Config, ParallelConfig, ParallelMoEConfig
@@ -41,6 +41,10 @@ class TrainConfig:
     """Sequences per optimizer step over all DP ranks; grad accumulation = global / (micro * dp)."""
     precision: Literal["fp32", "bf16", "fp8"] = "fp32"
     """fp32; bf16 = bf16 compute with fp32 master weights; fp8 = bf16 plus FP8 projections (the fp8 section)."""
+    compile: bool = False
+    """torch.compile each transformer block (regional compilation, as torchtitan does; parallel/compile.py): fuses
+    norms, RoPE, SwiGLU, the routing math and FP8 casts. The first step pays the compile (tens of seconds per
+    distinct block; Matryoshka adds one compile per k in [k_min, k_max]). Needs train.precision bf16 or fp8."""
     max_consecutive_nonfinite: PositiveInt = 5
     """Steps whose loss is NaN/inf are skipped and counted; this many in a row stops the run."""
     exit_interval: NonNegativeInt = 0
@@ -436,12 +440,15 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _require(cfg.optim.distributed is not False or tr.precision == "fp32",
              f"optim.distributed=false needs train.precision=fp32: {tr.precision} parameters take their fp32 main "
              "weights from the distributed optimizer (leave optim.distributed unset, or true)")
+    _require(not tr.compile or tr.precision != "fp32",
+             "train.compile=true needs train.precision=bf16 or fp8 (torch.compile's grouped expert GEMM takes bf16 "
+             "only): set train.precision=bf16, or train.compile=false")
     _validate_data(cfg.data)
     _validate_device_needs(cfg)
     if tr.precision == "fp8":
         from parallel.fp8 import fp8_unavailable_here  # lazy: TE is only imported when fp8 is asked for
 
-        reason = fp8_unavailable_here(cfg.fp8)
+        reason = fp8_unavailable_here(cfg)
         _require(reason is None, str(reason))
     if world_size is not None:
         validate_world(cfg, world_size)
@@ -514,12 +521,11 @@ def validate_world(cfg: Config, world_size: int) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     """``moetron config [--recipe R] [key.path=value ...]``: the resolved config, every key with its value, type,
     default, allowed range and meaning (the dataclasses' own documentation)."""
-    import argparse
     import sys
 
     from launcher.config_doc import describe
 
-    p = argparse.ArgumentParser(prog="moetron config", description=main.__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="moetron config", description=main.__doc__.split("\n\n")[0])
     p.add_argument("--recipe", help="YAML recipe (see recipes/); without it, the defaults")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. moe.num_experts=8")
     args = p.parse_args(argv)

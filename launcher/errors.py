@@ -1,6 +1,8 @@
 """The error kind every moetron command prints as ``moetron: <kind> error: <message>`` and exits 2 on."""
 from __future__ import annotations
 
+import argparse
+
 
 class OneLineError(ValueError):
     """A problem with what the user gave (a recipe, data, a checkpoint): the message is exactly one line that names
@@ -8,3 +10,11 @@ class OneLineError(ValueError):
 
     def __init__(self, message: str):
         super().__init__(str(message).replace("\n", "\\n"))
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line like every other bad input: one line, exit code 2 (argparse would
+    print the whole usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")

@@ -11,11 +11,12 @@ import sys
 import time
 
 from launcher import env
+from launcher.errors import ArgumentParser
 from launcher.config import ConfigError, load_config, validate_world
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="moetron pretrain", description=__doc__,
+    p = ArgumentParser(prog="moetron pretrain", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Every key, with its type, default, range and meaning: "
                                        "moetron config [--recipe FILE] [key.path=value ...]")

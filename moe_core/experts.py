@@ -17,11 +17,13 @@ from moe_core.grouped import swiglu_grouped
 from moe_core.mone import keep_count, neuron_balance_loss, resolve_mone_fn
 
 
-def swiglu_reference(x_ND: torch.Tensor, tokens_per_expert: list[int], w_gate_EFD: torch.Tensor,
+def swiglu_reference(x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, w_gate_EFD: torch.Tensor,
                      w_up_EFD: torch.Tensor, w_down_EDF: torch.Tensor) -> torch.Tensor:
-    """Dense per-expert reference: one plain SwiGLU per expert on its rows (no MoNE, no grouped GEMM)."""
+    """Dense per-expert reference: one plain SwiGLU per expert on its rows (no MoNE, no grouped GEMM; reads the
+    counts on the host). Returns the live rows only (``sum(tokens_per_expert_E)`` of them)."""
     outs = []
-    for e, x_nD in enumerate(x_ND.split(tokens_per_expert, dim=0)):
+    splits = tokens_per_expert_E.tolist()
+    for e, x_nD in enumerate(x_ND[:sum(splits)].split(splits, dim=0)):
         outs.append(F.linear(F.silu(F.linear(x_nD, w_gate_EFD[e])) * F.linear(x_nD, w_up_EFD[e]), w_down_EDF[e]))
     return torch.cat(outs, dim=0)
 
@@ -29,8 +31,9 @@ def swiglu_reference(x_ND: torch.Tensor, tokens_per_expert: list[int], w_gate_EF
 class SwiGLUExperts(nn.Module):
     """Experts ``first_expert .. first_expert + num_local_experts - 1`` of a layer.
 
-    ``forward(x_ND, tokens_per_expert)``: rows of ``x_ND`` grouped by local expert in order, counts per local
-    expert. ``functional`` runs the same math on given weights (LLEP computes foreign experts with them).
+    ``forward(x_ND, tokens_per_expert_E)``: rows of ``x_ND`` grouped by local expert in order, then dead rows
+    (outputs unspecified); ``tokens_per_expert_E`` int64 counts per local expert on x's device (never read on the
+    host). ``functional`` runs the same math on given weights (LLEP computes foreign experts with them).
     """
 
     def __init__(self, num_local_experts: int, hidden: int, ffn: int, mone: MoNEConfig, first_expert: int = 0):
@@ -55,16 +58,16 @@ class SwiGLUExperts(nn.Module):
         """Fraction of expert neurons each routed token uses (1.0 without MoNE)."""
         return self.keep_k / self.ffn
 
-    def forward(self, x_ND: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
-        return self.functional(x_ND, tokens_per_expert, self.w_gate_EFD, self.w_up_EFD, self.w_down_EDF)
+    def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+        return self.functional(x_ND, tokens_per_expert_E, self.w_gate_EFD, self.w_up_EFD, self.w_down_EDF)
 
-    def functional(self, x_ND: torch.Tensor, tokens_per_expert: list[int], w_gate_EFD: torch.Tensor,
+    def functional(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, w_gate_EFD: torch.Tensor,
                    w_up_EFD: torch.Tensor, w_down_EDF: torch.Tensor) -> torch.Tensor:
         if not self.mone.enabled:
-            return swiglu_grouped(x_ND, tokens_per_expert, w_gate_EFD, w_up_EFD, w_down_EDF)
+            return swiglu_grouped(x_ND, tokens_per_expert_E, w_gate_EFD, w_up_EFD, w_down_EDF)
         mone_fn = resolve_mone_fn(self.mone.backend, x_ND.device)
-        y_ND = mone_fn(x_ND, tokens_per_expert, w_gate_EFD, w_up_EFD, w_down_EDF, self.keep_k, self.mone.score)
+        y_ND = mone_fn(x_ND, tokens_per_expert_E, w_gate_EFD, w_up_EFD, w_down_EDF, self.keep_k, self.mone.score)
         if self.mone.balance_loss_coeff > 0 and self.training:
-            balance = neuron_balance_loss(x_ND, tokens_per_expert, w_gate_EFD, self.keep_k, self.mone.score)
+            balance = neuron_balance_loss(x_ND, tokens_per_expert_E, w_gate_EFD, self.keep_k, self.mone.score)
             y_ND = AuxLossAutoScaler.apply(y_ND, self.mone.balance_loss_coeff * balance)
         return y_ND

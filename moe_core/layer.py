@@ -19,6 +19,7 @@ from moe_core.aux_loss import AuxLossAutoScaler
 from moe_core.experts import SwiGLUExperts
 from moe_core.matryoshka import KSchedule
 from moe_core.permute import make_permutation, permute_tokens, unpermute_tokens
+from moe_core.profiling import phase
 from moe_core.router import TopKRouter
 
 Dispatcher = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, SwiGLUExperts], torch.Tensor]
@@ -27,18 +28,19 @@ __all__ = ["AuxLossAutoScaler", "Dispatcher", "LocalDispatcher", "MoELayer"]
 
 
 class LocalDispatcher:
-    """All experts on this device. Every phase is local-only (no communication)."""
+    """All experts on this device. Every phase is local-only (no communication) and none syncs with the host: the
+    permutation keeps all ``T*K`` slots (dropped ones as dead rows) and the counts stay on the device."""
 
     def __call__(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
                  experts: SwiGLUExperts) -> torch.Tensor:
-        # local-only: group the kept slots by expert (ids relative to this module's first expert)
-        local_idx_TK = torch.where(topk_idx_TK >= 0, topk_idx_TK - experts.first_expert, topk_idx_TK)
-        perm = make_permutation(local_idx_TK, experts.num_local_experts)
-        x_ND = permute_tokens(x_TD, perm)
-        # local-only: expert compute
-        y_ND = experts(x_ND, perm.tokens_per_expert_E.tolist())
-        # local-only: weighted combine back to token order
-        return unpermute_tokens(y_ND, perm, topk_weight_TK, x_TD.shape[0])
+        with phase("permute"):  # local-only: group the slots by expert (ids relative to this module's first expert)
+            local_idx_TK = torch.where(topk_idx_TK >= 0, topk_idx_TK - experts.first_expert, topk_idx_TK)
+            perm = make_permutation(local_idx_TK, experts.num_local_experts)
+            x_ND = permute_tokens(x_TD, perm)
+        with phase("experts"):  # local-only: expert compute
+            y_ND = experts(x_ND, perm.tokens_per_expert_E)
+        with phase("unpermute"):  # local-only: weighted combine back to token order
+            return unpermute_tokens(y_ND, perm, topk_weight_TK, x_TD.shape[0])
 
 
 class MoELayer(nn.Module):
@@ -54,6 +56,9 @@ class MoELayer(nn.Module):
         self.dispatcher: Dispatcher = dispatcher if dispatcher is not None else LocalDispatcher()
         self.step: Optional[int] = None
         """Training step keying the Matryoshka k draw; None until :meth:`set_step` is called."""
+        self._step_k: Optional[int] = None
+        """The training k of ``step``, drawn by :meth:`set_step`, outside any compiled region: forward reads only
+        this int (under ``torch.compile`` one graph per distinct k, never one per step)."""
         self._unset_step_calls = 0
         self.last_stats: dict = {}
 
@@ -63,6 +68,7 @@ class MoELayer(nn.Module):
         global-batch aux loss counts the step's micro-batches from here)."""
         self.step = step
         self.router.start_step()
+        self._step_k = self.k_schedule.k_for(self.layer_idx, step, training=True)
 
     def current_k(self) -> int:
         """The k the next forward routes with (no side effects)."""
@@ -74,6 +80,8 @@ class MoELayer(nn.Module):
         forward call instead of the step-0 k forever: call n uses step n's draw. That is one step per forward,
         which differs from a step with several micro-batches and breaks under activation recomputation (the
         recomputed forward would draw again), hence the one-time warning."""
+        if self.training and self._step_k is not None:
+            return self._step_k
         k = self.current_k()
         if self.step is None and self.training and self.cfg.matryoshka.enabled:
             if self._unset_step_calls == 0:
@@ -88,10 +96,11 @@ class MoELayer(nn.Module):
         if x.shape[-1] != self.hidden:
             raise ValueError(f"MoELayer expects inputs [..., {self.hidden}], got {tuple(x.shape)}")
         x_TD = x.reshape(-1, self.hidden)
-        if self.step is None and self.training:  # without set_step every training forward is its own step
+        if self.training and self._step_k is None:  # without set_step every training forward is its own step
             self.router.start_step()
         k = self._next_k()
-        routed = self.router(x_TD, k)
+        with phase("router"):
+            routed = self.router(x_TD, k)
         y_TD = self.dispatcher(x_TD, routed.topk_idx_TK, routed.topk_weight_TK, self.experts)
         if self.training:
             y_TD = AuxLossAutoScaler.apply(y_TD, routed.aux_loss + routed.z_loss)

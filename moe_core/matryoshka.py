@@ -2,10 +2,11 @@
 
 Training with ``moe.matryoshka.enabled``: every layer draws its own ``k`` from ``[k_min, k_max]`` each step, either
 uniformly or capacity-aware ``P(k) ∝ exp(log(k) / tau) = k^(1/tau)`` (tau -> inf tends to uniform, small tau
-favours large k; computed as a softmax of ``log(k) / tau``, so any tau > 0 is finite). The draw uses a
-``torch.Generator`` seeded from a SHA-256 of ``(seed, step, layer_idx)``, so every rank (TP/EP/DP/PP), every
-micro-batch of a step and any activation recomputation agree without communicating (Python's ``hash()`` is
-salted per process and is never used). Without Matryoshka, ``k = top_k``. The step comes from
+favours large k; computed as a softmax of ``log(k) / tau``, so any tau > 0 is finite). The draw uses Python's
+``random.Random`` (Mersenne Twister, stable across Python versions) seeded from a SHA-256 of ``(seed, step,
+layer_idx)``, so every rank (TP/EP/DP/PP), every micro-batch of a step and any activation recomputation agree
+without communicating (Python's ``hash()`` is salted per process and is never used). It runs on the host and
+touches no tensor, so it never waits for the device. Without Matryoshka, ``k = top_k``. The step comes from
 ``MoELayer.set_step`` (the trainer calls it every step; see moe_core/layer.py for a loop that does not).
 
 Evaluation/inference k (elastic inference), in order: :meth:`KSchedule.set_eval_k` if called with a value, else
@@ -17,6 +18,7 @@ naming the trained range: the model never routed with it.
 from __future__ import annotations
 
 import hashlib
+import random
 import warnings
 from typing import Optional, Sequence, Union
 
@@ -62,7 +64,7 @@ class KSchedule:
             if not 1 <= mm.k_min <= mm.k_max <= moe_cfg.num_experts:
                 raise ValueError(f"moe.matryoshka needs 1 <= k_min ({mm.k_min}) <= k_max ({mm.k_max}) <= "
                                  f"moe.num_experts ({moe_cfg.num_experts})")
-            self._probs_K = k_probabilities(mm.k_min, mm.k_max, mm.distribution, mm.tau)
+            self._weights_K = k_probabilities(mm.k_min, mm.k_max, mm.distribution, mm.tau).tolist()
         self._eval_k_override: EvalK = None
         self._warned_eval_k: set[int] = set()
         self._check_eval_k(mm.eval_k, "moe.matryoshka.eval_k")
@@ -87,9 +89,8 @@ class KSchedule:
         return eval_k[pos]
 
     def _draw(self, layer_idx: int, step: int) -> int:
-        gen = torch.Generator(device="cpu").manual_seed(stable_seed(self.seed, step, layer_idx))
-        offset = int(torch.multinomial(self._probs_K, 1, generator=gen))
-        return self.cfg.matryoshka.k_min + offset
+        rng = random.Random(stable_seed(self.seed, step, layer_idx))
+        return self.cfg.matryoshka.k_min + rng.choices(range(len(self._weights_K)), weights=self._weights_K)[0]
 
     def _position(self, layer_idx: int) -> int:
         if self.moe_layers is None:

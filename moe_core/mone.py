@@ -2,10 +2,12 @@
 
 KERNEL CONTRACT (kernels/mone.py must export a function with exactly this signature and semantics)::
 
-    mone_swiglu_grouped(x_ND, tokens_per_expert, w_gate_EFD, w_up_EFD, w_down_EDF, keep_k, score) -> y_ND
+    mone_swiglu_grouped(x_ND, tokens_per_expert_E, w_gate_EFD, w_up_EFD, w_down_EDF, keep_k, score) -> y_ND
 
-    x_ND               [N, D]  token rows grouped by expert (rows of expert 0 first, then expert 1, ...)
-    tokens_per_expert  list[int] of length E, sums to N (entries may be 0)
+    x_ND               [N, D]  token rows grouped by expert (rows of expert 0 first, then expert 1, ...), then
+                       dead rows (capacity-dropped slots) whose outputs are unspecified
+    tokens_per_expert_E  int64 tensor [E] on x's device, sums to <= N (entries may be 0); implementations must not
+                       read it on the host in training (no device-to-host sync)
     w_gate_EFD         [E, F, D]   w_up_EFD [E, F, D]   w_down_EDF [E, D, F]   (same dtype/device as x_ND)
     keep_k             int in [1, F]: neurons kept per row (:func:`keep_count`)
     score              "post_act" -> rank neurons by |silu(W_gate x)|, "pre_act" -> by |W_gate x|
@@ -18,7 +20,7 @@ KERNEL CONTRACT (kernels/mone.py must export a function with exactly this signat
 
 NEURON SELECTION - the one definition. The torch path here, the Triton training path (kernels/select_swiglu.py
 with the cut of kernels/topk_select.py), the Triton decode path (kernels/mone_decode.py), the FP8 path
-(parallel/fp8_torch.py) and the exported Hugging Face code (launcher/hf/modeling_moetron.py) all follow it:
+(parallel/fp8_experts.py) and the exported Hugging Face code (launcher/hf/modeling_moetron.py) all follow it:
 
 1. Score, in fp32, from the rounded ``g``: ``s_f = |g_f|`` (pre_act) or ``s_f = |silu(g_f)|`` with
    ``silu(g) = g * sigmoid(g)`` evaluated in fp32 (post_act). No score is computed in bf16/fp16.
@@ -92,35 +94,38 @@ def select_neurons(pre_act_NF: torch.Tensor, keep_k: int, score: str) -> torch.T
     return torch.zeros(score_NF.shape, dtype=torch.bool, device=pre_act_NF.device).scatter_(-1, keep_idx_NK, True)
 
 
-def mone_swiglu_torch(x_ND: torch.Tensor, tokens_per_expert: list[int], w_gate_EFD: torch.Tensor,
+def mone_swiglu_torch(x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, w_gate_EFD: torch.Tensor,
                       w_up_EFD: torch.Tensor, w_down_EDF: torch.Tensor, keep_k: int, score: str) -> torch.Tensor:
     """Pure-torch implementation of the kernel contract in this module's docstring."""
-    return swiglu_grouped(x_ND, tokens_per_expert, w_gate_EFD, w_up_EFD, w_down_EDF,
+    return swiglu_grouped(x_ND, tokens_per_expert_E, w_gate_EFD, w_up_EFD, w_down_EDF,
                           lambda pre_act_NF: select_neurons(pre_act_NF, keep_k, score))
 
 
-def neuron_balance_loss(x_ND: torch.Tensor, tokens_per_expert: list[int], w_gate_EFD: torch.Tensor,
+def neuron_balance_loss(x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, w_gate_EFD: torch.Tensor,
                         keep_k: int, score: str) -> torch.Tensor:
     """Switch-style load balance over the neurons of each expert (our choice; the paper leaves it open).
 
     Per expert e with n > 0 rows: ``F * sum_i f_i * p_i`` where ``f_i`` is the fraction of the ``n * keep_k``
     kept slots that went to neuron i (counts, no gradient) and ``p_i`` the mean over rows of neuron i's share of
     the row's total score (differentiable). It is 1.0 when every neuron is kept equally often with equal shares;
-    the result is the mean over experts that received rows (0 if none). Computed in fp32. It recomputes the gate
-    GEMM, so it costs one extra ``N x D x F`` GEMM when enabled (and works with any kernel backend).
+    the result is the mean over experts that received rows (0 if none); dead rows do not count. Computed in fp32,
+    no host sync. It recomputes the gate GEMM, so it costs one extra ``N x D x F`` GEMM when enabled (and works
+    with any kernel backend).
     """
-    pre_act_NF = grouped_linear(x_ND, w_gate_EFD, tokens_per_expert)
+    pre_act_NF = grouped_linear(x_ND, w_gate_EFD, tokens_per_expert_E)
     score_NF = neuron_score(pre_act_NF, score)
     mask_NF = select_neurons(pre_act_NF, keep_k, score).float()
     share_NF = score_NF / score_NF.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    rows_E = torch.tensor(tokens_per_expert, device=x_ND.device)
-    expert_N = torch.repeat_interleave(torch.arange(len(tokens_per_expert), device=x_ND.device), rows_E)
-    rows_E1 = rows_E.clamp_min(1).unsqueeze(1).float()
-    kept_frac_EF = score_NF.new_zeros(rows_E.shape[0], score_NF.shape[1]).index_add(0, expert_N, mask_NF)
-    mean_share_EF = share_NF.new_zeros(kept_frac_EF.shape).index_add(0, expert_N, share_NF) / rows_E1
+    E = tokens_per_expert_E.shape[0]
+    # each row's expert; dead rows land in bucket E, which is dropped (so garbage there cannot leak)
+    expert_N = torch.bucketize(torch.arange(x_ND.shape[0], device=x_ND.device),
+                               tokens_per_expert_E.cumsum(0), right=True)
+    rows_E1 = tokens_per_expert_E.clamp_min(1).unsqueeze(1).float()
+    kept_frac_EF = score_NF.new_zeros(E + 1, score_NF.shape[1]).index_add(0, expert_N, mask_NF)[:E]
+    mean_share_EF = share_NF.new_zeros(E + 1, share_NF.shape[1]).index_add(0, expert_N, share_NF)[:E] / rows_E1
     loss_E = score_NF.shape[1] * (kept_frac_EF / (rows_E1 * keep_k) * mean_share_EF).sum(-1)
-    has_rows_E = rows_E > 0
-    return loss_E[has_rows_E].sum() / has_rows_E.sum().clamp_min(1)
+    has_rows_E = tokens_per_expert_E > 0
+    return torch.where(has_rows_E, loss_E, 0.0).sum() / has_rows_E.sum().clamp_min(1)
 
 
 def resolve_mone_fn(backend: str, device: torch.device) -> MoNEFn:

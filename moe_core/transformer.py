@@ -22,6 +22,7 @@ from torch import nn
 from moe_core.config import ModelConfig, MoEConfig
 from moe_core.layer import MoELayer
 from moe_core.matryoshka import KSchedule
+from moe_core.profiling import phase
 
 
 class LayerFactory:
@@ -120,7 +121,8 @@ class Block(nn.Module):
             self.mlp = MoELayer(m.hidden_size, moe, layer_idx, k_schedule)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        with phase("attention"):
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

@@ -60,22 +60,25 @@ class ParallelConfig:
 @dataclass
 class FP8Config:
     """FP8 projections when train.precision=fp8 (docs/fp8.md). Router, norms, embedding and LM head stay high
-    precision; MoNE's kept-neuron up/down path stays bf16."""
+    precision; MoNE's kept-neuron up/down path stays bf16. Which recipe and keys apply depends on the backend; a
+    recipe or TE-only key that the backend does not have is a config error (parallel.fp8.fp8_config_error)."""
 
-    backend: Literal["te", "torch"] = "te"
-    """te = Transformer Engine modules (pip install 'moetron[gpu]'); torch = torch._scaled_mm with per-tensor
-    scales (no TE needed; Hopper/Ada GPU; recipes delayed/current)."""
-    recipe: Literal["delayed", "current", "mxfp8"] = "delayed"
-    """delayed = scale from an amax history (TE DelayedScaling); current = scale from the tensor itself;
-    mxfp8 = 32-element block scales (TE only, Blackwell GPUs)."""
+    backend: Literal["torchao", "te"] = "torchao"
+    """torchao = torchao float8 training (dense projections: dynamic-scaled FP8 matmuls; experts: one grouped FP8
+    GEMM with rowwise scales; a pip dependency, no CUDA build); te = Transformer Engine modules (pip install
+    'moetron[gpu]')."""
+    recipe: Literal["tensorwise", "rowwise", "delayed", "current", "mxfp8"] = "tensorwise"
+    """torchao: tensorwise (one dynamic scale per tensor; E4M3 forward, E5M2 gradients) | rowwise (one power-of-2
+    scale per row; E4M3); torchao experts always use rowwise. te: delayed (scale from an amax history, TE
+    DelayedScaling) | current (scale from the tensor itself) | mxfp8 (32-element block scales, Blackwell GPUs)."""
     format: Literal["hybrid", "e4m3"] = "hybrid"
-    """hybrid = E4M3 activations/weights and E5M2 gradients; e4m3 = E4M3 everywhere."""
+    """te only: hybrid = E4M3 activations/weights and E5M2 gradients; e4m3 = E4M3 everywhere."""
     amax_history_len: PositiveInt = 16
-    """delayed recipe: amax values kept per tensor."""
+    """te delayed recipe only: amax values kept per tensor."""
     amax_compute_algo: Literal["max", "most_recent"] = "max"
-    """delayed recipe: scale from the max of the amax history, or from the most recent amax."""
+    """te delayed recipe only: scale from the max of the amax history, or from the most recent amax."""
     margin: NonNegativeInt = 0
-    """Scales are divided by 2**margin (headroom against amax growth between steps)."""
+    """te delayed recipe only: scales are divided by 2**margin (headroom against amax growth between steps)."""
     keep_first_last_bf16: bool = True
     """Keep the first and last transformer layers in bf16."""
 
@@ -83,11 +86,12 @@ class FP8Config:
 class _TrainSettings(Protocol):
     seed: int
     precision: str
+    compile: bool
 
 
 class RunConfig(Protocol):
     """What parallel/ reads of the whole run config (``launcher.config.Config`` has this shape): the model and
-    MoE sections, the FP8 section, and ``train.seed`` / ``train.precision``."""
+    MoE sections, the FP8 section, and ``train.seed`` / ``train.precision`` / ``train.compile``."""
 
     model: ModelConfig
     moe: ParallelMoEConfig

@@ -37,6 +37,7 @@ import torch
 from moe_core.experts import SwiGLUExperts
 from moe_core.layer import MoELayer
 from moe_core.permute import make_permutation, permute_tokens, sort_by_expert, unpermute_tokens
+from moe_core.profiling import phase
 from parallel.comm import ProcessGroup, all_to_all, check_group, gather_dim0, group_rank, group_size, split_dim0
 
 __all__ = ["AllToAllDispatcher", "EPLayout", "shard_moe_layer"]
@@ -50,8 +51,8 @@ class EPLayout:
     """Rows this rank sends to each EP rank (its kept slots grouped by destination)."""
     recv_splits: list[int]
     """Rows this rank receives from each EP rank."""
-    tokens_per_local_expert: list[int]
-    """Received rows per local expert, summed over source ranks."""
+    tokens_per_local_expert_L: torch.Tensor
+    """int64 received rows per local expert, summed over source ranks, on the token device."""
     regroup_M: Optional[torch.Tensor]
     """int64 order taking received rows (by source rank, then local expert) to rows grouped by local expert;
     None when that order already is grouped (one EP rank or one local expert), which saves two row copies."""
@@ -107,7 +108,7 @@ class AllToAllDispatcher:
             local_expert_M = torch.repeat_interleave(local_expert_M, recv_PL.reshape(-1),
                                                      output_size=sum(recv_splits))
             regroup_M, _ = sort_by_expert(local_expert_M, self.num_local)
-        return EPLayout(send_splits, recv_splits, [sum(col) for col in zip(*recv_rows)], regroup_M)
+        return EPLayout(send_splits, recv_splits, recv_PL.sum(0), regroup_M)
 
     @staticmethod
     def regroup(x_MD: torch.Tensor, layout: EPLayout) -> torch.Tensor:
@@ -136,8 +137,9 @@ class AllToAllDispatcher:
                  experts: SwiGLUExperts) -> torch.Tensor:
         self.check_experts(experts)
         x_tD, idx_tK, weight_tK = self.tp_slice(x_TD, topk_idx_TK, topk_weight_TK)          # 1 local
-        perm = make_permutation(idx_tK, self.num_experts)
-        x_ND = permute_tokens(x_tD, perm)
+        with phase("permute"):
+            perm = make_permutation(idx_tK, self.num_experts)
+            x_ND = permute_tokens(x_tD, perm)
         recv_PL = self.exchange_counts(perm.tokens_per_expert_E)                              # 2 collective
         layout = self.layout(perm.tokens_per_expert_E, recv_PL)                               # 3 local
         y_tD = self.exchange_and_compute(x_ND, perm, weight_tK, layout, experts)              # 4-9
@@ -145,13 +147,17 @@ class AllToAllDispatcher:
 
     def exchange_and_compute(self, x_ND: torch.Tensor, perm, weight_tK: torch.Tensor, layout: EPLayout,
                              experts: SwiGLUExperts) -> torch.Tensor:
-        """Phases 4-9: permuted rows ``x_ND`` -> this TP rank's combined outputs ``y_tD``."""
-        x_MD = all_to_all(x_ND, layout.recv_splits, layout.send_splits, self.ep_group)       # 4 collective
+        """Phases 4-9: permuted rows ``x_ND`` (kept rows first, then dead rows, which are not sent) -> this TP
+        rank's combined outputs ``y_tD``."""
+        x_MD = all_to_all(x_ND[:sum(layout.send_splits)], layout.recv_splits, layout.send_splits,
+                          self.ep_group)                                                      # 4 collective
         x_grouped_MD = self.regroup(x_MD, layout)                                             # 5 local
-        y_grouped_MD = experts(x_grouped_MD, layout.tokens_per_local_expert)                  # 6 local
+        with phase("experts"):
+            y_grouped_MD = experts(x_grouped_MD, layout.tokens_per_local_expert_L)            # 6 local
         y_MD = self.undo_regroup(y_grouped_MD, layout)                                        # 7 local
         y_ND = all_to_all(y_MD, layout.send_splits, layout.recv_splits, self.ep_group)       # 8 collective
-        return unpermute_tokens(y_ND, perm, weight_tK, perm.row_TK.shape[0])                  # 9 local
+        with phase("unpermute"):
+            return unpermute_tokens(y_ND, perm, weight_tK, perm.row_TK.shape[0])              # 9 local
 
 
 def shard_moe_layer(layer: MoELayer, groups) -> MoELayer:

@@ -74,8 +74,9 @@ def sync_grads(model: nn.Module, groups: ParallelGroups) -> None:
             g.mul_(scale)
 
 
-def global_grad_norm(model: nn.Module, groups: ParallelGroups) -> float:
-    """L2 norm of the full model's gradient (every distinct shard once); inf/nan propagate."""
+def global_grad_norm_sq(model: nn.Module, groups: ParallelGroups) -> torch.Tensor:
+    """Squared L2 norm of the full model's gradient (every distinct shard once), float64 0-dim on the model's
+    device, no host read; inf/nan propagate."""
     device = next(model.parameters()).device
     total = torch.zeros((), dtype=torch.float64, device=device)
     for p in model.parameters():
@@ -83,7 +84,7 @@ def global_grad_norm(model: nn.Module, groups: ParallelGroups) -> float:
             total += p.grad.detach().double().pow(2).sum() / replication(get_spec(p), groups)
     if groups.distributed:
         dist.all_reduce(total)
-    return math.sqrt(total.item()) if math.isfinite(total.item()) else float("nan")
+    return total
 
 
 def clip_grads(model: nn.Module, norm: float, max_norm: float) -> None:

@@ -191,9 +191,12 @@ class LLEPDispatcher(AllToAllDispatcher):
         order_M = _rows(layout.compute_starts, layout.compute_lengths, x_MD.device)
         x_home, x_foreign = x_MD.index_select(0, order_M).split(
             [sum(layout.home_tokens), sum(layout.foreign_tokens)], dim=0)
-        y_parts = [experts.functional(x_home, layout.home_tokens, *weights[:3])]
+        def counts(host: list[int]) -> torch.Tensor:  # host -> device copy of the planned counts (no sync)
+            return torch.tensor(host, dtype=torch.int64, device=x_MD.device)
+
+        y_parts = [experts.functional(x_home, counts(layout.home_tokens), *weights[:3])]
         if layout.foreign_experts:
-            y_parts.append(experts.functional(x_foreign, layout.foreign_tokens, *weights[3:]))
+            y_parts.append(experts.functional(x_foreign, counts(layout.foreign_tokens), *weights[3:]))
         return _unorder(torch.cat(y_parts, dim=0), order_M)
 
     def _record(self, plan: LLEPPlan, layout: Optional[RankLayout], planner_ms: float,

@@ -15,6 +15,7 @@ from torch import nn
 
 from moe_core.experts import SwiGLUExperts
 from moe_core.transformer import LayerFactory, MoETransformer
+from parallel.compile import compile_blocks
 from parallel.config import RunConfig
 from parallel.groups import ParallelGroups
 from parallel.sharding import attach_specs, init_parameters
@@ -148,6 +149,8 @@ def build_model(cfg: RunConfig, groups: ParallelGroups, device: torch.device | N
 
         for idx, block in model.layers.items():  # same Parameters keep their names and ShardSpecs
             convert_to_fp8(block, cfg, int(idx))
+    if cfg.train.compile:  # after FP8 conversion, so the FP8 casts are compiled into the blocks
+        compile_blocks(model, cfg)
     return model
 
 

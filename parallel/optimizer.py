@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import warnings
 from typing import Any, Iterator, Optional, Protocol
 
@@ -39,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from parallel.grads import clip_grads, global_grad_norm, sync_grads
+from parallel.grads import clip_grads, global_grad_norm_sq, sync_grads
 from parallel.groups import ParallelGroups, megatron_process_groups
 from parallel.sharding import get_spec, named_specs, sharded_tensor
 
@@ -82,8 +81,10 @@ class TrainOptimizer:
         """Collective-only: finish the data-parallel gradient reduction of this step."""
         raise NotImplementedError
 
-    def grad_norm(self) -> float:
-        """Collective-only: the global gradient norm (NaN/inf when a gradient is non-finite)."""
+    def grad_norm_sq(self) -> torch.Tensor:
+        """Collective-only: the squared global gradient norm, a float64 0-dim tensor on the training device (inf/NaN
+        when a gradient is non-finite). No host read: the trainer fetches it with the step's other numbers in one
+        transfer."""
         raise NotImplementedError
 
     def step(self, grad_norm: float) -> None:
@@ -158,8 +159,8 @@ class LocalAdamW(TrainOptimizer):
     def reduce_grads(self) -> None:
         sync_grads(self.model, self.groups)
 
-    def grad_norm(self) -> float:
-        return global_grad_norm(self.model, self.groups)
+    def grad_norm_sq(self) -> torch.Tensor:
+        return global_grad_norm_sq(self.model, self.groups)
 
     def step(self, grad_norm: float) -> None:
         clip_grads(self.model, grad_norm, self.cfg.grad_clip)
@@ -266,6 +267,7 @@ class DistributedAdam(TrainOptimizer):
         for group in self.optimizer.param_groups:  # megatron leaves this to its scheduler: no decay on 1-D params
             group["weight_decay"] = cfg.weight_decay * group.get("wd_mult", 1.0)
         self._partial = [p for p in model.parameters() if get_spec(p).tp_partial_grad]
+        self.ddp_device = next(model.parameters()).device
         self._updates = 0
 
     def _sub_optimizers(self) -> list:
@@ -288,10 +290,18 @@ class DistributedAdam(TrainOptimizer):
             for p in self._partial:
                 dist.all_reduce(p.main_grad, group=self.groups.tp_group)
 
-    def grad_norm(self) -> float:
+    def grad_norm_sq(self) -> torch.Tensor:
+        """megatron-core's ``get_grad_norm`` (per sub-optimizer: its de-duplicated grads, summed over its grad-stats
+        group), kept on the device: megatron-core reads it on the host (``.item()``, and a ``float()`` in its
+        fallback l2-norm when neither Apex nor Transformer Engine is installed)."""
         self.optimizer.prepare_grads()  # main_grad shards -> fp32 main-weight .grad
-        norm = float(self.optimizer.get_grad_norm())
-        return norm if math.isfinite(norm) else float("nan")
+        total = torch.zeros((), dtype=torch.float64, device=self.ddp_device)
+        for sub in self._sub_optimizers():
+            grads = sub.get_grads_for_grad_norm()
+            sq = torch.stack(torch._foreach_norm(grads)).double().square().sum() if grads else total.new_zeros(())
+            dist.all_reduce(sq, group=sub.get_grad_stats_parallel_group())
+            total += sq
+        return total
 
     def step(self, grad_norm: float) -> None:
         from megatron.core.optimizer.optimizer import clip_grad_by_total_norm_fp32

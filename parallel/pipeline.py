@@ -57,7 +57,7 @@ def forward_backward(model: torch.nn.Module, micro_batches: list[dict], forward_
     optimizer's ``main_grad``). Every backward but the last runs inside ``no_sync()``, so a data-parallel reduction
     overlapped with backward starts only in the last one."""
     n = len(micro_batches)
-    previous_scale = AuxLossAutoScaler.loss_scale
+    previous_scale = AuxLossAutoScaler.loss_scale()
     AuxLossAutoScaler.set_loss_scale(1.0 / n)
     try:
         return _run_schedule(model, micro_batches, forward_fn, groups, hidden_shape, forward_only, n, no_sync)

@@ -14,13 +14,14 @@ Prints the loader table, the trainer's rate and the headroom = loader tokens/s p
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from launcher.errors import ArgumentParser
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "recipes" / "data" / "python_reference.jsonl"
@@ -75,7 +76,7 @@ def trainer_rate(cfg, steps: int, run_dir: Path) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m launcher.bench.data_loader", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m launcher.bench.data_loader", description=__doc__.split("\n\n")[0])
     p.add_argument("--recipe", default=str(REPO / "recipes" / "smoke_cpu.yaml"),
                    help="recipe YAML; '' = the config defaults plus the overrides")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.micro_batch_size=8")

@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from launcher.errors import ArgumentParser
 from launcher.bench.routing import SCENARIOS, routing
 from launcher.bench.world import free_port
 from moe_core.config import MoNEConfig
@@ -235,7 +236,7 @@ def run_simulation(args: argparse.Namespace) -> list[dict]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     defaults = LLEPConfig()
-    p = argparse.ArgumentParser(prog="python -m launcher.bench.llep", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m launcher.bench.llep", description=__doc__.split("\n")[0])
     p.add_argument("--ep", type=int, default=4, help="EP ranks (gloo processes)")
     p.add_argument("--tokens", type=int, default=2048, help="tokens per rank")
     p.add_argument("--experts", type=int, default=8)

@@ -118,7 +118,7 @@ def measure_gemm(hidden: int, ffn: int, max_rows: int, dtype=torch.float32, repe
         times = []
         for _ in range(repeats + 1):
             start = time.perf_counter()
-            swiglu_grouped(x, [n], *w).sum().backward()
+            swiglu_grouped(x, torch.tensor([n]), *w).sum().backward()
             times.append(time.perf_counter() - start)
         ms.append(float(np.median(times[1:])) * 1e3)
     return GemmTable((0, *sizes), (0.0, *ms), f"this machine, {dtype}, hidden {hidden}, ffn {ffn}, "

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 from typing import Callable
 
+from launcher.errors import ArgumentParser
 from launcher.bench.world import run_gloo_world
 
 MiB = 1 << 20
@@ -72,7 +73,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m launcher.bench.optimizer_memory", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m launcher.bench.optimizer_memory", description=__doc__.split("\n")[0])
     p.add_argument("--dp", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--ffn", type=int, default=512)

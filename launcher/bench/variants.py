@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from launcher.errors import ArgumentParser
+
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "recipes" / "data" / "python_reference.jsonl"
 K_MAX = 4
@@ -124,7 +126,7 @@ def format_tables(runs: list[dict[str, dict]]) -> str:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m launcher.bench.variants", description=__doc__,
+    p = ArgumentParser(prog="python -m launcher.bench.variants", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=250, help="optimizer steps per model (8 sequences x 64 tokens)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1234, 1235, 1236],

@@ -47,7 +47,7 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
-from launcher.errors import OneLineError
+from launcher.errors import ArgumentParser, OneLineError
 
 FORMAT = "moetron-shards/1"
 INDEX_NAME = "index.json"
@@ -579,14 +579,8 @@ def run(args: argparse.Namespace) -> dict:
     return index
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        """One line and exit code 2, like every other bad input (argparse would print the whole usage first)."""
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _ArgumentParser(prog="moetron preprocess", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="moetron preprocess", description=__doc__.split("\n\n")[0],
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--input", nargs="+", help="text files (.txt/.md, .jsonl, .parquet) or directories")
     p.add_argument("--output", help="output directory for shards, tokenizer.json and index.json")

@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from launcher import env
+from launcher.errors import ArgumentParser
 from launcher.train import checkpoint
 from launcher.config import Config, ConfigError, apply_override, config_from_dict, save_resolved, to_dict
 from launcher.hf import hf_dir, mapping
@@ -36,7 +37,7 @@ class ConvertError(RuntimeError):
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="moetron convert", description=__doc__,
+    p = ArgumentParser(prog="moetron convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="direction", required=True)
     to = sub.add_parser("to-hf", help="moetron checkpoint -> Hugging Face model directory")

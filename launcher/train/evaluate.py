@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from launcher import env
+from launcher.errors import ArgumentParser
 from launcher.train import checkpoint
 from launcher.config import (Config, ConfigError, apply_override, config_from_dict, data_parallel_size,
                              validate_world)
@@ -55,7 +56,7 @@ def _positive(text: str) -> int:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="moetron evaluate", description=__doc__,
+    p = ArgumentParser(prog="moetron evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint, checkpoint root or run directory")
     ks = p.add_mutually_exclusive_group()

@@ -29,6 +29,7 @@ from launcher.data.loader import build_loader
 from launcher.train.metrics import (MetricsWriter, ProgressLine, StepStats, moe_layer_tag, peak_flops_per_device,
                                     throughput, training_scalars, moe_layer_scalars)
 from moe_core.matryoshka import EvalK
+from moe_core.profiling import phase
 from parallel.groups import ParallelGroups
 from parallel.model import build_model, token_losses
 from parallel.optimizer import build_optimizer
@@ -65,8 +66,9 @@ def precision_context(cfg: Config, groups: ParallelGroups):
 
 
 class Preemption:
-    """SIGUSR2/SIGTERM and a first Ctrl-C (SIGINT) set a flag; at each step boundary the flag is OR-reduced over all
-    ranks so they stop together after saving a checkpoint. A second Ctrl-C stops at once (KeyboardInterrupt)."""
+    """SIGUSR2/SIGTERM and a first Ctrl-C (SIGINT) set a flag; every step OR-reduces it over all ranks (inside the
+    step's one all-reduce, ``Trainer._step_numbers``) so they stop together after saving a checkpoint. A second
+    Ctrl-C stops at once (KeyboardInterrupt)."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -80,12 +82,6 @@ class Preemption:
             print("[moetron] Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again: stop now, without "
                   "one)", file=sys.stderr, flush=True)
         self.requested = True
-
-    def agreed(self, groups: ParallelGroups, device: torch.device) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)  # NCCL reduces device tensors only
-        if groups.distributed:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
 
 @dataclass
@@ -206,14 +202,20 @@ class Trainer:
             value /= self.groups.dp_size
         return float(value.item())
 
-    def _layer_stats(self) -> dict[int, dict]:
-        """Per-MoE-layer statistics of the whole step, for metrics and the expert-bias update: tokens per expert and
-        dropped routing slots summed over every micro-batch and DP rank; aux and z losses averaged over them; the
-        drawn k and the MoNE kept fraction (constant within a step). Gathered over PP so the logging rank sees every
-        layer; one host transfer."""
+    def _step_numbers(self, losses: list[torch.Tensor], norm_sq: torch.Tensor,
+                      stop_requested: bool) -> tuple[float, float, dict[int, dict], bool]:
+        """The step's numbers, in ONE all-reduce over every rank and ONE device-to-host transfer: the mean loss,
+        the global gradient norm, whether any rank asked to stop (signals; see :class:`Preemption`) and the
+        per-MoE-layer statistics (tokens per expert and dropped routing slots summed over every micro-batch and DP
+        rank, aux and z losses averaged over them, the drawn k and the MoNE kept fraction).
+
+        Everything is summed over the world: the loss lives on the last stage (identical over TP, distinct over
+        DP), the norm on every rank, layer sums on their stage (identical over TP, disjoint over DP), constants
+        on their stage (identical over TP and DP); each is divided by how often it was counted."""
+        g = self.groups
         moe_idx = flops.moe_layer_indices(self.cfg)
         L, E = len(moe_idx), self.cfg.moe.num_experts
-        sums = torch.zeros(L, E + 3, dtype=torch.float64, device=self.device)  # collectives on the training device
+        sums = torch.zeros(L, E + 3, dtype=torch.float64, device=self.device)
         constants = torch.zeros(2, L, dtype=torch.float64, device=self.device)  # k, kept fraction
         local = self.model.moe_layers()
         for pos, idx in enumerate(moe_idx):
@@ -222,22 +224,30 @@ class Trainer:
                 constants[0, pos] = float(local[idx].last_stats["k"])
                 constants[1, pos] = float(local[idx].last_stats["mone_kept_fraction"])
         self._layer_sums = {}
-        packed = torch.cat([sums.flatten(), constants.flatten()])
-        if self.groups.dp_size > 1:  # sums are identical over TP peers and disjoint over DP; constants DP-invariant
-            dist.all_reduce(packed, group=self.groups.dp_group)
-            packed[sums.numel():] /= self.groups.dp_size
-        if self.groups.pp_size > 1:
-            dist.all_reduce(packed, group=self.groups.pp_group)
-        packed = packed.cpu()
-        sums, constants = packed[:sums.numel()].view(L, E + 3), packed[sums.numel():].view(2, L)
-        micro_batches = self.num_micro * self.groups.dp_size
-        return {idx: {"tokens_per_expert": sums[i, :E], "dropped_slots": sums[i, E].item(),
-                      "aux_loss": sums[i, E + 1].item() / micro_batches, "z_loss": sums[i, E + 2].item() / micro_batches,
-                      "k": constants[0, i].item(),
-                      "mone_kept_fraction": constants[1, i].item() if self.cfg.moe.mone.enabled else None}
-                for i, idx in enumerate(moe_idx)}
+        loss = torch.stack(losses).mean().double() if losses else torch.zeros((), dtype=torch.float64,
+                                                                               device=self.device)
+        stop = torch.tensor(float(stop_requested), dtype=torch.float64, device=self.device)
+        packed = torch.cat([torch.stack([loss, norm_sq.to(self.device), stop]), sums.flatten(),
+                            constants.flatten()])
+        if g.distributed:
+            dist.all_reduce(packed, group=dist.group.WORLD)  # every rank takes part in one step
+        host = packed.tolist()  # the step's one device-to-host transfer
+        loss_v, norm_sq_v, stop_v = host[0] / (g.tp_size * g.dp_size), host[1] / g.world_size, host[2] > 0
+        rows = [[v / g.tp_size for v in host[3 + i * (E + 3):3 + (i + 1) * (E + 3)]] for i in range(L)]
+        const_h = [v / (g.tp_size * g.dp_size) for v in host[3 + sums.numel():]]
+        micro_batches = self.num_micro * g.dp_size
+        stats = {idx: {"tokens_per_expert": torch.tensor(rows[i][:E], dtype=torch.float64),
+                       "dropped_slots": rows[i][E], "aux_loss": rows[i][E + 1] / micro_batches,
+                       "z_loss": rows[i][E + 2] / micro_batches, "k": const_h[i],
+                       "mone_kept_fraction": const_h[L + i] if self.cfg.moe.mone.enabled else None}
+                 for i, idx in enumerate(moe_idx)}
+        norm = math.sqrt(norm_sq_v) if math.isfinite(norm_sq_v) else float("nan")
+        return loss_v, norm, stats, stop_v
 
-    def train_step(self) -> tuple[float, float, dict[int, dict]]:
+    def train_step(self, preemption: Optional[Preemption] = None) -> tuple[float, float, dict[int, dict], bool]:
+        """One optimizer step. Returns the loss, the gradient norm, the per-MoE-layer statistics and whether all
+        ranks agreed to stop (a signal reached ``preemption`` on any rank by the end of backward). The host reads
+        the device once, after backward."""
         cfg = self.cfg
         self.model.train()
         self.model.set_step(self.step)
@@ -246,21 +256,19 @@ class Trainer:
         micro = [next(self.loader) for _ in range(self.num_micro)]
         losses = forward_backward(self.model, micro, self._forward, self.groups, self.hidden_shape,
                                   no_sync=self.optimizer.no_sync)
-        loss = self._global_loss(losses)
-        self.optimizer.reduce_grads()
-        if cfg.train.precision == "fp8" and cfg.fp8.backend == "torch":
-            from parallel.fp8 import sync_amax
-
-            sync_amax(self.model, self.groups.amax_group)
-        norm = self.optimizer.grad_norm()
-        layer_stats = self._layer_stats()
+        with phase("optimizer"):
+            self.optimizer.reduce_grads()
+            norm_sq = self.optimizer.grad_norm_sq()
+        stop_requested = preemption is not None and preemption.requested
+        loss, norm, layer_stats, stop = self._step_numbers(losses, norm_sq, stop_requested)
         if not (math.isfinite(loss) and math.isfinite(norm)):
-            return loss, norm, layer_stats
-        self.optimizer.step(norm)
+            return loss, norm, layer_stats, stop
+        with phase("optimizer"):
+            self.optimizer.step(norm)
         if cfg.moe.expert_bias:
             for idx, layer in self.model.moe_layers().items():
                 layer.update_expert_bias(layer_stats[idx]["tokens_per_expert"].to(self.device))
-        return loss, norm, layer_stats
+        return loss, norm, layer_stats, stop
 
     # ------------------------------------------------------------ validation
     def _valid_batches(self, n: int) -> list[dict]:
@@ -337,7 +345,7 @@ class Trainer:
         last_saved = self.step
         while self.step < cfg.train.steps:
             t0 = time.perf_counter()
-            loss, norm, layer_stats = self.train_step()
+            loss, norm, layer_stats, stop = self.train_step(preemption)
             step_time = time.perf_counter() - t0
             if math.isfinite(loss) and math.isfinite(norm):
                 self.nonfinite_streak = 0
@@ -357,7 +365,7 @@ class Trainer:
             if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
                 result.checkpoint = str(self.save())
                 last_saved = self.step
-            if preemption.agreed(self.groups, self.device):
+            if stop:
                 if last_saved != self.step:
                     result.checkpoint = str(self.save())
                 result.preempted = True

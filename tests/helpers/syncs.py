@@ -25,7 +25,7 @@ import threading
 import traceback
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 
@@ -60,8 +60,9 @@ def _call_site() -> str:
 
 
 class _Patcher:
-    def __init__(self, log: SyncLog):
+    def __init__(self, log: SyncLog, host_tensors: Iterable[torch.Tensor] = ()):
         self.log, self.depth, self.saved = log, threading.local(), []
+        self.host_ids = {id(t) for t in host_tensors}
 
     def wrap(self, owner, name: str, should_count=lambda *a, **k: True) -> None:
         original = getattr(owner, name)
@@ -69,7 +70,8 @@ class _Patcher:
 
         def counted(*args, **kwargs):
             depth = getattr(patcher.depth, "n", 0)
-            if depth == 0 and should_count(*args, **kwargs):
+            on_host = bool(args) and id(args[0]) in patcher.host_ids
+            if depth == 0 and not on_host and should_count(*args, **kwargs):
                 patcher.log.calls.append((f"{getattr(owner, '__name__', owner)}.{name}", _call_site()))
             patcher.depth.n = depth + 1
             try:
@@ -105,10 +107,13 @@ def _repeat_reads_size(first, repeats=None, *args, **kwargs) -> bool:
 
 
 @contextlib.contextmanager
-def count_syncs() -> Iterator[SyncLog]:
-    """Record every host-sync call made inside the block (see the module docstring)."""
+def count_syncs(host_tensors: Iterable[torch.Tensor] = ()) -> Iterator[SyncLog]:
+    """Record every host-sync call made inside the block (see the module docstring). ``host_tensors``: tensors that
+    live on the host on every device (e.g. torch.optim's per-parameter ``step`` counters, which stay on the CPU
+    unless the optimizer is fused/capturable); calls on exactly these are not counted, so a CPU run can tell them
+    from device tensors."""
     log = SyncLog()
-    patcher = _Patcher(log)
+    patcher = _Patcher(log, host_tensors)
     try:
         for name in _TENSOR_METHODS:
             patcher.wrap(torch.Tensor, name)

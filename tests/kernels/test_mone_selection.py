@@ -16,6 +16,11 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LEVELS = [-4.0, -2.5, -1.25, -1.0, -0.5, -0.25, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0]
 
 
+def _c(splits):
+    """Per-expert row counts as the API takes them: int64 on the token device."""
+    return torch.tensor(splits, dtype=torch.int64, device=DEVICE)
+
+
 def _tie_heavy(N: int, F: int, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.tensor(LEVELS)[torch.randint(len(LEVELS), (N, F), generator=gen)].to(torch.bfloat16)
@@ -77,10 +82,10 @@ def test_decode_and_training_kernels_keep_the_defined_neurons_end_to_end(score):
     assert not want[:10, [0, 7]].any()  # NaN ranks lowest: dropped, so y stays finite (kept, y would be NaN)
     tensors = _one_hot_problem(F, tokens, g)
     with torch.no_grad():
-        y_decode = mone_swiglu_grouped(tensors[0], tokens, *tensors[1:], k, score)  # <= 16 tokens: decode
+        y_decode = mone_swiglu_grouped(tensors[0], _c(tokens), *tensors[1:], k, score)  # <= 16 tokens: decode
     leaves = [t.clone().requires_grad_(True) for t in tensors]
-    y_train = mone_swiglu_grouped(leaves[0], tokens, *leaves[1:], k, score)  # needs grad: training path
-    y_torch = mone_swiglu_torch(tensors[0], tokens, *tensors[1:], k, score)
+    y_train = mone_swiglu_grouped(leaves[0], _c(tokens), *leaves[1:], k, score)  # needs grad: training path
+    y_torch = mone_swiglu_torch(tensors[0], _c(tokens), *tensors[1:], k, score)
     for name, y in (("decode", y_decode), ("training", y_train.detach()), ("torch", y_torch)):
         assert torch.isfinite(y).all(), name
         assert torch.equal((y != 0).cpu(), want), name
@@ -103,10 +108,10 @@ def test_inf_in_a_dropped_neuron_gives_finite_output_and_zero_gradient(path):
     want = torch.tensor([[5.0 * torch.sigmoid(torch.tensor(5.0)).item() * 5.0, 0.0]])  # silu(5) * u, 0
     if path == "triton decode":
         with torch.no_grad():
-            torch.testing.assert_close(fn(tensors[0], [1], *tensors[1:], 1, "post_act").cpu(), want)
+            torch.testing.assert_close(fn(tensors[0], _c([1]), *tensors[1:], 1, "post_act").cpu(), want)
         return
     leaves = [t.clone().requires_grad_(True) for t in tensors]
-    y = fn(leaves[0], [1], *leaves[1:], 1, "post_act")
+    y = fn(leaves[0], _c([1]), *leaves[1:], 1, "post_act")
     torch.testing.assert_close(y.detach().cpu(), want)
     y.sum().backward()
     for leaf in leaves:

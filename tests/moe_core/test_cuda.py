@@ -4,32 +4,32 @@ import torch
 
 from moe_core.config import MoEConfig, MoNEConfig
 from moe_core.experts import SwiGLUExperts, swiglu_reference
-from moe_core.grouped import grouped_mm_usable
+from kernels.grouped_gemm import grouped_mm_usable
 from moe_core.layer import MoELayer
 from moe_core.matryoshka import KSchedule
 from moe_core.mone import mone_swiglu_torch, resolve_mone_fn
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-COUNTS = [40, 0, 130, 86]  # ragged, with an empty expert
+SPLITS = [40, 0, 130, 86]  # ragged, with an empty expert
 D, FFN = 64, 128
 
 
 def _run(fn, x, weights):
     x = x.detach().clone().requires_grad_()
     weights = [w.detach().clone().requires_grad_() for w in weights]
-    y = fn(x, COUNTS, *weights)
+    y = fn(x, torch.tensor(SPLITS, device=x.device), *weights)
     y.float().square().sum().backward()
     return [y, x.grad] + [w.grad for w in weights]
 
 
 def _experts(**mone):
     torch.manual_seed(0)
-    return SwiGLUExperts(len(COUNTS), D, FFN, MoNEConfig(**mone)).cuda().to(torch.bfloat16)
+    return SwiGLUExperts(len(SPLITS), D, FFN, MoNEConfig(**mone)).cuda().to(torch.bfloat16)
 
 
 def test_bf16_grouped_gemm_matches_fp32_reference():
     experts = _experts()
-    x = torch.randn(sum(COUNTS), D, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(sum(SPLITS), D, device="cuda", dtype=torch.bfloat16)
     weights = [experts.w_gate_EFD, experts.w_up_EFD, experts.w_down_EDF]
     assert grouped_mm_usable(x, experts.w_gate_EFD)
     got = _run(experts.functional, x, weights)
@@ -57,7 +57,7 @@ def test_mone_auto_backend_matches_torch_path(score):
     fn = resolve_mone_fn("auto", torch.device("cuda"))
     assert fn is not mone_swiglu_torch  # kernels.mone imports on a CUDA machine with triton
     experts = _experts(enabled=True, keep_ratio=0.5, score=score)
-    x = torch.randn(sum(COUNTS), D, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(sum(SPLITS), D, device="cuda", dtype=torch.bfloat16)
     weights = [experts.w_gate_EFD, experts.w_up_EFD, experts.w_down_EDF]
     got = _run(lambda *a: fn(*a, experts.keep_k, score), x, weights)
     ref = _run(lambda *a: mone_swiglu_torch(*a, experts.keep_k, score), x, weights)

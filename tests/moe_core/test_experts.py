@@ -4,9 +4,10 @@ import torch
 
 from moe_core.config import MoNEConfig
 from moe_core.experts import SwiGLUExperts, swiglu_reference
-from moe_core.grouped import grouped_linear, grouped_mm_usable, loop_linear
+from kernels.grouped_gemm import grouped_linear, grouped_matmul, grouped_mm_usable, grouped_weight_grad, loop_linear
 
-COUNTS = [3, 0, 5, 2]  # includes an expert that received no tokens
+SPLITS = [3, 0, 5, 2]  # includes an expert that received no tokens
+COUNTS = torch.tensor(SPLITS)  # as the API takes them: int64 on the token device
 
 
 def _experts(dtype=torch.float32, **mone) -> SwiGLUExperts:
@@ -24,9 +25,9 @@ def _grads(fn, x, weights, grad_out):
 
 def _compare(fn, dtype, atol, rtol):
     experts = _experts(dtype)
-    x = torch.randn(sum(COUNTS), 8, dtype=dtype)
+    x = torch.randn(sum(SPLITS), 8, dtype=dtype)
     weights = [experts.w_gate_EFD, experts.w_up_EFD, experts.w_down_EDF]
-    grad_out = torch.randn(sum(COUNTS), 8, dtype=dtype)
+    grad_out = torch.randn(sum(SPLITS), 8, dtype=dtype)
     y, dx, dws = _grads(fn, x, weights, grad_out)
     y_ref, dx_ref, dws_ref = _grads(swiglu_reference, x.double(), [w.double() for w in weights], grad_out.double())
     torch.testing.assert_close(y.double(), y_ref, atol=atol, rtol=rtol)
@@ -54,7 +55,7 @@ def test_loop_fallback_matches_reference_fp64():
 
 def test_forward_uses_own_weights_and_expanded_grads_work():
     experts = _experts()
-    x = torch.randn(sum(COUNTS), 8, requires_grad=True)
+    x = torch.randn(sum(SPLITS), 8, requires_grad=True)
     experts(x, COUNTS).sum().backward()  # y.sum() gives a stride-0 gradient, which torch._grouped_mm rejects
     x_ref = x.detach().clone().requires_grad_()
     swiglu_reference(x_ref, COUNTS, experts.w_gate_EFD, experts.w_up_EFD, experts.w_down_EDF).sum().backward()
@@ -69,7 +70,7 @@ def test_no_rows_at_all_backpropagates_zero_gradients(mone, dtype):
     torch.manual_seed(0)
     experts = SwiGLUExperts(3, 8, 16, MoNEConfig(enabled=mone, backend="torch")).to(dtype)
     x = torch.randn(0, 8, dtype=dtype, requires_grad=True)
-    y = experts(x, [0, 0, 0])
+    y = experts(x, torch.zeros(3, dtype=torch.int64))
     assert y.shape == (0, 8)
     y.sum().backward()
     for w in experts.parameters():
@@ -85,13 +86,36 @@ def test_grouped_linear_matches_per_row_matmul(width):
     expected = torch.einsum("noi,ni->no", w[expert_of_row], x)
     torch.testing.assert_close(grouped_linear(x, w, COUNTS), expected)
     torch.testing.assert_close(loop_linear(x, w, COUNTS), expected)
+    torch.testing.assert_close(grouped_matmul(x, w.transpose(1, 2), COUNTS), expected)  # the kernels' raw GEMMs
+    dy = torch.randn(10, 12)
+    dw = torch.stack([dy[expert_of_row == e].T @ x[expert_of_row == e] for e in range(4)])
+    torch.testing.assert_close(grouped_weight_grad(dy, x, COUNTS), dw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # grouped GEMM, loop fallback
+def test_dead_rows_past_the_counts_are_ignored(dtype):
+    """Rows past sum(tokens_per_expert_E) (capacity-dropped slots) reach no live output and no weight gradient,
+    even when they hold NaN; the counts are never read on the host on the grouped-GEMM path."""
+    experts = _experts(dtype)
+    x = torch.randn(sum(SPLITS), 8, dtype=dtype)
+    x_dead = torch.cat([x, torch.full((3, 8), float("nan"), dtype=dtype)])
+    weights = [experts.w_gate_EFD, experts.w_up_EFD, experts.w_down_EDF]
+    grad_out = torch.randn(sum(SPLITS) + 3, 8, dtype=dtype)
+    y, dx, dws = _grads(experts.functional, x_dead, weights, grad_out)
+    y_ref, dx_ref, dws_ref = _grads(experts.functional, x, weights, grad_out[:sum(SPLITS)])
+    torch.testing.assert_close(y[:sum(SPLITS)], y_ref)
+    torch.testing.assert_close(dx[:sum(SPLITS)], dx_ref)
+    for dw, dw_ref in zip(dws, dws_ref):
+        torch.testing.assert_close(dw, dw_ref)
 
 
 def test_bad_group_sizes_are_reported():
     experts = _experts()
-    with pytest.raises(ValueError, match="sums to 9"):
-        experts(torch.randn(10, 8), [3, 0, 5, 1])
-    with pytest.raises(ValueError, match="3 entries"):
-        experts(torch.randn(10, 8), [3, 5, 2])
+    with pytest.raises(ValueError, match=r"int64 tensor of shape \(4,\) .* got torch.int64 \(3,\)"):
+        experts(torch.randn(10, 8), torch.tensor([3, 5, 2]))
+    with pytest.raises(ValueError, match=r"got torch.int32 \(4,\)"):
+        experts(torch.randn(10, 8), COUNTS.int())
+    with pytest.raises(TypeError, match="got list"):
+        experts(torch.randn(10, 8), SPLITS)
     with pytest.raises(ValueError, match="positive sizes"):
         SwiGLUExperts(0, 8, 16, MoNEConfig())

@@ -11,7 +11,8 @@ from moe_core.config import MoNEConfig
 from moe_core.experts import SwiGLUExperts
 from moe_core.mone import keep_count, mone_swiglu_torch, neuron_balance_loss, resolve_mone_fn
 
-COUNTS = [4, 0, 3]
+SPLITS = [4, 0, 3]
+COUNTS = torch.tensor(SPLITS)  # as the API takes them: int64 on the token device
 D, FFN = 8, 16
 
 
@@ -22,7 +23,7 @@ def _experts(**mone) -> SwiGLUExperts:
 
 def _per_token_reference(x_ND, experts: SwiGLUExperts, score: str) -> torch.Tensor:
     """Row by row: rank neurons by a full descending sort, keep keep_k of them, gather only those weights."""
-    expert_of_row = [e for e, n in enumerate(COUNTS) for _ in range(n)]
+    expert_of_row = [e for e, n in enumerate(SPLITS) for _ in range(n)]
     rows = []
     for x_D, e in zip(x_ND, expert_of_row):
         pre_F = experts.w_gate_EFD[e] @ x_D
@@ -45,7 +46,7 @@ def test_keep_count_rounds_half_up_and_validates():
 
 def test_keep_ratio_one_equals_dense_expert_exactly():
     dense, mone = _experts(), _experts(enabled=True, keep_ratio=1.0)
-    x = torch.randn(sum(COUNTS), D)
+    x = torch.randn(sum(SPLITS), D)
     assert torch.equal(mone(x, COUNTS), dense(x, COUNTS))
 
 
@@ -53,14 +54,14 @@ def test_keep_ratio_one_equals_dense_expert_exactly():
 def test_mone_matches_per_token_loop_reference(score):
     experts = _experts(enabled=True, keep_ratio=0.25, score=score)
     assert experts.keep_k == 4 and experts.kept_fraction == 0.25
-    x = torch.randn(sum(COUNTS), D)
+    x = torch.randn(sum(SPLITS), D)
     torch.testing.assert_close(experts(x, COUNTS), _per_token_reference(x, experts, score), atol=1e-6, rtol=1e-5)
 
 
 def test_dropped_neurons_get_exactly_zero_gradient():
     experts = _experts(enabled=True, keep_ratio=0.25)
     x = torch.randn(1, D)  # one token for expert 0 only
-    counts = [1, 0, 0]
+    counts = torch.tensor([1, 0, 0])
     experts(x, counts).square().sum().backward()
     kept = F.silu(experts.w_gate_EFD[0] @ x[0]).abs().topk(experts.keep_k).indices
     dropped = torch.ones(FFN, dtype=torch.bool)
@@ -73,7 +74,7 @@ def test_dropped_neurons_get_exactly_zero_gradient():
 def test_pre_act_and_post_act_scores_differ_only_where_silu_reorders():
     # W_gate = W_up = W_down = I, so y_i = silu(x_i) * x_i for the kept neuron i and 0 otherwise.
     eye = torch.eye(2).unsqueeze(0)
-    run = lambda x, score: mone_swiglu_torch(x, [x.shape[0]], eye, eye, eye, 1, score)  # noqa: E731
+    run = lambda x, score: mone_swiglu_torch(x, torch.tensor([x.shape[0]]), eye, eye, eye, 1, score)  # noqa: E731
     # |silu(-3)| = 0.14 < |silu(0.5)| = 0.31 although |-3| > |0.5|: the two scores keep different neurons
     x = torch.tensor([[-3.0, 0.5]])
     assert run(x, "post_act")[0, 0] == 0 and run(x, "post_act")[0, 1] > 0
@@ -89,18 +90,21 @@ def test_neuron_balance_loss_values():
     eye = torch.eye(2).unsqueeze(0)  # pre-activations are the inputs; pre_act score = |x|
     balanced = torch.tensor([[3.0, 1.0], [1.0, 3.0]])  # each neuron kept once, mean shares [0.5, 0.5]
     skewed = torch.tensor([[3.0, 1.0], [3.0, 1.0]])  # neuron 0 always kept, mean shares [0.75, 0.25]
-    torch.testing.assert_close(neuron_balance_loss(balanced, [2], eye, 1, "pre_act"), torch.tensor(1.0))
-    torch.testing.assert_close(neuron_balance_loss(skewed, [2], eye, 1, "pre_act"), torch.tensor(1.5))
+    torch.testing.assert_close(neuron_balance_loss(balanced, torch.tensor([2]), eye, 1, "pre_act"), torch.tensor(1.0))
+    torch.testing.assert_close(neuron_balance_loss(skewed, torch.tensor([2]), eye, 1, "pre_act"), torch.tensor(1.5))
     # experts without rows are ignored in the mean
-    torch.testing.assert_close(neuron_balance_loss(skewed, [0, 2], eye.repeat(2, 1, 1), 1, "pre_act"),
+    torch.testing.assert_close(neuron_balance_loss(skewed, torch.tensor([0, 2]), eye.repeat(2, 1, 1), 1, "pre_act"),
                                torch.tensor(1.5))
+    # dead rows past the counts (capacity-dropped slots) are ignored, NaN or not
+    with_dead = torch.cat([skewed, torch.full((2, 2), float("nan"))])
+    torch.testing.assert_close(neuron_balance_loss(with_dead, torch.tensor([2]), eye, 1, "pre_act"), torch.tensor(1.5))
 
 
 def test_neuron_balance_loss_gradient_is_injected_with_coefficient():
     coeff = 0.3
     plain, balanced = _experts(enabled=True, keep_ratio=0.5), _experts(enabled=True, keep_ratio=0.5,
                                                                        balance_loss_coeff=coeff)
-    x = torch.randn(sum(COUNTS), D)
+    x = torch.randn(sum(SPLITS), D)
     balanced(x, COUNTS).sum().backward()
     (plain(x, COUNTS).sum() + coeff * neuron_balance_loss(x, COUNTS, plain.w_gate_EFD, plain.keep_k,
                                                           "post_act")).backward()
@@ -137,7 +141,7 @@ def test_configured_backend_is_called(monkeypatch):
     fake.mone_swiglu_grouped = lambda *args: calls.append(args[5:]) or mone_swiglu_torch(*args)
     monkeypatch.setitem(sys.modules, "kernels.mone", fake)
     experts = _experts(enabled=True, keep_ratio=0.5, score="pre_act", backend="triton")
-    experts(torch.randn(sum(COUNTS), D), COUNTS)
+    experts(torch.randn(sum(SPLITS), D), COUNTS)
     assert calls == [(8, "pre_act")]
 
 

@@ -153,7 +153,7 @@ def test_k1_router_gets_language_model_gradient():
     probs = torch.softmax(x @ w.T, dim=-1)
     idx = probs.argmax(-1)
     with torch.no_grad():
-        expert_out = torch.stack([swiglu_reference(x[t:t + 1], [1], ex.w_gate_EFD[e:e + 1], ex.w_up_EFD[e:e + 1],
+        expert_out = torch.stack([swiglu_reference(x[t:t + 1], torch.tensor([1]), ex.w_gate_EFD[e:e + 1], ex.w_up_EFD[e:e + 1],
                                                    ex.w_down_EDF[e:e + 1])[0] for t, e in enumerate(idx.tolist())])
     (probs.gather(1, idx[:, None])[:, 0] * (expert_out * dy).sum(-1)).sum().backward()
     torch.testing.assert_close(layer.router.weight.grad, w.grad, rtol=1e-4, atol=1e-6)

@@ -54,7 +54,7 @@ def _losses(rank, world, steps, precision, *extra):
     _feed(trainer, steps, global_batch=4, micro=2)
     losses, norms = [], []
     for _ in range(steps):
-        loss, norm, _ = trainer.train_step()
+        loss, norm, _, _ = trainer.train_step()
         trainer.step += 1
         losses.append(loss)
         norms.append(norm)
@@ -175,7 +175,7 @@ def _nan_step(rank, world, precision):
     trainer._forward = nan_at_step_1
     weights, norms = [], []
     for _ in range(3):
-        _, norm, _ = trainer.train_step()
+        _, norm, _, _ = trainer.train_step()
         trainer.step += 1
         norms.append(norm)
         trainer.optimizer.sync_params()  # updated shards are otherwise all-gathered during the next forward

@@ -108,14 +108,14 @@ _PROFILE_SCRIPT = textwrap.dedent("""
     os.environ["DS_ACCELERATOR"] = "cpu"
     import torch
     from deepspeed.profiling.flops_profiler import FlopsProfiler
-    import moe_core.grouped
+    import kernels.grouped_gemm
     from launcher.config import load_config
     from launcher.train.flops import executed_k_per_layer
     from moe_core.transformer import MoETransformer
 
     # DeepSpeed does not patch torch._grouped_mm: run the experts through their per-expert F.linear loop (the
     # same math, the reference of grouped_linear) so every expert GEMM goes through a function it counts.
-    moe_core.grouped.grouped_mm_usable = lambda x_NI, w_EOI: False
+    kernels.grouped_gemm.grouped_mm_usable = lambda x_NI, w_EOI: False
     overrides, training = json.loads(sys.argv[1]), sys.argv[2] == "train"
     cfg = load_config(None, overrides)
     torch.manual_seed(0)

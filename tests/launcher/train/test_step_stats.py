@@ -26,7 +26,7 @@ def _one_step(rank, world, run_dir):
                 seen.append((idx, int(st["dropped_slots"]), int(st["tokens_per_expert"].sum()),
                              float(st["aux_loss"]), float(st["z_loss"])))
         layer.register_forward_hook(record)
-    _, _, stats = trainer.train_step()
+    _, _, stats, _ = trainer.train_step()
     gathered = [None] * world
     dist.all_gather_object(gathered, seen)
     return {"stats": {i: {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in st.items()}
