@@ -25,7 +25,7 @@ import torch
 from kernels.grouped_gemm import check_groups, grouped_matmul, grouped_weight_grad
 from kernels.mone_decode import mone_decode, row_starts
 from kernels.runtime import check_keep_k, require_triton
-from kernels.select_swiglu import Score, select_swiglu, select_swiglu_backward
+from kernels.select_swiglu import Score, select_swiglu_backward_op, select_swiglu_op
 from kernels.topk_select import topk_select_reference
 
 # ----------------------------------------------------------------------------- training path
@@ -38,7 +38,7 @@ class MoNESwiGLUFunction(torch.autograd.Function):
     def forward(ctx, x_ND, w_gate_EFD, w_up_EFD, w_down_EDF, tokens_per_expert_E, keep_k, score):
         g_NF = grouped_matmul(x_ND, w_gate_EFD.transpose(1, 2), tokens_per_expert_E)
         u_NF = grouped_matmul(x_ND, w_up_EFD.transpose(1, 2), tokens_per_expert_E)
-        h_NF, thr_N, cut_N = select_swiglu(g_NF, u_NF, keep_k, score)
+        h_NF, thr_N, cut_N = select_swiglu_op(g_NF, u_NF, keep_k, score == "pre_act")
         ctx.save_for_backward(x_ND, g_NF, u_NF, thr_N, cut_N, w_gate_EFD, w_up_EFD, w_down_EDF, tokens_per_expert_E)
         ctx.score = score
         return grouped_matmul(h_NF, w_down_EDF.transpose(1, 2), tokens_per_expert_E)
@@ -48,7 +48,7 @@ class MoNESwiGLUFunction(torch.autograd.Function):
         x_ND, g_NF, u_NF, thr_N, cut_N, w_gate_EFD, w_up_EFD, w_down_EDF, counts_E = ctx.saved_tensors
         dy_ND = dy_ND.contiguous()
         dh_NF = grouped_matmul(dy_ND, w_down_EDF, counts_E)
-        dg_NF, du_NF, h_NF = select_swiglu_backward(dh_NF, g_NF, u_NF, thr_N, cut_N, ctx.score)
+        dg_NF, du_NF, h_NF = select_swiglu_backward_op(dh_NF, g_NF, u_NF, thr_N, cut_N, ctx.score == "pre_act")
         need = ctx.needs_input_grad
         dx_ND = None
         if need[0]:

@@ -91,3 +91,32 @@ def select_swiglu_backward(dh_NF, g_NF, u_NF, thr_N, cut_N, score: Score):
                                         g_NF.stride(0), BLOCK_F=row_block(F), PRE_ACT=score == "pre_act",
                                         num_warps=_warps(F))
     return dg_NF, du_NF, h_NF
+
+
+# Torch custom ops (torch.library) for the training path: torch.compile sees each fused kernel as one opaque node
+# with a shape-only fake implementation instead of tracing into Triton's launcher, so a compiled MoE block keeps
+# MoNE's experts in its graph (kernels/permute.py does the same for the row movement).
+
+@torch.library.custom_op("moetron::select_swiglu", mutates_args=())
+def select_swiglu_op(g_NF: torch.Tensor, u_NF: torch.Tensor, keep_k: int,
+                     pre_act: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`select_swiglu` with ``u_NF`` given, as one op: ``(h_NF, thr_N, cut_N)``."""
+    return select_swiglu(g_NF, u_NF, keep_k, "pre_act" if pre_act else "post_act")
+
+
+@select_swiglu_op.register_fake
+def _(g_NF, u_NF, keep_k, pre_act):
+    rows = g_NF.new_empty(g_NF.shape[0], dtype=torch.int32)
+    return torch.empty_like(g_NF), rows, torch.empty_like(rows)
+
+
+@torch.library.custom_op("moetron::select_swiglu_backward", mutates_args=())
+def select_swiglu_backward_op(dh_NF: torch.Tensor, g_NF: torch.Tensor, u_NF: torch.Tensor, thr_N: torch.Tensor,
+                              cut_N: torch.Tensor, pre_act: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`select_swiglu_backward` as one op: ``(dg_NF, du_NF, h_NF)``."""
+    return select_swiglu_backward(dh_NF, g_NF, u_NF, thr_N, cut_N, "pre_act" if pre_act else "post_act")
+
+
+@select_swiglu_backward_op.register_fake
+def _(dh_NF, g_NF, u_NF, thr_N, cut_N, pre_act):
+    return torch.empty_like(g_NF), torch.empty_like(u_NF), torch.empty_like(g_NF)

@@ -14,7 +14,14 @@ they can (a bad input's one line, the run summary, progress):
 - "Failed to load .../torchao/_C_*.so": torchao at import (fp8 runs), for its MXFP8/CUTLASS C++ extensions, which
   cannot load on a CPU-only torch or (the cp310 build) on Python 3.11; moetron's FP8 path uses torchao's Python and
   Triton code and ``torch._scaled_(grouped_)mm``, none of those extensions;
-- "<enum 'KernelPreference'> is an Enum subclass ...": torch's pytree about a registration torchao makes at import.
+- "<enum 'KernelPreference'> is an Enum subclass ...": torch's pytree about a registration torchao makes at import;
+- "The .grad attribute of a Tensor that is not a leaf Tensor is being accessed": megatron-core's DistributedOptimizer
+  probing its fp32 main-weight shards (views of a flat buffer) every step (``optimizer/optimizer.py:68``);
+- "``torch.distributed.all_gather_into_tensor`` / ``reduce_scatter_tensor`` is deprecated": every bucket of
+  megatron-core's DDP and distributed optimizer, every step;
+- "The next bucket's parameter all-gather operation has already been dispatched": megatron-core's overlapped
+  parameter all-gather when a model's parameters are registered in another order than forward uses them (the
+  embedding and LM head come first in moetron's module order); a performance hint for megatron's developers.
 """
 import logging
 import warnings
@@ -22,6 +29,12 @@ import warnings
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed", category=UserWarning)
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 warnings.filterwarnings("ignore", message="The argument order of load has been changed")
+warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf Tensor is being accessed",
+                        module=r"megatron\.core\..*")
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is "
+                        "deprecated", category=FutureWarning)
+warnings.filterwarnings("ignore", message="The next bucket's parameter all-gather operation has already been "
+                        "dispatched", module=r"megatron\.core\..*")
 
 
 class _DropMessage(logging.Filter):
