@@ -78,7 +78,8 @@ def fields(obj: Any, prefix: str = "") -> Iterator[FieldDoc]:
             yield from fields(value, key + ".")
             continue
         name, ranges = _type_text(hints[f.name])
-        yield FieldDoc(key, value, _default(f), name, " ".join(map(str, ranges)), docs.get(f.name, ""))
+        ranges_text = list(dict.fromkeys(map(str, ranges)))  # int | list[int] share one range: say it once
+        yield FieldDoc(key, value, _default(f), name, " ".join(ranges_text), docs.get(f.name, ""))
 
 
 def _yaml(value: Any) -> str:

@@ -104,3 +104,10 @@ def plain_warnings() -> None:
     import warnings
 
     warnings.formatwarning = lambda message, *args, **kwargs: f"moetron: warning: {message}\n"
+
+
+def cuda_connection_default() -> None:
+    """``CUDA_DEVICE_MAX_CONNECTIONS=1`` unless set: megatron-core's TP layers rely on one hardware queue to overlap
+    their gradient all-reduce with the weight-gradient GEMM (and warn on every rank without it). slurm/env.sh sets
+    it the same way; call before CUDA is initialised."""
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")

@@ -30,6 +30,7 @@ def parse_args(argv):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     env.plain_warnings()
+    env.cuda_connection_default()
     try:
         cfg = load_config(args.recipe, args.overrides)
         validate_world(cfg, env.world_size())  # before any process group exists
@@ -65,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         if groups.rank == 0:
             tokens = len(result.losses) * summary.tokens_per_step(cfg)
             print(summary.end_line(result.final_step, result.checkpoint, result.losses, tokens,
-                                   time.perf_counter() - started), flush=True)
+                                   time.perf_counter() - started,
+                                   stopped_early=result.final_step < cfg.train.steps), flush=True)
         return 0
 
 

@@ -268,6 +268,9 @@ class DistributedAdam(TrainOptimizer):
             group["weight_decay"] = cfg.weight_decay * group.get("wd_mult", 1.0)
         self._partial = [p for p in model.parameters() if get_spec(p).tp_partial_grad]
         self.ddp_device = next(model.parameters()).device
+        self._tp_copies = {p: groups.tp_size if not spec.is_expert and spec.tp_axis is None else 1
+                           for _, p, spec in named_specs(model)}
+        """TP peers holding the same main-weight shard of each parameter (for :meth:`grad_norm_sq`)."""
         self._updates = 0
 
     def _sub_optimizers(self) -> list:
@@ -291,16 +294,23 @@ class DistributedAdam(TrainOptimizer):
                 dist.all_reduce(p.main_grad, group=self.groups.tp_group)
 
     def grad_norm_sq(self) -> torch.Tensor:
-        """megatron-core's ``get_grad_norm`` (per sub-optimizer: its de-duplicated grads, summed over its grad-stats
-        group), kept on the device: megatron-core reads it on the host (``.item()``, and a ``float()`` in its
-        fallback l2-norm when neither Apex nor Transformer Engine is installed)."""
+        """Squared global norm of the fp32 main-weight gradients, kept on the device. Each element of a parameter's
+        gradient lives in exactly one (expert-)DP rank's shard; a parameter replicated over TP (norms, the router,
+        experts are not: EP owns them) has the same shard on every TP peer, so it counts 1/tp per peer
+        (``parallel.sharding.replication`` without the DP factor, as ``global_grad_norm_sq`` counts the replicated
+        AdamW's full gradients). megatron-core's own ``get_grad_norm`` is not used: it reads the norm on the host and
+        its TP-duplicate filter (``param.tensor_model_parallel``) drops every non-TP parameter on TP ranks > 0,
+        expert shards included, which undercounted the norm at TP > 1 with DP > 1."""
         self.optimizer.prepare_grads()  # main_grad shards -> fp32 main-weight .grad
-        total = torch.zeros((), dtype=torch.float64, device=self.ddp_device)
+        by_count: dict[int, list[torch.Tensor]] = {}
         for sub in self._sub_optimizers():
-            grads = sub.get_grads_for_grad_norm()
-            sq = torch.stack(torch._foreach_norm(grads)).double().square().sum() if grads else total.new_zeros(())
-            dist.all_reduce(sq, group=sub.get_grad_stats_parallel_group())
-            total += sq
+            for model_param, shard in _main_shards(sub).items():
+                if shard.grad is not None:
+                    by_count.setdefault(self._tp_copies[model_param], []).append(shard.grad)
+        total = torch.zeros((), dtype=torch.float64, device=self.ddp_device)
+        for copies, grads in by_count.items():
+            total += torch.stack(torch._foreach_norm(grads)).double().square().sum() / copies
+        dist.all_reduce(total, group=dist.group.WORLD)  # shards are disjoint over DP, stages and EP ranks
         return total
 
     def step(self, grad_norm: float) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from launcher.errors import ArgumentParser
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CORPUS = REPO / "recipes" / "data" / "python_reference.jsonl"
 
 

@@ -107,7 +107,7 @@ def module_bench(cfg: Config, tokens: int, compile_: bool, iters: int = 20) -> l
 
 
 def main(argv=None) -> int:
-    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m launcher.bench.fp8", description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--recipe", choices=["tensorwise", "rowwise"], default="tensorwise")

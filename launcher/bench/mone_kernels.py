@@ -92,7 +92,7 @@ def bench_decode(D, F, E, T, keep):
 
 
 def main(argv=None) -> None:
-    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m launcher.bench.mone_kernels", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one shape only")
     parser.add_argument("--keep-ratio", type=float, default=0.5)
     args = parser.parse_args(argv)

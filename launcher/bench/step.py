@@ -185,7 +185,7 @@ def format_result(r: Result) -> str:
     total = sum(r.phases_ms.values())
     phases = " | ".join(f"{p} {100 * v / total:.0f}%" for p, v in r.phases_ms.items()) if total else "n/a"
     return (f"{r.name:5s} {r.ms_per_step:9.1f} ms/step | {r.tokens_per_s:11,.0f} tok/s | {mfu} "
-            f"({r.tflops:.1f} TFLOP/s) | {mem} | loss {r.losses[0]:.4f} -> {r.losses[-1]:.4f}\n"
+            f"({r.tflops:.3g} TFLOP/s) | {mem} | loss {r.losses[0]:.4f} -> {r.losses[-1]:.4f}\n"
             f"      eager profiled step {total:.1f} ms: {phases}")
 
 
@@ -236,6 +236,11 @@ def _init_world() -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     recipe = args.recipe or None
+    if args.recipe == RECIPE and not torch.cuda.is_available():
+        print(f"launcher.bench.step: no CUDA GPU here and {RECIPE} is sized for an 80 GB GPU (~1.9B parameters); on "
+              "a CPU pass --recipe '' with tiny overrides (tests/launcher/bench/test_step_bench.py has a set)",
+              file=sys.stderr)
+        return 2
     overrides = list(args.overrides)
     if torch.cuda.is_available():
         overrides.insert(0, "train.compile=true")  # what a GPU run uses; an explicit override still wins

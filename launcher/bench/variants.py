@@ -32,7 +32,7 @@ from pathlib import Path
 
 from launcher.errors import ArgumentParser
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CORPUS = REPO / "recipes" / "data" / "python_reference.jsonl"
 K_MAX = 4
 BASE = ["data.source=shards", "model.vocab_size=512", "model.hidden_size=64", "model.num_layers=2",

@@ -146,6 +146,7 @@ def write_report(run_dir: Path, ckpt: Path, step: int, cfg: Config, batches: int
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     env.plain_warnings()
+    env.cuda_connection_default()
     try:
         ckpt, run_dir = resolve_checkpoint(args.checkpoint)
         common = checkpoint.load_common(ckpt)

@@ -29,12 +29,14 @@ def data_description(cfg: Config) -> str:
     return f"shards in {cfg.data.path}"
 
 
-def start_block(cfg: Config, groups: ParallelGroups, start_step: int, ckpt_root: Path, optimizer: str) -> str:
-    """Layout, parameters (total and activated per token), tokens per step, data, run dir, TensorBoard command."""
+def start_block(cfg: Config, groups: ParallelGroups, start_step: int, ckpt_root: Path, optimizer: str,
+                resumed: bool) -> str:
+    """Layout, parameters (total and activated per token), tokens per step, data, run dir, TensorBoard command.
+    ``resumed``: the run continues from a checkpoint (at step 0 too: a ``convert from-hf`` checkpoint)."""
     counts = flops.param_counts(cfg)
     g, tr = groups, cfg.train
     data = data_description(cfg)
-    begin = "from scratch" if start_step == 0 else f"resuming at step {start_step}"
+    begin = f"resuming at step {start_step}" if resumed else "from scratch"
     lines = [
         "[moetron] run",
         f"  layout      {g.world_size} rank(s) = TP {g.tp_size} x PP {g.pp_size} x DP {g.dp_size}; "
@@ -50,9 +52,11 @@ def start_block(cfg: Config, groups: ParallelGroups, start_step: int, ckpt_root:
     return "\n".join(lines)
 
 
-def end_line(final_step: int, checkpoint: str | None, losses: dict[int, float], tokens: int, wall_s: float) -> str:
-    """``[moetron] done: step N, checkpoint C; final loss L, T tokens this run, wall H:MM:SS``."""
+def end_line(final_step: int, checkpoint: str | None, losses: dict[int, float], tokens: int, wall_s: float,
+             stopped_early: bool = False) -> str:
+    """``[moetron] done: step N, ...`` (``stopped at step N of M`` when a signal or train.exit_interval ended the
+    run before train.steps), ``checkpoint C; final loss L, T tokens this run, wall H:MM:SS``."""
     finite = [v for _, v in sorted(losses.items()) if math.isfinite(v)]
     loss = f"final loss {finite[-1]:.4f}" if finite else ("no step run" if not losses else "no finite loss this run")
-    return (f"[moetron] done: step {final_step}, checkpoint {checkpoint}; {loss}, {tokens:,} tokens this run, "
-            f"wall {_hms(wall_s)}")
+    what = f"stopped at step {final_step} (resume with the same command)" if stopped_early else f"done: step {final_step}"
+    return (f"[moetron] {what}, checkpoint {checkpoint}; {loss}, {tokens:,} tokens this run, wall {_hms(wall_s)}")

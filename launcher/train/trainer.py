@@ -335,7 +335,8 @@ class Trainer:
         if self.is_logger:
             save_resolved(cfg, self.run_dir)
             (self.run_dir / "PREEMPTED").unlink(missing_ok=True)  # a previous attempt's marker, not this run's
-            print(summary.start_block(cfg, self.groups, self.step, self.ckpt_root, self.optimizer.label),
+            print(summary.start_block(cfg, self.groups, self.step, self.ckpt_root, self.optimizer.label,
+                                      resumed=resumed is not None),
                   flush=True)
         self.writer = MetricsWriter(self.run_dir, enabled=self.is_logger and cfg.logging.tensorboard,
                                     purge_step=self.step if resumed else None)

@@ -63,3 +63,23 @@ def test_mone_auto_backend_matches_torch_path(score):
     ref = _run(lambda *a: mone_swiglu_torch(*a, experts.keep_k, score), x, weights)
     for a, b in zip(got, ref):  # bf16 near-ties may pick a different neuron: compare in aggregate
         assert (a.float() - b.float()).norm() <= 2e-2 * b.float().norm()
+
+
+@pytest.mark.parametrize("mone", [False, True])
+def test_moe_layer_makes_no_host_sync_on_cuda(mone):
+    """What tests/moe_core/test_layer_syncs.py counts in Python, checked by CUDA itself (C++-level syncs too):
+    torch.cuda.set_sync_debug_mode("error") raises on any synchronising call in forward or backward."""
+    cfg = MoEConfig(num_experts=4, top_k=2, expert_ffn_hidden_size=FFN, capacity_factor=0.75,
+                    mone=MoNEConfig(enabled=mone, keep_ratio=0.5))
+    torch.manual_seed(0)
+    layer = MoELayer(D, cfg, layer_idx=0, k_schedule=KSchedule(cfg, seed=1)).cuda().to(torch.bfloat16).train()
+    layer.router.float()
+    layer.set_step(0)
+    x = torch.randn(256, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    layer(x).float().square().sum().backward()  # warm-up: lazy CUDA/cuBLAS/Triton initialisation may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        layer(x).float().square().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
