@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.recipe, args.overrides)
         validate_world(cfg, env.world_size())  # before any process group exists
     except ConfigError as e:
-        print(f"moetron: config error: {e}", file=sys.stderr)
+        if env.rank() == 0:  # every rank reads the same config: one line for the whole job, not one per rank
+            print(f"moetron: config error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
         return dry_run(cfg, env.world_size())
