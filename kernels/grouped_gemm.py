@@ -7,8 +7,9 @@ unspecified (not zeroed) and they contribute nothing to any weight gradient.
 
 Every function is one ``torch._grouped_mm`` call (a single grouped GEMM on CUDA, a correct kernel on CPU) with the
 group offsets computed on the device, wherever that op takes the operands (:func:`grouped_mm_usable`), and a
-per-expert loop otherwise (fp64, no rows, or CUDA dtypes/strides it rejects). The loop reads the counts on the
-host (one sync), so the training dtypes (bf16 on CUDA, fp32/bf16 on CPU) never take it. All compute in the input
+per-expert loop otherwise (fp64, no rows, or CUDA dtypes/strides it rejects: fp32 on CUDA). The loop reads the
+counts on the host (one sync), so bf16 on CUDA and fp32/bf16 on CPU never take it; fp32 training on a GPU does
+(train.precision says so). All compute in the input
 dtype with fp32 accumulation inside the GEMM.
 """
 from __future__ import annotations

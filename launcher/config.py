@@ -41,7 +41,9 @@ class TrainConfig:
     global_batch_size: PositiveInt = 8
     """Sequences per optimizer step over all DP ranks; grad accumulation = global / (micro * dp)."""
     precision: Literal["fp32", "bf16", "fp8"] = "fp32"
-    """fp32; bf16 = bf16 compute with fp32 master weights; fp8 = bf16 plus FP8 projections (the fp8 section)."""
+    """fp32; bf16 = bf16 compute with fp32 master weights; fp8 = bf16 plus FP8 projections (the fp8 section). fp32 is
+    the CPU/reference precision: on a GPU its expert GEMMs run as a per-expert loop with a host sync per layer
+    (torch._grouped_mm takes bf16 only on CUDA), so train in bf16 or fp8 there."""
     compile: bool = False
     """torch.compile each transformer block (regional compilation, as torchtitan does; parallel/compile.py): fuses
     norms, RoPE, SwiGLU, the routing math and FP8 casts. The first step pays the compile (tens of seconds per
@@ -85,8 +87,10 @@ class OptimConfig:
     from it); false = torch AdamW replicated on every DP rank (fp32 only; the bit-exact reference)."""
     overlap_grad_reduce: bool = True
     """Distributed optimizer: start each bucket's reduce-scatter while backward still runs."""
-    overlap_param_gather: bool = True
-    """Distributed optimizer: all-gather the updated parameters during the next forward, bucket by bucket."""
+    overlap_param_gather: Optional[bool] = None
+    """Distributed optimizer: all-gather the updated parameters during the next forward, bucket by bucket. null = on,
+    except with train.compile: megatron-core starts these all-gathers from forward pre-hooks on every module, which
+    would sit inside the compiled blocks and break their graphs (true with train.compile is refused)."""
     bucket_size: Optional[PositiveInt] = None
     """Distributed optimizer: gradient elements per reduce-scatter bucket; null = megatron-core's default
     (max(4e7, 1e6 * data-parallel size))."""
@@ -392,6 +396,13 @@ def uses_distributed_optimizer(cfg: Config, dp_size: int) -> bool:
     return dp_size > 1 or cfg.train.precision != "fp32"
 
 
+def overlap_param_gather(cfg: Config) -> bool:
+    """``optim.overlap_param_gather`` resolved: as set, else on unless ``train.compile``."""
+    if cfg.optim.overlap_param_gather is not None:
+        return cfg.optim.overlap_param_gather
+    return not cfg.train.compile
+
+
 def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     """All cross-field invariants, in one place (each field's own range is declared next to it and checked when the
     config is parsed). ``world_size`` adds the checks that depend on it."""
@@ -446,6 +457,10 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _require(not tr.compile or tr.precision != "fp32",
              "train.compile=true needs train.precision=bf16 or fp8 (torch.compile's grouped expert GEMM takes bf16 "
              "only): set train.precision=bf16, or train.compile=false")
+    _require(not (tr.compile and cfg.optim.overlap_param_gather),
+             "optim.overlap_param_gather=true cannot go with train.compile=true: megatron-core's parameter all-gather "
+             "runs from forward pre-hooks inside the compiled blocks and breaks their graphs; leave "
+             "optim.overlap_param_gather unset (null: off with compile)")
     _validate_data(cfg.data)
     _validate_device_needs(cfg)
     if tr.precision == "fp8":

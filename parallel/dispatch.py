@@ -133,6 +133,7 @@ class AllToAllDispatcher:
                 f"{experts.first_expert + experts.num_local_experts}); build the layer with "
                 f"parallel.dispatch.shard_moe_layer (or SwiGLUExperts(E/ep, ..., first_expert=ep_rank*E/ep))")
 
+    @torch.compiler.disable  # host split sizes and collectives: eager under train.compile (parallel/compile.py)
     def __call__(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
                  experts: SwiGLUExperts) -> torch.Tensor:
         self.check_experts(experts)

@@ -191,7 +191,7 @@ class LLEPDispatcher(AllToAllDispatcher):
         order_M = _rows(layout.compute_starts, layout.compute_lengths, x_MD.device)
         x_home, x_foreign = x_MD.index_select(0, order_M).split(
             [sum(layout.home_tokens), sum(layout.foreign_tokens)], dim=0)
-        def counts(host: list[int]) -> torch.Tensor:  # host -> device copy of the planned counts (no sync)
+        def counts(host: list[int]) -> torch.Tensor:  # the plan's counts back on the device (LLEP planned on the host)
             return torch.tensor(host, dtype=torch.int64, device=x_MD.device)
 
         y_parts = [experts.functional(x_home, counts(layout.home_tokens), *weights[:3])]
@@ -214,6 +214,7 @@ class LLEPDispatcher(AllToAllDispatcher):
 
     # -- call ---------------------------------------------------------------------------------------------------
 
+    @torch.compiler.disable  # host split sizes and collectives: eager under train.compile (parallel/compile.py)
     def __call__(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
                  experts: SwiGLUExperts) -> torch.Tensor:
         self.check_experts(experts)

@@ -60,6 +60,7 @@ class Result:
     peak_mem_gib: Optional[float] = None
     losses: list[float] = field(default_factory=list)
     phases_ms: dict[str, float] = field(default_factory=dict)
+    profiled_wall_ms: float = 0.0
     skipped: Optional[str] = None
 
 
@@ -117,8 +118,9 @@ def _step_flops(cfg: Config, layer_stats: dict) -> float:
     return flops.training_flops(cfg, k_per_layer=flops.executed_k_per_layer(layer_stats)).train_per_step
 
 
-def _profile_phases(trainer) -> dict[str, float]:
-    """One eager step (after an eager warm-up step) under the torch profiler, split by phase."""
+def _profile_phases(trainer) -> tuple[dict[str, float], float]:
+    """One eager step (after an eager warm-up step) under the torch profiler, split by phase; and its wall time
+    in ms (the phases sum to the busy time: wall minus busy is where the device, or on a CPU the process, waited)."""
     on_device = trainer.device.type == "cuda"
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_device else [])
     with torch.compiler.set_stance("force_eager"):
@@ -126,10 +128,12 @@ def _profile_phases(trainer) -> dict[str, float]:
         trainer.step += 1
         _sync(trainer.device)
         with torch.profiler.profile(activities=activities) as prof:
+            start = time.perf_counter()
             trainer.train_step()
             _sync(trainer.device)
+            wall_ms = (time.perf_counter() - start) * 1e3
         trainer.step += 1
-    return phase_times_ms(prof.events(), on_device)
+    return phase_times_ms(prof.events(), on_device), wall_ms
 
 
 def run_variant(name: str, recipe: Optional[str], overrides: list[str], warmup: int, steps: int) -> Result:
@@ -139,7 +143,10 @@ def run_variant(name: str, recipe: Optional[str], overrides: list[str], warmup: 
     from parallel.groups import initialize
 
     base = load_config(recipe, overrides)
-    cfg_overrides = [*overrides, *variant_overrides(name, base.moe.top_k),  # the variant's keys win
+    # what a GPU run uses (after the variant's precision, so an fp32 recipe works too); an explicit override wins
+    compile_default = [] if not torch.cuda.is_available() or any(o.startswith("train.compile=") for o in overrides) \
+        else ["train.compile=true"]
+    cfg_overrides = [*overrides, *variant_overrides(name, base.moe.top_k), *compile_default,  # the variant's keys win
                      f"train.steps={warmup + steps + 2}", "logging.tensorboard=false", "checkpoint.interval=0",
                      "checkpoint.save_at_end=false", "checkpoint.resume=never", "train.eval_interval=0"]
     try:
@@ -171,7 +178,7 @@ def run_variant(name: str, recipe: Optional[str], overrides: list[str], warmup: 
     result.mfu = None if peak is None else flop_total / seconds / peak
     if device.type == "cuda":
         result.peak_mem_gib = torch.cuda.max_memory_allocated(device) / 2**30
-    result.phases_ms = _profile_phases(trainer)
+    result.phases_ms, result.profiled_wall_ms = _profile_phases(trainer)
     return result
 
 
@@ -184,9 +191,10 @@ def format_result(r: Result) -> str:
     mem = "peak mem n/a (CPU)" if r.peak_mem_gib is None else f"peak mem {r.peak_mem_gib:.1f} GiB"
     total = sum(r.phases_ms.values())
     phases = " | ".join(f"{p} {100 * v / total:.0f}%" for p, v in r.phases_ms.items()) if total else "n/a"
+    busy = f"busy {total:.1f} of {r.profiled_wall_ms:.1f} ms wall ({100 * total / r.profiled_wall_ms:.0f}%)"
     return (f"{r.name:5s} {r.ms_per_step:9.1f} ms/step | {r.tokens_per_s:11,.0f} tok/s | {mfu} "
             f"({r.tflops:.3g} TFLOP/s) | {mem} | loss {r.losses[0]:.4f} -> {r.losses[-1]:.4f}\n"
-            f"      eager profiled step {total:.1f} ms: {phases}")
+            f"      eager profiled step, {busy}; busy time by phase: {phases}")
 
 
 def format_ratios(results: list[Result]) -> str:
@@ -215,8 +223,8 @@ def parse_args(argv):
     bad = [v for v in names if v not in VARIANTS]
     if bad or not names:
         parser.error(f"--variants: unknown {bad or 'empty list'}; choose from {','.join(VARIANTS)}")
-    if args.warmup < 0 or args.steps < 1 or args.budget_s <= 0:
-        parser.error("--warmup must be >= 0, --steps >= 1 and --budget-s > 0")
+    if args.warmup < 0 or args.steps < 1 or not (0 < args.budget_s < float("inf")):
+        parser.error("--warmup must be >= 0, --steps >= 1 and --budget-s a finite number > 0")
     args.variants = names
     return args
 
@@ -242,8 +250,6 @@ def main(argv: Optional[list[str]] = None) -> int:
               file=sys.stderr)
         return 2
     overrides = list(args.overrides)
-    if torch.cuda.is_available():
-        overrides.insert(0, "train.compile=true")  # what a GPU run uses; an explicit override still wins
     try:
         load_config(recipe, overrides)
     except ConfigError as e:

@@ -9,6 +9,7 @@ states are checkpointed. A run resumed from step N therefore reproduces the unin
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import signal
@@ -24,7 +25,8 @@ import torch
 import torch.distributed as dist
 
 from launcher.train import checkpoint, flops, summary
-from launcher.config import Config, ConfigError, save_resolved, to_dict, uses_distributed_optimizer
+from launcher.config import (Config, ConfigError, overlap_param_gather, save_resolved, to_dict,
+                             uses_distributed_optimizer)
 from launcher.data.loader import build_loader
 from launcher.train.metrics import (MetricsWriter, ProgressLine, StepStats, moe_layer_tag, peak_flops_per_device,
                                     throughput, training_scalars, moe_layer_scalars)
@@ -102,7 +104,8 @@ class Trainer:
         self.model = build_model(cfg, groups)
         self.device = next(self.model.parameters()).device
         self.compute_dtype = next(p.dtype for n, p in self.model.named_parameters() if "router" not in n)
-        self.optimizer = build_optimizer(self.model, groups, cfg.optim, cfg.model,
+        optim = dataclasses.replace(cfg.optim, overlap_param_gather=overlap_param_gather(cfg))
+        self.optimizer = build_optimizer(self.model, groups, optim, cfg.model,
                                          distributed=uses_distributed_optimizer(cfg, groups.dp_size))
         self.num_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * groups.dp_size)
         self.loader = build_loader(cfg, "train", groups.dp_rank, groups.dp_size)
@@ -119,6 +122,8 @@ class Trainer:
         """Lineage id of this run's checkpoints (a resumed run takes its checkpoint's; rank 0's is the one used)."""
         self.last_good: Optional[str] = None
         """The newest checkpoint saved outside a non-finite streak: pruning keeps it, a stopped run names it."""
+        self._tokens_per_expert_dev: dict[int, torch.Tensor] = {}
+        """Per MoE layer, the step's tokens per expert summed over micro-batches and DP, on the device (bias update)."""
         self._layer_sums: dict[int, torch.Tensor] = {}
         """Per MoE layer of this stage, summed over the step's micro-batches so far (on the device, no host sync):
         tokens per expert [E], then dropped routing slots, aux loss, z loss."""
@@ -202,6 +207,14 @@ class Trainer:
             value /= self.groups.dp_size
         return float(value.item())
 
+    def _to_device(self, mb: dict) -> dict:
+        """A micro-batch on the training device, copied from pinned memory without blocking: a copy from pageable
+        memory makes the host wait for the GPU's queue (a hidden sync per micro-batch). All of a step's micro-batches
+        are sent at its start, so the copies overlap the queued compute."""
+        if self.device.type != "cuda":
+            return mb
+        return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in mb.items()}
+
     def _step_numbers(self, losses: list[torch.Tensor], norm_sq: torch.Tensor,
                       stop_requested: bool) -> tuple[float, float, dict[int, dict], bool]:
         """The step's numbers, in ONE all-reduce over every rank and ONE device-to-host transfer: the mean loss,
@@ -226,11 +239,13 @@ class Trainer:
         self._layer_sums = {}
         loss = torch.stack(losses).mean().double() if losses else torch.zeros((), dtype=torch.float64,
                                                                                device=self.device)
-        stop = torch.tensor(float(stop_requested), dtype=torch.float64, device=self.device)
+        stop = torch.full((), float(stop_requested), dtype=torch.float64, device=self.device)  # a fill, no copy
         packed = torch.cat([torch.stack([loss, norm_sq.to(self.device), stop]), sums.flatten(),
                             constants.flatten()])
         if g.distributed:
             dist.all_reduce(packed, group=dist.group.WORLD)  # every rank takes part in one step
+        counts_dev = packed[3:3 + sums.numel()].view(L, E + 3)[:, :E] / g.tp_size
+        self._tokens_per_expert_dev = {idx: counts_dev[pos] for pos, idx in enumerate(moe_idx)}
         host = packed.tolist()  # the step's one device-to-host transfer
         loss_v, norm_sq_v, stop_v = host[0] / (g.tp_size * g.dp_size), host[1] / g.world_size, host[2] > 0
         rows = [[v / g.tp_size for v in host[3 + i * (E + 3):3 + (i + 1) * (E + 3)]] for i in range(L)]
@@ -253,7 +268,7 @@ class Trainer:
         self.model.set_step(self.step)
         self.optimizer.set_lr(lr_at(cfg, self.step))
         self.optimizer.zero_grad()
-        micro = [next(self.loader) for _ in range(self.num_micro)]
+        micro = [self._to_device(next(self.loader)) for _ in range(self.num_micro)]
         losses = forward_backward(self.model, micro, self._forward, self.groups, self.hidden_shape,
                                   no_sync=self.optimizer.no_sync)
         with phase("optimizer"):
@@ -267,7 +282,7 @@ class Trainer:
             self.optimizer.step(norm)
         if cfg.moe.expert_bias:
             for idx, layer in self.model.moe_layers().items():
-                layer.update_expert_bias(layer_stats[idx]["tokens_per_expert"].to(self.device))
+                layer.update_expert_bias(self._tokens_per_expert_dev[idx])  # the device copy: no host round trip
         return loss, norm, layer_stats, stop
 
     # ------------------------------------------------------------ validation

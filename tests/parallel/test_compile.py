@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from launcher.config import load_config
+from launcher.config import ConfigError, load_config
 from parallel.groups import ParallelGroups
 from parallel.model import build_model
 
@@ -72,7 +72,31 @@ def test_matryoshka_recompiles_once_per_k_only():
 
 
 def test_compile_needs_bf16():
-    from launcher.config import ConfigError
-
     with pytest.raises(ConfigError, match="train.compile=true needs train.precision=bf16 or fp8"):
         load_config(None, [*_TINY[:-1], "train.compile=true"])
+
+
+def _trainer_graphs(rank, world, run_dir, extra):
+    from launcher.train.trainer import Trainer
+    from parallel.groups import initialize
+
+    cfg = load_config(None, [*_TINY, "train.compile=true", "train.micro_batch_size=2", "train.global_batch_size=4",
+                             "data.source=synthetic", f"logging.run_dir={run_dir}", *extra])
+    trainer = Trainer(cfg, initialize(1, 1, 1))
+    counters.clear()
+    for _ in range(4):
+        trainer.train_step()
+        trainer.step += 1
+    return dict(counters["graph_break"]), counters["stats"]["unique_graphs"], trainer.optimizer.cfg.overlap_param_gather
+
+
+def test_the_trainer_compiles_whole_blocks_with_megatron_ddp_hooks(tmp_path):
+    """Through the real trainer (megatron-core DDP + DistributedOptimizer): its overlapped parameter all-gather runs
+    from forward pre-hooks on every module, which broke every block's graph (and made resumes inexact); with
+    compile it is off unless asked for, and asking for it is a config error."""
+    from tests.helpers.dist import run_distributed
+
+    breaks, graphs, overlap = run_distributed(_trainer_graphs, 1, tmp_path, [])[0]
+    assert overlap is False and not breaks and graphs == 1, (breaks, graphs)
+    with pytest.raises(ConfigError, match="optim.overlap_param_gather=true cannot go with train.compile=true"):
+        load_config(None, [*_TINY, "train.compile=true", "optim.overlap_param_gather=true"])

@@ -56,7 +56,8 @@ def test_the_command_reports_every_variant_and_the_ratios():
     assert any(line.startswith("speed vs bf16") and "mmoe" in line for line in lines), run.stdout
 
 
-BAD = [["--recipe", "", "--variants", "bf16,fp4"], ["--recipe", "", "--steps", "0"], ["--recipe", "", "model.nope=1"]]
+BAD = [["--recipe", "", "--variants", "bf16,fp4"], ["--recipe", "", "--steps", "0"], ["--recipe", "", "model.nope=1"],
+       ["--recipe", "", "--budget-s", "nan"]]
 if not torch.cuda.is_available():
     BAD.append([])  # the 1.9B-parameter bench recipe on a CPU: refused instead of running for hours
 

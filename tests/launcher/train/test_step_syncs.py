@@ -1,7 +1,8 @@
 """One training step reads the device from the host exactly once (issue 14): the loss, the gradient norm, the stop
 flag and every MoE statistic travel in one all-reduce and one transfer (``Trainer._step_numbers``), and nothing
-in forward, backward, gradient reduction or the update waits for the device. The bf16 run uses megatron-core's
-DistributedOptimizer (the GPU configuration). A failure names every call site."""
+in forward, backward, gradient reduction or the update reads the device (Python-level calls; on CUDA the trainer
+also copies micro-batches from pinned memory without blocking, and tests/moe_core/test_cuda.py asks CUDA itself).
+The bf16 run uses megatron-core's DistributedOptimizer (the GPU configuration). A failure names every call site."""
 from __future__ import annotations
 
 import pytest
