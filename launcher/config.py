@@ -10,7 +10,6 @@ Errors are :class:`ConfigError` (one line, names the key and what to do); the CL
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import types
 import typing
@@ -211,8 +210,6 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         value = _coerce(value, inner, path)
         for allowed in metadata:
             if isinstance(allowed, Range) and not allowed.contains(value):
-                if isinstance(value, float) and not math.isfinite(value):
-                    raise _RangeError(f"{path}: {value!r} is not a finite number; give one in {allowed}")
                 raise _RangeError(f"{path}: {value!r} is outside the allowed range {allowed}")
         return value
     if origin in (Union, types.UnionType):
