@@ -15,7 +15,6 @@ dtype with fp32 accumulation inside the GEMM.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 _GROUPED_MM_DTYPES = {"cpu": (torch.float32, torch.bfloat16, torch.float16), "cuda": (torch.bfloat16,)}
 _ALIGN_BYTES = 16  # torch._grouped_mm needs 16-byte aligned row strides (CPU and CUDA)
@@ -50,9 +49,23 @@ def group_offsets(tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
     return tokens_per_expert_E.cumsum(0).to(torch.int32)
 
 
+def group_of_rows(end_E: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """int64 ``[num_rows]``: the group of each row given each group's end row ``end_E`` (cumulative, any integer
+    dtype, on the device); ``E`` for rows past the last group (dead rows). No host sync."""
+    rows_N = torch.arange(num_rows, device=end_E.device, dtype=end_E.dtype)
+    return torch.searchsorted(end_E, rows_N, right=True)
+
+
 def _host_splits(x_NI: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> tuple[list[int], int]:
     splits = tokens_per_expert_E.tolist()  # the loop fallback's one host sync
     return splits, x_NI.shape[0] - sum(splits)
+
+
+def _loop_matmul(x_NI: torch.Tensor, w_EIO: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+    """Per-expert ``x[rows of e] @ w_EIO[e]`` (differentiable; one host sync); dead rows get zeros."""
+    splits, dead = _host_splits(x_NI, tokens_per_expert_E)
+    outs = [x_nI @ w_EIO[e] for e, x_nI in enumerate(x_NI[:x_NI.shape[0] - dead].split(splits))]
+    return torch.cat(outs + [x_NI.new_zeros(dead, w_EIO.shape[2])])
 
 
 def grouped_matmul(x_NI: torch.Tensor, w_EIO: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
@@ -61,9 +74,7 @@ def grouped_matmul(x_NI: torch.Tensor, w_EIO: torch.Tensor, tokens_per_expert_E:
     check_groups(x_NI, w_EIO.shape[0], tokens_per_expert_E)
     if grouped_mm_usable(x_NI, w_EIO):
         return torch._grouped_mm(x_NI.contiguous(), w_EIO, offs=group_offsets(tokens_per_expert_E))
-    splits, dead = _host_splits(x_NI, tokens_per_expert_E)
-    outs = [x_nI @ w_EIO[e] for e, x_nI in enumerate(x_NI[:x_NI.shape[0] - dead].split(splits))]
-    return torch.cat(outs + [x_NI.new_zeros(dead, w_EIO.shape[2])])
+    return _loop_matmul(x_NI, w_EIO, tokens_per_expert_E)
 
 
 def grouped_weight_grad(dy_NO: torch.Tensor, x_NI: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
@@ -95,10 +106,7 @@ def loop_linear(x_NI: torch.Tensor, w_EOI: torch.Tensor, tokens_per_expert_E: to
     """Per-expert ``F.linear`` over the groups, differentiable (the fallback and the reference for
     :func:`grouped_linear`; one host sync). Dead rows get zeros."""
     check_groups(x_NI, w_EOI.shape[0], tokens_per_expert_E)
-    splits, dead = _host_splits(x_NI, tokens_per_expert_E)
-    chunks = x_NI[:x_NI.shape[0] - dead].split(splits)
-    return torch.cat([F.linear(x_nI, w_EOI[e]) for e, x_nI in enumerate(chunks)]
-                     + [x_NI.new_zeros(dead, w_EOI.shape[1])])
+    return _loop_matmul(x_NI, w_EOI.transpose(-2, -1), tokens_per_expert_E)
 
 
 def grouped_linear(x_NI: torch.Tensor, w_EOI: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:

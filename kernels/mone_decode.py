@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.grouped_gemm import group_offsets
 from kernels.runtime import interpreter_on, row_block
 from kernels.select_swiglu import Score, select_swiglu
 from kernels.topk_select import abs_bits, keep_mask
@@ -149,7 +150,7 @@ def _largest_pow2_block(D: int, cap: int) -> int:
 def row_starts(tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
     """``[E + 1]`` int32 first row of each expert, then the end of the live rows, on the counts' device (what the
     decode kernels take; no host sync)."""
-    return torch.nn.functional.pad(tokens_per_expert_E.cumsum(0), (1, 0)).to(torch.int32)
+    return torch.nn.functional.pad(group_offsets(tokens_per_expert_E), (1, 0))
 
 
 @torch.no_grad()

@@ -49,7 +49,8 @@ from typing import Callable
 
 import torch
 
-from moe_core.grouped import grouped_linear, swiglu_grouped
+from kernels.grouped_gemm import group_of_rows, grouped_linear
+from moe_core.grouped import swiglu_grouped
 
 MoNEFn = Callable[..., torch.Tensor]
 SCORES = ("post_act", "pre_act")
@@ -118,8 +119,7 @@ def neuron_balance_loss(x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, w
     share_NF = score_NF / score_NF.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     E = tokens_per_expert_E.shape[0]
     # each row's expert; dead rows land in bucket E, which is dropped (so garbage there cannot leak)
-    expert_N = torch.bucketize(torch.arange(x_ND.shape[0], device=x_ND.device),
-                               tokens_per_expert_E.cumsum(0), right=True)
+    expert_N = group_of_rows(tokens_per_expert_E.cumsum(0), x_ND.shape[0])
     rows_E1 = tokens_per_expert_E.clamp_min(1).unsqueeze(1).float()
     kept_frac_EF = score_NF.new_zeros(E + 1, score_NF.shape[1]).index_add(0, expert_N, mask_NF)[:E]
     mean_share_EF = share_NF.new_zeros(E + 1, share_NF.shape[1]).index_add(0, expert_N, share_NF)[:E] / rows_E1

@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torchao.float8.float8_utils import amax_to_scale, to_fp8_saturated
 
+from kernels.grouped_gemm import group_of_rows
+
 E4M3 = torch.float8_e4m3fn
 
 
@@ -55,8 +57,7 @@ class _EmulatedFp8GroupedMM(torch.autograd.Function):
     def backward(ctx, g_PO):
         x_PI, w_EIO, offs_E = ctx.saved_tensors
         dx_PI = torch._grouped_mm(_rowwise(g_PO, -1), _rowwise(w_EIO, -1).transpose(-2, -1), offs=offs_E)
-        rows_P = torch.arange(x_PI.shape[0], device=x_PI.device)
-        group_P = torch.searchsorted(offs_E, rows_P.to(offs_E.dtype), right=True)
+        group_P = group_of_rows(offs_E, x_PI.shape[0])
         E = offs_E.shape[0]
         g_q_PO, x_q_PI = _per_group_colwise(g_PO, group_P, E), _per_group_colwise(x_PI, group_P, E)
         dw_EOI = torch._grouped_mm(g_q_PO.t(), x_q_PI, offs=offs_E)

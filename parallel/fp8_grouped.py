@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.grouped_gemm import group_offsets
+from kernels.grouped_gemm import group_of_rows, group_offsets
 
 ALIGN = 16              # torch._scaled_grouped_mm: group starts and the GEMM's K/N widths are multiples of 16
 OUT_DTYPE = torch.bfloat16  # torch._scaled_grouped_mm writes bf16 only; results are cast back to the input dtype
@@ -51,8 +51,8 @@ class PaddedGroups:
         # row n of group e moves by (padded start - start) of e; dead rows (bucket E) move by the total padding
         shift_E1 = torch.cat([padded_end_E - padded_E - (end_E - counts_E), (padded_end_E - end_E)[-1:]])
         row_N = torch.arange(num_rows, device=counts_E.device)
-        group_N = torch.searchsorted(end_E, row_N, right=True)
-        return cls(row_N + shift_E1[group_N], group_offsets(padded_E), num_rows + ALIGN * counts_E.shape[0])
+        return cls(row_N + shift_E1[group_of_rows(end_E, num_rows)], group_offsets(padded_E),
+                   num_rows + ALIGN * counts_E.shape[0])
 
     def pad(self, x_NI: torch.Tensor) -> torch.Tensor:
         """``x_PI``: rows moved to their padded place, zeros elsewhere (differentiable)."""

@@ -40,7 +40,7 @@ from torch import nn
 
 from parallel.grads import clip_grads, global_grad_norm_sq, sync_grads
 from parallel.groups import ParallelGroups, megatron_process_groups
-from parallel.sharding import get_spec, named_specs, sharded_tensor
+from parallel.sharding import get_spec, named_specs, sharded_tensor, tp_copies
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -268,8 +268,7 @@ class DistributedAdam(TrainOptimizer):
             group["weight_decay"] = cfg.weight_decay * group.get("wd_mult", 1.0)
         self._partial = [p for p in model.parameters() if get_spec(p).tp_partial_grad]
         self.ddp_device = next(model.parameters()).device
-        self._tp_copies = {p: groups.tp_size if not spec.is_expert and spec.tp_axis is None else 1
-                           for _, p, spec in named_specs(model)}
+        self._tp_copies = {p: tp_copies(spec, groups) for _, p, spec in named_specs(model)}
         """TP peers holding the same main-weight shard of each parameter (for :meth:`grad_norm_sq`)."""
         self._updates = 0
 
@@ -297,8 +296,8 @@ class DistributedAdam(TrainOptimizer):
         """Squared global norm of the fp32 main-weight gradients, kept on the device. Each element of a parameter's
         gradient lives in exactly one (expert-)DP rank's shard; a parameter replicated over TP (norms, the router,
         experts are not: EP owns them) has the same shard on every TP peer, so it counts 1/tp per peer
-        (``parallel.sharding.replication`` without the DP factor, as ``global_grad_norm_sq`` counts the replicated
-        AdamW's full gradients). megatron-core's own ``get_grad_norm`` is not used: it reads the norm on the host and
+        (``parallel.sharding.tp_copies``; ``global_grad_norm_sq`` divides the replicated AdamW's full gradients by
+        the whole ``replication``). megatron-core's own ``get_grad_norm`` is not used: it reads the norm on the host and
         its TP-duplicate filter (``param.tensor_model_parallel``) drops every non-TP parameter on TP ranks > 0,
         expert shards included, which undercounted the norm at TP > 1 with DP > 1."""
         self.optimizer.prepare_grads()  # main_grad shards -> fp32 main-weight .grad

@@ -81,11 +81,15 @@ def sharded_tensor(key: str, tensor: torch.Tensor, spec: ShardSpec, groups: Para
                                            replica_id=replica_id(spec, groups))
 
 
+def tp_copies(spec: ShardSpec, groups: ParallelGroups) -> int:
+    """How many TP peers hold this exact shard: all of them for a parameter not split over TP, one for a TP-split
+    parameter or an expert (experts are not tensor-parallel; EP owns them)."""
+    return 1 if spec.is_expert or spec.tp_axis is not None else groups.tp_size
+
+
 def replication(spec: ShardSpec, groups: ParallelGroups) -> int:
     """How many ranks of the world hold this exact shard (ranks of one pipeline stage)."""
-    if spec.is_expert:
-        return groups.edp_size
-    return groups.dp_size * (groups.tp_size if spec.tp_axis is None or groups.tp_size == 1 else 1)
+    return (groups.edp_size if spec.is_expert else groups.dp_size) * tp_copies(spec, groups)
 
 
 def _generator(seed: int, name: str, chunk: int) -> torch.Generator:
