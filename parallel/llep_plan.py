@@ -24,12 +24,13 @@ the expert has at most ``max_helpers_per_expert`` helpers (a helper it already h
 
 Chunking rule (``min_tokens_per_gemm``, ``m``): no spilled chunk is smaller than ``min(m, remaining)``. The chosen
 helper takes ``min(remaining, room)`` (``room = capacity - its effective load``) when that is at least
-``min(m, remaining)``; otherwise it takes ``m`` tokens if at least ``m`` remain (ending less than ``m`` over
-capacity), and otherwise the remainder (fewer than ``m`` tokens) stays on the home rank (also when a memory cap
-leaves no helper at all). So an expert spilling ``s``
-tokens makes at most ``ceil(s / m)`` weight transfers (taking only the room multiplied tiny chunks: 7 transfers
-where this rule makes 2 at P=8, E=8), and no rank ends ``m`` or more tokens over capacity unless a memory cap
-forces it. When no rank is allowed (only possible because of a memory cap), a remainder of ``m`` or more is
+``min(m, remaining)``. Otherwise a remainder of fewer than ``m`` tokens stays on the home rank when the home then
+ends less than ``m`` over capacity (also when a memory cap leaves no helper at all); in every other case the helper
+takes ``min(m, remaining)`` tokens, ending less than ``m`` over capacity. So an expert spilling ``s`` tokens makes
+at most ``ceil(s / m)`` weight transfers (taking only the room multiplied tiny chunks: 7 transfers where this rule
+makes 2 at P=8, E=8), and no rank ends ``m`` or more tokens over capacity unless a memory cap forces it: a home
+keeping several sub-GEMM remainders spills them once they add up to ``m`` (``[800]*4 + [70]*12`` on P=4 with
+``m = 1024`` rebalances instead of leaving rank 0 2190 tokens over). When no rank is allowed (only possible because of a memory cap), a remainder of ``m`` or more is
 *forced* onto the rank with the lowest effective load among home, the expert's helpers and ranks that may still host it (ties:
 home, then lower rank), over capacity.
 
@@ -210,7 +211,7 @@ class _Spiller:
         if self.free_hosts == 0 or (self.free_hosts == 1 and self.hosted[home] < self.max_foreign):
             return [(home, 0, count)]  # no other rank may host a new foreign expert
         stuck = self.stuck.get(home)
-        if stuck and stuck[0] == self.version and m > first_spill > stuck[1]:
+        if stuck and stuck[0] == self.version and m > first_spill > stuck[1] and before < capacity + m:
             return [(home, 0, count)]  # the same sub-GEMM spill failed here and no rank has gained room since
         keep = count - first_spill
         effective[home] -= first_spill
@@ -232,12 +233,13 @@ class _Spiller:
             room = capacity - int(effective[rank]) if key[rank] != _NEVER else 0
             if room >= min(m, remaining) and room > 0:
                 size = min(remaining, room)
-            elif remaining < m:  # a sub-GEMM remainder that no helper has room for stays home
+            elif remaining < m and effective[home] + remaining < capacity + m:
+                # a sub-GEMM remainder that no helper has room for stays home, which ends less than m over capacity
                 if offset == keep:
                     self.stuck[home] = (self.version, room)
                 rank, size = home, remaining
             elif room > 0:
-                size = m  # a whole GEMM's worth, over capacity by less than m
+                size = min(m, remaining)  # a whole GEMM's worth (or the remainder), over capacity by less than m
             else:  # forced (a memory cap binds): over capacity, onto home or a rank that may host the expert
                 may_host = is_helper | self.can_host if n_helpers < self.max_helpers else is_helper.copy()
                 may_host[home] = True

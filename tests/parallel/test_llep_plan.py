@@ -87,6 +87,37 @@ def test_over_capacity_by_less_than_a_gemm_chunk_when_memory_caps_do_not_bind(pr
             assert max(plan.loads_after) <= max(plan.loads_before)
 
 
+
+@st.composite
+def hot_homes(draw):
+    """Adversarial loads: several hot experts on one or two home ranks, each just under min_tokens_per_gemm, so
+    every single spill looks too small to be worth a GEMM while their sum overloads the home."""
+    P, epr = draw(st.integers(2, 8)), draw(st.integers(2, 6))
+    m = draw(st.sampled_from([16, 300, 1024]))
+    counts = [draw(st.integers(0, m // 8)) for _ in range(P * epr)]
+    for home in draw(st.lists(st.integers(0, P - 1), min_size=1, max_size=2, unique=True)):
+        for local in range(epr):
+            counts[home * epr + local] = draw(st.integers(m // 2, m - 1))
+    return counts, P, epr, dict(imbalance_threshold=1.0, capacity_factor=draw(st.sampled_from([1.0, 1.05])),
+                                min_tokens_per_gemm=m, max_foreign_experts=P * epr, max_helpers_per_expert=P)
+
+
+@SETTINGS
+@given(hot_homes())
+def test_sub_gemm_remainders_kept_home_never_add_up_to_a_gemm_over_capacity(problem):
+    """Issue 23: remainders under min_tokens_per_gemm kept at home one by one must not leave the home m or more over
+    capacity (the stated bound) when no memory cap binds."""
+    counts, P, epr, kwargs = problem
+    plan = plan_llep(counts, P, epr, **kwargs)
+    assert max(plan.loads_after) < plan.capacity + kwargs["min_tokens_per_gemm"], (plan.loads_after, plan.capacity)
+
+
+def test_four_hot_experts_on_one_rank_are_rebalanced():
+    """Issue 23's case: every hot expert is under min_tokens_per_gemm, their sum is not (rank 0 ended 2190 over)."""
+    plan = plan_llep([800] * 4 + [70] * 12, 4, 4, min_tokens_per_gemm=1024)
+    assert plan.capacity == 1010 and max(plan.loads_after) < plan.capacity + 1024
+    assert max(plan.loads_after) - plan.capacity == 0 and len(plan.transfers) >= 3
+
 def test_chunking_rule_two_transfers_not_seven_at_p8_e8():
     """Issue 17: one hot expert spills 2537 tokens while every helper has 363 tokens of room. Taking only the room
     cut them into 7 transfers; with min_tokens_per_gemm=1024 two helpers take 1024 each and the 489 left (less than
