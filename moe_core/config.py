@@ -90,16 +90,35 @@ class MoEConfig:
     """Expert FFN width F."""
     aux_loss_coeff: NonNegativeFloat = 1e-2
     """Switch-style load-balancing loss coefficient (0 disables)."""
-    aux_loss_scope: Literal["micro_batch", "global_batch"] = "micro_batch"
+    aux_loss_scope: Literal["micro_batch", "global_batch", "sequence"] = "micro_batch"
     """Whose routing the load-balancing loss balances: micro_batch = each micro-batch's own; global_batch = the
     step's global batch, counts summed over data-parallel ranks and accumulated over the step's micro-batches
-    (arXiv 2501.11873; lets experts specialise by domain). Details in moe_core/router.py."""
+    (arXiv 2501.11873; lets experts specialise by domain); sequence = each sequence's own, averaged over the
+    sequences (DeepSeek-V3's sequence-wise balance loss, arXiv 2412.19437 eq. 17-20; paper coefficient 1e-4).
+    Details in moe_core/router.py."""
+    score_function: Literal["softmax", "sigmoid"] = "softmax"
+    """Router scores: softmax over the experts (Qwen3-MoE, Mixtral) or an independent sigmoid per expert
+    (DeepSeek-V3, GLM-4.5; the aux losses then see the scores normalised to sum to 1 per token)."""
+    routed_scaling_factor: PositiveFloat = 1.0
+    """Multiplies the gate weights after normalisation (DeepSeek-V3: 2.5); 1.0 = off."""
+    num_groups: PositiveInt = 1
+    """Group-limited routing (DeepSeek-V3's node-limited routing): the experts split into num_groups contiguous
+    groups of num_experts / num_groups, a token picks its group_topk best groups (a group scored by the sum of its
+    two highest selection scores) and its k experts inside them. 1 = off. Must divide moe.num_experts."""
+    group_topk: PositiveInt = 1
+    """Groups a token may route to (<= num_groups; every k used must fit: k <= group_topk * experts per group).
+    Mapping groups onto EP ranks (num_groups a multiple of parallel.ep) bounds the EP ranks a token reaches."""
     z_loss_coeff: NonNegativeFloat = 1e-3
     """Router z-loss coefficient (0 disables)."""
     norm_topk_prob: bool = True
     """true (default): the k gate weights of a token are its selected router probabilities renormalised to sum to
-    1, except at k = 1, where the gate is the raw probability (Switch Transformer) so the language-model loss
-    still trains the router. false: the raw probabilities at every k. Hugging Face Qwen3-MoE's name."""
+    1 (at k = 1 per moe.k1_gate). false: the raw probabilities at every k. Hugging Face Qwen3-MoE's name."""
+    k1_gate: Literal["straight_through", "probability", "one"] = "probability"
+    """The gate of a token routed to one expert (top-1 models, a Matryoshka layer that drew k = 1, evaluation at
+    k = 1) when norm_topk_prob is true. one: 1.0, the renormalised value, whose router gradient is zero (Hugging
+    Face Qwen3-MoE). probability: the raw router probability (Switch Transformer, arXiv 2101.03961): the router
+    learns, but the layer's output scale is about 1/E of what k >= 2 gives. straight_through: the value 1.0 (the
+    same scale as every k) with the gradient of the log-probability, p / stop_gradient(p), so the router learns."""
     expert_bias: bool = False
     """Aux-loss-free balancing: a per-expert bias added to routing scores for selection only."""
     expert_bias_update_rate: NonNegativeFloat = 1e-3

@@ -5,13 +5,20 @@ Shape legend: ``T`` tokens, ``D`` hidden, ``E`` experts, ``K`` experts per token
 Numerics: all router math is fp32 whatever the input dtype (autocast is disabled inside), because softmax over
 experts and the renormalised weights are sensitive to bf16 rounding and decide which experts a token reaches.
 
-- probabilities ``p_TE = softmax(x W^T)``; selection = top-k of ``p_TE + expert_bias_E`` (the bias only changes
-  which experts are chosen, DeepSeek-V3 style).
+- scores ``s_TE``: ``softmax(x W^T)`` (``moe.score_function: softmax``) or ``sigmoid(x W^T)`` (``sigmoid``,
+  DeepSeek-V3); ``p_TE`` = the scores normalised to sum to 1 per token (= ``s_TE`` for softmax) is what the aux
+  losses balance. Selection = top-k of ``s_TE + expert_bias_E`` (the bias only changes which experts are chosen,
+  DeepSeek-V3 style), inside the token's ``moe.group_topk`` best of ``moe.num_groups`` expert groups (a group
+  scored by the sum of its two highest biased scores) when ``num_groups > 1``. Gates are computed from ``s_TE``
+  and multiplied by ``moe.routed_scaling_factor`` after normalisation.
 - gate weights (``moe.norm_topk_prob``, Hugging Face Qwen3-MoE's name): true = ``p`` of the chosen experts
-  renormalised to sum to 1 when k > 1, and the raw ``p`` at k = 1, as in the Switch Transformer (arXiv
-  2101.03961): renormalising one weight would give exactly 1.0, whose gradient w.r.t. the router is zero, so a
-  top-1 layer (or a Matryoshka layer that drew k = 1) would learn routing from the aux losses only. false = the
-  raw ``p`` at every k.
+  renormalised to sum to 1; false = the raw ``p`` at every k. At k = 1 renormalising gives exactly 1.0, whose
+  gradient w.r.t. the router is zero, so a top-1 layer (or a Matryoshka layer that drew k = 1) would learn routing
+  from the aux losses only; ``moe.k1_gate`` picks the k = 1 rule: ``straight_through`` = the value 1.0
+  with the gradient of ``log p`` (``p / stop_gradient(p)``), so the output scale is the same at every k and the
+  router still learns; ``probability`` (default) = the raw ``p`` (Switch Transformer, arXiv 2101.03961; the output scale
+  drops to about 1/E of k >= 2's); ``one`` = 1.0 with no router gradient (Hugging Face Qwen3-MoE). Measured in
+  docs/benchmarks.md ("Matryoshka fidelity").
 - aux loss (Switch/megatron-core): ``coeff * E * sum_e f_e * P_e`` with ``f_e`` the fraction of the routed slots
   that chose e (before dropping) and ``P_e`` the mean over this micro-batch's tokens of ``p_te``; equals ``coeff``
   when balanced. ``moe.aux_loss_scope`` says whose slots ``f_e`` counts: ``micro_batch`` = this micro-batch's T*K;
@@ -19,10 +26,13 @@ experts and the renormalised weights are sensitive to bf16 rounding and decide w
   the data-parallel ranks by ``count_reducer`` (installed by parallel/, collective-only) and accumulated over the
   step's micro-batches, so micro-batch m of a step uses micro-batches 1..m of every DP rank and the last one the
   whole global batch (megatron-core's ``global_aux_loss`` does the same). :meth:`TopKRouter.start_step` resets it.
+- ``moe.aux_loss_scope: sequence`` (DeepSeek-V3 eq. 17-20): the same product per sequence, with ``f_e`` the
+  sequence's share of slots times ``E`` (``E / (K S)`` times its count) and ``P_e`` the sequence's mean of
+  ``p``; averaged over the micro-batch's sequences (:func:`sequence_aux_loss`).
 - z-loss (ST-MoE): ``coeff * mean_t logsumexp(logits_t)^2``.
 - no tokens (an empty micro-batch or pipeline chunk): aux and z losses are exactly 0 with zero gradient.
 - capacity factor: each expert keeps at most ``ceil(capacity_factor * T * K / E)`` slots, the ones with the highest
-  router probability (megatron-core's default drop policy); dropped slots get id -1 and weight 0 (the remaining
+  router score (megatron-core's default drop policy); dropped slots get id -1 and weight 0 (the remaining
   weights are not renormalised again). ``None`` = dropless.
 """
 from __future__ import annotations
@@ -62,6 +72,44 @@ def switch_aux_loss(probs_TE: torch.Tensor, frac_routed_E: torch.Tensor) -> torc
     num_tokens, num_experts = probs_TE.shape
     mean_prob_E = probs_TE.sum(0) / max(num_tokens, 1)  # sum over no rows is 0 (mean would be NaN)
     return num_experts * (frac_routed_E.to(probs_TE.dtype) * mean_prob_E).sum()
+
+
+def group_limited_mask(select_TE: torch.Tensor, num_groups: int, group_topk: int) -> torch.Tensor:
+    """bool ``[T, E]``: the experts of each token's ``group_topk`` best groups (``E / num_groups`` contiguous
+    experts each), a group scored by the sum of its two highest selection scores (DeepSeek-V3; one score for
+    groups of one expert)."""
+    num_tokens, num_experts = select_TE.shape
+    per_group = num_experts // num_groups
+    grouped_TGe = select_TE.view(num_tokens, num_groups, per_group)
+    group_score_TG = grouped_TGe.topk(min(2, per_group), dim=-1).values.sum(-1)
+    chosen_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter_(
+        1, torch.topk(group_score_TG, group_topk, dim=-1).indices, True)
+    return chosen_TG.repeat_interleave(per_group, dim=1)
+
+
+def sequence_aux_loss(probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Uncoefficiented sequence-wise balance loss (DeepSeek-V3 eq. 17-20), averaged over the ``T / seq_len``
+    sequences: ``sum_e f_e P_e`` with ``f_e = E / (K * S) * (tokens of the sequence choosing e)`` (detached) and
+    ``P_e`` the sequence's mean of the normalised scores ``probs_TE``. 1 when balanced; 0 when there are no
+    tokens. Raises ValueError when ``T`` is not a multiple of ``seq_len``."""
+    num_tokens, num_experts = probs_TE.shape
+    if num_tokens == 0:
+        return probs_TE.sum()
+    if num_tokens % seq_len:
+        raise ValueError(f"sequence-wise aux loss: {num_tokens} tokens are not whole sequences of {seq_len}")
+    k = topk_idx_TK.shape[1]
+    chosen_BSE = torch.zeros_like(probs_TE).scatter_(1, topk_idx_TK, 1.0).view(-1, seq_len, num_experts)
+    frac_BE = chosen_BSE.sum(1) * (num_experts / (k * seq_len))
+    return (frac_BE * probs_TE.view(-1, seq_len, num_experts).mean(1)).sum(-1).mean()
+
+
+def gate_weights(topk_prob_TK: torch.Tensor, cfg: MoEConfig) -> torch.Tensor:
+    """fp32 ``[T, K]`` gate weights from the selected router probabilities (module docstring, ``moe.k1_gate``)."""
+    if not cfg.norm_topk_prob or (topk_prob_TK.shape[1] == 1 and cfg.k1_gate == "probability"):
+        return topk_prob_TK
+    if topk_prob_TK.shape[1] == 1 and cfg.k1_gate == "straight_through":
+        return topk_prob_TK / topk_prob_TK.detach()  # value 1.0, gradient of log p: the router keeps learning
+    return topk_prob_TK / topk_prob_TK.sum(-1, keepdim=True)  # k = 1 with "one": exactly 1.0, no router gradient
 
 
 def _no_reduction(counts: torch.Tensor) -> torch.Tensor:
@@ -135,29 +183,48 @@ class TopKRouter(nn.Module):
             return None
         return math.ceil(self.cfg.capacity_factor * num_tokens * k / self.num_experts)
 
-    def forward(self, x_TD: torch.Tensor, k: int) -> RouterOutput:
+    def select(self, scores_TE: torch.Tensor, k: int) -> torch.Tensor:
+        """int64 ``[T, k]`` chosen experts: top-k of the (biased) scores, inside each token's ``group_topk`` best
+        groups when ``moe.num_groups > 1``. No gradient flows through the choice."""
+        select_TE = (scores_TE + self.expert_bias if self.cfg.expert_bias else scores_TE).detach()
+        if self.cfg.num_groups > 1:
+            select_TE = select_TE.masked_fill(~group_limited_mask(select_TE, self.cfg.num_groups,
+                                                                  self.cfg.group_topk), float("-inf"))
+        return torch.topk(select_TE, k, dim=-1).indices
+
+    def aux_loss(self, probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, tokens_per_expert_E: torch.Tensor,
+                 seq_len: Optional[int]) -> torch.Tensor:
+        """The load-balancing loss of ``moe.aux_loss_scope``, times ``moe.aux_loss_coeff``."""
+        num_tokens, k = topk_idx_TK.shape
+        if self.cfg.aux_loss_scope == "sequence":
+            loss = sequence_aux_loss(probs_TE, topk_idx_TK, seq_len or num_tokens)
+        else:
+            loss = switch_aux_loss(probs_TE, self.balance_fractions(tokens_per_expert_E, num_tokens, k))
+        return self.cfg.aux_loss_coeff * loss
+
+    def forward(self, x_TD: torch.Tensor, k: int, seq_len: Optional[int] = None) -> RouterOutput:
+        """Route ``x_TD`` (rows = tokens; ``seq_len`` consecutive rows per sequence, for the sequence-wise loss;
+        None = one sequence) to ``k`` experts each."""
         if x_TD.dim() != 2 or x_TD.shape[1] != self.hidden:
             raise ValueError(f"router expects x of shape [T, {self.hidden}], got {tuple(x_TD.shape)}")
         if not 1 <= k <= self.num_experts:
             raise ValueError(f"router k={k} must be in [1, num_experts={self.num_experts}]")
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             logits_TE = F.linear(x_TD.float(), self.weight.float())
-            probs_TE = torch.softmax(logits_TE, dim=-1)
-            select_TE = probs_TE + self.expert_bias if self.cfg.expert_bias else probs_TE
-            topk_idx_TK = torch.topk(select_TE.detach(), k, dim=-1).indices
-            topk_prob_TK = probs_TE.gather(1, topk_idx_TK)
-            if self.cfg.norm_topk_prob and k > 1:
-                topk_weight_TK = topk_prob_TK / topk_prob_TK.sum(-1, keepdim=True)
-            else:  # k = 1: the raw probability keeps the router in the LM loss's gradient (Switch)
-                topk_weight_TK = topk_prob_TK
+            if self.cfg.score_function == "sigmoid":
+                scores_TE = torch.sigmoid(logits_TE)
+                probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True)  # what the aux losses balance
+            else:
+                scores_TE = probs_TE = torch.softmax(logits_TE, dim=-1)
+            topk_idx_TK = self.select(scores_TE, k)
+            topk_weight_TK = gate_weights(scores_TE.gather(1, topk_idx_TK), self.cfg) * self.cfg.routed_scaling_factor
             tokens_per_expert_E = torch.zeros(self.num_experts, dtype=torch.int64, device=x_TD.device).scatter_add_(
                 0, topk_idx_TK.reshape(-1), torch.ones_like(topk_idx_TK.reshape(-1)))  # no host sync (bincount syncs)
-            frac_routed_E = self.balance_fractions(tokens_per_expert_E, x_TD.shape[0], k)
-            aux = self.cfg.aux_loss_coeff * switch_aux_loss(probs_TE, frac_routed_E)
+            aux = self.aux_loss(probs_TE, topk_idx_TK, tokens_per_expert_E, seq_len)
             zl = self.cfg.z_loss_coeff * z_loss(logits_TE)
             capacity = self.capacity(x_TD.shape[0], k)
             if capacity is not None:
-                keep_TK = capacity_keep_mask(probs_TE.detach(), topk_idx_TK, capacity)
+                keep_TK = capacity_keep_mask(scores_TE.detach(), topk_idx_TK, capacity)
                 topk_idx_TK = torch.where(keep_TK, topk_idx_TK, torch.full_like(topk_idx_TK, -1))
                 topk_weight_TK = topk_weight_TK * keep_TK
         return RouterOutput(topk_idx_TK, topk_weight_TK, aux, zl, tokens_per_expert_E)

@@ -50,10 +50,11 @@ VARIANTS = {
 SWEPT = ("moe", "mmoe")
 
 
-def make_shards(out: Path) -> Path:
+def make_shards(out: Path, corpus: Path = CORPUS) -> Path:
+    """Preprocess ``corpus`` into ``out`` (512-token BPE, 64-token samples, 20% of the documents held out)."""
     from launcher.data import preprocess
 
-    argv = ["--input", str(CORPUS), "--output", str(out), "--vocab-size", "512", "--seq-length", "64",
+    argv = ["--input", str(corpus), "--output", str(out), "--vocab-size", "512", "--seq-length", "64",
             "--samples-per-shard", "256", "--valid-fraction", "0.2", "--workers", "1"]
     if preprocess.main(argv) != 0:
         raise SystemExit("bench_variants: preprocessing the shipped corpus failed (see above)")
