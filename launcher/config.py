@@ -404,16 +404,21 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     """All cross-field invariants, in one place (each field's own range is declared next to it and checked when the
     config is parsed). ``world_size`` adds the checks that depend on it."""
     m, moe, par, tr = cfg.model, cfg.moe, cfg.parallel, cfg.train
-    _require(m.num_attention_heads % m.num_query_groups == 0,
+    try:
+        m.validate_attention()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    gqa = m.attention == "gqa"
+    _require(not gqa or m.num_attention_heads % m.num_query_groups == 0,
              f"model.num_query_groups ({m.num_query_groups}) must divide model.num_attention_heads "
              f"({m.num_attention_heads})")
-    if m.head_dim is None:
+    if gqa and m.head_dim is None:
         _require(m.hidden_size % m.num_attention_heads == 0,
                  f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_attention_heads "
                  f"({m.num_attention_heads}), or set model.head_dim")
     head_dim = m.head_dim or m.hidden_size // m.num_attention_heads
-    _require(head_dim % 2 == 0, f"the head width ({head_dim}: model.head_dim, or model.hidden_size / "
-                                "model.num_attention_heads) must be even: RoPE rotates pairs of channels")
+    _require(not gqa or head_dim % 2 == 0, f"the head width ({head_dim}: model.head_dim, or model.hidden_size / "
+                                           "model.num_attention_heads) must be even: RoPE rotates pairs of channels")
     for i in m.dense_layers:
         _require(i < m.num_layers, f"model.dense_layers: layer {i} is outside [0, {m.num_layers})")
     _require(moe.top_k <= moe.num_experts,
@@ -437,9 +442,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
              "moe.dispatcher=llep is dropless: set moe.capacity_factor=null")
     _require(moe.num_experts % par.ep == 0,
              f"moe.num_experts ({moe.num_experts}) must be divisible by parallel.ep ({par.ep})")
-    _require(m.num_attention_heads % par.tp == 0 and m.num_query_groups % par.tp == 0,
-             f"parallel.tp ({par.tp}) must divide model.num_attention_heads ({m.num_attention_heads}) and "
-             f"model.num_query_groups ({m.num_query_groups})")
+    _require(m.num_attention_heads % par.tp == 0 and (not gqa or m.num_query_groups % par.tp == 0),
+             f"parallel.tp ({par.tp}) must divide model.num_attention_heads ({m.num_attention_heads})"
+             + (f" and model.num_query_groups ({m.num_query_groups})" if gqa else ""))
     _require(m.vocab_size % par.tp == 0, f"parallel.tp ({par.tp}) must divide model.vocab_size ({m.vocab_size})")
     _require(m.num_layers % par.pp == 0,
              f"parallel.pp ({par.pp}) must divide model.num_layers ({m.num_layers})")

@@ -4,10 +4,13 @@
     for each layer:  x = x + Attn(RMSNorm(x));  x = x + FFN(RMSNorm(x))     (FFN = MoE, or dense SwiGLU)
     logits = lm_head(RMSNorm(x))
 
-Attention: GQA, per-head RMSNorm on q and k (before RoPE), rotate-half RoPE, causal SDPA, no biases.
+Attention (``model.attention``): gqa = GQA, per-head RMSNorm on q and k (before RoPE), rotate-half RoPE, causal
+SDPA, no biases; mla = DeepSeek-V3's Multi-head Latent Attention (moe_core/mla.py). The RoPE tables
+(moe_core/rope.py, YaRN with ``model.rope_scaling``) span the head width (gqa) or ``qk_rope_head_dim`` (mla).
 Parallelism is not this file's business: the linear/embedding constructors come from a :class:`LayerFactory`
-(plain ``nn.Linear`` here; ``parallel/model.py`` passes tensor-parallel ones) and the MoE dispatcher is set on
-each MoE layer from outside. ``layer_range`` / ``pre_process`` / ``post_process`` build one pipeline stage.
+(moe_core/layers.py: plain ``nn.Linear``; ``parallel/model.py`` passes tensor-parallel ones) and the MoE
+dispatcher is set on each MoE layer from outside. ``layer_range`` / ``pre_process`` / ``post_process`` build one
+pipeline stage.
 
 Shapes: B batch, S sequence, D hidden, H query heads, G key/value heads, Hd head dim, V vocab.
 """
@@ -21,51 +24,11 @@ from torch import nn
 
 from moe_core.config import ModelConfig, MoEConfig
 from moe_core.layer import MoELayer
+from moe_core.layers import LayerFactory, RMSNorm
 from moe_core.matryoshka import KSchedule
+from moe_core.mla import MLAttention
 from moe_core.profiling import phase
-
-
-class LayerFactory:
-    """Builds the projections. ``column`` layers split their output over TP, ``row`` layers their input."""
-
-    tp_size = 1
-
-    def column(self, in_features: int, out_features: int) -> nn.Module:
-        return nn.Linear(in_features, out_features, bias=False)
-
-    def row(self, in_features: int, out_features: int) -> nn.Module:
-        return nn.Linear(in_features, out_features, bias=False)
-
-    def embedding(self, vocab: int, dim: int) -> nn.Module:
-        return nn.Embedding(vocab, dim)
-
-
-class RMSNorm(nn.Module):
-    """RMSNorm computed in fp32 and cast back (as HF Qwen3: ``weight * x_normed.to(input_dtype)``)."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
-
-
-def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [S, Hd] for rotate-half RoPE, computed in fp32."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
-    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos(), emb.sin()
-
-
-def apply_rope(x_BHSd: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor) -> torch.Tensor:
-    half = x_BHSd.shape[-1] // 2
-    rotated = torch.cat([-x_BHSd[..., half:], x_BHSd[..., :half]], dim=-1)
-    return (x_BHSd * cos_SD.to(x_BHSd.dtype)) + (rotated * sin_SD.to(x_BHSd.dtype))
+from moe_core.rope import apply_rope, rope_cos_sin
 
 
 class Attention(nn.Module):
@@ -113,7 +76,7 @@ class Block(nn.Module):
                  k_schedule: KSchedule):
         super().__init__()
         self.input_layernorm = RMSNorm(m.hidden_size, m.norm_eps)
-        self.self_attn = Attention(m, factory)
+        self.self_attn: nn.Module = MLAttention(m, factory) if m.attention == "mla" else Attention(m, factory)
         self.post_attention_layernorm = RMSNorm(m.hidden_size, m.norm_eps)
         if layer_idx in m.dense_layers:
             self.mlp: nn.Module = DenseMLP(m.hidden_size, m.dense_ffn_hidden_size, factory)
@@ -141,7 +104,8 @@ class MoETransformer(nn.Module):
         factory = factory or LayerFactory()
         self.model_cfg = m
         self.pre_process, self.post_process = pre_process, post_process
-        self.head_dim = m.head_dim or m.hidden_size // m.num_attention_heads
+        gqa_head_dim = m.head_dim or m.hidden_size // m.num_attention_heads
+        self.rope_dim = m.qk_rope_head_dim if m.attention == "mla" else gqa_head_dim
         self.k_schedule = KSchedule(moe, seed, [i for i in range(m.num_layers) if i not in m.dense_layers])
         layer_range = layer_range if layer_range is not None else range(m.num_layers)
         if pre_process:
@@ -150,7 +114,7 @@ class MoETransformer(nn.Module):
         if post_process:
             self.norm = RMSNorm(m.hidden_size, m.norm_eps)
             self.lm_head = factory.column(m.hidden_size, m.vocab_size)
-        cos, sin = rope_cos_sin(m.seq_length, self.head_dim, m.rope_theta)
+        cos, sin = rope_cos_sin(m.seq_length, self.rope_dim, m.rope_theta, m.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -161,7 +125,8 @@ class MoETransformer(nn.Module):
             for buf in self.buffers():
                 buf.zero_()
             m = self.model_cfg
-            cos, sin = rope_cos_sin(m.seq_length, self.head_dim, m.rope_theta, device=self.rope_cos.device)
+            cos, sin = rope_cos_sin(m.seq_length, self.rope_dim, m.rope_theta, m.rope_scaling,
+                                    device=self.rope_cos.device)
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)
 

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_core.experts import SwiGLUExperts
-from moe_core.transformer import LayerFactory, MoETransformer
+from moe_core.layers import LayerFactory
+from moe_core.transformer import MoETransformer
 from parallel.compile import compile_blocks
 from parallel.config import RunConfig
 from parallel.groups import ParallelGroups
@@ -67,6 +68,23 @@ class TensorParallelFactory(LayerFactory):
     def embedding(self, vocab: int, dim: int) -> nn.Module:
         return self.embedding_cls(vocab, dim, config=self.mp_config, init_method=_skip_init,
                                   tp_group=self.tp_group)
+
+    def tp_copy(self) -> nn.Module:
+        return _TPCopy(self.tp_group)
+
+
+class _TPCopy(nn.Module):
+    """megatron-core's copy-to-TP-region: identity forward, gradient all-reduced over the TP group backward."""
+
+    def __init__(self, tp_group):
+        from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+
+        super().__init__()
+        self.tp_group = tp_group
+        self.copy = copy_to_tensor_model_parallel_region
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.copy(x, group=self.tp_group)
 
 
 def _skip_init(weight: torch.Tensor) -> None:

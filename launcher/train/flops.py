@@ -10,6 +10,11 @@ comparable across tools):
   score matrix, even though the mask is causal (Megatron and DeepSpeed's ``scaled_dot_product_attention`` counter
   both count the full square; a causal flash kernel does about half of it).
 - GQA: q and o projections are ``D x H*hd``; k and v are ``D x G*hd`` each (G = num_query_groups).
+- MLA (``model.attention=mla``; n = qk_nope_head_dim, r = qk_rope_head_dim, v = v_head_dim, c = kv_lora_rank,
+  c_q = q_lora_rank): q is ``D x H(n+r)``, or ``D x c_q`` then ``c_q x H(n+r)`` with query compression;
+  kv_a_proj_with_mqa ``D x (c+r)``; kv_b_proj ``c x H(n+v)``; o ``H*v x D``. Scores: ``Q K^T`` costs
+  ``S * H(n+r)`` and ``P V`` ``S * H*v`` MACs per token (full square). The shared RoPE key is one per token,
+  broadcast to the heads (no MACs).
 - MoE layer: router ``D x E``, plus ``k`` routed SwiGLU experts of 3 matmuls each (gate, up: ``D x F``; down:
   ``F x D``). Layers in ``model.dense_layers`` have one SwiGLU FFN of width ``dense_ffn_hidden_size`` instead.
 - Training = 3 x forward (backward = 2 x forward: grads w.r.t. inputs and w.r.t. weights). Activation
@@ -101,6 +106,34 @@ def head_dim(cfg: Config) -> int:
     return m.head_dim if m.head_dim is not None else m.hidden_size // m.num_attention_heads
 
 
+@dataclass(frozen=True)
+class AttentionCount:
+    """One attention layer, per token: projection MACs (= projection weights), score MACs at sequence length S,
+    and the weights of its norms (GQA: q_norm, k_norm; MLA: the latent norms)."""
+
+    proj_macs: int
+    score_macs: int
+    norm_params: int
+
+
+def attention_count(cfg: Config, seq_length: int) -> AttentionCount:
+    """GQA or MLA per ``model.attention`` (module docstring)."""
+    m = cfg.model
+    d, h = m.hidden_size, m.num_attention_heads
+    if m.attention == "gqa":
+        hd = head_dim(cfg)
+        q_width, kv_width = h * hd, m.num_query_groups * hd
+        return AttentionCount(proj_macs=d * (2 * q_width + 2 * kv_width),   # q, o: D x H*hd; k, v: D x G*hd
+                              score_macs=2 * seq_length * q_width,          # Q K^T and P V over the full S x S
+                              norm_params=2 * hd)
+    qk = h * (m.qk_nope_head_dim + m.qk_rope_head_dim)
+    q = d * qk if m.q_lora_rank is None else m.q_lora_rank * (d + qk)
+    kv = d * (m.kv_lora_rank + m.qk_rope_head_dim) + m.kv_lora_rank * h * (m.qk_nope_head_dim + m.v_head_dim)
+    return AttentionCount(proj_macs=q + kv + h * m.v_head_dim * d,
+                          score_macs=seq_length * (qk + h * m.v_head_dim),
+                          norm_params=m.kv_lora_rank + (m.q_lora_rank or 0))
+
+
 def moe_layer_indices(cfg: Config) -> list[int]:
     dense = set(cfg.model.dense_layers)
     return [i for i in range(cfg.model.num_layers) if i not in dense]
@@ -149,17 +182,15 @@ def forward_flops_per_token(cfg: Config, k_per_layer: Optional[Sequence[float]] 
                             seq_length: Optional[int] = None) -> ForwardFlops:
     """Forward FLOPs per token (see the module docstring for what is counted)."""
     m = cfg.model
-    d, hd, s = m.hidden_size, head_dim(cfg), seq_length or m.seq_length
+    d = m.hidden_size
     ks = _check_k(cfg, default_k_per_layer(cfg, training) if k_per_layer is None else k_per_layer)
     n_moe = len(ks)
     n_dense = m.num_layers - n_moe
-    q_width, kv_width = m.num_attention_heads * hd, m.num_query_groups * hd
-    attn_proj_macs = d * (2 * q_width + 2 * kv_width)          # q, o: D x H*hd; k, v: D x G*hd
-    attn_score_macs = 2 * s * q_width                           # Q K^T and P V over the full S x S square
+    attn = attention_count(cfg, seq_length or m.seq_length)
     expert_exec, expert_useful = _expert_macs(cfg)
     return ForwardFlops(
-        attn_proj=2.0 * m.num_layers * attn_proj_macs,
-        attn_scores=2.0 * m.num_layers * attn_score_macs,
+        attn_proj=2.0 * m.num_layers * attn.proj_macs,
+        attn_scores=2.0 * m.num_layers * attn.score_macs,
         router=2.0 * n_moe * d * cfg.moe.num_experts,
         experts=2.0 * sum(ks) * expert_exec,
         dense_ffn=2.0 * n_dense * 3 * d * m.dense_ffn_hidden_size,
@@ -175,13 +206,15 @@ def training_flops(cfg: Config, k_per_layer: Optional[Sequence[float]] = None) -
 
 
 def param_counts(cfg: Config, k_per_layer: Optional[Sequence[float]] = None, training: bool = True) -> ParamCount:
-    """Total and activated parameter counts of the Qwen3-MoE-style block (no biases, untied embeddings, q/k norm)."""
+    """Total and activated parameter counts of the block (no biases, untied embeddings; GQA's q/k norms or MLA's
+    latent norms)."""
     m = cfg.model
-    d, hd, e = m.hidden_size, head_dim(cfg), cfg.moe.num_experts
+    d, e = m.hidden_size, cfg.moe.num_experts
     ks = _check_k(cfg, default_k_per_layer(cfg, training) if k_per_layer is None else k_per_layer)
     n_moe = len(ks)
     n_dense = m.num_layers - n_moe
-    attn = d * (2 * m.num_attention_heads * hd + 2 * m.num_query_groups * hd) + 2 * hd  # + q_norm, k_norm
+    attn_count = attention_count(cfg, m.seq_length)
+    attn = attn_count.proj_macs + attn_count.norm_params  # one weight per projection MAC
     shared = 2 * m.vocab_size * d + d + m.num_layers * (attn + 2 * d)  # embed, head, final norm; 2 norms/layer
     dense_ffn = n_dense * 3 * d * m.dense_ffn_hidden_size
     router = n_moe * e * d

@@ -12,8 +12,13 @@ head: whichever is larger), by kind:
   ``4 V + 12 D`` per token outside the layers (fp32 logits for the loss), where b is the compute dtype's bytes;
   the coefficients count the tensors moetron's eager block saves (norm inputs, q/k/v/o inputs, SDPA outputs, the
   router's fp32 logits and probabilities, the permuted rows, gate/up/activation/hidden of each routed slot, the
-  combine's inputs), measured with autograd's saved-tensor hooks on CPU. With TP the projections, attention and
-  routed slots are divided by TP (the norms' inputs are not). Allocator slack and temporaries are not included;
+  combine's inputs), measured with autograd's saved-tensor hooks on CPU. With ``model.attention=mla`` the
+  attention's ``8 D`` becomes ``D + 3c + r + 3c_q + H (3n + 2r + 3v)`` (c = kv_lora_rank, c_q = q_lora_rank or
+  0, n/r/v = qk_nope/qk_rope/v head dims): the attention input, the kv/q latents and their norms (whole on every
+  TP rank), and per head q, k, the kv_b output, the SDPA output and o_proj's input, as a fused (flash or
+  memory-efficient) SDPA keeps them; CPU's math fallback, used when v differs from n + r, also keeps the
+  H x S x S probabilities. With TP the projections, attention and routed slots are divided by TP (the norms'
+  inputs and MLA's latents are not). Allocator slack and temporaries are not included;
   checked against measured steps at TP=1 (fp32 and bf16), not yet at TP > 1.
 The estimate is checked against a measured CPU step in tests/launcher/train/test_memory_estimate.py.
 """
@@ -53,11 +58,14 @@ def _stage_params(cfg: Config, tp: int, ep: int, pp: int) -> list[dict[str, int]
     """Per pipeline stage: parameter counts on one rank by kind (dense, router, expert)."""
     from torch import nn
 
+    from moe_core.layers import ReplicatedLinear
     from moe_core.transformer import MoETransformer
 
     with torch.device("meta"):
         model = MoETransformer(cfg.model, cfg.moe, cfg.train.seed)
-    split_by_tp = {id(p) for m in model.modules() if isinstance(m, (nn.Linear, nn.Embedding)) for p in m.parameters()}
+    split_by_tp = {id(p) for m in model.modules()
+                   if isinstance(m, (nn.Linear, nn.Embedding)) and not isinstance(m, ReplicatedLinear)
+                   for p in m.parameters()}
     per_stage = cfg.model.num_layers // pp
     stages = [dict(dense=0, router=0, expert=0) for _ in range(pp)]
     for name, p in model.named_parameters():
@@ -71,6 +79,16 @@ def _stage_params(cfg: Config, tp: int, ep: int, pp: int) -> list[dict[str, int]
         for s in owners:
             stages[s][kind] += n
     return stages
+
+
+def _attention_elements(cfg: Config, tp: int) -> float:
+    """Activation elements one token keeps in one attention layer on one TP rank (module docstring)."""
+    m = cfg.model
+    if m.attention == "gqa":
+        return 8 * m.hidden_size / tp
+    c, r, n, v = m.kv_lora_rank, m.qk_rope_head_dim, m.qk_nope_head_dim, m.v_head_dim
+    whole = m.hidden_size + 3 * c + r + 3 * (m.q_lora_rank or 0)
+    return whole + m.num_attention_heads * (3 * n + 2 * r + 3 * v) / tp
 
 
 def estimate(cfg: Config, world_size: int) -> MemoryEstimate:
@@ -97,7 +115,7 @@ def estimate(cfg: Config, world_size: int) -> MemoryEstimate:
         moe_layers = round(n_moe_total / pp)
         # norms and residual inputs are whole on every TP rank; projections, attention and the routed slots (each TP
         # rank dispatches 1/tp of the tokens) are split over TP
-        per_token = layers * b * (4 * m.hidden_size + 8 * m.hidden_size / tp) + moe_layers * (
+        per_token = layers * b * (4 * m.hidden_size + _attention_elements(cfg, tp)) + moe_layers * (
             b * moe.top_k * (4 * moe.expert_ffn_hidden_size + 2 * m.hidden_size) / tp + 12 * moe.num_experts
             + 20 * moe.top_k)
         per_token += (layers - moe_layers) * b * 4 * m.dense_ffn_hidden_size / tp

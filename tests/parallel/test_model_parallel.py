@@ -11,6 +11,8 @@ import torch
 from tests.helpers.dist import run_distributed
 
 S, MB, MICRO = 16, 2, 2
+MLA = ("model.attention=mla", "model.kv_lora_rank=16", "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=4",
+       "model.v_head_dim=6")
 
 
 def tiny_cfg(*overrides):
@@ -89,7 +91,13 @@ def _compare(rank, world_size, overrides):
     ("parallel.tp=2", "parallel.pp=2"),
     ("parallel.tp=2", "parallel.ep=2", "moe.mone.enabled=true", "moe.matryoshka.enabled=true",
      "moe.matryoshka.k_min=1", "moe.matryoshka.k_max=3"),
-], ids=["tp2-ep2", "pp2-ep2", "tp2-pp2", "tp2-ep2-mone-mmoe"])
+    # MLA: heads split over TP (q_b_proj / q_proj, kv_b_proj column, o_proj row), down-projections and latent
+    # norms replicated; the shared RoPE key's gradient is summed over TP (factory.tp_copy)
+    ("parallel.tp=2", "parallel.ep=2", *MLA, "model.q_lora_rank=12", "model.rope_scaling.type=yarn",
+     "model.rope_scaling.factor=4", "model.rope_scaling.original_max_position_embeddings=8",
+     "model.rope_scaling.mscale_all_dim=1.0"),
+    ("parallel.tp=2", "parallel.pp=2", *MLA),
+], ids=["tp2-ep2", "pp2-ep2", "tp2-pp2", "tp2-ep2-mone-mmoe", "tp2-ep2-mla-q-lora-yarn", "tp2-pp2-mla"])
 def test_model_parallel_matches_single_process(overrides):
     results = run_distributed(_compare, 4, overrides)
     assert any(r["last"] for r in results)

@@ -156,3 +156,12 @@ def test_exported_files_follow_the_umask(tmp_path):
         os.umask(old)
     modes = {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()}
     assert modes == {"model-00001-of-00001.safetensors": "0o640", "model.safetensors.index.json": "0o640"}
+
+
+@pytest.mark.parametrize("overrides", [["model.attention=mla"], ["model.rope_scaling.type=yarn"]])
+def test_mla_and_yarn_are_refused_with_one_line(overrides):
+    from launcher.config import ConfigError, load_config
+    from launcher.hf.mapping import hf_config
+
+    with pytest.raises(ConfigError, match="HF export supports model.attention=gqa with plain RoPE only"):
+        hf_config(load_config(None, overrides), {})

@@ -51,6 +51,24 @@ def test_param_counts_tiny_config():
     assert (p.total, p.activated) == (532, 412.0)
 
 
+MLA = ["model.attention=mla", "model.q_lora_rank=3", "model.kv_lora_rank=4", "model.qk_nope_head_dim=2",
+       "model.qk_rope_head_dim=2", "model.v_head_dim=3"]
+
+
+def test_hand_count_mla():
+    # Per layer, H=2 heads, n=2, r=2, v=3, c=4, c_q=3: q_a 4*3 + q_b 3*2*(2+2) = 36; kv_a 4*(4+2) = 24;
+    # kv_b 4*2*(2+3) = 40; o 2*3*4 = 24 -> 124 MACs (two layers 248). Scores: QK^T 3*2*4 = 24, PV 3*2*3 = 18 -> 42
+    # (two layers 84). The rest as in test_hand_count_tiny_config.
+    fwd = forward_flops_per_token(tiny_cfg(*MLA))
+    assert fwd.as_dict() == dict(attn_proj=496.0, attn_scores=168.0, router=32.0, experts=240.0, dense_ffn=144.0,
+                                 lm_head=80.0, experts_useful=240.0)
+    no_lora = forward_flops_per_token(tiny_cfg(*MLA, "model.q_lora_rank=null"))
+    assert no_lora.attn_proj == 496.0 - 2 * 2 * (36 - 4 * 2 * 4)  # one q_proj 4 x 2*(2+2) = 32 MACs instead
+    # params: attention 124 + latent norms (4 + 3) = 131 per layer instead of GQA's 52
+    p = param_counts(tiny_cfg(*MLA))
+    assert (p.total, p.activated) == (532 + 2 * (131 - 52), 412.0 + 2 * (131 - 52))
+
+
 def test_mone_executed_vs_useful():
     # keep_ratio 0.4 of F=5 keeps 2 neurons: useful expert MACs = gate 4*5 + up/down 2*4*2 = 36 (dense: 60).
     cfg = tiny_cfg("moe.mone.enabled=true", "moe.mone.keep_ratio=0.4")
@@ -153,6 +171,11 @@ VARIANTS = {
     # M-MoE draws k per layer; the capacity factor drops slots, so executed k is fractional
     "mmoe-capacity-train": (["moe.matryoshka.enabled=true", "moe.matryoshka.k_min=1", "moe.matryoshka.k_max=4",
                              "moe.capacity_factor=0.5"], "train"),
+    # MLA with and without query compression (v_head_dim differs from the q/k width: SDPA's P V is counted apart)
+    "mla-train": (["model.attention=mla", "model.q_lora_rank=24", "model.kv_lora_rank=32",
+                   "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=8", "model.v_head_dim=12"], "train"),
+    "mla-no-q-lora-eval": (["model.attention=mla", "model.kv_lora_rank=32", "model.qk_nope_head_dim=16",
+                            "model.qk_rope_head_dim=8", "model.v_head_dim=24"], "eval"),
 }
 
 

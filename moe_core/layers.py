@@ -1,0 +1,52 @@
+"""Building blocks shared by the attention variants and the transformer block: the projection factory and RMSNorm.
+
+Parallelism is not this package's business: the linear/embedding constructors come from a :class:`LayerFactory`
+(plain ``nn.Linear`` here; ``parallel/model.py`` passes tensor-parallel ones).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class LayerFactory:
+    """Builds the projections. ``column`` layers split their output over TP, ``row`` layers their input;
+    ``tp_copy`` marks a TP-replicated tensor that each TP rank uses for its own heads only."""
+
+    tp_size = 1
+
+    def column(self, in_features: int, out_features: int) -> nn.Module:
+        return nn.Linear(in_features, out_features, bias=False)
+
+    def row(self, in_features: int, out_features: int) -> nn.Module:
+        return nn.Linear(in_features, out_features, bias=False)
+
+    def embedding(self, vocab: int, dim: int) -> nn.Module:
+        return nn.Embedding(vocab, dim)
+
+    def tp_copy(self) -> nn.Module:
+        """Identity in the forward; with TP the backward sums the gradient over the TP ranks (each rank's heads
+        contribute their share of it). Single device: nothing to sum."""
+        return nn.Identity()
+
+
+class ReplicatedLinear(nn.Linear):
+    """A bias-free projection every TP rank holds whole and computes in full (MLA's down-projections). Its input
+    and output are replicated over TP; it is not a TP layer."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 and cast back (as HF Qwen3: ``weight * x_normed.to(input_dtype)``)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
