@@ -1,66 +1,104 @@
-"""The MoE layer: route -> dispatch -> experts -> combine, with the dispatcher passed in.
+"""The MoE layer: route -> dispatch -> experts -> combine, with the token dispatcher passed in.
 
-Shape legend: ``T`` tokens, ``K`` experts per token, ``N`` kept routing slots, ``D`` hidden, ``E`` experts.
+Shape legend: ``T`` tokens, ``K`` experts per token, ``N`` routing slots, ``D`` hidden, ``E`` experts.
 
-Dispatcher protocol: ``dispatcher(x_TD, topk_idx_TK, topk_weight_TK, experts) -> y_TD`` with
-``y_t = sum_k w_tk * Expert_{idx_tk}(x_t)`` (slots with idx -1 contribute 0). :class:`LocalDispatcher` is the
-single-device one; ``parallel/dispatch.py`` provides the expert-parallel ones built on ``moe_core.permute``.
+The dispatcher implements :class:`moe_core.dispatcher.TokenDispatcher` (named phases, each local-only or
+collective-only); the layer runs them through :func:`moe_core.dispatcher.dispatch_compute_combine`.
+:class:`LocalDispatcher` is the single-device one; ``parallel/dispatch.py`` and ``parallel/llep.py`` provide the
+expert-parallel ones. Every forward leaves a :class:`MoELayerStats` in ``layer.last_stats``.
 """
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
 from moe_core.config import MoEConfig
 from moe_core.aux_loss import AuxLossAutoScaler
+from moe_core.dispatcher import DispatchState, TokenDispatcher, dispatch_compute_combine
 from moe_core.experts import SwiGLUExperts
 from moe_core.matryoshka import KSchedule
 from moe_core.permute import make_permutation, permute_tokens, unpermute_tokens
 from moe_core.profiling import phase
 from moe_core.router import TopKRouter
 
-Dispatcher = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, SwiGLUExperts], torch.Tensor]
-
-__all__ = ["AuxLossAutoScaler", "Dispatcher", "LocalDispatcher", "MoELayer"]
+__all__ = ["AuxLossAutoScaler", "LocalDispatcher", "MoELayer", "MoELayerStats"]
 
 
-class LocalDispatcher:
-    """All experts on this device. Every phase is local-only (no communication) and none syncs with the host: the
-    permutation keeps all ``T*K`` slots (dropped ones as dead rows) and the counts stay on the device."""
+@dataclass(frozen=True)
+class MoELayerStats:
+    """Statistics of one MoE layer forward (detached; tensors stay on the routing device, nothing is read on the
+    host)."""
 
-    def __call__(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
-                 experts: SwiGLUExperts) -> torch.Tensor:
-        with phase("permute"):  # local-only: group the slots by expert (ids relative to this module's first expert)
-            local_idx_TK = torch.where(topk_idx_TK >= 0, topk_idx_TK - experts.first_expert, topk_idx_TK)
-            perm = make_permutation(local_idx_TK, experts.num_local_experts)
-            x_ND = permute_tokens(x_TD, perm)
-        with phase("experts"):  # local-only: expert compute
-            y_ND = experts(x_ND, perm.tokens_per_expert_E)
-        with phase("unpermute"):  # local-only: weighted combine back to token order
-            return unpermute_tokens(y_ND, perm, topk_weight_TK, x_TD.shape[0])
+    tokens_per_expert_E: torch.Tensor
+    """int64 [E] routing slots per expert, counted before capacity dropping."""
+    k: int
+    """Experts each token was routed to (the Matryoshka draw, else ``moe.top_k``)."""
+    dropped_slots: torch.Tensor
+    """int64 scalar: routing slots dropped by the capacity factor."""
+    mone_kept_fraction: float
+    """Fraction of expert neurons each routed token used (1.0 without MoNE)."""
+    aux_loss: torch.Tensor
+    """fp32 scalar: the load-balancing loss, already times ``moe.aux_loss_coeff``."""
+    z_loss: torch.Tensor
+    """fp32 scalar: the router z-loss, already times ``moe.z_loss_coeff``."""
+
+
+class LocalDispatcher(TokenDispatcher):
+    """All experts on this device. Every phase is local-only (the collective ones are the identity) and none syncs
+    with the host: the permutation keeps all ``T*K`` slots (dropped ones as dead rows) and the counts stay on the
+    device."""
+
+    def dispatch_preprocess(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
+                            experts: SwiGLUExperts) -> tuple[torch.Tensor, DispatchState]:
+        """Local-only: group the slots by expert (ids relative to the held experts' first one)."""
+        local_idx_TK = torch.where(topk_idx_TK >= 0, topk_idx_TK - experts.first_expert, topk_idx_TK)
+        perm = make_permutation(local_idx_TK, experts.num_local_experts)
+        return permute_tokens(x_TD, perm), DispatchState(experts, perm, topk_weight_TK)
+
+    def token_dispatch(self, x_ND: torch.Tensor, state: DispatchState) -> torch.Tensor:
+        """No communication: every expert is here."""
+        return x_ND
+
+    def dispatch_postprocess(self, x_MD: torch.Tensor, state: DispatchState) -> torch.Tensor:
+        """Local-only: the rows are already grouped by expert (dead rows last)."""
+        state.tokens_per_expert = state.perm.tokens_per_expert_E
+        return x_MD
+
+    def combine_preprocess(self, y_MD: torch.Tensor, state: DispatchState) -> torch.Tensor:
+        return y_MD
+
+    def token_combine(self, y_MD: torch.Tensor, state: DispatchState) -> torch.Tensor:
+        """No communication."""
+        return y_MD
+
+    def combine_postprocess(self, y_ND: torch.Tensor, state: DispatchState) -> torch.Tensor:
+        """Local-only: weighted combine back to token order."""
+        return unpermute_tokens(y_ND, state.perm, state.topk_weight_TK, state.perm.row_TK.shape[0])
 
 
 class MoELayer(nn.Module):
     """``forward(x[..., D]) -> y[..., D]``. Attributes: ``router``, ``experts`` (all E experts until the parallel
-    code swaps in a local-expert instance), ``dispatcher``, ``last_stats`` (detached metrics of the last call)."""
+    code swaps in a local-expert instance), ``dispatcher`` (a :class:`TokenDispatcher`), ``last_stats`` (the
+    :class:`MoELayerStats` of the last forward; None before the first)."""
 
     def __init__(self, hidden: int, moe_cfg: MoEConfig, layer_idx: int, k_schedule: KSchedule,
-                 dispatcher: Optional[Dispatcher] = None):
+                 dispatcher: Optional[TokenDispatcher] = None):
         super().__init__()
         self.hidden, self.cfg, self.layer_idx, self.k_schedule = hidden, moe_cfg, layer_idx, k_schedule
         self.router = TopKRouter(hidden, moe_cfg.num_experts, moe_cfg)
         self.experts = SwiGLUExperts(moe_cfg.num_experts, hidden, moe_cfg.expert_ffn_hidden_size, moe_cfg.mone)
-        self.dispatcher: Dispatcher = dispatcher if dispatcher is not None else LocalDispatcher()
+        self.dispatcher: TokenDispatcher = dispatcher if dispatcher is not None else LocalDispatcher()
         self.step: Optional[int] = None
         """Training step keying the Matryoshka k draw; None until :meth:`set_step` is called."""
         self._step_k: Optional[int] = None
         """The training k of ``step``, drawn by :meth:`set_step`, outside any compiled region: forward reads only
         this int (under ``torch.compile`` one graph per distinct k, never one per step)."""
         self._unset_step_calls = 0
-        self.last_stats: dict = {}
+        self.last_stats: Optional[MoELayerStats] = None
 
     def set_step(self, step: int) -> None:
         """The current training step (keys the Matryoshka k draw): call it once per optimizer step, before the
@@ -101,17 +139,14 @@ class MoELayer(nn.Module):
         k = self._next_k()
         with phase("router"):
             routed = self.router(x_TD, k)
-        y_TD = self.dispatcher(x_TD, routed.topk_idx_TK, routed.topk_weight_TK, self.experts)
+        y_TD = dispatch_compute_combine(self.dispatcher, x_TD, routed.topk_idx_TK, routed.topk_weight_TK,
+                                        self.experts)
         if self.training:
             y_TD = AuxLossAutoScaler.apply(y_TD, routed.aux_loss + routed.z_loss)
-        self.last_stats = {
-            "tokens_per_expert": routed.tokens_per_expert_E.detach(),
-            "k": k,
-            "dropped_slots": (routed.topk_idx_TK < 0).sum().detach(),
-            "mone_kept_fraction": self.experts.kept_fraction,
-            "aux_loss": routed.aux_loss.detach(),
-            "z_loss": routed.z_loss.detach(),
-        }
+        self.last_stats = MoELayerStats(
+            tokens_per_expert_E=routed.tokens_per_expert_E.detach(), k=k,
+            dropped_slots=(routed.topk_idx_TK < 0).sum().detach(), mone_kept_fraction=self.experts.kept_fraction,
+            aux_loss=routed.aux_loss.detach(), z_loss=routed.z_loss.detach())
         return y_TD.reshape(x.shape)
 
     def update_expert_bias(self, tokens_per_expert_E: torch.Tensor) -> None:

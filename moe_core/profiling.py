@@ -11,8 +11,10 @@ import contextlib
 import torch
 from torch.autograd import profiler
 
-PHASES = ("attention", "router", "permute", "experts", "unpermute", "optimizer")
-"""Every phase name used with :func:`phase` (the bench reports them in this order, then "other")."""
+PHASES = ("attention", "router", "permute", "dispatch", "experts", "combine", "unpermute", "optimizer")
+"""Every phase name used with :func:`phase` (the bench reports them in this order, then "other"). The MoE layer's
+are marked by the dispatcher driver (``moe_core.dispatcher``): ``permute`` / ``unpermute`` its local row movement,
+``dispatch`` / ``combine`` its communication (empty on one device), ``experts`` the expert computation."""
 
 
 def phase(name: str) -> contextlib.AbstractContextManager:

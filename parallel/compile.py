@@ -7,9 +7,10 @@ compile cost is paid per distinct block shape, not per layer. What the graph hol
 - One device (the local dispatcher): the whole block, with no graph break. The MoE layer makes no host sync
   (moe_core/permute.py) and reads only ints fixed for the step (the Matryoshka k, drawn in ``MoELayer.set_step``),
   so the recompilations are one per distinct k, for training and again for no-grad evaluation.
-- Expert parallelism (and TP > 1, which dispatches through the same all-to-all dispatcher): the dispatcher runs
-  eagerly (``torch.compiler.disable``: its all-to-all split sizes are host ints, which would otherwise become graph
-  guards and recompile per routing); attention and the router compile around it.
+- Expert parallelism (and TP > 1, which dispatches through the same all-to-all dispatcher): the dispatcher's
+  phases run eagerly (its ``traceable`` is False, so ``moe_core.dispatcher.dispatch_compute_combine`` runs them
+  under ``torch.compiler.disable``: all-to-all split sizes are host ints, which would otherwise become graph guards
+  and recompile per routing); attention and the router compile around it.
 - TP > 1: megatron-core's TP linears launch asynchronous collectives that dynamo does not trace; each is a graph
   break (correct, fewer fusions).
 - megatron-core's overlapped parameter all-gather runs from forward pre-hooks on every module, which would break

@@ -5,33 +5,34 @@ Shape legend: ``t`` this TP rank's tokens, ``K`` routed experts per token, ``N``
 ``M`` slots received (= computed) by this rank, ``D`` hidden, ``F`` expert FFN width, ``E`` experts, ``L`` local
 experts, ``P`` EP ranks, ``R`` foreign experts received, ``S`` weight copies sent.
 
-One call, phase by phase (each phase is local-only or collective-only; phase 1's TP split is local forward and
-an all-gather backward, exactly as in ``AllToAllDispatcher``):
-  1. local       TP slice of the tokens; group the routing slots by expert (``moe_core.permute``)
-  2. collective  all-gather the per-rank, per-expert counts over EP; ONE device-to-host copy of them
-  3. local       plan (host numpy, the same pure function of the same counts on every rank). Below
-                 ``imbalance_threshold`` the call continues exactly as ``AllToAllDispatcher`` phases 3-10 (its
-                 layout is derived from the gathered counts, so no count all-to-all is added); otherwise:
-  4. local       this rank's layout on the host; its row indices are built on the device from one small
-                 host-to-device copy of segment tables (no device-to-host traffic)
-  5. collective  expert weights to helpers by batched async P2P (``batch_isend_irecv``, sent straight from the
-                 parameter storage), overlapped with the token all-to-all; then wait for both
-  6. local       home experts on the parameters, foreign experts on the received weights
-  7. collective  all-to-all of the outputs back to the ranks the tokens came from
-  8. local       back to expert-sorted order, then the router-weighted sum per token
-  9. collective  all-gather of the outputs over TP
+Phases (``moe_core.dispatcher``; ``dispatch_preprocess``, ``token_combine`` and ``gather_output`` are
+``AllToAllDispatcher``'s, whose TP split is local forward and an all-gather backward):
+  token_dispatch        collective  all-gather the per-rank, per-expert counts over EP; ONE device-to-host copy of
+                                    them; the plan (host numpy, the same pure function of the same counts on every
+                                    rank). Below ``imbalance_threshold`` the call continues exactly as
+                                    ``AllToAllDispatcher`` (split sizes from the gathered counts, so no count
+                                    all-to-all is added). Otherwise this rank's layout on the host (row indices built
+                                    on the device from one small host-to-device copy of segment tables, no
+                                    device-to-host traffic), then expert weights to helpers by batched async P2P
+                                    (``batch_isend_irecv``, sent straight from the parameter storage), overlapped
+                                    with the token all-to-all; then wait for both
+  dispatch_postprocess  local       received rows -> home experts' rows, then foreign experts' rows
+  compute_experts       local       home experts on the parameters, foreign experts on the received weights
+  combine_preprocess    local       back to the order the rows were received in
+  token_combine         collective  all-to-all of the outputs back to the ranks the tokens came from
+  combine_postprocess   local       back to expert-sorted order, then the router-weighted sum per token
 
-Host syncs per call: the count copy of phase 2 plus what ``make_permutation`` needs, never more than plain EP
-(tests/parallel/test_llep_syncs.py counts them).
+Host syncs per call: the count copy of ``token_dispatch`` plus what ``make_permutation`` needs, never more than
+plain EP (tests/parallel/test_llep_syncs.py counts them).
 
-Gradients: phase 5's backward sends the gradient of every received weight back to its home rank by batched P2P,
-overlapped with the token-gradient all-to-all, and adds it in place into the gradient of the home weights (the
-home experts read the parameters through the same autograd node, so no parameter-sized temporary is made). A home
-expert's parameter thus gets exactly the gradient plain EP gives it. Every rank issues every collective whatever
-its token count (an empty split is still a call), in a fixed order, and whether the weight P2P happens at all is a
-property of the plan (the same on every rank); so no rank waits on a collective another rank issues in a different
-order, also under activation checkpointing or with several pipeline micro-batches in flight (the layout is saved
-per call, never read back from the dispatcher).
+Gradients: the weight exchange's backward sends the gradient of every received weight back to its home rank by
+batched P2P, overlapped with the token-gradient all-to-all, and adds it in place into the gradient of the home
+weights (the home experts read the parameters through the same autograd node, so no parameter-sized temporary is
+made). A home expert's parameter thus gets exactly the gradient plain EP gives it. Every rank issues every
+collective whatever its token count (an empty split is still a call), in a fixed order, and whether the weight P2P
+happens at all is a property of the plan (the same on every rank); so no rank waits on a collective another rank
+issues in a different order, also under activation checkpointing or with several pipeline micro-batches in flight
+(the layout is saved per call in its ``LLEPState``, never read back from the dispatcher).
 
 Memory bound (extra expert-weight bytes per rank, ``W`` = one expert's gate+up+down bytes): received weights
 ``R*W`` with ``R <= max_foreign_experts``, their gradients ``R*W`` during backward, and the returned gradients of
@@ -46,6 +47,7 @@ serialised on the device; true overlap there needs the P2P on a second group ove
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -53,10 +55,9 @@ import torch
 import torch.distributed as dist
 
 from moe_core.experts import SwiGLUExperts
-from moe_core.permute import make_permutation, permute_tokens, unpermute_tokens
 from parallel.comm import ProcessGroup, all_to_all, gather_dim0
 from parallel.config import LLEPConfig
-from parallel.dispatch import AllToAllDispatcher
+from parallel.dispatch import AllToAllDispatcher, EPState
 from parallel.llep_plan import LLEPPlan, RankLayout, check_hyperparameters, plan_llep, rank_layout
 
 __all__ = ["LLEPDispatcher", "extra_weight_bytes_bound", "plan_llep"]
@@ -98,9 +99,10 @@ def _tag(expert: int, part: int) -> int:
 
 
 class _Exchange(torch.autograd.Function):
-    """Collective-only (phase 5). Forward: post the weight P2P (home experts' parameter slices to helpers, received
-    into ``R``-row buffers), run the token all-to-all while it flies, wait. Returns the received tokens, the home
-    weights (pass-through, so their gradient comes back through this node) and the received weights.
+    """Collective-only (``token_dispatch`` of a rebalanced call). Forward: post the weight P2P (home experts'
+    parameter slices to helpers, received into ``R``-row buffers), run the token all-to-all while it flies, wait.
+    Returns the received tokens, the home weights (pass-through, so their gradient comes back through this node)
+    and the received weights.
     Backward: the same overlap for the gradients of the received weights (back to their homes) and the token
     gradients; returned weight gradients are added in place into the home weights' gradients."""
 
@@ -139,9 +141,24 @@ class _Exchange(torch.autograd.Function):
         return (grad_x_ND, *grad_homes, None, None)
 
 
+@dataclass
+class LLEPState(EPState):
+    """One call's bookkeeping: ``EPState`` (its splits, which a rebalanced call takes from ``layout``) and, when the
+    plan rebalanced, this rank's layout and the tensors the later phases need."""
+
+    layout: Optional[RankLayout] = None
+    """This rank's part of the plan; None for a plain EP call (then the ``EPState`` fields alone drive it)."""
+    send_N: Optional[torch.Tensor] = None
+    """int64 permuted rows in send order (rebalanced calls)."""
+    order_M: Optional[torch.Tensor] = None
+    """int64 received rows in compute order: home experts' rows, then foreign experts' (rebalanced calls)."""
+    weights: tuple[torch.Tensor, ...] = ()
+    """The exchange's home (gate, up, down) then received (gate, up, down) weights (rebalanced calls)."""
+
+
 class LLEPDispatcher(AllToAllDispatcher):
-    """Least-loaded EP dispatcher: the :class:`AllToAllDispatcher` protocol, groups and TP handling (its
-    ``tp_slice`` / ``check_experts`` / layout phases are reused), with the expert computation rebalanced per call.
+    """Least-loaded EP dispatcher: the :class:`AllToAllDispatcher` phases, groups and TP handling, with the expert
+    computation rebalanced per call (a plain EP call goes through the parent's phases unchanged).
 
     ``last_stats`` (plain floats, for metrics) describes the last call: ``imbalance_before`` / ``imbalance_after``
     (max/mean EP-rank load), ``tokens_moved`` (slots computed off their expert's home rank), ``weights_moved``
@@ -155,11 +172,12 @@ class LLEPDispatcher(AllToAllDispatcher):
         check_hyperparameters(cfg.imbalance_threshold, cfg.capacity_factor, cfg.min_tokens_per_gemm,
                               cfg.max_foreign_experts, cfg.max_helpers_per_expert)  # fail at build, not step 1
         self.cfg = cfg
+        self.state_type = LLEPState
         self.last_stats: dict[str, float] = {}
         self.last_plan: Optional[LLEPPlan] = None
         """The last call's plan (for inspection and tests; never read back by the dispatcher)."""
 
-    # -- phases -------------------------------------------------------------------------------------------------
+    # -- helpers of token_dispatch --------------------------------------------------------------------------------
 
     def gather_counts(self, tokens_per_expert_E: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
         """Collective-only: ``counts_PE[s, e]`` = slots EP rank ``s`` routes to expert ``e``, on the device and
@@ -168,7 +186,7 @@ class LLEPDispatcher(AllToAllDispatcher):
         return counts_PE, counts_PE.cpu().numpy()
 
     def plan(self, counts_PE: np.ndarray) -> tuple[LLEPPlan, Optional[RankLayout], float]:
-        """Local-only, host: the plan, this rank's layout (None for a plain EP plan) and the milliseconds taken."""
+        """Host only: the plan, this rank's layout (None for a plain EP plan) and the milliseconds taken."""
         start, cfg = time.perf_counter(), self.cfg
         plan = plan_llep(counts_PE.sum(0), self.ep_size, self.num_local,
                          imbalance_threshold=cfg.imbalance_threshold, capacity_factor=cfg.capacity_factor,
@@ -176,28 +194,6 @@ class LLEPDispatcher(AllToAllDispatcher):
                          max_helpers_per_expert=cfg.max_helpers_per_expert)
         layout = rank_layout(plan, counts_PE, self.ep_rank) if plan.rebalanced else None
         return plan, layout, (time.perf_counter() - start) * 1e3
-
-    def plain_layout(self, counts_dev_PE: torch.Tensor, counts_PE: np.ndarray):
-        """Local-only, no host sync: ``AllToAllDispatcher``'s layout from the gathered counts."""
-        L, first = self.num_local, self.ep_rank * self.num_local
-        return self.layout_from_host(counts_PE[self.ep_rank].reshape(self.ep_size, L).tolist(),
-                                     counts_PE[:, first:first + L].tolist(), counts_dev_PE[:, first:first + L])
-
-    @staticmethod
-    def compute(x_MD: torch.Tensor, weights: tuple[torch.Tensor, ...], layout: RankLayout,
-                experts: SwiGLUExperts) -> torch.Tensor:
-        """Local-only: received rows -> expert outputs, both in receive order. ``weights`` = the exchange's
-        home (gate, up, down) then received (gate, up, down)."""
-        order_M = _rows(layout.compute_starts, layout.compute_lengths, x_MD.device)
-        x_home, x_foreign = x_MD.index_select(0, order_M).split(
-            [sum(layout.home_tokens), sum(layout.foreign_tokens)], dim=0)
-        def counts(host: list[int]) -> torch.Tensor:  # the plan's counts back on the device (LLEP planned on the host)
-            return torch.tensor(host, dtype=torch.int64, device=x_MD.device)
-
-        y_parts = [experts.functional(x_home, counts(layout.home_tokens), *weights[:3])]
-        if layout.foreign_experts:
-            y_parts.append(experts.functional(x_foreign, counts(layout.foreign_tokens), *weights[3:]))
-        return _unorder(torch.cat(y_parts, dim=0), order_M)
 
     def _record(self, plan: LLEPPlan, layout: Optional[RankLayout], planner_ms: float,
                 experts: SwiGLUExperts) -> None:
@@ -212,26 +208,56 @@ class LLEPDispatcher(AllToAllDispatcher):
             "rebalanced": float(plan.rebalanced),
         }
 
-    # -- call ---------------------------------------------------------------------------------------------------
+    # -- phases ---------------------------------------------------------------------------------------------------
 
-    @torch.compiler.disable  # host split sizes and collectives: eager under train.compile (parallel/compile.py)
-    def __call__(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
-                 experts: SwiGLUExperts) -> torch.Tensor:
-        self.check_experts(experts)
-        x_tD, idx_tK, weight_tK = self.tp_slice(x_TD, topk_idx_TK, topk_weight_TK)          # 1 local
-        perm = make_permutation(idx_tK, self.num_experts)
-        x_ND = permute_tokens(x_tD, perm)
-        counts_dev_PE, counts_PE = self.gather_counts(perm.tokens_per_expert_E)             # 2 collective
-        plan, layout, planner_ms = self.plan(counts_PE)                                      # 3 local
-        if layout is None:  # plain EP: AllToAllDispatcher's phases 3-9, unchanged
-            y_tD = self.exchange_and_compute(x_ND, perm, weight_tK, self.plain_layout(counts_dev_PE, counts_PE),
-                                             experts)
-        else:
-            send_N = _rows(layout.send_starts, layout.send_lengths, x_ND.device)            # 4 local
-            x_MD, *weights = _Exchange.apply(x_ND.index_select(0, send_N), *_weights(experts), layout,
-                                             self.ep_group)                                  # 5 collective
-            y_MD = self.compute(x_MD, tuple(weights), layout, experts)                       # 6 local
-            y_ND = all_to_all(y_MD, layout.send_splits, layout.recv_splits, self.ep_group)  # 7 collective
-            y_tD = unpermute_tokens(_unorder(y_ND, send_N), perm, weight_tK, x_tD.shape[0])  # 8 local
-        self._record(plan, layout, planner_ms, experts)
-        return gather_dim0(y_tD, self.tp_group)                                              # 9 collective
+    def token_dispatch(self, x_ND: torch.Tensor, state: LLEPState) -> torch.Tensor:
+        """Collective-only: counts all-gather and host copy, the plan, then the rows (and, rebalanced, the
+        weights) to the ranks that compute them."""
+        counts_dev_PE, counts_PE = self.gather_counts(state.perm.tokens_per_expert_E)
+        plan, layout, planner_ms = self.plan(counts_PE)
+        self._record(plan, layout, planner_ms, state.experts)
+        if layout is None:  # plain EP: AllToAllDispatcher's split sizes, from the gathered counts
+            L, first = self.num_local, self.ep_rank * self.num_local
+            self.set_splits(state, counts_PE[self.ep_rank].reshape(self.ep_size, L).tolist(),
+                            counts_PE[:, first:first + L].tolist(), counts_dev_PE[:, first:first + L])
+            return self.send_rows(x_ND, state)
+        state.layout, state.send_splits, state.recv_splits = layout, layout.send_splits, layout.recv_splits
+        state.send_N = _rows(layout.send_starts, layout.send_lengths, x_ND.device)
+        x_MD, *weights = _Exchange.apply(x_ND.index_select(0, state.send_N), *_weights(state.experts), layout,
+                                         self.ep_group)
+        state.weights = tuple(weights)
+        return x_MD
+
+    def dispatch_postprocess(self, x_MD: torch.Tensor, state: LLEPState) -> torch.Tensor:
+        """Local-only: rebalanced, the received rows in compute order (home experts', then foreign experts')."""
+        if state.layout is None:
+            return super().dispatch_postprocess(x_MD, state)
+        state.order_M = _rows(state.layout.compute_starts, state.layout.compute_lengths, x_MD.device)
+        return x_MD.index_select(0, state.order_M)
+
+    def compute_experts(self, x_MD: torch.Tensor, state: LLEPState) -> torch.Tensor:
+        """Local-only: rebalanced, home experts on the parameters, foreign experts on the received weights."""
+        layout = state.layout
+        if layout is None:
+            return super().compute_experts(x_MD, state)
+        x_home, x_foreign = x_MD.split([sum(layout.home_tokens), sum(layout.foreign_tokens)], dim=0)
+
+        def counts(host: list[int]) -> torch.Tensor:  # the plan's counts back on the device (planned on the host)
+            return torch.tensor(host, dtype=torch.int64, device=x_MD.device)
+
+        y_parts = [state.experts.functional(x_home, counts(layout.home_tokens), *state.weights[:3])]
+        if layout.foreign_experts:
+            y_parts.append(state.experts.functional(x_foreign, counts(layout.foreign_tokens), *state.weights[3:]))
+        return torch.cat(y_parts, dim=0)
+
+    def combine_preprocess(self, y_MD: torch.Tensor, state: LLEPState) -> torch.Tensor:
+        """Local-only: back to the order the rows were received in."""
+        if state.layout is None:
+            return super().combine_preprocess(y_MD, state)
+        return _unorder(y_MD, state.order_M)
+
+    def combine_postprocess(self, y_ND: torch.Tensor, state: LLEPState) -> torch.Tensor:
+        """Local-only: rebalanced, back to expert-sorted order first; then ``AllToAllDispatcher``'s combine."""
+        if state.layout is not None:
+            y_ND = _unorder(y_ND, state.send_N)
+        return super().combine_postprocess(y_ND, state)

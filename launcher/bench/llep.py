@@ -32,6 +32,7 @@ from launcher.errors import ArgumentParser
 from launcher.bench.routing import SCENARIOS, routing
 from launcher.bench.world import free_port
 from moe_core.config import MoNEConfig
+from moe_core.dispatcher import dispatch_compute_combine
 from parallel.config import LLEPConfig
 
 __all__ = ["SCENARIOS", "bench_rank", "format_table", "main", "parse_args", "routing", "run_simulation"]
@@ -64,7 +65,7 @@ def _max_over_ranks(value: float) -> float:
 def _bench_dispatcher(dispatcher, experts, x_TD, idx_TK, w_TK, grad_TD, args) -> dict:
     def step():
         x = x_TD.clone().requires_grad_()
-        (dispatcher(x, idx_TK, w_TK, experts) * grad_TD).sum().backward()
+        (dispatch_compute_combine(dispatcher, x, idx_TK, w_TK, experts) * grad_TD).sum().backward()
 
     times = []
     for i in range(args.warmup + args.iters):
@@ -79,7 +80,7 @@ def _bench_dispatcher(dispatcher, experts, x_TD, idx_TK, w_TK, grad_TD, args) ->
     peak = _max_over_ranks(peak_step_bytes(step))
     x = x_TD.clone()
     with torch.no_grad():
-        y = dispatcher(x, idx_TK, w_TK, experts)
+        y = dispatch_compute_combine(dispatcher, x, idx_TK, w_TK, experts)
     return {"ms": statistics.median(times) * 1e3, "peak_mib": peak / 2**20, "y": y}
 
 
@@ -123,7 +124,7 @@ def bench_rank(rank: int, world: int, args: argparse.Namespace) -> list[dict]:
         res = {name: _bench_dispatcher(d, experts, x_TD, idx_TK, w_TK, grad_TD, args)
                for name, d in dispatchers.items()}
         with torch.no_grad():
-            y_ref = LocalDispatcher()(x_TD, idx_TK, w_TK, full)
+            y_ref = dispatch_compute_combine(LocalDispatcher(), x_TD, idx_TK, w_TK, full)
         stats, plan = dispatchers["llep"].last_stats, dispatchers["llep"].last_plan
         errs = {name: _max_over_ranks(float((res[name].pop("y") - y_ref).abs().max())) for name in res}
         rows.append({"scenario": scenario, "load_plain": stats["imbalance_before"],

@@ -34,7 +34,7 @@ training uses the mean of the k distribution and evaluation the k the model's KS
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -42,6 +42,10 @@ from launcher.config import Config
 from moe_core.config import MoEConfig
 from moe_core.matryoshka import KSchedule, k_probabilities
 from moe_core.mone import keep_count
+
+if TYPE_CHECKING:
+    from launcher.train.step_reduce import LayerStepStats
+    from moe_core.layer import MoELayerStats
 
 
 @dataclass(frozen=True)
@@ -223,13 +227,14 @@ def param_counts(cfg: Config, k_per_layer: Optional[Sequence[float]] = None, tra
     return ParamCount(total=total, activated=shared + dense_ffn + router + sum(ks) * expert_useful)
 
 
-def executed_k_per_layer(stats_per_layer: dict[int, dict]) -> list[float]:
-    """Routed expert slots actually computed per token, per MoE layer (in layer order), from ``last_stats``:
-    the drawn k, reduced by the capacity-dropped slots (``tokens_per_expert`` counts slots before dropping)."""
+def executed_k_per_layer(stats_per_layer: Mapping[int, Union[LayerStepStats, MoELayerStats]]) -> list[float]:
+    """Routed expert slots actually computed per token, per MoE layer (in layer order), from a step's statistics
+    (or one forward's ``MoELayer.last_stats``): the drawn k, reduced by the capacity-dropped slots
+    (``tokens_per_expert_E`` counts slots before dropping)."""
     ks = []
     for idx in sorted(stats_per_layer):
         st = stats_per_layer[idx]
-        slots = float(st["tokens_per_expert"].sum())
-        dropped = float(st.get("dropped_slots") or 0)
-        ks.append(float(st["k"]) * (1.0 - dropped / slots) if slots > 0 else float(st["k"]))
+        slots = float(st.tokens_per_expert_E.sum())
+        dropped = float(st.dropped_slots)
+        ks.append(float(st.k) * (1.0 - dropped / slots) if slots > 0 else float(st.k))
     return ks

@@ -28,7 +28,7 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import numpy as np
 import torch
@@ -36,6 +36,9 @@ import yaml
 
 from launcher.train import heatmap
 from moe_core.config import MoEConfig
+
+if TYPE_CHECKING:
+    from launcher.train.step_reduce import LayerStepStats
 
 # ---------------------------------------------------------------- peak FLOP/s per device
 
@@ -171,7 +174,7 @@ def moe_layer_tag(idx: int) -> str:
     return f"{MOE_GROUP}/layer{idx:02d}"
 
 
-def moe_layer_scalars(stats_per_layer: dict[int, dict], moe: MoEConfig) -> dict[str, float]:
+def moe_layer_scalars(stats_per_layer: dict[int, LayerStepStats], moe: MoEConfig) -> dict[str, float]:
     """Scalars from each MoE layer's step statistics (keyed by layer index), only those that can change in this
     run:
 
@@ -187,17 +190,17 @@ def moe_layer_scalars(stats_per_layer: dict[int, dict], moe: MoEConfig) -> dict[
     out: dict[str, float] = {}
     for idx in sorted(stats_per_layer):
         st, tag = stats_per_layer[idx], moe_layer_tag(idx)
-        load_E = torch.as_tensor(st["tokens_per_expert"]).double()
+        load_E = st.tokens_per_expert_E.double()
         mean = load_E.mean().item()
         out[f"{tag}/load_max_over_mean"] = load_E.max().item() / mean if mean > 0 else 0.0
         if moe.aux_loss_coeff > 0:
-            out[f"{tag}/aux_loss"] = float(st["aux_loss"])
+            out[f"{tag}/aux_loss"] = float(st.aux_loss)
         if moe.z_loss_coeff > 0:
-            out[f"{tag}/z_loss"] = float(st["z_loss"])
+            out[f"{tag}/z_loss"] = float(st.z_loss)
         if moe.capacity_factor is not None:
-            out[f"{tag}/dropped_slots"] = float(st["dropped_slots"])
+            out[f"{tag}/dropped_slots"] = float(st.dropped_slots)
         if moe.matryoshka.enabled:
-            out[f"{tag}/k"] = float(st["k"])
+            out[f"{tag}/k"] = float(st.k)
     if len(stats_per_layer) > 1:
         out[f"{MOE_GROUP}/load_max_over_mean_worst"] = max(
             v for t, v in out.items() if t.endswith("/load_max_over_mean"))
@@ -206,12 +209,11 @@ def moe_layer_scalars(stats_per_layer: dict[int, dict], moe: MoEConfig) -> dict[
     return out
 
 
-def load_shares(stats_per_layer: dict[int, dict]) -> tuple[list[int], np.ndarray]:
+def load_shares(stats_per_layer: dict[int, LayerStepStats]) -> tuple[list[int], np.ndarray]:
     """(MoE layer indices, shares [L, E] float64): each expert's fraction of its layer's routed tokens (rows sum
     to 1; a layer that routed nothing is NaN)."""
     layer_ids = sorted(stats_per_layer)
-    counts_LE = np.stack([torch.as_tensor(stats_per_layer[i]["tokens_per_expert"]).double().cpu().numpy()
-                          for i in layer_ids])
+    counts_LE = np.stack([stats_per_layer[i].tokens_per_expert_E.double().cpu().numpy() for i in layer_ids])
     totals_L1 = counts_LE.sum(axis=1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
         return layer_ids, np.where(totals_L1 > 0, counts_LE / totals_L1, np.nan)
@@ -275,7 +277,7 @@ class MetricsWriter:
             text = yaml.safe_dump(resolved, sort_keys=False).rstrip()
             self._writer.add_text("config", f"```yaml\n{text}\n```", step)
 
-    def expert_load(self, stats_per_layer: dict[int, dict], step: int) -> None:
+    def expert_load(self, stats_per_layer: dict[int, LayerStepStats], step: int) -> None:
         """Pictures of where tokens went, from one log step's MoE layer statistics (see :func:`load_shares`):
 
         - ``train_moe/expert_load``: layers x experts at this step (rows: MoE layers, columns: experts);

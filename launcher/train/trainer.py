@@ -30,6 +30,7 @@ from launcher.config import (Config, ConfigError, overlap_param_gather, save_res
 from launcher.data.loader import build_loader
 from launcher.train.metrics import (MetricsWriter, ProgressLine, StepStats, moe_layer_tag, peak_flops_per_device,
                                     throughput, training_scalars, moe_layer_scalars)
+from launcher.train.step_reduce import LayerStepStats, StepReduction
 from moe_core.matryoshka import EvalK
 from moe_core.profiling import phase
 from parallel.groups import ParallelGroups
@@ -69,7 +70,7 @@ def precision_context(cfg: Config, groups: ParallelGroups):
 
 class Preemption:
     """SIGUSR2/SIGTERM and a first Ctrl-C (SIGINT) set a flag; every step OR-reduces it over all ranks (inside the
-    step's one all-reduce, ``Trainer._step_numbers``) so they stop together after saving a checkpoint. A second
+    step's one all-reduce, ``launcher.train.step_reduce``) so they stop together after saving a checkpoint. A second
     Ctrl-C stops at once (KeyboardInterrupt)."""
 
     def __init__(self) -> None:
@@ -122,11 +123,9 @@ class Trainer:
         """Lineage id of this run's checkpoints (a resumed run takes its checkpoint's; rank 0's is the one used)."""
         self.last_good: Optional[str] = None
         """The newest checkpoint saved outside a non-finite streak: pruning keeps it, a stopped run names it."""
-        self._tokens_per_expert_dev: dict[int, torch.Tensor] = {}
-        """Per MoE layer, the step's tokens per expert summed over micro-batches and DP, on the device (bias update)."""
-        self._layer_sums: dict[int, torch.Tensor] = {}
-        """Per MoE layer of this stage, summed over the step's micro-batches so far (on the device, no host sync):
-        tokens per expert [E], then dropped routing slots, aux loss, z loss."""
+        self._reduction = StepReduction(groups, self.device, flops.moe_layer_indices(cfg), cfg.moe.num_experts,
+                                        self.num_micro * groups.dp_size, cfg.moe.mone.enabled)
+        """The step's numbers: MoE statistics summed as micro-batches run, one all-reduce and host read per step."""
 
     # ------------------------------------------------------------ state
     def _per_rank_state(self) -> dict:
@@ -182,11 +181,7 @@ class Trainer:
         with precision_context(self.cfg, self.groups):
             out = model(inp)
         if model.training:  # MoE statistics of training steps only (validation forwards run in eval mode)
-            for idx, layer in model.moe_layers().items():
-                st = layer.last_stats
-                parts = [st["tokens_per_expert"], *(st[k].reshape(1) for k in ("dropped_slots", "aux_loss", "z_loss"))]
-                row = torch.cat([part.detach().to(torch.float64) for part in parts])
-                self._layer_sums[idx] = self._layer_sums.get(idx, 0) + row
+            self._reduction.add_micro_batch(model.moe_layers())
         if not self.groups.is_last_stage:
             return out
         losses = token_losses(out, mb["labels"].to(self.device), self.groups)
@@ -215,54 +210,11 @@ class Trainer:
             return mb
         return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in mb.items()}
 
-    def _step_numbers(self, losses: list[torch.Tensor], norm_sq: torch.Tensor,
-                      stop_requested: bool) -> tuple[float, float, dict[int, dict], bool]:
-        """The step's numbers, in ONE all-reduce over every rank and ONE device-to-host transfer: the mean loss,
-        the global gradient norm, whether any rank asked to stop (signals; see :class:`Preemption`) and the
-        per-MoE-layer statistics (tokens per expert and dropped routing slots summed over every micro-batch and DP
-        rank, aux and z losses averaged over them, the drawn k and the MoNE kept fraction).
-
-        Everything is summed over the world: the loss lives on the last stage (identical over TP, distinct over
-        DP), the norm on every rank, layer sums on their stage (identical over TP, disjoint over DP), constants
-        on their stage (identical over TP and DP); each is divided by how often it was counted."""
-        g = self.groups
-        moe_idx = flops.moe_layer_indices(self.cfg)
-        L, E = len(moe_idx), self.cfg.moe.num_experts
-        sums = torch.zeros(L, E + 3, dtype=torch.float64, device=self.device)
-        constants = torch.zeros(2, L, dtype=torch.float64, device=self.device)  # k, kept fraction
-        local = self.model.moe_layers()
-        for pos, idx in enumerate(moe_idx):
-            if idx in local:
-                sums[pos] = self._layer_sums.get(idx, 0)
-                constants[0, pos] = float(local[idx].last_stats["k"])
-                constants[1, pos] = float(local[idx].last_stats["mone_kept_fraction"])
-        self._layer_sums = {}
-        loss = torch.stack(losses).mean().double() if losses else torch.zeros((), dtype=torch.float64,
-                                                                               device=self.device)
-        stop = torch.full((), float(stop_requested), dtype=torch.float64, device=self.device)  # a fill, no copy
-        packed = torch.cat([torch.stack([loss, norm_sq.to(self.device), stop]), sums.flatten(),
-                            constants.flatten()])
-        if g.distributed:
-            dist.all_reduce(packed, group=dist.group.WORLD)  # every rank takes part in one step
-        counts_dev = packed[3:3 + sums.numel()].view(L, E + 3)[:, :E] / g.tp_size
-        self._tokens_per_expert_dev = {idx: counts_dev[pos] for pos, idx in enumerate(moe_idx)}
-        host = packed.tolist()  # the step's one device-to-host transfer
-        loss_v, norm_sq_v, stop_v = host[0] / (g.tp_size * g.dp_size), host[1] / g.world_size, host[2] > 0
-        rows = [[v / g.tp_size for v in host[3 + i * (E + 3):3 + (i + 1) * (E + 3)]] for i in range(L)]
-        const_h = [v / (g.tp_size * g.dp_size) for v in host[3 + sums.numel():]]
-        micro_batches = self.num_micro * g.dp_size
-        stats = {idx: {"tokens_per_expert": torch.tensor(rows[i][:E], dtype=torch.float64),
-                       "dropped_slots": rows[i][E], "aux_loss": rows[i][E + 1] / micro_batches,
-                       "z_loss": rows[i][E + 2] / micro_batches, "k": const_h[i],
-                       "mone_kept_fraction": const_h[L + i] if self.cfg.moe.mone.enabled else None}
-                 for i, idx in enumerate(moe_idx)}
-        norm = math.sqrt(norm_sq_v) if math.isfinite(norm_sq_v) else float("nan")
-        return loss_v, norm, stats, stop_v
-
-    def train_step(self, preemption: Optional[Preemption] = None) -> tuple[float, float, dict[int, dict], bool]:
+    def train_step(self, preemption: Optional[Preemption] = None
+                   ) -> tuple[float, float, dict[int, LayerStepStats], bool]:
         """One optimizer step. Returns the loss, the gradient norm, the per-MoE-layer statistics and whether all
         ranks agreed to stop (a signal reached ``preemption`` on any rank by the end of backward). The host reads
-        the device once, after backward."""
+        the device once, after backward (``StepReduction.reduce``)."""
         cfg = self.cfg
         self.model.train()
         self.model.set_step(self.step)
@@ -275,15 +227,15 @@ class Trainer:
             self.optimizer.reduce_grads()
             norm_sq = self.optimizer.grad_norm_sq()
         stop_requested = preemption is not None and preemption.requested
-        loss, norm, layer_stats, stop = self._step_numbers(losses, norm_sq, stop_requested)
-        if not (math.isfinite(loss) and math.isfinite(norm)):
-            return loss, norm, layer_stats, stop
+        step = self._reduction.reduce(losses, norm_sq, stop_requested, self.model.moe_layers())
+        if not (math.isfinite(step.loss) and math.isfinite(step.grad_norm)):
+            return step.loss, step.grad_norm, step.layers, step.stop
         with phase("optimizer"):
-            self.optimizer.step(norm)
+            self.optimizer.step(step.grad_norm)
         if cfg.moe.expert_bias:
             for idx, layer in self.model.moe_layers().items():
-                layer.update_expert_bias(self._tokens_per_expert_dev[idx])  # the device copy: no host round trip
-        return loss, norm, layer_stats, stop
+                layer.update_expert_bias(step.tokens_per_expert_dev[idx])  # the device copy: no host round trip
+        return step.loss, step.grad_norm, step.layers, step.stop
 
     # ------------------------------------------------------------ validation
     def _valid_batches(self, n: int) -> list[dict]:
@@ -431,7 +383,7 @@ class Trainer:
                 out[f"{moe_layer_tag(idx)}/llep_{key}"] = float(value)
         return out
 
-    def _log(self, loss: float, norm: float, step_time: float, layer_stats: dict[int, dict]) -> None:
+    def _log(self, loss: float, norm: float, step_time: float, layer_stats: dict[int, LayerStepStats]) -> None:
         if not self.is_logger or self.step % self.cfg.logging.log_interval != 0:
             return
         # FLOPs from the k each layer actually ran (M-MoE draws, capacity drops); MoNE also logs useful FLOPs

@@ -47,7 +47,7 @@ def test_layer_bf16_on_cuda_matches_fp32():
     y16 = layer.to(torch.bfloat16)(x.to(torch.bfloat16))
     assert y16.dtype == torch.bfloat16
     assert layer.router.expert_bias.dtype == torch.float32 and layer.router.expert_bias.is_cuda
-    layer.update_expert_bias(layer.last_stats["tokens_per_expert"])
+    layer.update_expert_bias(layer.last_stats.tokens_per_expert_E)
     assert layer.router.expert_bias.abs().max() == cfg.expert_bias_update_rate  # 1e-3 survives: fp32
     torch.testing.assert_close(y16.float(), y32, atol=2e-3, rtol=5e-2)
 

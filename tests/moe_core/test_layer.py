@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from moe_core.config import MoEConfig, MoNEConfig
 from moe_core.aux_loss import AuxLossAutoScaler
+from moe_core.dispatcher import dispatch_compute_combine
 from moe_core.layer import LocalDispatcher, MoELayer
 from moe_core.matryoshka import KSchedule
 
@@ -71,7 +72,7 @@ def test_layer_matches_per_token_loop_reference_outputs_and_grads():
     ref_grads = _params_and_grads(ref)
     for name, grad in _params_and_grads(layer).items():
         torch.testing.assert_close(grad, ref_grads[name], atol=1e-6, rtol=1e-5, msg=name)
-    torch.testing.assert_close(layer.last_stats["aux_loss"] + layer.last_stats["z_loss"], aux_ref.detach())
+    torch.testing.assert_close(layer.last_stats.aux_loss + layer.last_stats.z_loss, aux_ref.detach())
 
 
 def test_local_dispatcher_with_dropped_slots_matches_loop():
@@ -79,7 +80,7 @@ def test_local_dispatcher_with_dropped_slots_matches_loop():
     x_TD = torch.randn(4, D)
     idx_TK = torch.tensor([[3, 0], [1, -1], [-1, -1], [2, 3]])
     w_TK = torch.tensor([[0.6, 0.4], [1.0, 0.0], [0.0, 0.0], [0.3, 0.7]])
-    y = LocalDispatcher()(x_TD, idx_TK, w_TK, layer.experts)
+    y = dispatch_compute_combine(LocalDispatcher(), x_TD, idx_TK, w_TK, layer.experts)
     expected = torch.stack([sum((w_TK[t, j] * _expert(layer, int(idx_TK[t, j]), x_TD[t])
                                  for j in range(2) if idx_TK[t, j] >= 0), torch.zeros(D)) for t in range(4)])
     torch.testing.assert_close(y, expected, atol=1e-6, rtol=1e-5)
@@ -118,12 +119,12 @@ def test_last_stats_with_capacity_and_mone():
     layer = _layer(capacity_factor=0.5, mone=MoNEConfig(enabled=True, keep_ratio=0.25))
     layer(torch.randn(10, D))
     stats = layer.last_stats
-    assert stats["k"] == 2 and stats["tokens_per_expert"].shape == (4,)
-    assert int(stats["tokens_per_expert"].sum()) == 20  # counted before dropping
+    assert stats.k == 2 and stats.tokens_per_expert_E.shape == (4,)
+    assert int(stats.tokens_per_expert_E.sum()) == 20  # counted before dropping
     # capacity = ceil(0.5 * 10 * 2 / 4) = 3 slots per expert: at least 20 - 12 slots are dropped
-    assert int(stats["dropped_slots"]) >= 8
-    assert stats["mone_kept_fraction"] == 0.25
-    assert not stats["tokens_per_expert"].requires_grad
+    assert int(stats.dropped_slots) >= 8
+    assert stats.mone_kept_fraction == 0.25
+    assert not stats.tokens_per_expert_E.requires_grad
 
 
 def test_bf16_layer_keeps_dtype():
@@ -136,10 +137,10 @@ def test_update_expert_bias_through_layer_changes_routing():
     layer = _layer(expert_bias=True, expert_bias_update_rate=1.0)
     x = torch.randn(16, D)
     layer(x)
-    busiest = int(layer.last_stats["tokens_per_expert"].argmax())
-    layer.update_expert_bias(layer.last_stats["tokens_per_expert"])
+    busiest = int(layer.last_stats.tokens_per_expert_E.argmax())
+    layer.update_expert_bias(layer.last_stats.tokens_per_expert_E)
     layer(x)
-    assert int(layer.last_stats["tokens_per_expert"][busiest]) == 0  # a bias of -1 outweighs any probability
+    assert int(layer.last_stats.tokens_per_expert_E[busiest]) == 0  # a bias of -1 outweighs any probability
 
 
 def test_wrong_hidden_size_is_reported():
@@ -157,6 +158,6 @@ def test_micro_batch_without_tokens_gives_zero_losses_and_finite_zero_gradients(
     y = layer(torch.randn(0, 8, requires_grad=True))
     y.sum().backward()
     assert y.shape == (0, 8)
-    assert layer.last_stats["aux_loss"].item() == 0.0 and layer.last_stats["z_loss"].item() == 0.0
+    assert layer.last_stats.aux_loss.item() == 0.0 and layer.last_stats.z_loss.item() == 0.0
     for p in layer.parameters():
         assert torch.equal(p.grad, torch.zeros_like(p))

@@ -105,11 +105,11 @@ def test_layer_routes_with_the_drawn_k():
         layer.set_step(step)
         layer(x)
         k = KSchedule(cfg, 5).k_for(2, step, training=True)
-        assert layer.last_stats["k"] == k and int(layer.last_stats["tokens_per_expert"].sum()) == 10 * k
+        assert layer.last_stats.k == k and int(layer.last_stats.tokens_per_expert_E.sum()) == 10 * k
     layer.eval()
     layer.k_schedule.set_eval_k(3)
     layer(x)
-    assert layer.last_stats["k"] == 3
+    assert layer.last_stats.k == 3
 
 
 def test_capacity_distribution_is_finite_for_small_tau():
@@ -130,7 +130,7 @@ def test_loop_without_set_step_draws_a_new_k_per_forward_and_warns_once():
         ks = []
         for _ in range(20):
             layer(torch.randn(5, 8))
-            ks.append(layer.last_stats["k"])
+            ks.append(layer.last_stats.k)
     assert len([w for w in record if "set_step" in str(w.message)]) == 1
     # call n uses step n's draw (was: the step-0 k on every call)
     assert ks == [KSchedule(cfg, seed=1).k_for(0, step, training=True) for step in range(20)]
@@ -140,10 +140,10 @@ def test_loop_without_set_step_draws_a_new_k_per_forward_and_warns_once():
         warnings.simplefilter("error")
         layer(torch.randn(5, 8))
         layer(torch.randn(5, 8))
-    assert layer.last_stats["k"] == KSchedule(cfg, seed=1).k_for(0, 7, training=True)
+    assert layer.last_stats.k == KSchedule(cfg, seed=1).k_for(0, 7, training=True)
     layer.eval()
     layer(torch.randn(5, 8))
-    assert layer.last_stats["k"] == 4  # evaluation: k_max, untouched by the counter
+    assert layer.last_stats.k == 4  # evaluation: k_max, untouched by the counter
 
 
 def test_eval_k_outside_the_trained_range_warns_once_naming_it():

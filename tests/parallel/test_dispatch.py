@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from moe_core.config import MatryoshkaConfig, MoEConfig, MoNEConfig
+from moe_core.dispatcher import dispatch_compute_combine
 from moe_core.layer import LocalDispatcher, MoELayer
 from moe_core.matryoshka import KSchedule
 from parallel.comm import SINGLE_PROCESS
@@ -75,8 +76,8 @@ def _step(layer: MoELayer, x_TD: torch.Tensor, g_TD: torch.Tensor, step: int) ->
     (y * g_TD).sum().backward()
     params = [getattr(layer.experts, n) for n in EXPERT_PARAMS]
     stats = layer.last_stats
-    return {"y": y.detach(), "x_grad": x.grad, "router_grad": layer.router.weight.grad, "k": stats["k"],
-            "dropped": int(stats["dropped_slots"]), "tokens_per_expert": stats["tokens_per_expert"],
+    return {"y": y.detach(), "x_grad": x.grad, "router_grad": layer.router.weight.grad, "k": stats.k,
+            "dropped": int(stats.dropped_slots), "tokens_per_expert": stats.tokens_per_expert_E,
             # an expert set that computed no rows may have no grad at all: that is a zero grad
             "expert_grads": [torch.zeros_like(p) if p.grad is None else p.grad for p in params]}
 
@@ -189,8 +190,8 @@ def test_bad_setup_fails_with_clear_errors(world_results):
     layer.experts.first_expert = 2  # not the experts this (single) EP rank owns
     routed = layer.router(x[0], layer.current_k())
     with pytest.raises(ValueError, match=r"expects experts \[0, 8\) but got experts \[2, 10\)"):
-        AllToAllDispatcher(SINGLE_PROCESS, SINGLE_PROCESS, E)(x[0], routed.topk_idx_TK, routed.topk_weight_TK,
-                                                             layer.experts)
+        dispatch_compute_combine(AllToAllDispatcher(SINGLE_PROCESS, SINGLE_PROCESS, E), x[0], routed.topk_idx_TK,
+                                 routed.topk_weight_TK, layer.experts)
     with pytest.raises(ValueError, match="AllToAllDispatcher tp_group is None"):
         AllToAllDispatcher(None, SINGLE_PROCESS, E)  # never "the world"
     with pytest.raises(ValueError, match="already sharded"):

@@ -9,6 +9,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from moe_core.config import MoNEConfig
+from moe_core.dispatcher import dispatch_compute_combine
 from parallel.config import LLEPConfig
 from moe_core.experts import SwiGLUExperts
 from moe_core.layer import LocalDispatcher
@@ -71,7 +72,7 @@ def _experts(weights: list[torch.Tensor], first: int, count: int, mone: MoNEConf
 def _run(dispatcher, experts, x_TD, idx_TK, w_TK, grad_TD) -> dict:
     """Forward + backward of ``sum(y * grad)``; returns the output and every gradient."""
     x_TD, w_TK = x_TD.clone().requires_grad_(), w_TK.clone().requires_grad_()
-    y_TD = dispatcher(x_TD, idx_TK, w_TK, experts)
+    y_TD = dispatch_compute_combine(dispatcher, x_TD, idx_TK, w_TK, experts)
     (y_TD * grad_TD).sum().backward()
     return dict(y=y_TD.detach(), x=x_TD.grad, w=w_TK.grad,
                 experts=[p.grad.clone() for p in (experts.w_gate_EFD, experts.w_up_EFD, experts.w_down_EDF)])
@@ -135,7 +136,7 @@ def _layer_stack(dispatcher, experts_list, router_DE, x_TD, use_checkpoint: bool
             logits_TE = h_TD @ router_DE
             idx_TK = logits_TE.argmax(dim=1, keepdim=True)
             w_TK = torch.softmax(logits_TE, dim=1).gather(1, idx_TK)
-            return h_TD + dispatcher(h_TD, idx_TK, w_TK, experts)
+            return h_TD + dispatch_compute_combine(dispatcher, h_TD, idx_TK, w_TK, experts)
         x_TD = checkpoint(layer, x_TD, use_reentrant=False) if use_checkpoint else layer(x_TD)
     return x_TD
 

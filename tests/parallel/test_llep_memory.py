@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 
 from moe_core.config import MoNEConfig
+from moe_core.dispatcher import dispatch_compute_combine
 from moe_core.experts import SwiGLUExperts
 from parallel.comm import SINGLE_PROCESS
 from parallel.config import LLEPConfig
@@ -34,7 +35,7 @@ def _transfer(rank: int, world: int) -> dict:
     x_TD = torch.randn(T, D, generator=gen, requires_grad=True)
     dist.batch_isend_irecv = recording
     try:
-        y_TD = llep(x_TD, idx_TK, torch.rand(T, 2, generator=gen), experts)
+        y_TD = dispatch_compute_combine(llep, x_TD, idx_TK, torch.rand(T, 2, generator=gen), experts)
         forward = list(posted)
         y_TD.square().sum().backward()
     finally:

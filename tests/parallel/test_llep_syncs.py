@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 
 from moe_core.config import MoNEConfig
+from moe_core.dispatcher import dispatch_compute_combine
 from moe_core.experts import SwiGLUExperts
 from parallel.comm import SINGLE_PROCESS
 from parallel.config import LLEPConfig
@@ -32,7 +33,7 @@ def _counts(rank: int, world: int) -> dict:
         for name, dispatcher in dispatchers.items():
             x_TD = torch.randn(T, D, generator=gen, requires_grad=True)
             with count_syncs() as forward:
-                y_TD = dispatcher(x_TD, idx_TK, w_TK, experts)
+                y_TD = dispatch_compute_combine(dispatcher, x_TD, idx_TK, w_TK, experts)
             with count_syncs() as backward:
                 y_TD.square().sum().backward()
             out[(skew, name)] = (forward.count, backward.count, forward.report() + "\n" + backward.report())

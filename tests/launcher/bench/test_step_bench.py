@@ -67,3 +67,27 @@ def test_bad_arguments_exit_2_with_one_line(args):
     run = subprocess.run([sys.executable, "-m", "launcher.bench.step", *args],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr
+
+
+@pytest.mark.parametrize("name", ["alltoall", "llep"])
+def test_every_op_of_an_ep_dispatcher_call_is_in_an_moe_phase(name):
+    """The driver marks the phases, not each dispatcher: LLEP's permute and count exchange used to land in "other"."""
+    from moe_core.dispatcher import dispatch_compute_combine
+    from moe_core.experts import SwiGLUExperts
+    from moe_core.config import MoNEConfig
+    from parallel.comm import SINGLE_PROCESS
+    from parallel.config import LLEPConfig
+    from parallel.dispatch import AllToAllDispatcher
+    from parallel.llep import LLEPDispatcher
+
+    E, T, D = 4, 64, 32
+    dispatcher = (LLEPDispatcher(SINGLE_PROCESS, SINGLE_PROCESS, E, LLEPConfig()) if name == "llep"
+                  else AllToAllDispatcher(SINGLE_PROCESS, SINGLE_PROCESS, E))
+    experts = SwiGLUExperts(E, D, 64, MoNEConfig())
+    gen = torch.Generator().manual_seed(0)
+    x_TD, idx_TK, w_TK = torch.randn(T, D, generator=gen), torch.randint(0, E, (T, 2), generator=gen), torch.rand(T, 2)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        dispatch_compute_combine(dispatcher, x_TD, idx_TK, w_TK, experts)
+    times = phase_times_ms(prof.events(), on_device=False)
+    assert times["other"] == 0 and times["attention"] == times["router"] == 0, times
+    assert all(times[p] > 0 for p in ("permute", "dispatch", "experts", "unpermute")), times

@@ -13,6 +13,7 @@ import torch
 from launcher.config import Config, load_config
 from launcher.train.flops import (default_k_per_layer, expected_k, executed_k_per_layer, forward_flops_per_token,
                             param_counts, training_flops)
+from launcher.train.step_reduce import LayerStepStats
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -113,8 +114,11 @@ def test_bad_k_per_layer_is_named():
 
 
 def test_executed_k_from_layer_stats():
-    stats = {3: dict(tokens_per_expert=torch.tensor([10, 6, 4, 0]), k=2, dropped_slots=5),
-             1: dict(tokens_per_expert=torch.tensor([3, 3, 3, 3]), k=3, dropped_slots=0)}
+    def layer(tokens_per_expert: list[float], k: int, dropped_slots: float) -> LayerStepStats:
+        return LayerStepStats(tokens_per_expert_E=torch.tensor(tokens_per_expert, dtype=torch.float64), k=k,
+                              dropped_slots=dropped_slots, aux_loss=0.0, z_loss=0.0, mone_kept_fraction=None)
+
+    stats = {3: layer([10, 6, 4, 0], k=2, dropped_slots=5), 1: layer([3, 3, 3, 3], k=3, dropped_slots=0)}
     # sorted by layer: layer 1 keeps all 12 slots (k=3); layer 3 drops 5 of 20 slots: 2 * 15/20 = 1.5
     assert executed_k_per_layer(stats) == [3.0, 1.5]
 
@@ -147,7 +151,7 @@ _PROFILE_SCRIPT = textwrap.dedent("""
                tokens=tokens_BS.numel())
     prof.end_profile()
     stats = {i: layer.last_stats for i, layer in model.moe_layers().items()}
-    out.update(k=[stats[i]["k"] for i in sorted(stats)], executed_k=executed_k_per_layer(stats))
+    out.update(k=[stats[i].k for i in sorted(stats)], executed_k=executed_k_per_layer(stats))
     print(json.dumps(out))
 """)
 

@@ -11,6 +11,7 @@ from tensorboard.backend.event_processing import event_accumulator
 from launcher.train import metrics
 from launcher.train.metrics import (MetricsWriter, ProgressLine, StepStats, gpu_peak_tflops, moe_layer_scalars,
                                     peak_flops_per_device, throughput, training_scalars)
+from launcher.train.step_reduce import LayerStepStats
 from moe_core.config import MatryoshkaConfig, MoEConfig
 
 
@@ -20,11 +21,11 @@ def _read_events(log_dir) -> event_accumulator.EventAccumulator:
     return acc
 
 
-def _layer_stats() -> dict[int, dict]:
-    return {1: dict(tokens_per_expert=torch.tensor([6, 2, 0, 0]), k=2, dropped_slots=3.0, aux_loss=0.5,
-                    z_loss=0.125, mone_kept_fraction=None),
-            3: dict(tokens_per_expert=torch.tensor([2, 2, 2, 2]), k=1, dropped_slots=0.0, aux_loss=0.25,
-                    z_loss=0.0625, mone_kept_fraction=0.5)}
+def _layer_stats() -> dict[int, LayerStepStats]:
+    return {1: LayerStepStats(tokens_per_expert_E=torch.tensor([6.0, 2.0, 0.0, 0.0], dtype=torch.float64), k=2,
+                              dropped_slots=3.0, aux_loss=0.5, z_loss=0.125, mone_kept_fraction=None),
+            3: LayerStepStats(tokens_per_expert_E=torch.tensor([2.0, 2.0, 2.0, 2.0], dtype=torch.float64), k=1,
+                              dropped_slots=0.0, aux_loss=0.25, z_loss=0.0625, mone_kept_fraction=0.5)}
 
 
 def test_moe_layer_scalars_dropless_fixed_k_logs_only_what_can_change():

@@ -23,13 +23,13 @@ def _one_step(rank, world, run_dir):
         def record(module, args, out, idx=idx):
             if module.training:
                 st = module.last_stats
-                seen.append((idx, int(st["dropped_slots"]), int(st["tokens_per_expert"].sum()),
-                             float(st["aux_loss"]), float(st["z_loss"])))
+                seen.append((idx, int(st.dropped_slots), int(st.tokens_per_expert_E.sum()), float(st.aux_loss),
+                             float(st.z_loss)))
         layer.register_forward_hook(record)
     _, _, stats, _ = trainer.train_step()
     gathered = [None] * world
     dist.all_gather_object(gathered, seen)
-    return {"stats": {i: {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in st.items()}
+    return {"stats": {i: dict(vars(st), tokens_per_expert_E=st.tokens_per_expert_E.tolist())
                       for i, st in stats.items()},
             "seen": [row for rank_rows in gathered for row in rank_rows], "num_micro": trainer.num_micro,
             "scalars": moe_layer_scalars(stats, cfg.moe), "executed_k": flops.executed_k_per_layer(stats)}
@@ -43,7 +43,7 @@ def test_step_stats_sum_over_micro_batches_and_dp(tmp_path, world):
         rows = [r for r in out["seen"] if r[0] == idx]
         assert len(rows) == 4  # every micro-batch of every DP rank
         dropped, slots = sum(r[1] for r in rows), sum(r[2] for r in rows)
-        assert dropped > 0 and st["dropped_slots"] == dropped and sum(st["tokens_per_expert"]) == slots
+        assert dropped > 0 and st["dropped_slots"] == dropped and sum(st["tokens_per_expert_E"]) == slots
         assert out["executed_k"][pos] == pytest.approx(2 * (1 - dropped / slots))
         assert st["aux_loss"] == pytest.approx(sum(r[3] for r in rows) / 4, rel=1e-6)
         assert st["z_loss"] == pytest.approx(sum(r[4] for r in rows) / 4, rel=1e-6)

@@ -1,5 +1,5 @@
 """One training step reads the device from the host exactly once (issue 14): the loss, the gradient norm, the stop
-flag and every MoE statistic travel in one all-reduce and one transfer (``Trainer._step_numbers``), and nothing
+flag and every MoE statistic travel in one all-reduce and one transfer (``launcher.train.step_reduce``), and nothing
 in forward, backward, gradient reduction or the update reads the device (Python-level calls; on CUDA the trainer
 also copies micro-batches from pinned memory without blocking, and tests/moe_core/test_cuda.py asks CUDA itself).
 The bf16 run uses megatron-core's DistributedOptimizer (the GPU configuration). A failure names every call site."""
@@ -46,5 +46,5 @@ def test_a_training_step_reads_the_device_once(tmp_path, extra):
     assert optimizer == ("LocalAdamW" if "optim.distributed=false" in extra else "DistributedAdam")
     assert len(calls) == 1, report
     what, site = calls[0]
-    assert what == "Tensor.tolist" and site.endswith("in _step_numbers"), report
+    assert what == "Tensor.tolist" and "step_reduce.py" in site and site.endswith("in host"), report
     assert 0 < loss < 10 and norm > 0 and stop is False

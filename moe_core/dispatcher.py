@@ -1,0 +1,138 @@
+"""The token-dispatcher protocol: how an MoE layer's routing slots reach their experts and come back.
+
+Shape legend: ``T`` tokens given to the layer, ``K`` experts per token, ``N`` routing slots this device sends,
+``M`` slots it receives (= computes), ``D`` hidden, ``E`` experts, ``L`` experts held here.
+
+A dispatcher splits one layer call into named phases, modelled on megatron-core's ``MoETokenDispatcher``. Each is
+local-only (this device's memory, no communication) or collective-only (communication, plus the host bookkeeping
+of split sizes the communication itself needs); :func:`dispatch_compute_combine` runs them in this order:
+
+====================  ==========  ===========================================================  ================
+phase                 kind        does                                                         profiler phase
+====================  ==========  ===========================================================  ================
+dispatch_preprocess   local       group the slots by expert, rows ``x_ND``                     ``permute``
+token_dispatch        collective  rows to the devices holding their experts, ``x_MD``          ``dispatch``
+dispatch_postprocess  local       received rows grouped by held expert; rows per expert        ``permute``
+compute_experts       local       the experts on their rows (default: ``experts(x, counts)``)  ``experts``
+combine_preprocess    local       expert outputs back into the order they were received in     ``unpermute``
+token_combine         collective  outputs back to the devices the slots came from, ``y_ND``    ``combine``
+combine_postprocess   local       router-weighted sum per token                                ``unpermute``
+gather_output         collective  the layer's output rows from every device that split them    ``combine``
+====================  ==========  ===========================================================  ================
+
+A local-only dispatcher (:class:`moe_core.layer.LocalDispatcher`) makes its collective phases the identity.
+Everything one call needs between its phases travels in that call's :class:`DispatchState` (a dispatcher subclasses
+it for its own bookkeeping), never on the dispatcher: activation recomputation and pipeline micro-batches in flight
+each get their own state. That is also what lets a driver overlap communication with computation later (e.g. shared
+experts computed between ``token_dispatch`` and ``token_combine``), and a new transport (an all-gather dispatcher
+for small EP, DeepEP) is a new :class:`TokenDispatcher` subclass: the MoE layer only calls the driver.
+
+Autograd: phases are ordinary differentiable functions; a collective phase's backward is the reverse
+communication (``parallel/comm.py``), so the backward of a call crosses the same phases in reverse order.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from moe_core.experts import SwiGLUExperts
+from moe_core.permute import Permutation
+from moe_core.profiling import phase
+
+__all__ = ["DispatchState", "TokenDispatcher", "dispatch_compute_combine"]
+
+
+@dataclass
+class DispatchState:
+    """What one dispatcher call carries from phase to phase (set by ``dispatch_preprocess``)."""
+
+    experts: SwiGLUExperts
+    """The experts held by this device (``experts.first_expert`` .. ``+ num_local_experts - 1``)."""
+    perm: Permutation
+    """This device's routing slots grouped by expert (the slots it sends and later combines)."""
+    topk_weight_TK: torch.Tensor
+    """fp32 router weights of those slots (0 where dropped): the combine's weights."""
+    tokens_per_expert: Optional[torch.Tensor] = None
+    """int64 rows per held expert of the expert input, on the rows' device; set by ``dispatch_postprocess``."""
+
+
+class TokenDispatcher(abc.ABC):
+    """Moves routed token rows to their experts and the outputs back, in the phases of the module docstring.
+
+    ``traceable``: False when a phase needs host ints (all-to-all split sizes) or collectives; the driver then runs
+    the whole call eagerly under ``train.compile`` (one graph break, parallel/compile.py), so split sizes never
+    become graph guards that recompile per routing.
+    """
+
+    traceable: bool = True
+
+    @abc.abstractmethod
+    def dispatch_preprocess(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
+                            experts: SwiGLUExperts) -> tuple[torch.Tensor, DispatchState]:
+        """Local-only: the rows to send ``x_ND`` (grouped by expert) and the call's state. ``topk_idx_TK`` holds
+        global expert ids (``-1`` = dropped slot), ``topk_weight_TK`` their fp32 weights."""
+
+    @abc.abstractmethod
+    def token_dispatch(self, x_ND: torch.Tensor, state: DispatchState) -> torch.Tensor:
+        """Collective-only: the rows this device computes, ``x_MD``, in the order they arrive."""
+
+    @abc.abstractmethod
+    def dispatch_postprocess(self, x_MD: torch.Tensor, state: DispatchState) -> torch.Tensor:
+        """Local-only: the received rows grouped by held expert; sets ``state.tokens_per_expert``."""
+
+    def compute_experts(self, x_MD: torch.Tensor, state: DispatchState) -> torch.Tensor:
+        """Local-only: expert outputs of the grouped rows (same row order). Default: the held experts."""
+        return state.experts(x_MD, state.tokens_per_expert)
+
+    @abc.abstractmethod
+    def combine_preprocess(self, y_MD: torch.Tensor, state: DispatchState) -> torch.Tensor:
+        """Local-only: inverse of ``dispatch_postprocess``'s reordering (outputs in the order rows arrived)."""
+
+    @abc.abstractmethod
+    def token_combine(self, y_MD: torch.Tensor, state: DispatchState) -> torch.Tensor:
+        """Collective-only: inverse of ``token_dispatch`` (each output back on the device that sent its row)."""
+
+    @abc.abstractmethod
+    def combine_postprocess(self, y_ND: torch.Tensor, state: DispatchState) -> torch.Tensor:
+        """Local-only: ``y_t = sum_k w_tk * y_row(t, k)`` in this device's token order (fp32 accumulation)."""
+
+    def gather_output(self, y_tD: torch.Tensor, state: DispatchState) -> torch.Tensor:
+        """Collective-only: the layer's output from the token rows this device combined. Default: the identity
+        (a dispatcher that splits the layer's tokens over devices, e.g. over TP, gathers them here)."""
+        return y_tD
+
+
+def _run_phases(dispatcher: TokenDispatcher, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor,
+                topk_weight_TK: torch.Tensor, experts: SwiGLUExperts) -> torch.Tensor:
+    with phase("permute"):
+        x_ND, state = dispatcher.dispatch_preprocess(x_TD, topk_idx_TK, topk_weight_TK, experts)
+    with phase("dispatch"):
+        x_MD = dispatcher.token_dispatch(x_ND, state)
+    with phase("permute"):
+        x_MD = dispatcher.dispatch_postprocess(x_MD, state)
+    with phase("experts"):
+        y_MD = dispatcher.compute_experts(x_MD, state)
+    with phase("unpermute"):
+        y_MD = dispatcher.combine_preprocess(y_MD, state)
+    with phase("combine"):
+        y_ND = dispatcher.token_combine(y_MD, state)
+    with phase("unpermute"):
+        y_tD = dispatcher.combine_postprocess(y_ND, state)
+    with phase("combine"):
+        return dispatcher.gather_output(y_tD, state)
+
+
+_run_phases_eagerly = torch.compiler.disable(_run_phases)
+
+
+def dispatch_compute_combine(dispatcher: TokenDispatcher, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor,
+                             topk_weight_TK: torch.Tensor, experts: SwiGLUExperts) -> torch.Tensor:
+    """``y_TD`` with ``y_t = sum_k w_tk * Expert_{idx_tk}(x_t)`` (slots with idx -1 contribute 0): every phase of
+    ``dispatcher`` in order, each marked as its profiler phase (``moe_core.profiling``; the only place these
+    phases are marked). ``x_TD`` [T, D] in the experts' dtype, ``topk_idx_TK`` int64 global expert ids,
+    ``topk_weight_TK`` fp32. A dispatcher that is not ``traceable`` runs eagerly under ``torch.compile``."""
+    run = _run_phases if dispatcher.traceable else _run_phases_eagerly
+    return run(dispatcher, x_TD, topk_idx_TK, topk_weight_TK, experts)
