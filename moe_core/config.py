@@ -141,8 +141,10 @@ class MatryoshkaConfig:
     """Smallest k drawn in training (<= k_max)."""
     k_max: PositiveInt = 4
     """Largest k drawn in training (<= moe.num_experts)."""
-    distribution: Literal["uniform", "capacity"] = "uniform"
-    """uniform over [k_min, k_max], or capacity-aware P(k) proportional to exp(log(k) / tau)."""
+    distribution: Literal["uniform", "capacity"] = "capacity"
+    """uniform over [k_min, k_max], or capacity-aware P(k) proportional to exp(log(k) / tau) (the paper's
+    capacity-aware sampling; the default: measured closer to the specialists at k >= 2 than uniform, and as close
+    at k = 1, docs/benchmarks.md "Matryoshka fidelity")."""
     tau: PositiveFloat = 1.0
     """Temperature of the capacity distribution."""
     eval_k: Optional[Union[PositiveInt, list[PositiveInt]]] = None
@@ -182,15 +184,18 @@ class MoEConfig:
     Mapping groups onto EP ranks (num_groups a multiple of parallel.ep) bounds the EP ranks a token reaches."""
     z_loss_coeff: NonNegativeFloat = 1e-3
     """Router z-loss coefficient (0 disables)."""
-    norm_topk_prob: bool = True
-    """true (default): the k gate weights of a token are its selected router probabilities renormalised to sum to
-    1 (at k = 1 per moe.k1_gate). false: the raw probabilities at every k. Hugging Face Qwen3-MoE's name."""
-    k1_gate: Literal["straight_through", "probability", "one"] = "probability"
-    """The gate of a token routed to one expert (top-1 models, a Matryoshka layer that drew k = 1, evaluation at
-    k = 1) when norm_topk_prob is true. one: 1.0, the renormalised value, whose router gradient is zero (Hugging
-    Face Qwen3-MoE). probability: the raw router probability (Switch Transformer, arXiv 2101.03961): the router
-    learns, but the layer's output scale is about 1/E of what k >= 2 gives. straight_through: the value 1.0 (the
-    same scale as every k) with the gradient of the log-probability, p / stop_gradient(p), so the router learns."""
+    norm_topk_prob: Optional[bool] = None
+    """true: the k gate weights of a token are its selected router probabilities renormalised to sum to 1 (at
+    k = 1 the value 1.0, with the gradient of log p: see moe.top1_gate). false: the raw probabilities at every k, so
+    each further expert adds its term (the nested, coarse-to-fine gate Matryoshka MoE needs). null = false under
+    Matryoshka MoE, true otherwise (measured: docs/benchmarks.md "Matryoshka fidelity"). Hugging Face's name."""
+    top1_gate: Literal["probability", "straight_through"] = "probability"
+    """How a top-1 model (moe.top_k = 1, no Matryoshka) with renormalised gates weighs its one expert.
+    probability: the raw router probability (Switch Transformer, arXiv 2101.03961; measured best for a top-1
+    model), which makes it a raw-probability model: evaluated at any k it gates with the raw probabilities.
+    straight_through: the value 1.0 (the renormalised value, Hugging Face Qwen3-MoE's gate) with the gradient of
+    log p, so the router still learns. Every other renormalised model gates a k = 1 token the straight_through way
+    (value 1.0: the scale of every k), so evaluating a top-2 model at k = 1 keeps its output scale."""
     expert_bias: bool = False
     """Aux-loss-free balancing: a per-expert bias added to routing scores for selection only."""
     expert_bias_update_rate: NonNegativeFloat = 1e-3
@@ -199,3 +204,12 @@ class MoEConfig:
     """None = dropless (default). A number caps tokens per expert at capacity_factor * T * k / E; extra tokens drop."""
     mone: MoNEConfig = field(default_factory=MoNEConfig)
     matryoshka: MatryoshkaConfig = field(default_factory=MatryoshkaConfig)
+
+    @property
+    def renormalise_gates(self) -> bool:
+        """Whether gates are renormalised over the chosen experts at every k (value 1.0 at k = 1): norm_topk_prob
+        (null: false under Matryoshka, true otherwise), except for a top-1 model with top1_gate = probability,
+        whose trained scale is the raw probability."""
+        norm = self.norm_topk_prob if self.norm_topk_prob is not None else not self.matryoshka.enabled
+        raw_top1 = self.top1_gate == "probability" and self.top_k == 1 and not self.matryoshka.enabled
+        return norm and not raw_top1

@@ -11,14 +11,14 @@ experts and the renormalised weights are sensitive to bf16 rounding and decide w
   DeepSeek-V3 style), inside the token's ``moe.group_topk`` best of ``moe.num_groups`` expert groups (a group
   scored by the sum of its two highest biased scores) when ``num_groups > 1``. Gates are computed from ``s_TE``
   and multiplied by ``moe.routed_scaling_factor`` after normalisation.
-- gate weights (``moe.norm_topk_prob``, Hugging Face Qwen3-MoE's name): true = ``p`` of the chosen experts
-  renormalised to sum to 1; false = the raw ``p`` at every k. At k = 1 renormalising gives exactly 1.0, whose
-  gradient w.r.t. the router is zero, so a top-1 layer (or a Matryoshka layer that drew k = 1) would learn routing
-  from the aux losses only; ``moe.k1_gate`` picks the k = 1 rule: ``straight_through`` = the value 1.0
-  with the gradient of ``log p`` (``p / stop_gradient(p)``), so the output scale is the same at every k and the
-  router still learns; ``probability`` (default) = the raw ``p`` (Switch Transformer, arXiv 2101.03961; the output scale
-  drops to about 1/E of k >= 2's); ``one`` = 1.0 with no router gradient (Hugging Face Qwen3-MoE). Measured in
-  docs/benchmarks.md ("Matryoshka fidelity").
+- gate weights (``MoEConfig.renormalise_gates``, from ``moe.norm_topk_prob``, Hugging Face's name, and
+  ``moe.top1_gate``): renormalised = the chosen scores divided by their sum, at every k; at k = 1 that is exactly
+  1.0, whose gradient w.r.t. the router is zero, so the value 1.0 is computed as ``p / stop_gradient(p)`` (a
+  straight-through gate: the router learns through ``log p``, and the output scale is the same at every k, so a
+  top-2 model evaluated at k = 1 does not lose its scale). Raw = the chosen scores themselves (``norm_topk_prob``
+  false, the Matryoshka default: a further expert adds its term; or a top-1 model with ``top1_gate:
+  probability``, the Switch Transformer's gate, arXiv 2101.03961). Measured in docs/benchmarks.md ("Matryoshka
+  fidelity").
 - aux loss (Switch/megatron-core): ``coeff * E * sum_e f_e * P_e`` with ``f_e`` the fraction of the routed slots
   that chose e (before dropping) and ``P_e`` the mean over this micro-batch's tokens of ``p_te``; equals ``coeff``
   when balanced. ``moe.aux_loss_scope`` says whose slots ``f_e`` counts: ``micro_batch`` = this micro-batch's T*K;
@@ -104,12 +104,14 @@ def sequence_aux_loss(probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, seq_len
 
 
 def gate_weights(topk_prob_TK: torch.Tensor, cfg: MoEConfig) -> torch.Tensor:
-    """fp32 ``[T, K]`` gate weights from the selected router probabilities (module docstring, ``moe.k1_gate``)."""
-    if not cfg.norm_topk_prob or (topk_prob_TK.shape[1] == 1 and cfg.k1_gate == "probability"):
+    """fp32 ``[T, K]`` gate weights from the selected router scores (module docstring): renormalised over the
+    chosen experts when ``cfg.renormalise_gates`` (at k = 1 the value 1.0 with the gradient of ``log p``), else
+    the raw scores."""
+    if not cfg.renormalise_gates:
         return topk_prob_TK
-    if topk_prob_TK.shape[1] == 1 and cfg.k1_gate == "straight_through":
+    if topk_prob_TK.shape[1] == 1:
         return topk_prob_TK / topk_prob_TK.detach()  # value 1.0, gradient of log p: the router keeps learning
-    return topk_prob_TK / topk_prob_TK.sum(-1, keepdim=True)  # k = 1 with "one": exactly 1.0, no router gradient
+    return topk_prob_TK / topk_prob_TK.sum(-1, keepdim=True)
 
 
 def _no_reduction(counts: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Matryoshka MoE fidelity: one M-MoE model against specialists trained alone at each k, on two corpora.
 
     python -m launcher.bench.matryoshka [--steps 400] [--seeds 1234 1235] [--specialists 1 2 3 4]
-                                        [--corpora reference docstrings] [--set moe.k1_gate=one ...] [--json FILE]
+                                        [--corpora reference docstrings] [--set moe.matryoshka.tau=0.5 ...] [--json FILE]
 
 The paper's claim (arXiv 2509.26520): one Matryoshka model, k drawn per layer and step from [k_min, k_max], matches
 a suite of specialists, each trained at one fixed k, at every k. For each seed and corpus this trains the
@@ -10,7 +10,7 @@ the same order, evaluates every model at every k in [1, 4] on the same held-out 
 - the gap table: M-MoE's validation loss minus the specialist's at that specialist's k, mean ± sample standard
   deviation over seeds (paired: same init of shared weights, same batches), per corpus;
 - the full loss table (every model at every inference k), which also shows what a specialist does away from its
-  trained k (the gate rule at k = 1: ``moe.k1_gate``).
+  trained k (the gate rule: ``MoEConfig.renormalise_gates``).
 ``--set`` overrides apply to every model (to compare candidate gate rules or training details side by side).
 
 Corpora (held-out 20% of the documents; byte-level BPE of 512 tokens, 64-token samples):

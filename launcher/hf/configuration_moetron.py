@@ -1,8 +1,8 @@
 """Hugging Face config of a moetron MoNE / Matryoshka-MoE / expert-bias model (shipped inside exported model
 directories and loaded with ``trust_remote_code=True``; imports only transformers).
 
-Everything of Qwen3-MoE applies; ``norm_topk_prob`` keeps its meaning except at k = 1, where moetron gates by the
-raw router probability (Switch Transformer) instead of 1.0. The extra fields:
+Everything of Qwen3-MoE applies (``norm_topk_prob`` included: renormalised gates at every k, 1.0 at k = 1). The
+extra fields:
 
 - ``num_experts_per_tok``: k of every MoE layer unless ``moe_k_per_layer`` is set (elastic k: pass
   ``num_experts_per_tok=2`` to ``from_pretrained``, or call ``model.set_moe_k(k)``).

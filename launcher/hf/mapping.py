@@ -6,11 +6,10 @@ Qwen3-MoE (``model_type: qwen3_moe``); moetron's ``dense_layers`` are Qwen3-MoE'
 need moetron's own modeling code (``model_type: moetron``, a subclass of the Qwen3-MoE classes, shipped in the
 directory and registered through ``auto_map``).
 
-Gate weights: ``moe.norm_topk_prob`` is Qwen3-MoE's ``norm_topk_prob`` except at k = 1, where moetron gates by the
-raw probability (Switch) and Qwen3-MoE with ``norm_topk_prob: true`` by 1.0. A stock export is exact at its
-``num_experts_per_tok`` (a top-1 model is written with ``norm_topk_prob: false``, the same math at k = 1); changing
-k on a stock export follows Qwen3-MoE's rule. The moetron flavour follows moetron's rule at every k. A Qwen3-MoE
-model with ``norm_topk_prob: true`` and one expert per token cannot be imported (moetron has no such gate).
+Gate weights: Qwen3-MoE's ``norm_topk_prob`` is moetron's ``MoEConfig.renormalise_gates`` (renormalised at every
+k, 1.0 at k = 1), written both ways: a top-1 model trained with ``moe.top1_gate: probability`` (Switch) and a
+Matryoshka model (raw probabilities by default) are written with ``norm_topk_prob: false``; a stock top-1 model with
+``norm_topk_prob: true`` is read as ``moe.top1_gate: straight_through`` (the same gate value, 1.0).
 
 Dtypes: tensors the model keeps in fp32 (router weight: the router computes in fp32 from the fp32 master weight;
 aux-loss-free expert bias) are written in fp32 whatever ``--dtype`` is; the moetron flavour's modeling code keeps
@@ -121,7 +120,7 @@ def hf_config(cfg: Config, tokens: Mapping[str, int]) -> dict[str, Any]:
         "initializer_range": m.init_std, "hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0,
         "use_sliding_window": False, "sliding_window": None, "tie_word_embeddings": False, "use_cache": True,
         "num_experts": moe.num_experts, "num_experts_per_tok": ks[0], "moe_intermediate_size":
-            moe.expert_ffn_hidden_size, "norm_topk_prob": moe.norm_topk_prob and (custom or ks[0] > 1),
+            moe.expert_ffn_hidden_size, "norm_topk_prob": moe.renormalise_gates,
         "router_aux_loss_coef": moe.aux_loss_coeff,
         "output_router_logits": False, "dtype": "float32", **dict(tokens),
     }
@@ -163,10 +162,6 @@ def check_stock_hf(hf: Mapping[str, Any]) -> None:
     """Fail with a clear message unless ``hf`` is a Qwen3-MoE config moetron represents exactly."""
     _require(hf.get("model_type") == STOCK_MODEL_TYPE,
              f"HF config: model_type is {hf.get('model_type')!r}; from-hf converts '{STOCK_MODEL_TYPE}' models")
-    _require(not (hf.get("norm_topk_prob", False) and int(hf["num_experts_per_tok"]) == 1),
-             "HF config: norm_topk_prob=true with num_experts_per_tok=1 gates every token with weight 1.0; moetron "
-             "gates top-1 routing by the raw router probability (Switch), so this model cannot be represented "
-             "exactly")
     _require(hf.get("hidden_act", "silu") == "silu", f"HF config: hidden_act {hf.get('hidden_act')!r} != 'silu'")
     _require(not hf.get("attention_bias", False), "HF config: attention_bias=true (moetron has no biases)")
     _require(not hf.get("use_sliding_window", False), "HF config: use_sliding_window=true is not supported")
@@ -187,6 +182,8 @@ def moetron_model_fields(hf: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     moe = {"num_experts": num_experts, "top_k": int(hf["num_experts_per_tok"]),
            "expert_ffn_hidden_size": int(hf["moe_intermediate_size"]),
            "norm_topk_prob": bool(hf.get("norm_topk_prob", False))}  # Qwen3MoeConfig's default is false
+    if moe["norm_topk_prob"] and moe["top_k"] == 1:
+        moe["top1_gate"] = "straight_through"  # a gate of 1.0, as Qwen3-MoE's renormalised single weight
     return {"model": model, "moe": moe}
 
 

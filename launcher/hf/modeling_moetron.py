@@ -8,8 +8,7 @@ the experts optionally apply MoNE neuron selection. The math is moetron's (``moe
 ``moe_core/mone.py``), restated here because this file must run without moetron installed:
 
     p = softmax(fp32(x) @ fp32(W_gate_router)^T);  chosen = top-k(p + bias)
-    w = p[chosen] / sum(p[chosen]) if norm_topk_prob and k > 1, else p[chosen] (k = 1: the raw probability,
-        as in the Switch Transformer, so the router is trained by the language-model loss)
+    w = p[chosen] / sum(p[chosen]) if norm_topk_prob (1.0 at k = 1), else p[chosen]
     expert e:  g = W_gate[e] x,  u = W_up[e] x,  h = silu(g) * u on kept neurons, exactly 0 elsewhere,  y = W_down[e] h
     kept (MoNE): the keep_k neurons with the largest fp32 score |g * sigmoid(g)| (post_act) or |g| (pre_act);
         NaN scores rank below every number, equal scores keep the lower neuron index; dropped neurons are
@@ -55,7 +54,7 @@ def mone_keep_mask(pre_act_NF: torch.Tensor, keep_k: int, score: str) -> torch.T
 
 
 class MoetronRouter(qwen3_moe.Qwen3MoeTopKRouter):
-    """Softmax top-k router in fp32 (weights renormalised if norm_topk_prob and k > 1); ``top_k`` may be changed
+    """Softmax top-k router in fp32 (weights renormalised if norm_topk_prob); ``top_k`` may be changed
     at any time."""
 
     def __init__(self, config: MoetronConfig, top_k: int):
@@ -74,7 +73,7 @@ class MoetronRouter(qwen3_moe.Qwen3MoeTopKRouter):
         select_TE = probs_TE if self.expert_bias is None else probs_TE + self.expert_bias.float()
         topk_idx_TK = torch.topk(select_TE, self.top_k, dim=-1).indices
         topk_prob_TK = probs_TE.gather(1, topk_idx_TK)
-        renormalise = self.norm_topk_prob and self.top_k > 1
+        renormalise = self.norm_topk_prob
         topk_weight_TK = topk_prob_TK / topk_prob_TK.sum(-1, keepdim=True) if renormalise else topk_prob_TK
         return logits_TE, topk_weight_TK.to(x_TD.dtype), topk_idx_TK
 

@@ -79,8 +79,8 @@ def test_eval_k_validation():
 
 
 def test_fixed_k_matryoshka_equals_plain_top_k_layer():
-    plain_cfg = MoEConfig(num_experts=4, top_k=2, expert_ffn_hidden_size=16)
-    mm_cfg = copy.deepcopy(plain_cfg)
+    plain_cfg = MoEConfig(num_experts=4, top_k=2, expert_ffn_hidden_size=16, norm_topk_prob=False)
+    mm_cfg = copy.deepcopy(plain_cfg)  # the same gate rule (Matryoshka's default is raw probabilities)
     mm_cfg.matryoshka = MatryoshkaConfig(enabled=True, k_min=2, k_max=2)
     torch.manual_seed(0)
     plain = MoELayer(8, plain_cfg, 0, KSchedule(plain_cfg, 1))

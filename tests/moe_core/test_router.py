@@ -47,7 +47,8 @@ def test_capacity_factor_drops_lowest_probability_tokens():
     p0 = [0.6, 0.9, 0.7, 0.8]  # all four prefer expert 0; it keeps tokens 1 (0.9) and 3 (0.8)
     out = router(_logits_from_probs([[p, 1 - p] for p in p0]), k=1)
     assert out.topk_idx_TK.flatten().tolist() == [-1, 0, -1, 0]
-    torch.testing.assert_close(out.topk_weight_TK.flatten(), torch.tensor([0.0, 0.9, 0.0, 0.8]))  # k=1: raw p
+    # a top-2 model routed at k=1 keeps its renormalised scale: the value 1.0 (0 where dropped)
+    torch.testing.assert_close(out.topk_weight_TK.flatten(), torch.tensor([0.0, 1.0, 0.0, 1.0]))
     assert out.tokens_per_expert_E.tolist() == [4, 0]  # counted before dropping
 
 
@@ -130,8 +131,32 @@ def test_gate_weights_follow_norm_topk_prob(norm_topk_prob):
     top2 = router(x, k=2).topk_weight_TK
     want2 = [[2 / 3, 1 / 3], [3 / 5, 2 / 5]] if norm_topk_prob else [[4 / 7, 2 / 7], [3 / 6, 2 / 6]]
     torch.testing.assert_close(top2, torch.tensor(want2))
-    # k = 1 gates by the raw probability either way (Switch): renormalising would give exactly 1.0
-    torch.testing.assert_close(router(x, k=1).topk_weight_TK, torch.tensor([[4 / 7], [3 / 6]]))
+    # k = 1: renormalised models keep their scale (1.0), raw-probability models their raw p
+    want1 = [[1.0], [1.0]] if norm_topk_prob else [[4 / 7], [3 / 6]]
+    torch.testing.assert_close(router(x, k=1).topk_weight_TK, torch.tensor(want1))
+
+
+@pytest.mark.parametrize("matryoshka,norm,top_k,top1_gate,renormalised", [
+    (False, None, 2, "probability", True), (True, None, 2, "probability", False), (True, True, 2, "probability", True),
+    (False, None, 1, "probability", False), (False, None, 1, "straight_through", True),
+    (False, False, 1, "straight_through", False)])
+def test_which_models_renormalise_their_gates(matryoshka, norm, top_k, top1_gate, renormalised):
+    from moe_core.config import MatryoshkaConfig
+
+    cfg = MoEConfig(num_experts=4, top_k=top_k, norm_topk_prob=norm, top1_gate=top1_gate,
+                    matryoshka=MatryoshkaConfig(enabled=matryoshka, k_min=1, k_max=4))
+    assert cfg.renormalise_gates is renormalised
+
+
+def test_straight_through_k1_gate_is_one_with_the_gradient_of_log_p():
+    router = _identity_router(3, top_k=1, top1_gate="straight_through")
+    x = _logits_from_probs([[4.0, 2.0, 1.0], [1.0, 3.0, 2.0]]).requires_grad_(True)
+    out = router(x, k=1)
+    torch.testing.assert_close(out.topk_weight_TK, torch.ones(2, 1))
+    out.topk_weight_TK.sum().backward()
+    # d log p_e / d logits = onehot(e) - p
+    want = torch.tensor([[1 - 4 / 7, -2 / 7, -1 / 7], [-1 / 6, 1 - 3 / 6, -2 / 6]])
+    torch.testing.assert_close(x.grad, want)
 
 
 def test_k1_router_gets_language_model_gradient():

@@ -61,8 +61,6 @@ def test_round_trip_is_identical_and_pretraining_resumes(tmp_path):
 
 
 def test_from_hf_rejects_what_moetron_cannot_represent():
-    with pytest.raises(ConfigError, match="norm_topk_prob=true with num_experts_per_tok=1"):
-        mapping.merge_hf_into_raw({}, _qwen3_config(num_experts_per_tok=1))  # HF gates top-1 with 1.0
     with pytest.raises(ConfigError, match="model_type"):
         mapping.merge_hf_into_raw({}, _qwen3_config(model_type="mixtral"))
     with pytest.raises(ConfigError, match="rope type 'yarn'"):
@@ -79,13 +77,18 @@ def test_norm_topk_prob_is_carried_both_ways(norm):
     assert raw["moe"]["norm_topk_prob"] is norm
     assert mapping.merge_hf_into_raw({}, _qwen3_config(norm_topk_prob=False, num_experts_per_tok=1))["moe"] == \
         {**raw["moe"], "top_k": 1, "norm_topk_prob": False}  # raw top-1 gates are representable
+    # HF's renormalised top-1 gate is 1.0: moetron's straight-through top-1 gate has that value
+    assert mapping.merge_hf_into_raw({}, _qwen3_config(norm_topk_prob=True, num_experts_per_tok=1))["moe"] == \
+        {**raw["moe"], "top_k": 1, "norm_topk_prob": True, "top1_gate": "straight_through"}
     raw["data"] = {"source": "synthetic"}
     cfg = config_from_dict(raw)
     assert cfg.moe.norm_topk_prob is norm
     assert mapping.hf_config(cfg, {})["norm_topk_prob"] is norm
-    cfg.moe.top_k = 1  # a stock top-1 export writes false: the same gate (raw probability) as moetron's k=1 rule
+    cfg.moe.top_k = 1  # a Switch-gated top-1 model writes false: the same gate (raw probability) at every k
     assert mapping.hf_config(cfg, {})["norm_topk_prob"] is False
-    cfg.moe.expert_bias = True  # moetron flavour: its modeling code applies moetron's rule, the field is carried
+    cfg.moe.top1_gate = "straight_through"  # gate value 1.0: HF's renormalised top-1 gate
+    assert mapping.hf_config(cfg, {})["norm_topk_prob"] is norm
+    cfg.moe.expert_bias = True  # moetron flavour: its modeling code applies the same rule
     assert mapping.hf_config(cfg, {})["norm_topk_prob"] is norm
 
 

@@ -27,10 +27,6 @@ def load_hf(path, k):
 def test_hf_logits_equal_moetron(exported, variant):
     path = exported["root"] / variant / "hf"
     for k in K_VALUES:
-        if variant == "moe" and k == 1:
-            # stock Qwen3-MoE (norm_topk_prob true) gates k=1 with 1.0, moetron with the raw probability; a stock
-            # export is exact at its own num_experts_per_tok (2 here), see launcher/hf/mapping.py
-            continue
         with torch.no_grad():
             logits = load_hf(path, k)(probe_tokens()).logits
         torch.testing.assert_close(logits, exported["ref"][(variant, k)], rtol=1e-5, atol=1e-6)
