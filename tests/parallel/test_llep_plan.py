@@ -115,13 +115,13 @@ def test_sub_gemm_remainders_kept_home_never_add_up_to_a_gemm_over_capacity(prob
     """Issue 23: remainders under min_tokens_per_gemm kept at home one by one must not leave the home m or more over
     capacity (the stated bound) when no memory cap binds."""
     counts, P, epr, kwargs = problem
-    plan = plan_llep(counts, P, epr, **kwargs)
+    plan = _plan(counts, P, epr, **kwargs)
     assert max(plan.loads_after) < plan.capacity + kwargs["min_tokens_per_gemm"], (plan.loads_after, plan.capacity)
 
 
 def test_four_hot_experts_on_one_rank_are_rebalanced():
     """Issue 23's case: every hot expert is under min_tokens_per_gemm, their sum is not (rank 0 ended 2190 over)."""
-    plan = plan_llep([800] * 4 + [70] * 12, 4, 4, min_tokens_per_gemm=1024)
+    plan = _plan([800] * 4 + [70] * 12, 4, 4, min_tokens_per_gemm=1024)
     assert plan.capacity == 1010 and max(plan.loads_after) < plan.capacity + 1024
     assert max(plan.loads_after) - plan.capacity == 0 and len(plan.transfers) >= 3
 
