@@ -265,7 +265,9 @@ def _overlay(data: dict, values: dict) -> dict:
 
 
 def save_resolved(cfg: Config, run_dir: str | Path) -> Path:
-    """Write the resolved config (:func:`resolve`) as YAML into the run directory; returns the file path."""
+    """Write ``cfg`` as YAML to ``<run_dir>/config.yaml``, readable as a recipe; returns the file path. A run writes
+    its resolved config (:func:`resolve`); ``moetron convert`` writes a recipe whose automatic settings the run
+    that reads it resolves."""
     out = Path(run_dir) / "config.yaml"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".yaml.tmp")
