@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.recipe, args.overrides)
         validate_world(cfg, env.world_size())  # before any process group exists
-        check_data_dirs(cfg.data)
+        if not args.dry_run:  # a dry run reads no data
+            check_data_dirs(cfg.data)
     except ConfigError as e:
         if env.rank() == 0:  # every rank reads the same config: one line for the whole job, not one per rank
             print(f"moetron: config error: {e}", file=sys.stderr)

@@ -132,6 +132,8 @@ def test_listing_settings_needs_no_data_but_training_does(tmp_path, monkeypatch,
     recipe = str(REPO / "recipes" / "smoke_cpu.yaml")
     assert config.main(["--recipe", recipe]) == 0
     assert "data.path = data/smoke" in capsys.readouterr().out
+    assert pretrain.main(["--recipe", recipe, "--dry-run"]) == 0  # reads no data either
+    capsys.readouterr()
     assert pretrain.main(["--recipe", recipe]) == 2
     assert capsys.readouterr().err.splitlines() == [
         "moetron: config error: data.path 'data/smoke' does not exist (run `moetron preprocess` to make shards)"]
