@@ -85,14 +85,14 @@ class OptimConfig:
     distributed: Optional[bool] = None
     """megatron-core's distributed optimizer (ZeRO-1, parallel/optimizer.py): fp32 main weights and Adam moments
     sharded over the (expert-)data-parallel group, fp32 gradient buffers reduce-scattered in buckets. null =
-    automatic: on when the data-parallel size is > 1 or train.precision is bf16/fp8 (bf16 parameters take their fp32 main weights
-    from it); false = torch AdamW replicated on every DP rank (fp32 only; the bit-exact reference)."""
+    automatic: on when the data-parallel size is > 1 or train.precision is bf16/fp8 (bf16 parameters take their fp32
+    main weights from it); false = torch AdamW replicated on every DP rank (fp32 only; the bit-exact reference)."""
     overlap_grad_reduce: bool = True
     """Distributed optimizer: start each bucket's reduce-scatter while backward still runs."""
     overlap_param_gather: Optional[bool] = None
     """Distributed optimizer: all-gather the updated parameters during the next forward, bucket by bucket. null =
-    automatic: on, except with train.compile: megatron-core starts these all-gathers from forward pre-hooks on every module, which
-    would sit inside the compiled blocks and break their graphs (true with train.compile is refused)."""
+    automatic: on, except with train.compile: megatron-core starts these all-gathers from forward pre-hooks on every
+    module, which would sit inside the compiled blocks and break their graphs (true with train.compile is refused)."""
     bucket_size: Optional[PositiveInt] = None
     """Distributed optimizer: gradient elements per reduce-scatter bucket (one bucket for all when
     overlap_grad_reduce is false); null = automatic: megatron-core's default, max(4e7, 1e6 * data-parallel size)."""

@@ -110,8 +110,10 @@ def test_cuda_only_settings_fail_in_one_line_on_a_cpu(monkeypatch):
 AUTOMATIC = ("model.head_dim", "moe.matryoshka.eval_k", "optim.min_lr", "optim.distributed",
              "optim.overlap_param_gather", "optim.bucket_size", "checkpoint.dir")
 """Settings whose null means "automatic": concrete once resolved."""
-OFF_NULLS = {"moe.capacity_factor", "data.path", "data.valid_path", "logging.peak_tflops"}
-"""Settings whose null means "off" / "none" (peak_tflops: no datasheet value on a CPU)."""
+OFF_NULLS = {"moe.capacity_factor", "data.path", "data.valid_path", "logging.peak_tflops", "model.q_lora_rank",
+             "model.rope_scaling.mscale", "model.rope_scaling.mscale_all_dim", "model.rope_scaling.attention_factor"}
+"""Settings whose null means "off" / "none" (peak_tflops: no datasheet value on a CPU; the rope_scaling ones are
+unused without rope_scaling.type=yarn)."""
 
 
 def test_run_dir_config_yaml_holds_no_automatic_null(tmp_path, capsys):
