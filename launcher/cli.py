@@ -10,7 +10,7 @@ COMMANDS = {
     "preprocess": ("launcher.preprocess", "tokenize raw text into webdataset shards"),
     "evaluate": ("launcher.evaluate", "validation loss of a checkpoint, optionally swept over k (M-MoE)"),
     "convert": ("launcher.convert", "convert a checkpoint to/from Hugging Face format"),
-    "config": ("launcher.config", "the resolved config: every key's value, type, default, range and meaning"),
+    "config": ("launcher.config", "the config: every key's value, type, default, range and meaning"),
 }
 
 

@@ -12,7 +12,7 @@ import time
 
 from launcher import env
 from launcher.errors import ArgumentParser
-from launcher.config import ConfigError, load_config, validate_world
+from launcher.config import ConfigError, check_data_dirs, load_config, validate_world
 
 
 def parse_args(argv):
@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.recipe, args.overrides)
         validate_world(cfg, env.world_size())  # before any process group exists
+        if not args.dry_run:  # a dry run reads no data
+            check_data_dirs(cfg.data)
     except ConfigError as e:
         if env.rank() == 0:  # every rank reads the same config: one line for the whole job, not one per rank
             print(f"moetron: config error: {e}", file=sys.stderr)
@@ -80,7 +82,7 @@ def dry_run(cfg, world_size: int) -> int:
     counts = flops.param_counts(cfg)
     par = cfg.parallel
     print(f"[moetron] dry run: {world_size} rank(s) = TP {par.tp} x PP {par.pp} x DP "
-          f"{world_size // (par.tp * par.pp)}, EP {par.ep}; {counts.total:,} parameters, "
+          f"{par.data_parallel_size(world_size)}, EP {par.ep}; {counts.total:,} parameters, "
           f"{int(counts.activated):,} activated per token; busiest rank:")
     print("\n".join(estimate(cfg, world_size).lines()), flush=True)
     return 0

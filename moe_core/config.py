@@ -1,7 +1,10 @@
 """Configuration of the single-device model math: transformer shape, MoE routing, MoNE and Matryoshka MoE.
 
 Plain dataclasses, owned by the package that implements them; ``launcher/config.py`` composes them into the run
-config tree (YAML sections ``model`` and ``moe``), parses recipes and overrides and runs the cross-field checks.
+config tree (YAML sections ``model`` and ``moe``), parses recipes and overrides and runs the checks that span
+packages. Each section checks its own cross-field rules (``validate``, ValueError naming the key) and defines the
+values derived from it (``ModelConfig.head_width``, ``ModelConfig.moe_layer_indices``, ``MoEConfig.default_eval_k``):
+every user of a derived value reads it from here.
 """
 from __future__ import annotations
 
@@ -60,7 +63,9 @@ class ModelConfig:
     num_query_groups: PositiveInt = 2
     """Key/value heads (GQA). Must divide num_attention_heads."""
     head_dim: Optional[PositiveInt] = None
-    """Per-head width; None means hidden_size // num_attention_heads."""
+    """GQA per-head width (even: RoPE rotates pairs of channels); null = automatic: hidden_size //
+    num_attention_heads (then hidden_size must be divisible by num_attention_heads). Unused (stays null) with
+    attention=mla."""
     seq_length: PositiveInt = 128
     """Tokens per sample S."""
     rope_theta: PositiveFloat = 10000.0
@@ -114,6 +119,33 @@ class ModelConfig:
             raise ValueError(f"model.rope_scaling.beta_fast ({rs.beta_fast}) must be >= model.rope_scaling.beta_slow "
                              f"({rs.beta_slow})")
 
+    @property
+    def head_width(self) -> int:
+        """The per-head width: ``head_dim``, or ``hidden_size // num_attention_heads`` when it is null."""
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
+
+    @property
+    def moe_layer_indices(self) -> list[int]:
+        """Indices of the MoE layers (every layer not in ``dense_layers``), ascending."""
+        dense = set(self.dense_layers)
+        return [i for i in range(self.num_layers) if i not in dense]
+
+    def validate(self) -> None:
+        """Raise ValueError naming the ``model.*`` key when the section's fields do not fit together."""
+        self.validate_attention()
+        if self.attention == "gqa" and self.num_attention_heads % self.num_query_groups:
+            raise ValueError(f"model.num_query_groups ({self.num_query_groups}) must divide model.num_attention_heads "
+                             f"({self.num_attention_heads})")
+        if self.attention == "gqa" and self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_attention_heads "
+                             f"({self.num_attention_heads}), or set model.head_dim")
+        if self.attention == "gqa" and self.head_width % 2:
+            raise ValueError(f"the head width ({self.head_width}: model.head_dim, or model.hidden_size / "
+                             "model.num_attention_heads) must be even: RoPE rotates pairs of channels")
+        for i in self.dense_layers:
+            if i >= self.num_layers:
+                raise ValueError(f"model.dense_layers: layer {i} is outside [0, {self.num_layers})")
+
 
 @dataclass
 class MoNEConfig:
@@ -149,7 +181,27 @@ class MatryoshkaConfig:
     """Temperature of the capacity distribution."""
     eval_k: Optional[Union[PositiveInt, list[PositiveInt]]] = None
     """k used at evaluation/inference (each <= moe.num_experts): one int for all layers or one per MoE layer;
-    None means k_max when Matryoshka is enabled (else moe.top_k). A k outside [k_min, k_max] warns once."""
+    null = automatic: k_max when Matryoshka is enabled, else moe.top_k. A k outside [k_min, k_max] warns once."""
+
+    def validate(self, num_experts: int) -> None:
+        """Raise ValueError unless ``1 <= k_min <= k_max <= num_experts`` (when enabled)."""
+        if self.enabled and not 1 <= self.k_min <= self.k_max <= num_experts:
+            raise ValueError(f"moe.matryoshka needs 1 <= k_min ({self.k_min}) <= k_max ({self.k_max}) <= "
+                             f"moe.num_experts ({num_experts})")
+
+
+def check_eval_k(k, num_experts: int, num_moe_layers: Optional[int], name: str) -> None:
+    """Raise ValueError naming ``name`` unless ``k`` is an int in ``[1, num_experts]`` or a list of them with one
+    per MoE layer (``num_moe_layers``; None = not checked). ``k`` None passes (the config's eval k)."""
+    if k is None:
+        return
+    ks = list(k) if isinstance(k, (list, tuple)) else [k]
+    for v in ks:
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= num_experts:
+            raise ValueError(f"{name}: k={v!r} must be an int in [1, moe.num_experts={num_experts}]")
+    if isinstance(k, (list, tuple)) and num_moe_layers is not None and len(ks) != num_moe_layers:
+        raise ValueError(f"{name} gives {len(ks)} values but the model has {num_moe_layers} MoE layers: give one k "
+                         "per MoE layer")
 
 
 @dataclass
@@ -201,7 +253,8 @@ class MoEConfig:
     expert_bias_update_rate: NonNegativeFloat = 1e-3
     """Step size of the expert-bias update per optimizer step."""
     capacity_factor: Optional[PositiveFloat] = None
-    """None = dropless (default). A number caps tokens per expert at capacity_factor * T * k / E; extra tokens drop."""
+    """null = off: dropless, no capacity limit (default). A number caps tokens per expert at
+    capacity_factor * T * k / E; extra tokens drop."""
     mone: MoNEConfig = field(default_factory=MoNEConfig)
     matryoshka: MatryoshkaConfig = field(default_factory=MatryoshkaConfig)
 
@@ -210,6 +263,52 @@ class MoEConfig:
         """Whether gates are renormalised over the chosen experts at every k (value 1.0 at k = 1): norm_topk_prob
         (null: false under Matryoshka, true otherwise), except for a top-1 model with top1_gate = probability,
         whose trained scale is the raw probability."""
-        norm = self.norm_topk_prob if self.norm_topk_prob is not None else not self.matryoshka.enabled
         raw_top1 = self.top1_gate == "probability" and self.top_k == 1 and not self.matryoshka.enabled
-        return norm and not raw_top1
+        return self.normalised_topk_prob and not raw_top1
+
+    @property
+    def normalised_topk_prob(self) -> bool:
+        """``norm_topk_prob`` with null resolved: false under Matryoshka MoE, true otherwise."""
+        return self.norm_topk_prob if self.norm_topk_prob is not None else not self.matryoshka.enabled
+
+    @property
+    def largest_k(self) -> int:
+        """The most experts a token is routed to, in training or at the configured evaluation k."""
+        eval_k = self.default_eval_k
+        return max(self.top_k, self.matryoshka.k_max if self.matryoshka.enabled else 1,
+                   max(eval_k) if isinstance(eval_k, list) else eval_k)
+
+    @property
+    def default_eval_k(self) -> Union[int, list[int]]:
+        """The evaluation k of the config: ``matryoshka.eval_k``, or when null ``k_max`` with Matryoshka, else
+        ``top_k``."""
+        mm = self.matryoshka
+        if mm.eval_k is not None:
+            return mm.eval_k
+        return mm.k_max if mm.enabled else self.top_k
+
+    def eval_k_per_layer(self, num_moe_layers: int) -> list[int]:
+        """The config's evaluation k of each of the ``num_moe_layers`` MoE layers, in layer order."""
+        k = self.default_eval_k
+        return list(k) if isinstance(k, list) else [k] * num_moe_layers
+
+    def validate(self, model: ModelConfig) -> None:
+        """Raise ValueError naming the ``moe.*`` key when the section does not fit itself or ``model``."""
+        if self.top_k > self.num_experts:
+            raise ValueError(f"moe.top_k ({self.top_k}) must be in [1, moe.num_experts={self.num_experts}]")
+        self.matryoshka.validate(self.num_experts)
+        self.validate_groups()
+        check_eval_k(self.matryoshka.eval_k, self.num_experts, len(model.moe_layer_indices), "moe.matryoshka.eval_k")
+
+    def validate_groups(self) -> None:
+        """Group-limited routing: groups split the experts evenly, and every k used fits the chosen groups."""
+        if self.num_experts % self.num_groups:
+            raise ValueError(f"moe.num_groups ({self.num_groups}) must divide moe.num_experts ({self.num_experts})")
+        if self.group_topk > self.num_groups:
+            raise ValueError(f"moe.group_topk ({self.group_topk}) must be <= moe.num_groups ({self.num_groups})")
+        reachable = self.group_topk * (self.num_experts // self.num_groups)
+        if self.num_groups > 1 and self.largest_k > reachable:
+            raise ValueError(f"a token may be routed to {self.largest_k} experts (moe.top_k, moe.matryoshka.k_max or "
+                             f"its eval_k) but its moe.group_topk={self.group_topk} groups of "
+                             f"{self.num_experts // self.num_groups} experts hold only {reachable}: raise "
+                             "moe.group_topk or lower k")

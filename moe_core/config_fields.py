@@ -14,15 +14,22 @@ type: ``Optional[PositiveInt]`` (None or >= 1), ``list[NonNegativeInt]`` (every 
 read, and rejects a violation with one line naming the key, the value and the range. Tools read the same metadata:
 ``typing.get_type_hints(Cls, include_extras=True)[name].__metadata__``.
 
+:func:`check_ranges` checks the same declarations on a dataclass built in code (not parsed), e.g. by
+``LLEPConfig.validate``.
+
 Floats are always finite: ``nan`` and ``inf`` are outside every range. Cross-field rules (``min_lr <= lr``,
-``top_k <= num_experts``, divisibility) are not ranges; they live in ``launcher.config.validate``.
+``top_k <= num_experts``, divisibility) are not ranges; they live in each section's ``validate()`` (and, for rules
+that span packages, in ``launcher.config.validate``).
 This module imports nothing of ours, so every config module can use it without breaking the layering.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
+import typing
 from dataclasses import dataclass
-from typing import Annotated, Optional, Union
+from typing import Annotated, Any, Optional, Union
 
 Number = Union[int, float]
 
@@ -62,3 +69,30 @@ PositiveFloat = Annotated[float, Range(gt=0)]
 """A finite number > 0."""
 NonNegativeFloat = Annotated[float, Range(ge=0)]
 """A finite number >= 0: coefficients and rates where 0 turns the term off."""
+
+
+def _ranges(tp: Any) -> list[Range]:
+    """The ranges declared in a field type (inside Optional / Union / list too)."""
+    if typing.get_origin(tp) is Annotated:
+        inner, *metadata = typing.get_args(tp)
+        return _ranges(inner) + [m for m in metadata if isinstance(m, Range)]
+    return [r for arg in typing.get_args(tp) for r in _ranges(arg)]
+
+
+@functools.lru_cache(maxsize=None)
+def _field_ranges(cls: type) -> tuple[tuple[str, tuple[Range, ...]], ...]:
+    hints = typing.get_type_hints(cls, include_extras=True)
+    return tuple((f.name, tuple(_ranges(hints[f.name]))) for f in dataclasses.fields(cls))
+
+
+def check_ranges(obj: Any, path: str) -> None:
+    """Raise ValueError ``"<path>.<field>: <value> is outside the allowed range <range>"`` for the first number
+    field of dataclass ``obj`` (not its nested sections) outside its declared :class:`Range`; None passes."""
+    for name, ranges in _field_ranges(type(obj)):
+        value = getattr(obj, name)
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            for allowed in ranges:
+                if not allowed.contains(v):
+                    raise ValueError(f"{path}.{name}: {v!r} is outside the allowed range {allowed}")

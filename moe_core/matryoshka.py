@@ -24,7 +24,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from moe_core.config import MoEConfig
+from moe_core.config import MoEConfig, check_eval_k
 
 EvalK = Optional[Union[int, Sequence[int]]]
 
@@ -60,10 +60,8 @@ class KSchedule:
         self.cfg, self.seed = moe_cfg, seed
         self.moe_layers = list(moe_layers) if moe_layers is not None else None
         mm = moe_cfg.matryoshka
+        mm.validate(moe_cfg.num_experts)
         if mm.enabled:
-            if not 1 <= mm.k_min <= mm.k_max <= moe_cfg.num_experts:
-                raise ValueError(f"moe.matryoshka needs 1 <= k_min ({mm.k_min}) <= k_max ({mm.k_max}) <= "
-                                 f"moe.num_experts ({moe_cfg.num_experts})")
             self._weights_K = k_probabilities(mm.k_min, mm.k_max, mm.distribution, mm.tau).tolist()
         self._eval_k_override: EvalK = None
         self._warned_eval_k: set[int] = set()
@@ -77,9 +75,7 @@ class KSchedule:
     def k_for(self, layer_idx: int, step: int, training: bool) -> int:
         if training:
             return self._draw(layer_idx, step) if self.cfg.matryoshka.enabled else self.cfg.top_k
-        eval_k = self._eval_k_override if self._eval_k_override is not None else self.cfg.matryoshka.eval_k
-        if eval_k is None:
-            return self.cfg.matryoshka.k_max if self.cfg.matryoshka.enabled else self.cfg.top_k
+        eval_k = self._eval_k_override if self._eval_k_override is not None else self.cfg.default_eval_k
         if isinstance(eval_k, int):
             return eval_k
         pos = self._position(layer_idx)
@@ -100,14 +96,10 @@ class KSchedule:
         return self.moe_layers.index(layer_idx)
 
     def _check_eval_k(self, k: EvalK, name: str) -> None:
+        check_eval_k(k, self.cfg.num_experts, None if self.moe_layers is None else len(self.moe_layers), name)
         if k is None:
             return
         ks = list(k) if isinstance(k, (list, tuple)) else [k]
-        for v in ks:
-            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= self.cfg.num_experts:
-                raise ValueError(f"{name}: k={v!r} must be an int in [1, moe.num_experts={self.cfg.num_experts}]")
-        if isinstance(k, (list, tuple)) and self.moe_layers is not None and len(ks) != len(self.moe_layers):
-            raise ValueError(f"{name} lists {len(ks)} values but there are {len(self.moe_layers)} MoE layers")
         lo, hi = self.trained_k_range()
         for v in sorted(set(ks) - set(range(lo, hi + 1)) - self._warned_eval_k):
             self._warned_eval_k.add(v)

@@ -34,7 +34,7 @@ from moe_core.rope import apply_rope, rope_cos_sin
 class Attention(nn.Module):
     def __init__(self, m: ModelConfig, factory: LayerFactory):
         super().__init__()
-        self.head_dim = m.head_dim or m.hidden_size // m.num_attention_heads
+        self.head_dim = m.head_width
         self.local_heads = m.num_attention_heads // factory.tp_size
         self.local_kv_heads = m.num_query_groups // factory.tp_size
         self.q_proj = factory.column(m.hidden_size, m.num_attention_heads * self.head_dim)
@@ -78,10 +78,10 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(m.hidden_size, m.norm_eps)
         self.self_attn: nn.Module = MLAttention(m, factory) if m.attention == "mla" else Attention(m, factory)
         self.post_attention_layernorm = RMSNorm(m.hidden_size, m.norm_eps)
-        if layer_idx in m.dense_layers:
-            self.mlp: nn.Module = DenseMLP(m.hidden_size, m.dense_ffn_hidden_size, factory)
+        if layer_idx in m.moe_layer_indices:
+            self.mlp: nn.Module = MoELayer(m.hidden_size, moe, layer_idx, k_schedule)
         else:
-            self.mlp = MoELayer(m.hidden_size, moe, layer_idx, k_schedule)
+            self.mlp = DenseMLP(m.hidden_size, m.dense_ffn_hidden_size, factory)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         with phase("attention"):
@@ -104,9 +104,8 @@ class MoETransformer(nn.Module):
         factory = factory or LayerFactory()
         self.model_cfg = m
         self.pre_process, self.post_process = pre_process, post_process
-        gqa_head_dim = m.head_dim or m.hidden_size // m.num_attention_heads
-        self.rope_dim = m.qk_rope_head_dim if m.attention == "mla" else gqa_head_dim
-        self.k_schedule = KSchedule(moe, seed, [i for i in range(m.num_layers) if i not in m.dense_layers])
+        self.rope_dim = m.qk_rope_head_dim if m.attention == "mla" else m.head_width
+        self.k_schedule = KSchedule(moe, seed, m.moe_layer_indices)
         layer_range = layer_range if layer_range is not None else range(m.num_layers)
         if pre_process:
             self.embed_tokens = factory.embedding(m.vocab_size, m.hidden_size)

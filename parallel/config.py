@@ -2,6 +2,8 @@
 LLEP, and FP8 projections.
 
 ``launcher/config.py`` composes these into the run config tree (YAML sections ``parallel``, ``moe`` and ``fp8``).
+Each section checks its own cross-field rules (``validate``, ValueError naming the key) and defines the values
+derived from it (``ParallelConfig.data_parallel_size``).
 """
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Literal, Protocol
 
 from moe_core.config import ModelConfig, MoEConfig
-from moe_core.config_fields import NonNegativeInt, PositiveFloat, PositiveInt, Range
+from moe_core.config_fields import NonNegativeInt, PositiveFloat, PositiveInt, Range, check_ranges
 
 
 @dataclass
@@ -32,6 +34,11 @@ class LLEPConfig:
     """Most helper ranks one expert is spilled to in one step (memory cap on the home rank, which receives one
     weight gradient per helper); a hot expert's tokens are then split over at most this + 1 ranks."""
 
+    def validate(self) -> None:
+        """Raise ValueError naming the ``moe.llep`` key outside its declared range (for a config built in code; a
+        parsed recipe was checked when it was read)."""
+        check_ranges(self, "moe.llep")
+
 
 @dataclass
 class ParallelMoEConfig(MoEConfig):
@@ -40,6 +47,13 @@ class ParallelMoEConfig(MoEConfig):
     dispatcher: Literal["alltoall", "llep"] = "alltoall"
     """alltoall = plain expert parallelism; llep = Least-Loaded EP (moves excess tokens and weights under skew)."""
     llep: LLEPConfig = field(default_factory=LLEPConfig)
+
+    def validate(self, model: ModelConfig) -> None:
+        """moe_core's checks of the section plus the dispatcher's; ValueError naming the key."""
+        super().validate(model)
+        if self.dispatcher == "llep" and self.capacity_factor is not None:
+            raise ValueError("moe.dispatcher=llep is dropless: set moe.capacity_factor=null")
+        self.llep.validate()
 
 
 @dataclass
@@ -54,7 +68,39 @@ class ParallelConfig:
     ep: PositiveInt = 1
     """Expert-parallel size."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
-    """auto = nccl when CUDA is available, else gloo."""
+    """auto = nccl when CUDA is available, else gloo (chosen on the machine that runs, so a resolved config stays
+    usable on another kind of machine)."""
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """DP = world / (tp * pp) (:meth:`validate_world` checks that it divides)."""
+        return world_size // (self.tp * self.pp)
+
+    def validate(self, model: ModelConfig, moe: ParallelMoEConfig) -> None:
+        """Raise ValueError naming the ``parallel.*`` key when the layout cannot split ``model`` / ``moe``."""
+        if moe.num_experts % self.ep:
+            raise ValueError(f"moe.num_experts ({moe.num_experts}) must be divisible by parallel.ep ({self.ep})")
+        if moe.mone.enabled and moe.mone.balance_loss_coeff > 0 and self.ep > 1:
+            raise ValueError("moe.mone.balance_loss_coeff > 0 is only defined without expert parallelism (each EP "
+                             "rank would normalise over its own experts): set it to 0 or use parallel.ep=1")
+        gqa = model.attention == "gqa"
+        if model.num_attention_heads % self.tp or (gqa and model.num_query_groups % self.tp):
+            raise ValueError(f"parallel.tp ({self.tp}) must divide model.num_attention_heads "
+                             f"({model.num_attention_heads})"
+                             + (f" and model.num_query_groups ({model.num_query_groups})" if gqa else ""))
+        if model.vocab_size % self.tp:
+            raise ValueError(f"parallel.tp ({self.tp}) must divide model.vocab_size ({model.vocab_size})")
+        if model.num_layers % self.pp:
+            raise ValueError(f"parallel.pp ({self.pp}) must divide model.num_layers ({model.num_layers})")
+
+    def validate_world(self, world_size: int) -> None:
+        """Raise ValueError when ``world_size`` ranks cannot hold this layout (run before any process group)."""
+        if world_size % (self.tp * self.pp):
+            raise ValueError(f"world size {world_size} is not divisible by parallel.tp * parallel.pp = "
+                             f"{self.tp}*{self.pp}")
+        dp = self.data_parallel_size(world_size)
+        if (self.tp * dp) % self.ep:
+            raise ValueError(f"parallel.ep ({self.ep}) must divide parallel.tp * data-parallel size ({self.tp}*{dp}) "
+                             f"at world size {world_size}")
 
 
 @dataclass

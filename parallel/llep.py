@@ -58,7 +58,7 @@ from moe_core.experts import SwiGLUExperts
 from parallel.comm import ProcessGroup, all_to_all, gather_dim0
 from parallel.config import LLEPConfig
 from parallel.dispatch import AllToAllDispatcher, EPState
-from parallel.llep_plan import LLEPPlan, RankLayout, check_hyperparameters, plan_llep, rank_layout
+from parallel.llep_plan import LLEPPlan, RankLayout, plan_llep, rank_layout
 
 __all__ = ["LLEPDispatcher", "extra_weight_bytes_bound", "plan_llep"]
 
@@ -169,8 +169,7 @@ class LLEPDispatcher(AllToAllDispatcher):
 
     def __init__(self, tp_group: ProcessGroup, ep_group: ProcessGroup, num_experts: int, cfg: LLEPConfig):
         super().__init__(tp_group, ep_group, num_experts)
-        check_hyperparameters(cfg.imbalance_threshold, cfg.capacity_factor, cfg.min_tokens_per_gemm,
-                              cfg.max_foreign_experts, cfg.max_helpers_per_expert)  # fail at build, not step 1
+        cfg.validate()  # fail at build, not step 1
         self.cfg = cfg
         self.state_type = LLEPState
         self.last_stats: dict[str, float] = {}
@@ -188,10 +187,7 @@ class LLEPDispatcher(AllToAllDispatcher):
     def plan(self, counts_PE: np.ndarray) -> tuple[LLEPPlan, Optional[RankLayout], float]:
         """Host only: the plan, this rank's layout (None for a plain EP plan) and the milliseconds taken."""
         start, cfg = time.perf_counter(), self.cfg
-        plan = plan_llep(counts_PE.sum(0), self.ep_size, self.num_local,
-                         imbalance_threshold=cfg.imbalance_threshold, capacity_factor=cfg.capacity_factor,
-                         min_tokens_per_gemm=cfg.min_tokens_per_gemm, max_foreign_experts=cfg.max_foreign_experts,
-                         max_helpers_per_expert=cfg.max_helpers_per_expert)
+        plan = plan_llep(counts_PE.sum(0), self.ep_size, self.num_local, cfg)
         layout = rank_layout(plan, counts_PE, self.ep_rank) if plan.rebalanced else None
         return plan, layout, (time.perf_counter() - start) * 1e3
 

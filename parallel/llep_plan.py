@@ -46,6 +46,8 @@ from typing import Sequence
 
 import numpy as np
 
+from parallel.config import LLEPConfig
+
 _NEVER = np.iinfo(np.int64).max  # sort key of a rank that may not take a chunk
 
 
@@ -135,21 +137,6 @@ def _imbalance(loads: Sequence[int]) -> float:
     """max/mean rank load; 1.0 for an empty step."""
     total = sum(loads)
     return 1.0 if total == 0 else max(loads) * len(loads) / total
-
-
-def check_hyperparameters(imbalance_threshold: float, capacity_factor: float, min_tokens_per_gemm: int,
-                          max_foreign_experts: int, max_helpers_per_expert: int = 1) -> None:
-    """Raise ValueError naming the ``moe.llep`` key that is out of range."""
-    if imbalance_threshold <= 0:
-        raise ValueError(f"moe.llep.imbalance_threshold must be > 0 (paper: 1.3), got {imbalance_threshold}")
-    if capacity_factor < 1.0:
-        raise ValueError(f"moe.llep.capacity_factor must be >= 1.0 so the ranks can hold every token "
-                         f"(paper: 1.0-1.1), got {capacity_factor}")
-    if min_tokens_per_gemm < 0 or max_foreign_experts < 0:
-        raise ValueError(f"moe.llep.min_tokens_per_gemm and moe.llep.max_foreign_experts must be >= 0, got "
-                         f"{min_tokens_per_gemm} and {max_foreign_experts}")
-    if max_helpers_per_expert < 1:
-        raise ValueError(f"moe.llep.max_helpers_per_expert must be >= 1, got {max_helpers_per_expert}")
 
 
 def _as_counts(counts) -> np.ndarray:
@@ -263,22 +250,20 @@ class _Spiller:
         return chunks
 
 
-def plan_llep(counts, ep_size: int, experts_per_rank: int, *, imbalance_threshold: float = 1.3,
-              capacity_factor: float = 1.0, min_tokens_per_gemm: int = 1024, max_foreign_experts: int = 4,
-              max_helpers_per_expert: int = 16) -> LLEPPlan:
+def plan_llep(counts, ep_size: int, experts_per_rank: int, cfg: LLEPConfig) -> LLEPPlan:
     """The LLEP plan for global per-expert token ``counts`` (length ``ep_size * experts_per_rank``; a sequence,
-    numpy array or CPU tensor of non-negative ints). A pure, deterministic function of its arguments: equal inputs
-    give equal plans on every rank. Raises ValueError naming the bad argument or ``moe.llep`` key."""
+    numpy array or CPU tensor of non-negative ints) under the ``moe.llep`` settings ``cfg``. A pure, deterministic
+    function of its arguments: equal inputs give equal plans on every rank. Raises ValueError naming the bad
+    argument or ``moe.llep`` key."""
     counts_E = _as_counts(counts)
     _check_counts(counts_E, ep_size, experts_per_rank)
-    check_hyperparameters(imbalance_threshold, capacity_factor, min_tokens_per_gemm, max_foreign_experts,
-                          max_helpers_per_expert)
+    cfg.validate()
     P, L = ep_size, experts_per_rank
     loads = counts_E.reshape(P, L).sum(1)
-    if _imbalance(loads.tolist()) < imbalance_threshold:
+    if _imbalance(loads.tolist()) < cfg.imbalance_threshold:
         return plain_ep_plan(counts_E, P, L)
-    capacity = math.ceil(capacity_factor * int(loads.sum()) / P)
-    spiller = _Spiller(loads, capacity, min_tokens_per_gemm, max_foreign_experts, max_helpers_per_expert)
+    capacity = math.ceil(cfg.capacity_factor * int(loads.sum()) / P)
+    spiller = _Spiller(loads, capacity, cfg.min_tokens_per_gemm, cfg.max_foreign_experts, cfg.max_helpers_per_expert)
     split: list[int] = []  # (expert, rank, start, end) flat, of the experts not kept whole at home
     whole_E = counts_E > 0
     counts_list = counts_E.tolist()

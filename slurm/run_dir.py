@@ -1,4 +1,5 @@
-"""Validate a recipe + dotted overrides and print the run directory (used by pretrain.sbatch before launch).
+"""Validate a recipe + dotted overrides (and that its data directories exist) and print the run directory (used by
+pretrain.sbatch before launch).
 
     python slurm/run_dir.py RECIPE.yaml [key.path=value ...]
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout, wherever it is run from
 
-from launcher.config import ConfigError, load_config  # noqa: E402
+from launcher.config import ConfigError, check_data_dirs, load_config  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -19,6 +20,7 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         cfg = load_config(argv[0], argv[1:])
+        check_data_dirs(cfg.data)  # the run's check: a job whose data is missing fails before it launches
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

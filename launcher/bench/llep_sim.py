@@ -177,10 +177,7 @@ def simulate(layer: Layer, scenario: str, llep_cfg, gemm: GemmTable, net: Interc
     t_plain = 4 * a2a_plain + gemm_plain
 
     start = time.thread_time()  # CPU time: on a shared machine wall time would count other processes
-    plan = plan_llep(counts_PE.sum(0), P, L, imbalance_threshold=llep_cfg.imbalance_threshold,
-                     capacity_factor=llep_cfg.capacity_factor, min_tokens_per_gemm=llep_cfg.min_tokens_per_gemm,
-                     max_foreign_experts=llep_cfg.max_foreign_experts,
-                     max_helpers_per_expert=llep_cfg.max_helpers_per_expert)
+    plan = plan_llep(counts_PE.sum(0), P, L, llep_cfg)
     layout_me = rank_layout(plan, counts_PE, 0) if plan.rebalanced else None
     planner_ms = (time.thread_time() - start) * 1e3
     gather_ms = net.a2a_ms(np.full((P, P), E * 8.0))  # the all-gather of int64 counts moves what an a2a would
@@ -248,10 +245,7 @@ def plan_timing(ranks: int, experts: int, scenario: str, llep_cfg, tokens: int =
     times = []
     for _ in range(repeats):
         start = time.thread_time()
-        plan = plan_llep(counts_PE.sum(0), ranks, experts // ranks, imbalance_threshold=llep_cfg.imbalance_threshold,
-                         capacity_factor=llep_cfg.capacity_factor, min_tokens_per_gemm=llep_cfg.min_tokens_per_gemm,
-                         max_foreign_experts=llep_cfg.max_foreign_experts,
-                         max_helpers_per_expert=llep_cfg.max_helpers_per_expert)
+        plan = plan_llep(counts_PE.sum(0), ranks, experts // ranks, llep_cfg)
         if plan.rebalanced:
             rank_layout(plan, counts_PE, 0)
         times.append(time.thread_time() - start)

@@ -699,9 +699,6 @@ def _mixture_loader(cfg: Config, split: str, dp_rank: int, dp_size: int) -> Mixt
     their valid splits, every source needing one, with the same weights."""
     sources, tokenizer = [], None
     rank_step_samples = cfg.train.global_batch_size // dp_size if split == "train" else cfg.train.micro_batch_size
-    if split == "train" and cfg.train.global_batch_size % (cfg.train.micro_batch_size * dp_size):
-        raise ConfigError(f"train.global_batch_size ({cfg.train.global_batch_size}) must be divisible by "
-                          f"train.micro_batch_size * data-parallel size ({cfg.train.micro_batch_size}*{dp_size})")
     for i, entry in enumerate(cfg.data.paths):
         index = read_index(entry.path)
         if tokenizer is None:
@@ -738,8 +735,6 @@ def build_loader(cfg: Config, split: str, dp_rank: int, dp_size: int) -> Loader:
         return Loader(None, synthetic, 0, f"synthetic-v{cfg.model.vocab_size}-s{cfg.train.seed}")
     if cfg.data.paths and (split == "train" or cfg.data.valid_path is None):
         return _mixture_loader(cfg, split, dp_rank, dp_size)
-    if cfg.data.path is None and (split == "train" or cfg.data.valid_path is None):
-        raise ConfigError("data.path is required when data.source=shards (run `moetron preprocess` to make shards)")
     data_dir, shard_split, index = _shard_dir_and_split(cfg, split)
     plan, fingerprint = _shard_plan(cfg, data_dir, shard_split, index, split, dp_rank, dp_size,
                                     cfg.train.micro_batch_size)

@@ -36,8 +36,6 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 
 from launcher.config import Config, ConfigError
-from launcher.train.flops import moe_layer_indices
-from moe_core.matryoshka import KSchedule
 
 STOCK_MODEL_TYPE, STOCK_ARCH = "qwen3_moe", "Qwen3MoeForCausalLM"
 CUSTOM_MODEL_TYPE, CUSTOM_ARCH = "moetron", "MoetronForCausalLM"
@@ -93,10 +91,8 @@ def needs_custom_code(cfg: Config) -> bool:
 
 
 def inference_k(cfg: Config) -> list[int]:
-    """The k of every MoE layer at inference, exactly as moetron's KSchedule resolves it in eval mode."""
-    layers = moe_layer_indices(cfg)
-    schedule = KSchedule(cfg.moe, cfg.train.seed, layers)
-    return [schedule.k_for(i, 0, training=False) for i in layers]
+    """The k of every MoE layer at inference: the config's evaluation k (``MoEConfig.eval_k_per_layer``)."""
+    return cfg.moe.eval_k_per_layer(len(cfg.model.moe_layer_indices))
 
 
 def hf_config(cfg: Config, tokens: Mapping[str, int]) -> dict[str, Any]:
@@ -113,7 +109,7 @@ def hf_config(cfg: Config, tokens: Mapping[str, int]) -> dict[str, Any]:
         "model_type": CUSTOM_MODEL_TYPE if custom else STOCK_MODEL_TYPE,
         "vocab_size": m.vocab_size, "hidden_size": m.hidden_size, "num_hidden_layers": m.num_layers,
         "num_attention_heads": m.num_attention_heads, "num_key_value_heads": m.num_query_groups,
-        "head_dim": m.head_dim or m.hidden_size // m.num_attention_heads,
+        "head_dim": m.head_width,
         "intermediate_size": m.dense_ffn_hidden_size, "mlp_only_layers": sorted(set(m.dense_layers)),
         "decoder_sparse_step": 1, "max_position_embeddings": m.seq_length,
         "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta}, "rms_norm_eps": m.norm_eps,

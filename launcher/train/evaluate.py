@@ -29,9 +29,10 @@ from typing import TYPE_CHECKING, Optional
 from launcher import env
 from launcher.errors import ArgumentParser
 from launcher.train import checkpoint
-from launcher.config import (Config, ConfigError, apply_override, config_from_dict, data_parallel_size,
+from launcher.config import (Config, ConfigError, apply_override, check_data_dirs, config_from_dict, resolve,
                              validate_world)
 from launcher.data.preprocess import DataError
+from moe_core.config import check_eval_k
 from moe_core.matryoshka import EvalK
 
 if TYPE_CHECKING:  # imported in main() once the config is valid, as launcher.pretrain does
@@ -82,28 +83,29 @@ def resolve_checkpoint(path: Path) -> tuple[Path, Optional[Path]]:
 def eval_config(common: dict, overrides: list[str], world_size: int) -> Config:
     """The checkpoint's resolved config with the overrides applied. The parallel layout is the checkpoint's when
     this world has the training world's size, else tp = pp = ep = 1 (checkpoints load at any layout); overrides
-    win. Eval never trains: the global batch becomes one micro-batch per DP rank and TensorBoard is off."""
+    win. Eval never trains: the global batch becomes one micro-batch per DP rank and TensorBoard is off. The result
+    is resolved (:func:`launcher.config.resolve`) for ``world_size`` ranks."""
     raw = copy.deepcopy(common["config"])
     if common.get("layout", {}).get("world") != world_size:
         raw["parallel"].update(tp=1, pp=1, ep=1)
     for ov in [*overrides, "logging.tensorboard=false"]:
         apply_override(raw, ov)
     cfg = config_from_dict(raw)
-    cfg.train.global_batch_size = cfg.train.micro_batch_size * max(1, data_parallel_size(cfg, world_size))
+    cfg.train.global_batch_size = cfg.train.micro_batch_size * max(1, cfg.parallel.data_parallel_size(world_size))
     validate_world(cfg, world_size)  # before any process group exists
-    return cfg
+    check_data_dirs(cfg.data)
+    return resolve(cfg, world_size)
 
 
 def k_values(args: argparse.Namespace, cfg: Config) -> list[EvalK]:
     """The k settings to evaluate, checked against the model before any process starts working."""
-    E = cfg.moe.num_experts
-    n_moe = cfg.model.num_layers - len(set(cfg.model.dense_layers))
-    for k in args.k or args.k_list or []:
-        if k > E:
-            raise ConfigError(f"k={k} is more than the model's moe.num_experts={E}: use k values in [1, {E}]")
-    if args.k_list is not None and len(args.k_list) != n_moe:
-        raise ConfigError(f"--k-list gives {len(args.k_list)} values but the model has {n_moe} MoE layers: give "
-                          "one k per MoE layer (or use --k for one k in every layer)")
+    n_moe = len(cfg.model.moe_layer_indices)
+    try:
+        for k in args.k or []:
+            check_eval_k(k, cfg.moe.num_experts, n_moe, "--k")
+        check_eval_k(args.k_list, cfg.moe.num_experts, n_moe, "--k-list")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if args.k is not None:
         return list(args.k)
     return [list(args.k_list)] if args.k_list is not None else [None]

@@ -29,7 +29,7 @@ Two expert counts, which differ only with MoNE:
 
 Matryoshka MoE draws k per layer per step; pass the drawn values (``k_per_layer``, one per MoE layer, possibly
 fractional when averaged or when capacity dropping removed slots, see :func:`executed_k_per_layer`). Without it
-training uses the mean of the k distribution and evaluation the k the model's KSchedule picks.
+training uses the mean of the k distribution and evaluation the config's eval k (``MoEConfig.eval_k_per_layer``).
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ import torch
 
 from launcher.config import Config
 from moe_core.config import MoEConfig
-from moe_core.matryoshka import KSchedule, k_probabilities
+from moe_core.matryoshka import k_probabilities
 from moe_core.mone import keep_count
 
 if TYPE_CHECKING:
@@ -105,11 +105,6 @@ class ParamCount:
     With MoNE an expert counts its whole gate plus the kept rows of up / columns of down."""
 
 
-def head_dim(cfg: Config) -> int:
-    m = cfg.model
-    return m.head_dim if m.head_dim is not None else m.hidden_size // m.num_attention_heads
-
-
 @dataclass(frozen=True)
 class AttentionCount:
     """One attention layer, per token: projection MACs (= projection weights), score MACs at sequence length S,
@@ -125,7 +120,7 @@ def attention_count(cfg: Config, seq_length: int) -> AttentionCount:
     m = cfg.model
     d, h = m.hidden_size, m.num_attention_heads
     if m.attention == "gqa":
-        hd = head_dim(cfg)
+        hd = m.head_width
         q_width, kv_width = h * hd, m.num_query_groups * hd
         return AttentionCount(proj_macs=d * (2 * q_width + 2 * kv_width),   # q, o: D x H*hd; k, v: D x G*hd
                               score_macs=2 * seq_length * q_width,          # Q K^T and P V over the full S x S
@@ -138,11 +133,6 @@ def attention_count(cfg: Config, seq_length: int) -> AttentionCount:
                           norm_params=m.kv_lora_rank + (m.q_lora_rank or 0))
 
 
-def moe_layer_indices(cfg: Config) -> list[int]:
-    dense = set(cfg.model.dense_layers)
-    return [i for i in range(cfg.model.num_layers) if i not in dense]
-
-
 def expected_k(moe: MoEConfig) -> float:
     """Mean routed experts per token during training: top_k, or the mean of the Matryoshka k distribution."""
     mm = moe.matryoshka
@@ -153,17 +143,16 @@ def expected_k(moe: MoEConfig) -> float:
 
 
 def default_k_per_layer(cfg: Config, training: bool) -> list[float]:
-    """k of every MoE layer when the caller does not know the drawn values: the training mean, or the evaluation
-    k that :class:`moe_core.matryoshka.KSchedule` picks (eval_k, else k_max with Matryoshka, else top_k)."""
-    layers = moe_layer_indices(cfg)
+    """k of every MoE layer when the caller does not know the drawn values: the training mean, or the config's
+    evaluation k (``MoEConfig.eval_k_per_layer``)."""
+    n_moe = len(cfg.model.moe_layer_indices)
     if training:
-        return [expected_k(cfg.moe)] * len(layers)
-    schedule = KSchedule(cfg.moe, cfg.train.seed, moe_layers=layers)
-    return [float(schedule.k_for(idx, step=0, training=False)) for idx in layers]
+        return [expected_k(cfg.moe)] * n_moe
+    return [float(k) for k in cfg.moe.eval_k_per_layer(n_moe)]
 
 
 def _check_k(cfg: Config, k_per_layer: Sequence[float]) -> list[float]:
-    n_moe = len(moe_layer_indices(cfg))
+    n_moe = len(cfg.model.moe_layer_indices)
     if len(k_per_layer) != n_moe:
         raise ValueError(f"k_per_layer has {len(k_per_layer)} values but the model has {n_moe} MoE layers "
                          f"(num_layers={cfg.model.num_layers} minus dense_layers={cfg.model.dense_layers})")

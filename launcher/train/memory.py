@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from launcher.config import Config, uses_distributed_optimizer
+from launcher.config import Config, resolve
 
 MiB = 1 << 20
 
@@ -93,15 +93,16 @@ def _attention_elements(cfg: Config, tp: int) -> float:
 
 def estimate(cfg: Config, world_size: int) -> MemoryEstimate:
     """The busiest rank's estimate for ``cfg`` at ``world_size`` ranks (module docstring)."""
+    cfg = resolve(cfg, world_size)
     tp, pp, ep = cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep
-    dp = world_size // (tp * pp)
+    dp = cfg.parallel.data_parallel_size(world_size)
     edp = tp * dp // ep
     m, moe, tr = cfg.model, cfg.moe, cfg.train
     b = 4 if tr.precision == "fp32" else 2
-    distributed = uses_distributed_optimizer(cfg, dp)
+    distributed = cfg.optim.distributed
     num_micro = tr.global_batch_size // (tr.micro_batch_size * dp)
     tokens = tr.micro_batch_size * m.seq_length
-    n_moe_total = m.num_layers - len(set(m.dense_layers))
+    n_moe_total = len(m.moe_layer_indices)
     best = None
     for stage, counts in enumerate(_stage_params(cfg, tp, ep, pp)):
         params = sum(counts.values())

@@ -80,20 +80,15 @@ def _warn_unknown_peak(device_name: str, key: str) -> None:
                   "set logging.peak_tflops to the datasheet value without sparsity to get MFU", stacklevel=2)
 
 
-def peak_flops_per_device(device: Union[torch.device, str], dtype: Precision,
-                          override: Optional[float] = None) -> Optional[float]:
-    """Peak FLOP/s of one device for MFU, or None when it is not known (then MFU is not reported).
-
-    ``override`` is in TFLOP/s (``logging.peak_tflops``) and wins; otherwise the datasheet value of a GPU in the
-    table. A GPU not in the table (B200, H20, L40S, ...) warns once and gives None; so does a CPU (no datasheet
-    value; a measured matmul rate is not a peak). Raises ValueError for a non-positive override or an unknown
-    precision."""
-    if override is not None:
-        if override <= 0:
-            raise ValueError(f"logging.peak_tflops must be > 0, got {override}")
-        return override * 1e12
-    device = torch.device(device)
+def datasheet_peak_tflops(dtype: Precision, device: Union[torch.device, str, None] = None) -> Optional[float]:
+    """Datasheet dense peak TFLOP/s of ``device`` (default: this process's CUDA device, else the CPU) at ``dtype``,
+    or None where it is not known: a CPU (no datasheet value; a measured matmul rate is not a peak), or a GPU not in
+    the table (B200, H20, L40S, ...; warns once). ``logging.peak_tflops``'s automatic value
+    (``launcher.config.resolve``). Raises ValueError for an unknown precision."""
     precision = _precision_name(dtype)
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
@@ -101,8 +96,21 @@ def peak_flops_per_device(device: Union[torch.device, str], dtype: Precision,
     peak = gpu_peak_tflops(name, precision, tf32)
     if peak is None:
         _warn_unknown_peak(name, "tf32" if precision == "fp32" and tf32 else precision)
-        return None
-    return peak * 1e12
+    return peak
+
+
+def peak_flops_per_device(device: Union[torch.device, str], dtype: Precision,
+                          override: Optional[float] = None) -> Optional[float]:
+    """Peak FLOP/s of one device for MFU, or None when it is not known (then MFU is not reported).
+
+    ``override`` is in TFLOP/s (``logging.peak_tflops``) and wins; otherwise :func:`datasheet_peak_tflops`.
+    Raises ValueError for a non-positive override or an unknown precision."""
+    if override is not None:
+        if override <= 0:
+            raise ValueError(f"logging.peak_tflops must be > 0, got {override}")
+        return override * 1e12
+    peak = datasheet_peak_tflops(dtype, device)
+    return None if peak is None else peak * 1e12
 
 
 # ---------------------------------------------------------------- per-step numbers

@@ -9,7 +9,6 @@ states are checkpointed. A run resumed from step N therefore reproduces the unin
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import random
 import signal
@@ -25,8 +24,8 @@ import torch
 import torch.distributed as dist
 
 from launcher.train import checkpoint, flops, summary
-from launcher.config import (Config, ConfigError, overlap_param_gather, save_resolved, to_dict,
-                             uses_distributed_optimizer)
+from launcher.config import (Config, ConfigError, check_eval_batches, resolve, resolved_dict, save_resolved,
+                             to_dict)
 from launcher.data.loader import build_loader
 from launcher.train.metrics import (MetricsWriter, ProgressLine, StepStats, moe_layer_tag, peak_flops_per_device,
                                     throughput, training_scalars, moe_layer_scalars)
@@ -44,8 +43,7 @@ class TrainingError(RuntimeError):
 
 
 def lr_at(cfg: Config, step: int) -> float:
-    """Linear warmup to optim.lr over warmup_steps, then cosine (or constant) decay to optim.min_lr (lr / 10 when
-    unset)."""
+    """Linear warmup to optim.lr over warmup_steps, then cosine (or constant) decay to ``optim.final_lr``."""
     o = cfg.optim
     if step < o.warmup_steps:
         return o.lr * (step + 1) / o.warmup_steps
@@ -53,7 +51,7 @@ def lr_at(cfg: Config, step: int) -> float:
         return o.lr
     span = max(1, cfg.train.steps - o.warmup_steps)
     progress = min(1.0, (step - o.warmup_steps) / span)
-    min_lr = o.lr / 10 if o.min_lr is None else o.min_lr
+    min_lr = o.final_lr
     return min_lr + 0.5 * (o.lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
@@ -99,15 +97,15 @@ class TrainResult:
 
 class Trainer:
     def __init__(self, cfg: Config, groups: ParallelGroups):
+        """``cfg`` as parsed or already resolved: the trainer runs (and records) ``resolve(cfg, world size)``."""
+        cfg = resolve(cfg, groups.world_size)
         self.cfg, self.groups = cfg, groups
         self.run_dir = Path(cfg.logging.run_dir)
-        self.ckpt_root = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
+        self.ckpt_root = Path(cfg.checkpoint.dir)
         self.model = build_model(cfg, groups)
         self.device = next(self.model.parameters()).device
         self.compute_dtype = next(p.dtype for n, p in self.model.named_parameters() if "router" not in n)
-        optim = dataclasses.replace(cfg.optim, overlap_param_gather=overlap_param_gather(cfg))
-        self.optimizer = build_optimizer(self.model, groups, optim, cfg.model,
-                                         distributed=uses_distributed_optimizer(cfg, groups.dp_size))
+        self.optimizer = build_optimizer(self.model, groups, cfg.optim, cfg.model, distributed=cfg.optim.distributed)
         self.num_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * groups.dp_size)
         self.loader = build_loader(cfg, "train", groups.dp_rank, groups.dp_size)
         self.hidden_shape = (cfg.train.micro_batch_size, cfg.model.seq_length, cfg.model.hidden_size)
@@ -123,7 +121,7 @@ class Trainer:
         """Lineage id of this run's checkpoints (a resumed run takes its checkpoint's; rank 0's is the one used)."""
         self.last_good: Optional[str] = None
         """The newest checkpoint saved outside a non-finite streak: pruning keeps it, a stopped run names it."""
-        self._reduction = StepReduction(groups, self.device, flops.moe_layer_indices(cfg), cfg.moe.num_experts,
+        self._reduction = StepReduction(groups, self.device, cfg.model.moe_layer_indices, cfg.moe.num_experts,
                                         self.num_micro * groups.dp_size, cfg.moe.mone.enabled)
         """The step's numbers: MoE statistics summed as micro-batches run, one all-reduce and host read per step."""
 
@@ -156,7 +154,8 @@ class Trainer:
         model/MoE config is this run's: a different shape would load wrongly or not at all."""
         if ckpt is None:
             return None
-        diffs = checkpoint.config_differences(checkpoint.load_common(ckpt).get("config", {}), to_dict(self.cfg))
+        saved = resolved_dict(checkpoint.load_common(ckpt).get("config", {}), self.groups.world_size)
+        diffs = checkpoint.config_differences(saved, to_dict(self.cfg))
         if diffs:
             raise checkpoint.CheckpointError(
                 f"cannot resume from '{ckpt}': the model differs from the checkpoint's ({', '.join(diffs)}); restore "
@@ -241,9 +240,7 @@ class Trainer:
     def _valid_batches(self, n: int) -> list[dict]:
         """This DP rank's share of the first ``n`` micro-batches of the valid split: the split is read whole and
         in order on every rank and DP rank r takes batches r, r + dp, ..., so every layout sees the same batches."""
-        if n < 1 or n % self.groups.dp_size:
-            raise ConfigError(f"validation needs a positive multiple of the data-parallel size ({self.groups.dp_size}) "
-                              f"micro-batches, got {n}: change train.eval_batches (or eval --batches)")
+        check_eval_batches(n, self.groups.dp_size, "train.eval_batches (or eval --batches)")
         loader = build_loader(self.cfg, "valid", 0, 1)
         if loader.plan is not None and n > loader.plan.batches_per_epoch:
             plan = loader.plan
@@ -274,7 +271,7 @@ class Trainer:
         [k_min, k_max] (the eval k's loss is reused from the sweep when it is one of them)."""
         mm = self.cfg.moe.matryoshka
         sweep = {k: self.evaluate(k) for k in range(mm.k_min, mm.k_max + 1)} if mm.enabled else {}
-        default_k = mm.eval_k if mm.eval_k is not None else mm.k_max
+        default_k = self.cfg.moe.default_eval_k
         loss = sweep[default_k] if isinstance(default_k, int) and default_k in sweep else self.evaluate()
         values = {"valid/loss": loss, **{f"valid/loss_k{k}": v for k, v in sweep.items()}}
         if self.is_logger:

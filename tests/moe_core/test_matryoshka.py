@@ -68,7 +68,7 @@ def test_eval_k_validation():
     sched = KSchedule(_cfg(), 0, moe_layers=[0, 1])
     with pytest.raises(ValueError, match="k=9"):
         sched.set_eval_k(9)
-    with pytest.raises(ValueError, match="lists 3 values"):
+    with pytest.raises(ValueError, match="gives 3 values"):
         sched.set_eval_k([1, 2, 3])
     with pytest.raises(ValueError, match="k_max"):
         KSchedule(_cfg(k_min=3, k_max=2), 0)

@@ -221,9 +221,9 @@ def test_single_process_llep_equals_local_dispatcher():
 
 
 def test_bad_llep_config_or_missing_group_fails_when_the_dispatcher_is_built():
-    with pytest.raises(ValueError, match="moe.llep.capacity_factor must be >= 1.0"):
+    with pytest.raises(ValueError, match=r"moe.llep.capacity_factor: 0.8 is outside the allowed range \[1, inf\)"):
         LLEPDispatcher(SINGLE_PROCESS, SINGLE_PROCESS, E, LLEPConfig(capacity_factor=0.8))
-    with pytest.raises(ValueError, match="moe.llep.max_helpers_per_expert must be >= 1"):
+    with pytest.raises(ValueError, match=r"moe.llep.max_helpers_per_expert: 0 is outside the allowed range \[1, inf\)"):
         LLEPDispatcher(SINGLE_PROCESS, SINGLE_PROCESS, E, LLEPConfig(max_helpers_per_expert=0))
     for tp, ep in ((None, SINGLE_PROCESS), (SINGLE_PROCESS, None)):
         with pytest.raises(ValueError, match="is None: pass the process group explicitly"):

@@ -6,7 +6,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from parallel.config import LLEPConfig
 from parallel.llep_plan import plain_ep_plan, plan_llep, rank_layout
+
+
+def _plan(counts, ep_size, experts_per_rank, **settings):
+    """plan_llep under LLEPConfig's defaults changed by ``settings`` (moe.llep keys)."""
+    return plan_llep(counts, ep_size, experts_per_rank, LLEPConfig(**settings))
+
 
 SETTINGS = settings(max_examples=150, deadline=None)
 
@@ -44,7 +51,7 @@ def routed(draw):
 @given(problems())
 def test_every_token_assigned_exactly_once(problem):
     counts, P, epr, kwargs = problem
-    plan = plan_llep(counts, P, epr, **kwargs)
+    plan = _plan(counts, P, epr, **kwargs)
     loads = [0] * P
     for e, chunks in enumerate(plan.chunks):
         edges = [0] + [c.end for c in chunks]
@@ -68,7 +75,7 @@ def test_chunking_rule_spilled_chunks_are_gemm_sized(problem):
     """Every chunk computed off the home rank has at least min(min_tokens_per_gemm, tokens left) tokens, so an
     expert spilling s tokens makes at most ceil(s / min_tokens_per_gemm) of them."""
     counts, P, epr, kwargs = problem
-    plan, m = plan_llep(counts, P, epr, **kwargs), kwargs["min_tokens_per_gemm"]
+    plan, m = _plan(counts, P, epr, **kwargs), kwargs["min_tokens_per_gemm"]
     for e, chunks in enumerate(plan.chunks):
         away = [c for c in chunks if c.rank != e // epr]
         for c in away:
@@ -80,7 +87,7 @@ def test_chunking_rule_spilled_chunks_are_gemm_sized(problem):
 @given(problems(max_foreign=24, max_helpers=24))
 def test_over_capacity_by_less_than_a_gemm_chunk_when_memory_caps_do_not_bind(problem):
     counts, P, epr, kwargs = problem
-    plan = plan_llep(counts, P, epr, **kwargs)
+    plan = _plan(counts, P, epr, **kwargs)
     if plan.rebalanced:
         assert max(plan.loads_after) <= plan.capacity + max(kwargs["min_tokens_per_gemm"] - 1, 0)
         if kwargs["capacity_factor"] == 1.0 and kwargs["min_tokens_per_gemm"] <= 1:
@@ -108,13 +115,13 @@ def test_sub_gemm_remainders_kept_home_never_add_up_to_a_gemm_over_capacity(prob
     """Issue 23: remainders under min_tokens_per_gemm kept at home one by one must not leave the home m or more over
     capacity (the stated bound) when no memory cap binds."""
     counts, P, epr, kwargs = problem
-    plan = plan_llep(counts, P, epr, **kwargs)
+    plan = _plan(counts, P, epr, **kwargs)
     assert max(plan.loads_after) < plan.capacity + kwargs["min_tokens_per_gemm"], (plan.loads_after, plan.capacity)
 
 
 def test_four_hot_experts_on_one_rank_are_rebalanced():
     """Issue 23's case: every hot expert is under min_tokens_per_gemm, their sum is not (rank 0 ended 2190 over)."""
-    plan = plan_llep([800] * 4 + [70] * 12, 4, 4, min_tokens_per_gemm=1024)
+    plan = _plan([800] * 4 + [70] * 12, 4, 4, min_tokens_per_gemm=1024)
     assert plan.capacity == 1010 and max(plan.loads_after) < plan.capacity + 1024
     assert max(plan.loads_after) - plan.capacity == 0 and len(plan.transfers) >= 3
 
@@ -123,7 +130,7 @@ def test_chunking_rule_two_transfers_not_seven_at_p8_e8():
     cut them into 7 transfers; with min_tokens_per_gemm=1024 two helpers take 1024 each and the 489 left (less than
     a GEMM, and no room for it anywhere) stay home."""
     counts = [4000] + [1100] * 7
-    plan = plan_llep(counts, 8, 1)  # default min_tokens_per_gemm=1024
+    plan = _plan(counts, 8, 1)  # LLEPConfig's min_tokens_per_gemm=1024
     assert plan.capacity == 1463
     assert [(c.rank, c.size) for c in plan.chunks[0]] == [(0, 1463), (1, 1024), (2, 1024), (0, 489)]
     assert len(plan.transfers) == 2 and max(plan.loads_after) < plan.capacity + 1024
@@ -133,7 +140,7 @@ def test_chunking_rule_two_transfers_not_seven_at_p8_e8():
 
 def test_helper_cap_bounds_an_experts_helpers_and_forces_the_rest():
     counts = [8000] + [10] * 15  # one expert with nearly everything, P=16
-    plan = plan_llep(counts, 16, 1, min_tokens_per_gemm=1, max_helpers_per_expert=3)
+    plan = _plan(counts, 16, 1, min_tokens_per_gemm=1, max_helpers_per_expert=3)
     assert plan.helpers(0) == (1, 2, 3) and len(plan.transfers) == 3
     assert sum(c.size for c in plan.chunks[0]) == 8000 and max(plan.loads_after) > plan.capacity  # forced
 
@@ -142,7 +149,7 @@ def test_helper_cap_bounds_an_experts_helpers_and_forces_the_rest():
 @given(problems())
 def test_over_capacity_only_when_forced_by_the_memory_caps(problem):
     counts, P, epr, kwargs = problem
-    plan = plan_llep(counts, P, epr, **kwargs)
+    plan = _plan(counts, P, epr, **kwargs)
     if plan.rebalanced and max(plan.loads_after) >= plan.capacity + max(kwargs["min_tokens_per_gemm"], 1):
         assert any(len(plan.foreign_experts(r)) == kwargs["max_foreign_experts"] for r in range(P)) or any(
             len(plan.helpers(e)) == kwargs["max_helpers_per_expert"] for e in range(len(counts)))
@@ -151,7 +158,7 @@ def test_over_capacity_only_when_forced_by_the_memory_caps(problem):
 @given(problems())
 def test_below_threshold_gives_the_plain_ep_plan(problem):
     counts, P, epr, kwargs = problem
-    plan = plan_llep(counts, P, epr, **kwargs)
+    plan = _plan(counts, P, epr, **kwargs)
     plain = plain_ep_plan(counts, P, epr)
     if plain.imbalance_before < kwargs["imbalance_threshold"]:
         assert plan == plain
@@ -167,7 +174,7 @@ def test_balanced_ranks_keep_plain_ep_even_when_planning_is_forced(P, epr, data)
     for _ in range(P):  # every rank gets exactly per_rank tokens, split arbitrarily over its experts
         cuts = sorted(data.draw(st.lists(st.integers(0, per_rank), min_size=epr - 1, max_size=epr - 1)))
         counts += [b - a for a, b in zip([0] + cuts, cuts + [per_rank])]
-    plan = plan_llep(counts, P, epr, imbalance_threshold=1.0, min_tokens_per_gemm=1)
+    plan = _plan(counts, P, epr, imbalance_threshold=1.0, min_tokens_per_gemm=1)
     plain = plain_ep_plan(counts, P, epr)
     assert plan.chunks == plain.chunks and plan.transfers == () and plan.loads_after == plain.loads_before
 
@@ -176,14 +183,14 @@ def test_balanced_ranks_keep_plain_ep_even_when_planning_is_forced(P, epr, data)
 @given(problems())
 def test_plan_is_deterministic_whatever_the_count_container(problem):
     counts, P, epr, kwargs = problem
-    plan = plan_llep(counts, P, epr, **kwargs)
-    assert plan_llep(torch.tensor(counts), P, epr, **kwargs) == plan
-    assert plan_llep(tuple(counts), P, epr, **kwargs) == plan
+    plan = _plan(counts, P, epr, **kwargs)
+    assert _plan(torch.tensor(counts), P, epr, **kwargs) == plan
+    assert _plan(tuple(counts), P, epr, **kwargs) == plan
 
 
 def test_eighty_percent_to_one_expert_is_rebalanced_to_near_uniform():
     counts = [800, 40, 40, 40, 20, 20, 20, 20]  # 80% of 1000 tokens on expert 0, EP=4 x 2 experts
-    plan = plan_llep(counts, 4, 2, min_tokens_per_gemm=32)
+    plan = _plan(counts, 4, 2, min_tokens_per_gemm=32)
     assert plan.imbalance_before == pytest.approx(3.36)
     assert plan.imbalance_after <= 1.2
     assert {helper for e, _, helper in plan.transfers if e == 0} == {1, 2, 3}
@@ -200,7 +207,7 @@ def test_eighty_percent_to_one_expert_is_rebalanced_to_near_uniform():
 ])
 def test_bad_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        plan_llep(**kwargs)
+        _plan(**kwargs)
 
 
 @settings(max_examples=60, deadline=None)  # each example simulates a whole dispatch
@@ -208,7 +215,7 @@ def test_bad_arguments_are_named(kwargs, message):
 def test_rank_layouts_route_every_token_to_a_rank_that_computes_its_expert(problem):
     """Simulate the dispatcher on labelled tokens with the layouts alone."""
     counts, counts_PE, P, epr, kwargs = problem
-    plan = plan_llep(counts, P, epr, **kwargs)
+    plan = _plan(counts, P, epr, **kwargs)
     layouts = [rank_layout(plan, counts_PE, r) for r in range(P)]
     sorted_buffers = [[(s, e, i) for e in range(len(counts)) for i in range(counts_PE[s][e])] for s in range(P)]
     outboxes = []

@@ -113,7 +113,7 @@ def test_eval_k_list_per_layer(run_dir, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--k", "1,5"], "k=5 is more than the model's moe.num_experts=4"),
+    (["--k", "1,5"], "--k: k=5 must be an int in [1, moe.num_experts=4]"),
     (["--k-list", "1,2,3"], "--k-list gives 3 values but the model has 2 MoE layers"),
 ])
 def test_eval_rejects_bad_k(run_dir, capsys, args, message):

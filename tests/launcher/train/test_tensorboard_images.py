@@ -178,7 +178,10 @@ def test_training_run_logs_pictures_config_and_no_constant_scalars(tmp_path, ext
     assert [e.step for e in acc.Images("train_moe/expert_load")] == [0, 1, 2]
     per_layer = {t.split("/")[-1] for t in scalars if t.startswith("train_moe/layer00/")}
     assert per_layer == {"load_max_over_mean", "aux_loss", "z_loss"} | varying
-    assert "num_experts: 4" in acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    text = acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    logged = yaml.safe_load(text[len("```yaml\n"):-len("\n```")])
+    assert logged["moe"]["num_experts"] == 4 and logged["model"]["head_dim"] == 32 // 4  # the resolved config
+    assert logged["checkpoint"]["dir"] == str(tmp_path / "checkpoints") and logged["optim"]["distributed"] is False
     # TensorBoard orders card groups by tag (digits aside, plain character order, "/" first): train comes first
     groups = {t.split("/")[0] for t in scalars | images}
     assert not any(ch.isdigit() for g in groups for ch in g)
