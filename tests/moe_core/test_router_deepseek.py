@@ -113,3 +113,19 @@ def test_matches_transformers_deepseek_v3_router(groups, topk_group):
         theirs = dict(zip(hf_idx[t].tolist(), hf_w[t].tolist()))
         assert mine.keys() == theirs.keys(), t
         assert all(math.isclose(mine[e], theirs[e], rel_tol=1e-5) for e in mine), t
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(num_experts=8, num_groups=3), "moe.num_groups \\(3\\) must divide moe.num_experts \\(8\\)"),
+    (dict(num_experts=8, num_groups=2, group_topk=3), "moe.group_topk \\(3\\) must be <= moe.num_groups"),
+    (dict(num_experts=8, num_groups=4, group_topk=1, top_k=4), "routed to 4 experts .* hold only 2"),
+    (dict(num_experts=8, num_groups=4, group_topk=2, top_k=2,
+          matryoshka=dict(enabled=True, k_min=1, k_max=6)), "routed to 6 experts .* hold only 4"),
+])
+def test_group_limited_routing_config_errors_name_the_key(fields, message):
+    from moe_core.config import MatryoshkaConfig, ModelConfig
+
+    if "matryoshka" in fields:
+        fields = {**fields, "matryoshka": MatryoshkaConfig(**fields["matryoshka"])}
+    with pytest.raises(ValueError, match=message):
+        MoEConfig(**fields).validate(ModelConfig())
