@@ -233,6 +233,8 @@ def resolve(cfg: Config, world_size: int) -> Config:
         out.model.head_dim = out.model.head_width
     out.moe.matryoshka.eval_k = out.moe.default_eval_k
     out.moe.norm_topk_prob = out.moe.normalised_topk_prob
+    if out.model.rope_scaling.type == "yarn":
+        out.model.rope_scaling.attention_factor = out.model.rope_scaling.cos_sin_scale
     o.min_lr = o.final_lr
     if o.distributed is None:  # bf16/fp8 parameters take their fp32 main weights from the distributed optimizer
         o.distributed = dp > 1 or out.train.precision != "fp32"

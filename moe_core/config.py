@@ -8,6 +8,7 @@ every user of a derived value reads it from here.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Annotated, Literal, Optional, Union
 
@@ -37,9 +38,27 @@ class RopeScalingConfig:
     """MLA only: the softmax scale is multiplied by yarn_mscale(factor, mscale_all_dim)^2 (DeepSeek-V3: 1.0).
     null = not set: the softmax scale is unchanged."""
     attention_factor: Optional[PositiveFloat] = None
-    """Explicit cos/sin scale, overriding the mscale rule above. null = automatic (from mscale)."""
+    """Explicit cos/sin scale, overriding the mscale rule above. null = automatic (from mscale; resolved to its
+    value in the run's config under yarn, unused otherwise)."""
     truncate: bool = True
     """Round the correction range outward to whole dimensions (Hugging Face's default)."""
+
+    @property
+    def cos_sin_scale(self) -> float:
+        """The factor on the cos/sin tables: 1.0 without YaRN, else attention_factor, or when null the mscale rule
+        (Hugging Face's ``_compute_yarn_parameters``)."""
+        if self.type != "yarn":
+            return 1.0
+        if self.attention_factor is not None:
+            return self.attention_factor
+        if self.mscale and self.mscale_all_dim:
+            return yarn_mscale(self.factor, self.mscale) / yarn_mscale(self.factor, self.mscale_all_dim)
+        return yarn_mscale(self.factor)
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention-temperature correction ``0.1 * mscale * ln(factor) + 1`` (1.0 for factor <= 1)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
 MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "rope_interleave")

@@ -21,12 +21,7 @@ import math
 
 import torch
 
-from moe_core.config import RopeScalingConfig
-
-
-def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
-    """YaRN's attention-temperature correction ``0.1 * mscale * ln(factor) + 1`` (1.0 for factor <= 1)."""
-    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+from moe_core.config import RopeScalingConfig, yarn_mscale
 
 
 def softmax_mscale(scaling: RopeScalingConfig) -> float:
@@ -55,16 +50,6 @@ def _yarn_inv_freq(theta_pow: torch.Tensor, dim: int, theta: float, y: RopeScali
     return 1.0 / (y.factor * theta_pow) * (1 - keep) + 1.0 / theta_pow * keep
 
 
-def _cos_sin_scale(y: RopeScalingConfig) -> float:
-    if y.type != "yarn":
-        return 1.0
-    if y.attention_factor is not None:
-        return y.attention_factor
-    if y.mscale and y.mscale_all_dim:
-        return yarn_mscale(y.factor, y.mscale) / yarn_mscale(y.factor, y.mscale_all_dim)
-    return yarn_mscale(y.factor)
-
-
 def rope_cos_sin(seq_len: int, dim: int, theta: float, scaling: RopeScalingConfig,
                  device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables ``[seq_len, dim]`` fp32 for positions 0..seq_len-1 (rotate-half layout, YaRN when
@@ -73,7 +58,7 @@ def rope_cos_sin(seq_len: int, dim: int, theta: float, scaling: RopeScalingConfi
     inv_freq = _yarn_inv_freq(theta_pow, dim, theta, scaling) if scaling.type == "yarn" else 1.0 / theta_pow
     freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
     emb = torch.cat([freqs, freqs], dim=-1)
-    scale = _cos_sin_scale(scaling)
+    scale = scaling.cos_sin_scale
     if scale == 1.0:
         return emb.cos(), emb.sin()
     return emb.cos() * scale, emb.sin() * scale
