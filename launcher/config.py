@@ -127,7 +127,7 @@ class DataConfig:
     """Instead of path: a weighted mixture, [{path: DIR, weight: W > 0}, ...], weights normalised (Megatron's
     --data-path W1 DIR1 W2 DIR2), all tokenized with one tokenizer. Sample g of the run comes from a source chosen
     by a fixed low-discrepancy rule, so every window of N samples holds weight * N + O(log N) of each source
-    (launcher/data/loader.py, Blend); each source keeps its own position, resumed exactly."""
+    (launcher/data/mixture.py, Blend); each source keeps its own position, resumed exactly."""
     valid_path: Optional[str] = None
     """Directory of validation shards (its valid split, or its training split if it has none); null = off: no
     separate directory, validation reads held-out synthetic data, the valid split of path, or with paths the valid

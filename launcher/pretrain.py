@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.dry_run:
         return dry_run(cfg, env.world_size())
-    from launcher.data.preprocess import DataError
+    from launcher.data.format import DataError
     from launcher.train.checkpoint import CheckpointError
     from launcher.train import summary
     from launcher.train.trainer import Preemption, Trainer, TrainingError

@@ -1,5 +1,5 @@
-"""Imports point one way, kernels <- moe_core <- parallel <- launcher, and no two modules import each other in a
-circle. Read from the source with ast (nothing is imported), so a violation fails with its file, line and import.
+"""Imports point one way, kernels <- moe_core <- parallel <- launcher, no two modules import each other in a
+circle, and launcher/data/'s reading side never imports its writing side (nor the reverse; both share format.py). Read from the source with ast (nothing is imported), so a violation fails with its file, line and import.
 
 docs/architecture.md draws the layers; this test is what keeps the drawing true.
 """
@@ -14,6 +14,11 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ("kernels", "moe_core", "parallel", "launcher")  # a package may import only those to its left
 RANK = {name: i for i, name in enumerate(LAYERS)}
 NO_DISTRIBUTED = ("kernels", "moe_core")  # single-device math never touches torch.distributed
+DATA_SIDES = {  # launcher/data/: each module is on one side, or shared by both (SHARED); no import crosses sides
+    "writing": ("preprocess", "inputs", "tokenizer", "writer"),
+    "reading": ("build", "loader", "reader", "mixture", "synthetic", "batch"),
+}
+DATA_SHARED = ("__init__", "format")
 
 
 def _module_name(path: Path, root: Path) -> str:
@@ -68,6 +73,25 @@ def layering_violations(root: Path) -> list[str]:
     return bad
 
 
+def data_side_violations(root: Path) -> list[str]:
+    """One line per import in launcher/data/ from one side (reading, writing) into the other, and per module that is
+    on no side."""
+    side_of = {f"launcher.data.{m}": side for side, mods in DATA_SIDES.items() for m in mods}
+    bad = []
+    for path in sorted((root / "launcher" / "data").glob("*.py")):
+        own = side_of.get(_module_name(path, root))
+        if own is None:
+            if path.stem not in DATA_SHARED:
+                bad.append(f"{path.relative_to(root)}: on no side of launcher/data/ (add it to DATA_SIDES)")
+            continue
+        for line, target, text in imports_of(path, root):
+            other = side_of.get(target)
+            if other is not None and other != own:
+                bad.append(f"{path.relative_to(root)}:{line}: `{text}` imports the {other} side from the {own} side "
+                           "(share code through launcher/data/format.py)")
+    return list(dict.fromkeys(bad))  # one line per import statement, not per imported name
+
+
 def import_cycles(root: Path) -> list[str]:
     """Each cycle among our own modules, as 'a -> b -> a' with the line of the first edge."""
     files = {_module_name(p, root): p for p in source_files(root)}
@@ -103,6 +127,11 @@ def test_imports_point_one_way():
     assert not bad, "imports that point the wrong way:\n" + "\n".join(bad)
 
 
+def test_data_reading_never_imports_writing():
+    bad = data_side_violations(ROOT)
+    assert not bad, "launcher/data/ imports across sides:\n" + "\n".join(bad)
+
+
 def test_no_import_cycles():
     cycles = import_cycles(ROOT)
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
@@ -129,6 +158,19 @@ def test_reports_torch_distributed_below_parallel(tree):
     assert layering_violations(tree) == [
         "kernels/k.py:1: `import torch.distributed as dist` uses torch.distributed inside kernels/ "
         "(process groups belong to parallel/)"]
+
+
+def test_reports_a_data_reader_importing_the_writer(tree):
+    (tree / "launcher" / "data").mkdir()
+    for name in ("__init__", "format", "writer"):
+        (tree / "launcher" / "data" / f"{name}.py").write_text("")
+    (tree / "launcher" / "data" / "reader.py").write_text("from launcher.data.format import SAMPLE_EXT\n"
+                                                           "from launcher.data import writer\n")
+    (tree / "launcher" / "data" / "stray.py").write_text("")
+    assert data_side_violations(tree) == [
+        "launcher/data/reader.py:2: `from launcher.data import writer` imports the writing side from the reading side "
+        "(share code through launcher/data/format.py)",
+        "launcher/data/stray.py: on no side of launcher/data/ (add it to DATA_SIDES)"]
 
 
 def test_reports_a_cycle(tree):

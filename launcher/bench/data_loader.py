@@ -39,7 +39,7 @@ def make_shards(out: Path, seq_length: int, vocab_size: int) -> Path:
 
 def loader_rate(cfg, workers: int, batches: int) -> tuple[float, float]:
     """(start-up seconds, steady-state tokens/s) of the train loader with ``workers`` DataLoader workers."""
-    from launcher.data.loader import build_loader
+    from launcher.data.build import build_loader
 
     cfg.data.num_workers = workers
     start = time.perf_counter()

@@ -21,7 +21,8 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from launcher.data.preprocess import TOKENIZER_NAME, find_eos, load_tokenizer, read_index
+from launcher.data.format import TOKENIZER_NAME, read_index
+from launcher.data.tokenizer import find_eos, load_tokenizer
 from launcher.hf.mapping import export_dtype
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -128,7 +129,7 @@ def find_tokenizer(source: str, eos_token: Optional[str]) -> TokenizerInfo:
     try:
         tok = load_tokenizer(str(tok_path))
         name, eos_id = find_eos(tok, eos_token)
-    except ValueError as e:  # preprocess.DataError
+    except ValueError as e:  # launcher.data.format.DataError
         raise HFDirError(str(e)) from None
     return TokenizerInfo(tok_path, name, eos_id, tok.get_vocab_size())
 

@@ -31,7 +31,7 @@ from launcher.errors import ArgumentParser
 from launcher.train import checkpoint
 from launcher.config import (Config, ConfigError, apply_override, check_data_dirs, config_from_dict, resolve,
                              validate_world)
-from launcher.data.preprocess import DataError
+from launcher.data.format import DataError
 from moe_core.config import check_eval_k
 from moe_core.matryoshka import EvalK
 

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from launcher.train import checkpoint, flops, summary
 from launcher.config import (Config, ConfigError, check_eval_batches, resolve, resolved_dict, save_resolved,
                              to_dict)
-from launcher.data.loader import build_loader
+from launcher.data.build import build_loader
 from launcher.train.metrics import (MetricsWriter, ProgressLine, StepStats, moe_layer_tag, peak_flops_per_device,
                                     throughput, training_scalars, moe_layer_scalars)
 from launcher.train.step_reduce import LayerStepStats, StepReduction

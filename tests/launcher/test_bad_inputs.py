@@ -24,7 +24,7 @@ import pytest
 from launcher import pretrain
 from launcher.config import Config, load_config
 from launcher.data import preprocess
-from launcher.data.preprocess import read_index
+from launcher.data.format import read_index
 from moe_core.config_fields import Range
 from tests.helpers.dist import free_port
 from tests.launcher.data.helpers import SEQ, corpus_docs, preprocess as make_shards, write_jsonl

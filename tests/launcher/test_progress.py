@@ -2,7 +2,7 @@
 terminal, and convert reporting per tensor."""
 import io
 
-from launcher.data.preprocess import InputStats, iter_documents
+from launcher.data.inputs import InputStats, iter_documents
 from launcher.progress import progress
 from tests.launcher.data.helpers import CORPUS
 

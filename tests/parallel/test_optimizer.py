@@ -29,7 +29,7 @@ def _trainer(overrides, groups=None):
 
 def _global_batches(steps: int, global_batch: int):
     """The same global batches for every layout: sample i of step s is the same tensor everywhere."""
-    from launcher.data.loader import SyntheticSource
+    from launcher.data.synthetic import SyntheticSource
 
     source = SyntheticSource(128, 16, 1, 4321, "train", 0)
     return [[source.batch(s * global_batch + i) for i in range(global_batch)] for s in range(steps)]

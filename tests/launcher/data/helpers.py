@@ -5,7 +5,8 @@ import json
 from pathlib import Path
 
 from launcher.config import Config
-from launcher.data.preprocess import main as preprocess_main, read_index
+from launcher.data.format import read_index
+from launcher.data.preprocess import main as preprocess_main
 
 CORPUS = Path(__file__).resolve().parents[3] / "recipes" / "data" / "python_reference.jsonl"
 SEQ = 32
@@ -54,7 +55,7 @@ def resume_after(cfg: Config, k: int, total: int, dp_rank: int = 1, dp_size: int
     the uninterrupted loader's."""
     import torch
 
-    from launcher.data.loader import build_loader
+    from launcher.data.build import build_loader
 
     ref = build_loader(cfg, "train", dp_rank, dp_size)
     expected = take(ref, total)

@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from launcher.config import Config, ConfigError
-from launcher.data.loader import build_loader, markov_entropy_nats
-from launcher.data.preprocess import DataError, main as preprocess_main, read_index
+from launcher.data.build import build_loader
+from launcher.data.format import DataError, read_index
+from launcher.data.preprocess import main as preprocess_main
+from launcher.data.synthetic import markov_entropy_nats
 from tests.launcher.data.helpers import SEQ, resume_after, shard_config, take
 
 
@@ -109,12 +111,12 @@ def test_corrupt_shard_raises_during_streaming_without_hanging(shards, tmp_path,
 
 def test_each_shard_is_hashed_once_per_process_before_its_first_sample(shards, tmp_path, monkeypatch):
     """Two epochs read every shard twice; each is hashed only the first time it is opened."""
-    from launcher.data import loader as loader_module
+    from launcher.data import reader
 
     path = _copy(shards, tmp_path)
-    hashed, sha256 = [], loader_module.file_sha256
-    monkeypatch.setattr(loader_module, "_VERIFIED", set())
-    monkeypatch.setattr(loader_module, "file_sha256", lambda p: hashed.append(p.name) or sha256(p))
+    hashed, sha256 = [], reader.file_sha256
+    monkeypatch.setattr(reader, "_VERIFIED", set())
+    monkeypatch.setattr(reader, "file_sha256", lambda p: hashed.append(p.name) or sha256(p))
     loader = build_loader(shard_config(path), "train", 0, 1)
     take(loader, 2 * loader.plan.batches_per_epoch)
     names = [s["name"] for s in read_index(path)["splits"]["train"]["shards"]]

@@ -13,8 +13,10 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from launcher import pretrain
 from launcher.config import Config, DataSource
-from launcher.data.loader import Blend, MixtureLoader, build_loader
-from launcher.data.preprocess import DataError
+from launcher.data.build import build_loader
+from launcher.data.format import DataError
+from launcher.data.loader import MixtureLoader
+from launcher.data.mixture import Blend
 from tests.helpers.dist import free_port
 from tests.launcher.data.helpers import SEQ, corpus_docs, preprocess, resume_after, shard_config, take, write_jsonl
 from tests.launcher.test_bad_inputs import TINY, _one_error_line

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from launcher.data.loader import build_loader
-from launcher.data.preprocess import main as preprocess_main, read_index
+from launcher.data.build import build_loader
+from launcher.data.format import read_index
+from launcher.data.preprocess import main as preprocess_main
 from tests.launcher.data.helpers import CORPUS, SEQ, corpus_docs, preprocess, shard_config, write_jsonl
 
 REPO = Path(__file__).resolve().parents[3]

@@ -62,7 +62,7 @@ def _convert_variants(rank, world_size, root, tokenizer):
 
 
 def write_tokenizer(path) -> str:
-    from launcher.data.preprocess import train_tokenizer
+    from launcher.data.tokenizer import train_tokenizer
 
     docs = ["def add(a, b):\n    return a + b\n", "The quick brown fox jumps over the lazy dog."] * 20
     tok = train_tokenizer(iter(docs), 300, "<|endoftext|>")

@@ -142,7 +142,7 @@ def test_printed_follow_up_continues_pretraining_on_shards_with_the_hf_tokenizer
 
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    from launcher.data.preprocess import train_tokenizer
+    from launcher.data.tokenizer import train_tokenizer
     from tests.launcher.data.helpers import CORPUS, corpus_docs
 
     (tmp_path / "hf").mkdir()
