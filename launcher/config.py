@@ -83,7 +83,7 @@ class OptimConfig:
     grad_clip: NonNegativeFloat = 1.0
     """Global grad-norm clip (0 disables)."""
     distributed: Optional[bool] = None
-    """megatron-core's distributed optimizer (ZeRO-1, parallel/optimizer.py): fp32 main weights and Adam moments
+    """megatron-core's distributed optimizer (ZeRO-1, parallel/optim/optimizer.py): fp32 main weights and Adam moments
     sharded over the (expert-)data-parallel group, fp32 gradient buffers reduce-scattered in buckets. null =
     automatic: on when the data-parallel size is > 1 or train.precision is bf16/fp8 (bf16 parameters take their fp32
     main weights from it); false = torch AdamW replicated on every DP rank (fp32 only; the bit-exact reference)."""
@@ -311,7 +311,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
              "optim.overlap_param_gather unset (null: off with compile)")
     _validate_device_needs(cfg)
     if tr.precision == "fp8":
-        from parallel.fp8 import fp8_unavailable_here  # lazy: TE is only imported when fp8 is asked for
+        from parallel.fp8.swap import fp8_unavailable_here  # lazy: TE is only imported when fp8 is asked for
 
         reason = fp8_unavailable_here(cfg)
         _require(reason is None, str(reason))

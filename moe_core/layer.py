@@ -4,7 +4,7 @@ Shape legend: ``T`` tokens, ``K`` experts per token, ``N`` routing slots, ``D`` 
 
 The dispatcher implements :class:`moe_core.dispatcher.TokenDispatcher` (named phases, each local-only or
 collective-only); the layer runs them through :func:`moe_core.dispatcher.dispatch_compute_combine`.
-:class:`LocalDispatcher` is the single-device one; ``parallel/dispatch.py`` and ``parallel/llep.py`` provide the
+:class:`LocalDispatcher` is the single-device one; ``parallel/dispatch.py`` and ``parallel/llep/dispatcher.py`` provide the
 expert-parallel ones. Every forward leaves a :class:`MoELayerStats` in ``layer.last_stats``.
 """
 from __future__ import annotations

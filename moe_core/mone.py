@@ -20,7 +20,7 @@ KERNEL CONTRACT (kernels/mone.py must export a function with exactly this signat
 
 NEURON SELECTION - the one definition. The torch path here, the Triton training path (kernels/select_swiglu.py
 with the cut of kernels/topk_select.py), the Triton decode path (kernels/mone_decode.py), the FP8 path
-(parallel/fp8_experts.py) and the exported Hugging Face code (launcher/hf/modeling_moetron.py) all follow it:
+(parallel/fp8/experts.py) and the exported Hugging Face code (launcher/hf/modeling_moetron.py) all follow it:
 
 1. Score, in fp32, from the rounded ``g``: ``s_f = |g_f|`` (pre_act) or ``s_f = |silu(g_f)|`` with
    ``silu(g) = g * sigmoid(g)`` evaluated in fp32 (post_act). No score is computed in bf16/fp16.

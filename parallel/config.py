@@ -16,7 +16,7 @@ from moe_core.config_fields import NonNegativeInt, PositiveFloat, PositiveInt, R
 
 @dataclass
 class LLEPConfig:
-    """Least-Loaded Expert Parallelism (arXiv 2601.17111; rules in parallel/llep_plan.py). Extra expert-weight
+    """Least-Loaded Expert Parallelism (arXiv 2601.17111; rules in parallel/llep/plan.py). Extra expert-weight
     memory per rank is at most ``W * (2 * max_foreign_experts + max_helpers_per_expert * experts_per_rank)``,
     ``W`` = one expert's gate+up+down bytes (``parallel.llep.extra_weight_bytes_bound``)."""
 

@@ -26,7 +26,7 @@ backward):
 
 Gradients: each all-to-all's backward is the reverse all-to-all, so an expert's weight gradient on its owner rank
 is the sum over every token routed to it from the whole EP group; expert-DP reduction happens elsewhere
-(``parallel/grads.py``).
+(``parallel/optim/grads.py``).
 """
 from __future__ import annotations
 

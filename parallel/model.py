@@ -98,7 +98,7 @@ def stage_layers(num_layers: int, groups: ParallelGroups) -> range:
 
 def _make_dispatcher(cfg: RunConfig, groups: ParallelGroups):
     if cfg.moe.dispatcher == "llep":
-        from parallel.llep import LLEPDispatcher
+        from parallel.llep.dispatcher import LLEPDispatcher
 
         return LLEPDispatcher(groups.tp_group, groups.ep_group, cfg.moe.num_experts, cfg.moe.llep)
     from parallel.dispatch import AllToAllDispatcher
@@ -163,7 +163,7 @@ def build_model(cfg: RunConfig, groups: ParallelGroups, device: torch.device | N
         for layer in model.moe_layers().values():
             layer.router.count_reducer = dp_count_reducer(groups.dp_group)
     if cfg.train.precision == "fp8":
-        from parallel.fp8 import convert_to_fp8  # lazy: bf16/fp32 runs never import FP8 code
+        from parallel.fp8.swap import convert_to_fp8  # lazy: bf16/fp32 runs never import FP8 code
 
         for idx, block in model.layers.items():  # same Parameters keep their names and ShardSpecs
             convert_to_fp8(block, cfg, int(idx))

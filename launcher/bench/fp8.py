@@ -4,8 +4,8 @@ transformer (loss curves and step-time ratio).
     python -m launcher.bench.fp8 [--steps 60] [--recipe tensorwise|rowwise] [--keep-first-last] [--compile]
 
 GPU only: needs a CUDA GPU with FP8 (compute capability >= 8.9); elsewhere it prints one line and exits 2. The
-FP8 side is the torchao backend (parallel/fp8_torchao.py): torchao Float8Linear for the projection, the grouped
-rowwise FP8 GEMM for the experts (parallel/fp8_grouped.py); the bf16 side is nn.Linear and moetron's grouped bf16
+FP8 side is the torchao backend (parallel/fp8/torchao_backend.py): torchao Float8Linear for the projection, the grouped
+rowwise FP8 GEMM for the experts (parallel/fp8/grouped.py); the bf16 side is nn.Linear and moetron's grouped bf16
 experts (one torch._grouped_mm per projection), the strongest baselines here. ``--compile`` wraps both sides'
 projection and experts in torch.compile (torchao fuses its casts there). Both training runs start from the same
 weights and see the same batches (each sequence an arithmetic progression mod V with its own start and stride, so
@@ -27,7 +27,7 @@ from launcher.config import Config
 from moe_core.config import MoNEConfig
 from moe_core.experts import SwiGLUExperts
 from moe_core.transformer import MoETransformer
-from parallel.fp8 import convert_to_fp8, fp8_context, fp8_unavailable_here
+from parallel.fp8.swap import convert_to_fp8, fp8_context, fp8_unavailable_here
 
 
 def bench_config(args) -> Config:
@@ -85,8 +85,8 @@ def _median_ms(fn, iters: int, warmup: int = 3) -> float:
 def module_bench(cfg: Config, tokens: int, compile_: bool, iters: int = 20) -> list[tuple[str, float, float]]:
     """(name, bf16 ms, fp8 ms) of forward+backward: one [tokens, D] x [D, D] projection, and the grouped experts on
     ``tokens * top_k`` rows spread evenly over the experts."""
-    from parallel.fp8_experts import Float8GroupedExperts
-    from parallel.fp8_torchao import convert_module
+    from parallel.fp8.experts import Float8GroupedExperts
+    from parallel.fp8.torchao_backend import convert_module
 
     D, F, E, k = cfg.model.hidden_size, cfg.moe.expert_ffn_hidden_size, cfg.moe.num_experts, cfg.moe.top_k
     lin = torch.nn.Linear(D, D, bias=False, device="cuda", dtype=torch.bfloat16)

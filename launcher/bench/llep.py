@@ -108,7 +108,7 @@ def bench_rank(rank: int, world: int, args: argparse.Namespace) -> list[dict]:
     from moe_core.layer import LocalDispatcher
     from parallel.comm import SINGLE_PROCESS
     from parallel.dispatch import AllToAllDispatcher
-    from parallel.llep import LLEPDispatcher
+    from parallel.llep.dispatcher import LLEPDispatcher
 
     torch.set_num_threads(args.threads)
     E = args.experts

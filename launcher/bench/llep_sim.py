@@ -2,7 +2,7 @@
 stated interconnect model; the simulation mode of ``python -m launcher.bench.llep --simulate``.
 
 Model of one MoE layer, forward + backward, per the dispatchers' phases (``parallel/dispatch.py``,
-``parallel/llep.py``); every collective ends when its slowest rank ends, so each phase costs its max over ranks:
+``parallel/llep/dispatcher.py``); every collective ends when its slowest rank ends, so each phase costs its max over ranks:
 
   plain EP = 4 x a2a(token rows) + max_r GEMM_r
   LLEP     = count all-gather + planner (its measured CPU time here) + 4 x a2a(token rows) + max_r GEMM_r
@@ -14,7 +14,7 @@ interpolated between measured sizes (so small GEMMs keep their measured ineffici
 size, extrapolated from the last two). With ``cores`` set (validation on a CPU with fewer cores than ranks) the
 ranks' GEMMs share the cores (processor sharing). Below the imbalance threshold LLEP is plain EP plus the count
 all-gather and planner. Plans, token counts per rank pair and weight transfers are the real ones
-(``parallel.llep_plan``) on routing drawn like the benchmark's (``launcher.bench.llep.routing``).
+(``parallel.llep.plan``) on routing drawn like the benchmark's (``launcher.bench.llep.routing``).
 Not modelled: permutes, index gathers and the combine (memory-bound, the same for both but for LLEP's extra
 send/compute reorders).
 
@@ -164,7 +164,7 @@ def _gemm_ms(groups: list[list[int]], gemm: GemmTable, cores: int | None = None)
 def simulate(layer: Layer, scenario: str, llep_cfg, gemm: GemmTable, net: Interconnect, zipf_s: float = 1.2,
              seed: int = 0, cores: int | None = None) -> dict:
     """Predicted ms of plain EP and LLEP for one layer fwd+bwd (see the module docstring)."""
-    from parallel.llep_plan import plain_ep_plan, plan_llep, rank_layout
+    from parallel.llep.plan import plain_ep_plan, plan_llep, rank_layout
 
     P, E = layer.ranks, layer.experts
     L = E // P
@@ -239,7 +239,7 @@ def plan_timing(ranks: int, experts: int, scenario: str, llep_cfg, tokens: int =
                 repeats: int = 20) -> dict:
     """Median host CPU milliseconds (``time.thread_time``, so other processes on a shared machine do not count) of
     planning + this rank's layout (what ``LLEPDispatcher.plan`` runs per layer)."""
-    from parallel.llep_plan import plan_llep, rank_layout
+    from parallel.llep.plan import plan_llep, rank_layout
 
     counts_PE = _counts_PE(Layer(experts, ranks, tokens, top_k, 0, 0, 0), scenario, 1.2, 0)
     times = []

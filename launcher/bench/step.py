@@ -139,7 +139,7 @@ def _profile_phases(trainer) -> tuple[dict[str, float], float]:
 def run_variant(name: str, recipe: Optional[str], overrides: list[str], warmup: int, steps: int) -> Result:
     from launcher.train.metrics import peak_flops_per_device
     from launcher.train.trainer import Trainer
-    from parallel.fp8 import fp8_unavailable_here
+    from parallel.fp8.swap import fp8_unavailable_here
     from parallel.groups import initialize
 
     base = load_config(recipe, overrides)

@@ -20,7 +20,7 @@ checkpoints, never the one ``latest`` names nor the protected one (the newest sa
 Loading unpickles only allowlisted types (``safe_load.py``); the model/MoE config must match on resume.
 
 Contents: every parameter, AdamW moment and (bf16 runs) fp32 main weight as a ``ShardedTensor`` with its global
-shape/offsets (see ``parallel/sharding.py`` and ``parallel/optimizer.py``) -> loadable at any TP/PP/EP/DP layout,
+shape/offsets (see ``parallel/sharding.py`` and ``parallel/optim/optimizer.py``) -> loadable at any TP/PP/EP/DP layout,
 with either optimizer implementation; persistent buffers (router expert bias) likewise;
 common state (step, scheduler, counters, config, layout) from rank 0; per-rank RNG and per-DP-rank data-loader
 state as ``ShardedObject``s. RNG is restored at the same layout only (after a change it is re-seeded, and a line
@@ -43,7 +43,7 @@ import torch.distributed as dist
 from torch import nn
 
 from parallel.groups import ParallelGroups
-from parallel.optimizer import TrainOptimizer
+from parallel.optim.optimizer import TrainOptimizer
 from parallel.sharding import named_specs, replica_id, sharded_tensor
 
 LATEST = "latest"

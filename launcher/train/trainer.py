@@ -34,7 +34,7 @@ from moe_core.matryoshka import EvalK
 from moe_core.profiling import phase
 from parallel.groups import ParallelGroups
 from parallel.model import build_model, token_losses
-from parallel.optimizer import build_optimizer
+from parallel.optim.optimizer import build_optimizer
 from parallel.pipeline import forward_backward
 
 
@@ -57,11 +57,11 @@ def lr_at(cfg: Config, step: int) -> float:
 
 def precision_context(cfg: Config, groups: ParallelGroups):
     """bf16 runs need no context: parameters are bf16 (fp32 main weights live in the distributed optimizer,
-    parallel/optimizer.py), so every GEMM gets bf16 operands. fp8 runs add the FP8 context (converted projections
+    parallel/optim/optimizer.py), so every GEMM gets bf16 operands. fp8 runs add the FP8 context (converted projections
     run their GEMMs in FP8; amaxes are reduced over the stage's TP x DP group)."""
     if cfg.train.precision != "fp8":
         return contextlib.nullcontext()
-    from parallel.fp8 import fp8_context
+    from parallel.fp8.swap import fp8_context
 
     return fp8_context(cfg, amax_group=groups.amax_group)
 
@@ -392,7 +392,7 @@ class Trainer:
         perf = throughput(stats, self.groups.world_size, self.peak)
         scalars = {**training_scalars(stats, perf), **moe_layer_scalars(layer_stats, self.cfg.moe)}
         if self.cfg.train.precision == "fp8":
-            from parallel.fp8 import fp8_stats
+            from parallel.fp8.swap import fp8_stats
 
             scalars.update(fp8_stats(self.model))
         scalars.update(self._dispatcher_scalars())

@@ -11,7 +11,7 @@ How the comparison works (float32, same seed and weights everywhere):
   d, TP rank j) sends the j-th 1/tp slice of ``x[d]``. So the owner's grad must equal the sum, over the group's
   members, of the reference's grad with the loss restricted to that member's slice (``g[d]`` zeroed elsewhere:
   routing is unchanged and an expert's weights see the loss only through the outputs of the tokens it computed).
-  Summing over TP peers / expert-DP ranks is a later, separate step (``parallel/grads.py``), not the dispatcher's.
+  Summing over TP peers / expert-DP ranks is a later, separate step (``parallel/optim/grads.py``), not the dispatcher's.
 Two worlds are launched (2 and 4 ranks); each runs every layout of its size and every case in one go.
 """
 import functools

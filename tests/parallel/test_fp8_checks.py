@@ -5,8 +5,8 @@ import pytest
 
 from launcher.config import Config, ConfigError, load_config
 from parallel.config import FP8Config
-from parallel import fp8
-from parallel.fp8 import Fp8Support, fp8_unavailable_reason
+from parallel.fp8 import swap as fp8
+from parallel.fp8.swap import Fp8Support, fp8_unavailable_reason
 
 HOPPER, ADA, AMPERE, BLACKWELL = (9, 0), (8, 9), (8, 0), (10, 0)
 NO_TE = Fp8Support(HOPPER, "ModuleNotFoundError: No module named 'transformer_engine'")

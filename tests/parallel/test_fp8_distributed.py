@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from parallel.config import FP8Config
-from parallel.fp8_torchao import convert_module
+from parallel.fp8.torchao_backend import convert_module
 from tests.helpers.dist import run_distributed
 
 D, FFN, S, B = 32, 64, 8, 2

@@ -6,7 +6,7 @@ import torch
 from torchao.float8.config import ScalingGranularity
 from torchao.float8.float8_utils import tensor_to_scale, to_fp8_saturated
 
-from parallel.fp8_grouped import PaddedGroups, fp8_grouped_mm
+from parallel.fp8.grouped import PaddedGroups, fp8_grouped_mm
 
 E4M3 = torch.float8_e4m3fn
 BF16 = dict(rtol=2 ** -7, atol=1e-5)  # the GEMM output is rounded to bf16 after fp32 sums in another order

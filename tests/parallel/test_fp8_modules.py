@@ -9,9 +9,9 @@ from launcher.config import Config
 from moe_core.config import MoNEConfig
 from moe_core.experts import SwiGLUExperts
 from moe_core.transformer import MoETransformer
-from parallel.fp8 import convert_to_fp8, fp8_context, fp8_stats
-from parallel.fp8_experts import Float8GroupedExperts
-from parallel.fp8_torchao import convert_module
+from parallel.fp8.swap import convert_to_fp8, fp8_context, fp8_stats
+from parallel.fp8.experts import Float8GroupedExperts
+from parallel.fp8.torchao_backend import convert_module
 from tests.helpers.syncs import count_syncs
 
 # Relative (Frobenius) error bounds vs. the fp32 model. E4M3 (3 mantissa bits) rounds each operand by up to ~6%,
@@ -92,7 +92,7 @@ def test_fp8_mone_selects_on_the_gate_its_swiglu_uses(monkeypatch):
     recomputation that could pick other neurons on near-ties)."""
     import moe_core.grouped
     import moe_core.mone
-    from parallel.fp8_grouped import PaddedGroups, fp8_grouped_mm
+    from parallel.fp8.grouped import PaddedGroups, fp8_grouped_mm
 
     experts, counts_E, x_ND = _experts_case(mone=True)
     seen = {}

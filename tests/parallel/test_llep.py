@@ -16,7 +16,7 @@ from moe_core.layer import LocalDispatcher
 from parallel.dispatch import AllToAllDispatcher
 from parallel.comm import SINGLE_PROCESS, gather_dim0
 from parallel.groups import initialize
-from parallel.llep import LLEPDispatcher
+from parallel.llep.dispatcher import LLEPDispatcher
 from tests.helpers.dist import run_distributed
 
 E, D, F, T = 8, 8, 6, 12

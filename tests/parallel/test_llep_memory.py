@@ -11,7 +11,7 @@ from moe_core.dispatcher import dispatch_compute_combine
 from moe_core.experts import SwiGLUExperts
 from parallel.comm import SINGLE_PROCESS
 from parallel.config import LLEPConfig
-from parallel.llep import LLEPDispatcher, extra_weight_bytes_bound
+from parallel.llep.dispatcher import LLEPDispatcher, extra_weight_bytes_bound
 from tests.helpers.dist import run_distributed
 
 E, D, F, T = 8, 8, 16, 64

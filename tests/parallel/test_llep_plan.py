@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from parallel.config import LLEPConfig
-from parallel.llep_plan import plain_ep_plan, plan_llep, rank_layout
+from parallel.llep.plan import plain_ep_plan, plan_llep, rank_layout
 
 
 def _plan(counts, ep_size, experts_per_rank, **settings):

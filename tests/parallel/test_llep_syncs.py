@@ -11,7 +11,7 @@ from moe_core.experts import SwiGLUExperts
 from parallel.comm import SINGLE_PROCESS
 from parallel.config import LLEPConfig
 from parallel.dispatch import AllToAllDispatcher
-from parallel.llep import LLEPDispatcher
+from parallel.llep.dispatcher import LLEPDispatcher
 from tests.helpers.dist import run_distributed
 from tests.helpers.syncs import count_syncs
 

@@ -54,7 +54,7 @@ def _reference_grads(cfg, micro_by_dp):
 
 
 def _compare(rank, world_size, overrides):
-    from parallel.grads import sync_grads
+    from parallel.optim.grads import sync_grads
     from parallel.groups import initialize
     from parallel.model import build_model, token_losses
     from parallel.pipeline import forward_backward

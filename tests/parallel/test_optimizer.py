@@ -1,4 +1,4 @@
-"""parallel/optimizer.py: bf16 training through megatron-core's distributed optimizer against a single-process
+"""parallel/optim/optimizer.py: bf16 training through megatron-core's distributed optimizer against a single-process
 reference, the operand dtypes of every GEMM of a bf16 step, per-rank optimizer memory under DP, and optimizer
 state that reshards between DP sizes and between the two implementations."""
 from __future__ import annotations

@@ -78,7 +78,7 @@ def test_every_op_of_an_ep_dispatcher_call_is_in_an_moe_phase(name):
     from parallel.comm import SINGLE_PROCESS
     from parallel.config import LLEPConfig
     from parallel.dispatch import AllToAllDispatcher
-    from parallel.llep import LLEPDispatcher
+    from parallel.llep.dispatcher import LLEPDispatcher
 
     E, T, D = 4, 64, 32
     dispatcher = (LLEPDispatcher(SINGLE_PROCESS, SINGLE_PROCESS, E, LLEPConfig()) if name == "llep"

@@ -5,8 +5,8 @@ MoNE: only the expert gate projection). The router stays fp32, norms/embedding/L
 and with ``fp8.keep_first_last_bf16`` the first and last transformer layers are not converted at all.
 
 Backends (``fp8.backend``):
-- ``torchao`` (default): parallel/fp8_torchao.py, torchao float8 training for the dense projections (tensorwise or
-  rowwise dynamic scaling) and a grouped rowwise FP8 GEMM for the experts (parallel/fp8_grouped.py). The converted
+- ``torchao`` (default): parallel/fp8/torchao_backend.py, torchao float8 training for the dense projections (tensorwise or
+  rowwise dynamic scaling) and a grouped rowwise FP8 GEMM for the experts (parallel/fp8/grouped.py). The converted
   modules always compute in FP8 (no context needed; :func:`fp8_context` is a no-op for this backend).
 - ``te``: Transformer Engine modules (te.Linear, te.GroupedLinear) under ``te.autocast`` with the configured
   recipe (DelayedScaling, Float8CurrentScaling, MXFP8BlockScaling). Needs ``pip install 'moetron[gpu]'``.
@@ -166,13 +166,13 @@ def convert_to_fp8(layer: nn.Module, cfg: RunConfig, layer_idx: int) -> nn.Modul
     when FP8 is off for this layer. Converted: nn.Linear, megatron-core Column/RowParallelLinear and
     SwiGLU experts (modules with w_gate_EFD/w_up_EFD/w_down_EDF). Subtrees whose name contains "router"
     stay high precision. The torchao backend keeps every Parameter object under its name (optimizer, sharding
-    specs and checkpoints unchanged); TE modules own theirs (parallel/fp8_te.py)."""
+    specs and checkpoints unchanged); TE modules own theirs (parallel/fp8/te.py)."""
     if not fp8_layer_enabled(cfg, layer_idx):
         return layer
     if cfg.fp8.backend == "torchao":
-        from parallel import fp8_torchao as backend
+        from parallel.fp8 import torchao_backend as backend
     else:
-        from parallel import fp8_te as backend
+        from parallel.fp8 import te as backend
     _swap_children(layer, "", cfg.fp8, backend)
     return layer
 

@@ -15,7 +15,7 @@ The GEMM itself (:func:`fp8_grouped_mm`):
 - CUDA: ``torchao.prototype.moe_training._to_fp8_rowwise_then_scaled_grouped_mm`` (torchao's Triton casts +
   ``torch._scaled_grouped_mm``; E4M3 operands with power-of-2 rowwise scales, forward and backward). It needs a GPU
   with FP8 tensor cores and was NOT executed on the machines this project is tested on (no GPU there).
-- CPU: :func:`parallel.fp8_emulation.emulated_fp8_rowwise_grouped_mm`, the same quantisation in torch ops with a
+- CPU: :func:`parallel.fp8.emulation.emulated_fp8_rowwise_grouped_mm`, the same quantisation in torch ops with a
   high-precision ``torch._grouped_mm`` (torchao's kernels and ``torch._scaled_grouped_mm`` have no CPU path), so CI
   checks the padding/offset logic and the FP8 numerics.
 """
@@ -85,7 +85,7 @@ def fp8_grouped_mm(x_PI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor
         y_PO = _to_fp8_rowwise_then_scaled_grouped_mm(x_PI.contiguous(), w_EIO, offs_E, out_dtype=OUT_DTYPE,
                                                       pad_token_groups_for_grouped_mm=False)
     else:
-        from parallel.fp8_emulation import emulated_fp8_rowwise_grouped_mm
+        from parallel.fp8.emulation import emulated_fp8_rowwise_grouped_mm
 
         y_PO = emulated_fp8_rowwise_grouped_mm(x_PI, w_EIO, offs_E, OUT_DTYPE)
     return y_PO.to(x_PI.dtype)

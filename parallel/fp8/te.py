@@ -1,6 +1,6 @@
 """Transformer Engine backend (``fp8.backend=te``): swap projections for TE modules, weights copied.
 
-Imported only when FP8 with TE is configured (parallel/fp8.py checks availability first).
+Imported only when FP8 with TE is configured (parallel/fp8/swap.py checks availability first).
 
 Mapping of our stacked expert weights onto ``te.GroupedLinear`` (one GEMM per local expert):
   ``w_gate_EFD[e]`` -> gate GroupedLinear(E, in=D, out=F).weight{e}   (TE weights are [out, in], like nn.Linear)
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parallel.fp8_experts import ExpertsProxy, mone_from_gate
+from parallel.fp8.experts import ExpertsProxy, mone_from_gate
 
 
 def grouped_state_from_stacked(w_ENK: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -1,7 +1,7 @@
 """CPU emulation of torchao's rowwise FP8 grouped GEMM (``_to_fp8_rowwise_then_scaled_grouped_mm``).
 
 torchao's Triton casts and ``torch._scaled_grouped_mm`` run only on CUDA, so on CPU (CI, tests) the expert path
-(parallel/fp8_grouped.py) runs this instead. It quantises exactly the operands torchao quantises, with the same
+(parallel/fp8/grouped.py) runs this instead. It quantises exactly the operands torchao quantises, with the same
 scales (``torchao.float8.float8_utils.amax_to_scale``: ``448 / max(amax, 1e-12)`` rounded down to a power of 2)
 and the same saturating E4M3 cast (``to_fp8_saturated``), in the forward AND the backward:
 

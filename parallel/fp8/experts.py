@@ -1,7 +1,7 @@
 """FP8 stand-ins for ``moe_core.experts.SwiGLUExperts`` (both FP8 backends build on :class:`ExpertsProxy`).
 
 Shape legend: ``N`` token rows grouped by local expert (rows past ``tokens_per_expert_E.sum()`` are dead rows,
-their outputs unspecified), ``P`` rows of the 16-aligned padded layout (parallel/fp8_grouped.py), ``E`` local
+their outputs unspecified), ``P`` rows of the 16-aligned padded layout (parallel/fp8/grouped.py), ``E`` local
 experts, ``D`` hidden, ``F`` expert FFN width.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.grouped_gemm import check_groups
-from parallel.fp8_grouped import PaddedGroups, check_aligned, fp8_grouped_mm
+from parallel.fp8.grouped import PaddedGroups, check_aligned, fp8_grouped_mm
 
 
 class ExpertsProxy(nn.Module):
@@ -40,7 +40,7 @@ class ExpertsProxy(nn.Module):
 class Float8GroupedExperts(ExpertsProxy):
     """``fp8.backend=torchao`` experts: the same Parameters under the same names (``w_gate_EFD``, ``w_up_EFD``,
     ``w_down_EDF``; optimizer, sharding specs and checkpoints see no difference), each projection ONE grouped FP8
-    GEMM with rowwise scales (:func:`parallel.fp8_grouped.fp8_grouped_mm`).
+    GEMM with rowwise scales (:func:`parallel.fp8.grouped.fp8_grouped_mm`).
 
     Dense experts: the rows are padded once into the 16-aligned layout, gate/up/SwiGLU/down run there, and the N
     rows are gathered back. MoNE experts: only the gate projection is FP8; the neuron selection, the kept-neuron

@@ -1,5 +1,5 @@
 """torchao backend (``fp8.backend=torchao``, the default): torchao float8 training for the dense projections and a
-grouped FP8 GEMM for the experts. Imported only when FP8 is on (parallel/fp8.py).
+grouped FP8 GEMM for the experts. Imported only when FP8 is on (parallel/fp8/swap.py).
 
 - ``nn.Linear`` -> torchao ``Float8Linear`` through the public ``torchao.float8.convert_to_float8_training`` (the
   same Parameters under the same names). Recipes ``Float8LinearConfig.from_recipe_name``: ``tensorwise`` (dynamic
@@ -10,10 +10,10 @@ grouped FP8 GEMM for the experts. Imported only when FP8 is on (parallel/fp8.py)
 - megatron-core Column/RowParallelLinear keep their class; their ``_forward_impl`` gets torchao's float8 matmul
   (``torchao.prototype.moe_training.utils._to_fp8_then_scaled_mm``, i.e. ``matmul_with_hp_or_float8_args`` with the
   recipe's config) inside megatron's own TP communication, so TP > 1 works (each rank scales its own shard).
-- SwiGLU experts -> :class:`parallel.fp8_experts.Float8GroupedExperts` (rowwise grouped FP8 GEMMs; MoNE: gate only).
+- SwiGLU experts -> :class:`parallel.fp8.experts.Float8GroupedExperts` (rowwise grouped FP8 GEMMs; MoNE: gate only).
 
 On CPU, ``torch._scaled_mm`` exists, so the dense path above is the real torchao code in CI; the experts' grouped
-FP8 GEMM runs torchao's CUDA kernels only on a GPU and the emulation on CPU (parallel/fp8_grouped.py).
+FP8 GEMM runs torchao's CUDA kernels only on a GPU and the emulation on CPU (parallel/fp8/grouped.py).
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from typing import Optional
 
 from torch import nn
 
-from parallel.fp8_experts import Float8GroupedExperts
-from parallel.fp8_grouped import ALIGN
+from parallel.fp8.experts import Float8GroupedExperts
+from parallel.fp8.grouped import ALIGN
 
 
 def op_config(recipe: str):

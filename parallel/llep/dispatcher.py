@@ -1,5 +1,5 @@
 """LLEP rebalancing dispatcher: plain EP, except that overloaded experts' tokens are computed on helper ranks
-that receive the expert's weights for the step (arXiv 2601.17111; the planner is :mod:`parallel.llep_plan`).
+that receive the expert's weights for the step (arXiv 2601.17111; the planner is :mod:`parallel.llep.plan`).
 
 Shape legend: ``t`` this TP rank's tokens, ``K`` routed experts per token, ``N`` routing slots sent by this rank,
 ``M`` slots received (= computed) by this rank, ``D`` hidden, ``F`` expert FFN width, ``E`` experts, ``L`` local
@@ -58,7 +58,7 @@ from moe_core.experts import SwiGLUExperts
 from parallel.comm import ProcessGroup, all_to_all, gather_dim0
 from parallel.config import LLEPConfig
 from parallel.dispatch import AllToAllDispatcher, EPState
-from parallel.llep_plan import LLEPPlan, RankLayout, plan_llep, rank_layout
+from parallel.llep.plan import LLEPPlan, RankLayout, plan_llep, rank_layout
 
 __all__ = ["LLEPDispatcher", "extra_weight_bytes_bound", "plan_llep"]
 

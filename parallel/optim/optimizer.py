@@ -13,10 +13,10 @@ Two implementations behind one interface (:class:`TrainOptimizer`), chosen by :f
   this rank's 1/DP shard; updated parameters are all-gathered, optionally during the next forward
   (``optim.overlap_param_gather``).
 - :class:`LocalAdamW` (``optim.distributed=false``, fp32 only): torch AdamW on fp32 parameters replicated on every
-  DP rank, gradients all-reduced by parallel/grads.py. The exactness reference: resume is bit-identical.
+  DP rank, gradients all-reduced by parallel/optim/grads.py. The exactness reference: resume is bit-identical.
 
 Reduction: the gradient is that of the mean loss over every DP rank's micro-batches (both implementations scale by
-1/DP, experts included, see parallel/grads.py). Per-head q/k-norm weights under TP are summed over TP first.
+1/DP, experts included, see parallel/optim/grads.py). Per-head q/k-norm weights under TP are summed over TP first.
 Norm: the L2 norm of the whole model's gradient, every distinct shard counted once (local: ShardSpec replication;
 distributed: megatron-core's DP shards + TP-duplicate filter). A non-finite norm skips the update.
 
@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from parallel.grads import clip_grads, global_grad_norm_sq, sync_grads
+from parallel.optim.grads import clip_grads, global_grad_norm_sq, sync_grads
 from parallel.groups import ParallelGroups, megatron_process_groups
 from parallel.sharding import get_spec, named_specs, sharded_tensor, tp_copies
 
@@ -140,7 +140,7 @@ def _nbytes(tensors) -> int:
 
 
 class LocalAdamW(TrainOptimizer):
-    """torch AdamW on fp32 parameters replicated over DP; parallel/grads.py reduces and clips."""
+    """torch AdamW on fp32 parameters replicated over DP; parallel/optim/grads.py reduces and clips."""
 
     label = "AdamW replicated on every DP rank (optim.distributed=false)"
 
