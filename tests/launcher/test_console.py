@@ -79,6 +79,18 @@ def test_levels_by_rank(capsys, monkeypatch):
         assert console.shows(logging.INFO) == (rank == "0") and console.shows(logging.ERROR)
 
 
+def test_third_party_loggers_keep_their_handling_and_filters(capsys, caplog):
+    """The console handler is moetron's own: megatron-core's records still go to Python's root handling (here
+    pytest's), minus the notices parallel/__init__.py filters, and never through the ``[moetron]`` format."""
+    import parallel  # noqa: F401 - installs the filters on megatron-core's and torchao's loggers
+
+    megatron = logging.getLogger("megatron.core.dist_checkpointing.strategies.torch")
+    megatron.warning("MCore's async save is deprecated and will be removed")  # filtered: nobody can act on it
+    megatron.warning("a notice that is not filtered")
+    assert [r.getMessage() for r in caplog.records] == ["a notice that is not filtered"]
+    assert capsys.readouterr() == ("", "")
+
+
 def _pretrain_rank(rank, world_size, run_dir):
     import contextlib
     import io
