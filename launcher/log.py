@@ -8,7 +8,8 @@
 
 Only the first line of a multi-line message carries the prefix (the rest is a block or a table). Records marked
 ``extra=BARE`` (the per-step progress line, ``PREEMPTED step=N``) are printed as they are, so scripts match them
-from the start of the line. Python warnings (``warnings.warn``) take the same ``moetron: warning:`` form.
+from the start of the line. Python warnings (``warnings.warn``) take the same ``moetron: warning:`` form (they
+are not records: every rank prints its own, as a rank's data loader may be the only one to notice).
 
 Who prints what: rank 0 (torchrun's ``RANK``, read when a record is emitted) prints INFO and above by default,
 RESULT and above with ``--quiet`` (the lines that are the command's answer: the run's ``done`` line, the evaluation
