@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from launcher.errors import UsageError, report
+
 COMMANDS = {
     "pretrain": ("launcher.pretrain", "train a model from a YAML recipe (+ dotted overrides)"),
     "preprocess": ("launcher.preprocess", "tokenize raw text into webdataset shards"),
@@ -40,9 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"moetron: unknown command '{name}': use one of {', '.join(COMMANDS)} (moetron --help)",
-              file=sys.stderr)
-        return 2
+        return report(UsageError(f"unknown command '{name}': use one of {', '.join(COMMANDS)} (moetron --help)"))
     module = importlib.import_module(COMMANDS[name][0])
     return int(module.main(rest) or 0)
 

@@ -21,7 +21,7 @@ from typing import Annotated, Literal, Optional
 import yaml
 
 from launcher.config_parse import ConfigError, apply_override, from_dict, read_recipe
-from launcher.errors import ArgumentParser
+from launcher.errors import ArgumentParser, report
 from moe_core.config import ModelConfig
 from moe_core.config_fields import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Range
 from parallel.config import FP8Config, ParallelConfig, ParallelMoEConfig
@@ -376,8 +376,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     """``moetron config [--recipe R] [key.path=value ...]``: the config, every key with its value, type, default,
     allowed range and meaning (the dataclasses' own documentation). Automatic settings show as null (a run resolves
     them: :func:`resolve`); the data directories need not exist yet."""
-    import sys
-
     from launcher.config_doc import describe
 
     p = ArgumentParser(prog="moetron config", description=main.__doc__.split("\n\n")[0])
@@ -387,9 +385,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         cfg = load_config(args.recipe, args.overrides)
     except ConfigError as e:
-        print(f"moetron: config error: {e}", file=sys.stderr)
-        return 2
-    print(describe(cfg))
+        return report(e)
+    print(describe(cfg))  # the command's product: stdout, as it is
     return 0
 
 

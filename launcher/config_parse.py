@@ -13,12 +13,14 @@ from typing import Annotated, Any, Literal, Union
 
 import yaml
 
-from launcher.errors import OneLineError
+from launcher.errors import MoetronError
 from moe_core.config_fields import Range
 
 
-class ConfigError(OneLineError):
+class ConfigError(MoetronError):
     """A recipe or override is invalid. The message is one line naming the key path."""
+
+    kind = "config"
 
 
 _INT64 = Range(ge=-(1 << 63), lt=1 << 63)  # every config integer ends up in a C int64 somewhere

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import signal
 import socket
@@ -91,19 +92,15 @@ def parallel_session(tp: int, pp: int, ep: int, backend: str = "auto") -> Iterat
     created = not dist.is_initialized()
     pgroups.init_distributed(backend, timeout_minutes=dist_timeout_minutes())
     try:
-        yield pgroups.initialize(tp, pp, ep)
+        groups = pgroups.initialize(tp, pp, ep)
+        logging.getLogger(__name__).debug(
+            f"{groups.world_size} rank(s), backend {dist.get_backend()}, TP {tp} x PP {pp} x DP {groups.dp_size}, "
+            f"EP {ep}; collectives time out after {dist_timeout_minutes()} min")
+        yield groups
     finally:
         pgroups.destroy()
         if created and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def plain_warnings() -> None:
-    """Print every Python warning of this process as one ``moetron: warning: <message>`` line on stderr, without the
-    source file and line a person cannot act on."""
-    import warnings
-
-    warnings.formatwarning = lambda message, *args, **kwargs: f"moetron: warning: {message}\n"
 
 
 def cuda_connection_default() -> None:

@@ -7,12 +7,15 @@ Multi process:  `torchrun --nproc-per-node 4 -m launcher.pretrain --recipe recip
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 
-from launcher import env
-from launcher.errors import ArgumentParser
+from launcher import env, log as console
+from launcher.errors import ArgumentParser, MoetronError, report
 from launcher.config import ConfigError, check_data_dirs, load_config, validate_world
+
+log = logging.getLogger("launcher.pretrain")  # by name: run as `python -m`, __name__ is "__main__"
 
 
 def parse_args(argv):
@@ -24,28 +27,25 @@ def parse_args(argv):
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. moe.num_experts=8 train.steps=50")
     p.add_argument("--dry-run", action="store_true",
                    help="print parameter counts and the per-rank memory estimate for this layout, then exit")
+    console.add_verbosity_flags(p)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    env.plain_warnings()
+    console.setup(args.quiet, args.verbose)
     env.cuda_connection_default()
     try:
         cfg = load_config(args.recipe, args.overrides)
         validate_world(cfg, env.world_size())  # before any process group exists
         if not args.dry_run:  # a dry run reads no data
             check_data_dirs(cfg.data)
-    except ConfigError as e:
-        if env.rank() == 0:  # every rank reads the same config: one line for the whole job, not one per rank
-            print(f"moetron: config error: {e}", file=sys.stderr)
-        return 2
+    except ConfigError as e:  # every rank reads the same config: one line for the whole job, not one per rank
+        return report(e, every_rank=False)
     if args.dry_run:
         return dry_run(cfg, env.world_size())
-    from launcher.data.format import DataError
-    from launcher.train.checkpoint import CheckpointError
     from launcher.train import summary
-    from launcher.train.trainer import Preemption, Trainer, TrainingError
+    from launcher.train.trainer import Preemption, Trainer
 
     started = time.perf_counter()
     preemption = Preemption()  # first thing: a SIGUSR2/SIGTERM during start-up must still checkpoint + exit
@@ -53,24 +53,16 @@ def main(argv: list[str] | None = None) -> int:
     with env.parallel_session(par.tp, par.pp, par.ep, par.backend) as groups:
         try:
             result = Trainer(cfg, groups).fit(preemption)
-        except (ConfigError, DataError) as e:  # bad input found once data and checkpoints are opened
-            print(f"moetron: {'config' if isinstance(e, ConfigError) else 'data'} error: {e}", file=sys.stderr)
-            return 2
-        except CheckpointError as e:  # a checkpoint (directory) this run cannot use, or a save that failed
-            print(f"moetron: checkpoint error: {e}", file=sys.stderr)
-            return 2
-        except TrainingError as e:
-            print(f"moetron: {e}", file=sys.stderr)
-            return 1
+        except MoetronError as e:  # bad data, config or checkpoint found once they are opened; a failed run
+            return report(e)
         except KeyboardInterrupt:
-            print("moetron: stopped by a second Ctrl-C; the last checkpoint is the newest in the run's checkpoint "
-                  "directory (`latest`)", file=sys.stderr)
+            log.error("stopped by a second Ctrl-C; the last checkpoint is the newest in the run's checkpoint "
+                      "directory (`latest`)")
             return 130
-        if groups.rank == 0:
-            tokens = len(result.losses) * summary.tokens_per_step(cfg)
-            print(summary.end_line(result.final_step, result.checkpoint, result.losses, tokens,
-                                   time.perf_counter() - started,
-                                   stopped_early=result.final_step < cfg.train.steps), flush=True)
+        tokens = len(result.losses) * summary.tokens_per_step(cfg)
+        log.log(console.RESULT, summary.end_line(result.final_step, result.checkpoint, result.losses, tokens,
+                                                 time.perf_counter() - started,
+                                                 stopped_early=result.final_step < cfg.train.steps))
         return 0
 
 
@@ -81,10 +73,10 @@ def dry_run(cfg, world_size: int) -> int:
 
     counts = flops.param_counts(cfg)
     par = cfg.parallel
-    print(f"[moetron] dry run: {world_size} rank(s) = TP {par.tp} x PP {par.pp} x DP "
-          f"{par.data_parallel_size(world_size)}, EP {par.ep}; {counts.total:,} parameters, "
-          f"{int(counts.activated):,} activated per token; busiest rank:")
-    print("\n".join(estimate(cfg, world_size).lines()), flush=True)
+    log.log(console.RESULT, f"dry run: {world_size} rank(s) = TP {par.tp} x PP {par.pp} x DP "
+            f"{par.data_parallel_size(world_size)}, EP {par.ep}; {counts.total:,} parameters, "
+            f"{int(counts.activated):,} activated per token; busiest rank:\n"
+            + "\n".join(estimate(cfg, world_size).lines()))
     return 0
 
 

@@ -1,14 +1,31 @@
 """Progress of long commands (preprocess, convert): a tqdm bar on a terminal; elsewhere (Slurm logs, pipes) one
-line every ``interval_s`` seconds and one at the end, so a log shows the command is alive without a bar's escapes.
+line every ``interval_s`` seconds and one at the end, so a log shows the command is alive without a bar's escapes;
+nothing with ``--quiet`` or on a rank other than 0 (``launcher.log``).
 
     with progress(total_bytes, "tokenize", unit="B") as bar:
         bar.update(n)
 """
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from typing import Optional
+
+from launcher import log
+
+
+class _Silent:
+    """The same surface, printing nothing."""
+
+    def update(self, n: float) -> None:
+        pass
+
+    def __enter__(self) -> "_Silent":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
 
 
 class _Lines:
@@ -47,7 +64,9 @@ def _si(x: float) -> str:
 def progress(total: float, desc: str, unit: str = "it", interval_s: float = 30.0, stream=None,
              terminal: Optional[bool] = None):
     """A progress reporter over ``total`` units on ``stream`` (stderr): tqdm when it is a terminal (or
-    ``terminal=True``), periodic lines otherwise."""
+    ``terminal=True``), periodic lines otherwise; silent where INFO lines are not shown."""
+    if not log.shows(logging.INFO):
+        return _Silent()
     stream = stream or sys.stderr
     if terminal if terminal is not None else stream.isatty():
         from tqdm import tqdm

@@ -12,6 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout, wherever it is run from
 
 from launcher.config import ConfigError, check_data_dirs, load_config  # noqa: E402
+from launcher.errors import report  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -22,8 +23,7 @@ def main(argv: list[str]) -> int:
         cfg = load_config(argv[0], argv[1:])
         check_data_dirs(cfg.data)  # the run's check: a job whose data is missing fails before it launches
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return report(e)
     print(cfg.logging.run_dir)
     return 0
 

@@ -22,7 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from launcher.errors import ArgumentParser
+from launcher.errors import ArgumentParser, UsageError, report
 from launcher.config import Config
 from moe_core.config import MoNEConfig
 from moe_core.experts import SwiGLUExperts
@@ -125,8 +125,7 @@ def main(argv=None) -> int:
     cfg = bench_config(args)
     reason = fp8_unavailable_here(cfg)
     if reason is not None:
-        print(f"bench fp8: {reason}", file=sys.stderr)
-        return 2
+        return report(UsageError(reason))
     device = torch.device("cuda")
     torch.manual_seed(cfg.train.seed)
     ref = MoETransformer(cfg.model, cfg.moe, cfg.train.seed).to(device=device, dtype=torch.bfloat16)

@@ -13,14 +13,13 @@ Goals (docs/benchmarks.md): training <= 1.05x dense grouped; decode >= 1.3x fast
 """
 from __future__ import annotations
 
-import sys
 
 import torch
 import torch.nn.functional as Fn
 
 from kernels.mone import mone_swiglu_grouped, mone_swiglu_reference
 from kernels.mone_decode import mone_decode, row_starts
-from launcher.errors import ArgumentParser
+from launcher.errors import ArgumentParser, UsageError, report
 from moe_core.grouped import swiglu_grouped
 from moe_core.mone import keep_count, mone_swiglu_torch
 
@@ -97,9 +96,8 @@ def main(argv=None) -> None:
     parser.add_argument("--keep-ratio", type=float, default=0.5)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        print("launcher.bench.mone_kernels needs a CUDA GPU (the kernels' CPU interpreter mode is for tests only)",
-              file=sys.stderr)
-        raise SystemExit(2)
+        raise SystemExit(report(UsageError("this benchmark needs a CUDA GPU (the kernels' CPU interpreter mode is "
+                                           "for tests only)")))
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
     shapes = SHAPES[1:2] if args.quick else SHAPES
     for D, F in shapes:

@@ -18,7 +18,7 @@ import sys
 import torch
 
 from kernels.permute import permute_rows, unpermute_rows
-from launcher.errors import ArgumentParser
+from launcher.errors import ArgumentParser, UsageError, report
 from moe_core.permute import make_permutation
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -78,9 +78,8 @@ def min_bytes(T: int, K: int, D: int, itemsize: int) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
-        print("moetron bench permute: needs a CUDA GPU (the Triton interpreter on CPU is for tests only); run it on "
-              "a GPU machine", file=sys.stderr)
-        return 2
+        return report(UsageError("this benchmark needs a CUDA GPU (the Triton interpreter on CPU is for tests only); "
+                                 "run it on a GPU machine"))
     import triton.testing as tt
 
     dtype = DTYPES[args.dtype]

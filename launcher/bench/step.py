@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from launcher.errors import ArgumentParser
+from launcher.errors import ArgumentParser, UsageError, report
 from launcher.bench.world import free_port
 from launcher.config import ConfigError, Config, load_config
 from moe_core.profiling import PHASES
@@ -245,16 +245,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     recipe = args.recipe or None
     if args.recipe == RECIPE and not torch.cuda.is_available():
-        print(f"launcher.bench.step: no CUDA GPU here and {RECIPE} is sized for an 80 GB GPU (~1.9B parameters); on "
-              "a CPU pass --recipe '' with tiny overrides (tests/launcher/bench/test_step_bench.py has a set)",
-              file=sys.stderr)
-        return 2
+        return report(UsageError(f"no CUDA GPU here and {RECIPE} is sized for an 80 GB GPU (~1.9B parameters); on "
+                                 "a CPU pass --recipe '' with tiny overrides (tests/launcher/bench/test_step_bench.py "
+                                 "has a set)"))
     overrides = list(args.overrides)
     try:
         load_config(recipe, overrides)
     except ConfigError as e:
-        print(f"launcher.bench.step: {e}", file=sys.stderr)
-        return 2
+        return report(e)
     _init_world()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"device: {device} | torch {torch.__version__} | recipe {recipe or '(defaults)'} | "

@@ -26,7 +26,7 @@ from typing import Optional
 
 import numpy as np
 
-from launcher.errors import OneLineError
+from launcher.errors import MoetronError
 
 FORMAT = "moetron-shards/1"
 INDEX_NAME = "index.json"
@@ -35,8 +35,10 @@ SAMPLE_EXT = "tokens.npy"
 SPLITS = ("train", "valid")
 
 
-class DataError(OneLineError):
+class DataError(MoetronError):
     """Bad input data or shards. The message is one line naming the file and what to do."""
+
+    kind = "data"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

@@ -15,12 +15,14 @@ counted.
 from __future__ import annotations
 
 import json
-import sys
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 from launcher.data.format import DataError
+
+log = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "jsonl", ".json": "jsonl",
                  ".parquet": "parquet"}
@@ -45,7 +47,7 @@ class InputStats:
         """Count one skipped/repaired item; print the first few so the user can find them."""
         setattr(self, counter, getattr(self, counter) + 1)
         if getattr(self, counter) <= _MAX_WARNINGS:
-            print(f"preprocess: warning: {message}", file=sys.stderr)
+            log.warning(message)
 
 
 def binary_reason(path: Path) -> Optional[str]:

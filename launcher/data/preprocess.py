@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import sys
 import time
@@ -31,7 +32,10 @@ from launcher.data.inputs import InputStats, find_inputs, iter_documents
 from launcher.data.tokenizer import EOS_CANDIDATES, encode_documents, find_eos, load_tokenizer, tokenizer_id, \
     train_tokenizer
 from launcher.data.writer import Packer, ShardSink, is_valid_document
-from launcher.errors import ArgumentParser
+from launcher import log as console
+from launcher.errors import ArgumentParser, MoetronError, report
+
+log = logging.getLogger("launcher.data.preprocess")  # by name: run as `python -m`, __name__ is "__main__"
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
@@ -65,6 +69,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.samples_per_shard < 1:
         raise DataError(f"--samples-per-shard must be >= 1, got {args.samples_per_shard}")
     files = find_inputs(args.input)
+    log.debug(f"{len(files)} input file(s), {sum(p.stat().st_size for p in files):,} bytes: "
+              + ", ".join(map(str, files[:5])) + (", ..." if len(files) > 5 else ""))
     out_dir = Path(args.output)
     _prepare_output(out_dir, args.overwrite)
     start = time.perf_counter()
@@ -75,6 +81,8 @@ def run(args: argparse.Namespace) -> dict:
             tok = train_tokenizer(iter_documents(files, args.text_field, InputStats(), bar), args.vocab_size,
                                   args.eos_token or EOS_CANDIDATES[0])
     eos_name, eos_id = find_eos(tok, args.eos_token)
+    log.debug(f"tokenizer: {args.tokenizer or 'trained here'}, vocab {tok.get_vocab_size()}, EOS {eos_name!r} = "
+              f"{eos_id}; {args.workers} worker(s)")
     vocab_size = tok.get_vocab_size()
     dtype = token_dtype(vocab_size)
     tok.save(str(out_dir / TOKENIZER_NAME))
@@ -111,7 +119,7 @@ def run(args: argparse.Namespace) -> dict:
     _write_json_atomic(out_dir / INDEX_NAME, index)
     tokens = sum(p.stream_tokens for p in packers.values())
     tok_elapsed = time.perf_counter() - tok_start
-    print(f"preprocess: {stats.documents} documents ({stats.text_bytes / 1e6:.2f} MB) -> {tokens:,} tokens, "
+    log.log(console.RESULT, f"preprocessed {stats.documents} documents ({stats.text_bytes / 1e6:.2f} MB) -> {tokens:,} tokens, "
           f"vocab {vocab_size}, train {index['splits']['train']['num_samples']} / valid "
           f"{index['splits']['valid']['num_samples']} samples of {args.seq_length}+1 tokens in "
           f"{sum(len(p.sink.shards) for p in packers.values())} shards; {elapsed:.1f} s total, tokenize+pack "
@@ -139,27 +147,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokenizer processes")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--verify", metavar="DIR", help="only re-hash the shards of an existing output and report")
+    console.add_verbosity_flags(p)
     return p
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    console.setup(args.quiet, args.verbose)
     try:
         if args.verify:
             problems = verify_shards(args.verify)
-            print("\n".join(problems) or f"preprocess: all shards in {args.verify} match index.json")
+            for line in problems or [f"all shards in {args.verify} match index.json"]:
+                log.log(console.RESULT, line)
             return 1 if problems else 0
         if not args.input or not args.output:
             parser.error("--input and --output are required (or --verify DIR)")
         run(args)
-    except DataError as e:
-        print(f"preprocess: error: {e}", file=sys.stderr)
-        return 2
+    except MoetronError as e:
+        return report(e)
     except OSError as e:  # an unwritable output, a full disk, a file that vanished mid-run
         where = f" '{e.filename}'" if e.filename else ""
-        print(f"preprocess: error: {e.strerror or e}{where} (check --input/--output and free space)", file=sys.stderr)
-        return 2
+        return report(DataError(f"{e.strerror or e}{where} (check --input/--output and free space)"))
     return 0
 
 

@@ -14,26 +14,30 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import logging
 import sys
 from pathlib import Path
 from typing import Iterator
 
 import torch
-import yaml
 
-from launcher import env
-from launcher.errors import ArgumentParser
+from launcher import env, log as console
+from launcher.errors import ArgumentParser, MoetronError, report
 from launcher.train import checkpoint
-from launcher.config import Config, ConfigError, apply_override, config_from_dict, save_resolved, to_dict
+from launcher.config import (Config, apply_override, config_from_dict, read_recipe, save_resolved,
+                             to_dict)
 from launcher.hf import hf_dir, mapping
 from launcher.progress import progress
 from parallel.model import build_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+log = logging.getLogger(__name__)
 
 
-class ConvertError(RuntimeError):
+class ConvertError(MoetronError):
     """The conversion cannot be done as asked; the message says why and what to do."""
+
+    kind = "convert"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -52,6 +56,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     fr.add_argument("--output", required=True, help="checkpoint root to create (becomes checkpoint.dir)")
     fr.add_argument("--recipe", help="YAML recipe with the training settings; the architecture comes from HF")
     fr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.ep=8 train.steps=1000")
+    for direction in (to, fr):
+        console.add_verbosity_flags(direction)
     return p.parse_args(argv)
 
 
@@ -145,21 +151,17 @@ def to_hf(args: argparse.Namespace) -> None:
         raise ConvertError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                            f"{cfg.model.vocab_size}; pass the tokenizer the model was trained with")
     if cfg.moe.capacity_factor is not None:
-        print(f"[moetron] note: the model trained with moe.capacity_factor={cfg.moe.capacity_factor}; the exported "
-              "model is dropless (docs/convert.md)", flush=True)
+        log.warning(f"the model trained with moe.capacity_factor={cfg.moe.capacity_factor}; the exported model is "
+                    "dropless (docs/convert.md)")
     config = export_hf(cfg, model, Path(args.output), tokenizer, DTYPES[args.dtype], max_shard)
-    print(f"[moetron] {ckpt_dir} -> {args.output} ({config['architectures'][0]}, "
-          f"{sum(p.numel() for p in model.parameters()):,} parameters, {args.dtype})", flush=True)
+    log.log(console.RESULT, f"{ckpt_dir} -> {args.output} ({config['architectures'][0]}, "
+            f"{sum(p.numel() for p in model.parameters()):,} parameters, {args.dtype})")
 
 
 # ---------------------------------------------------------------- from-hf
 
 def _recipe_raw(recipe: str | None, overrides: list[str]) -> dict:
-    raw: dict = {}
-    if recipe is not None:
-        if not Path(recipe).is_file():
-            raise ConfigError(f"recipe '{recipe}' not found (pass a YAML file, e.g. recipes/smoke_cpu.yaml)")
-        raw = yaml.safe_load(Path(recipe).read_text()) or {}
+    raw = read_recipe(recipe) if recipe is not None else {}
     for ov in overrides:
         apply_override(raw, ov)
     return raw
@@ -203,23 +205,23 @@ def from_hf(args: argparse.Namespace) -> None:
         load_hf_weights(trainer.model, cfg, hf_path, bool(hf.get("tie_word_embeddings", False)))
         saved = trainer.save()
     recipe = save_resolved(cfg, root)
-    print(f"[moetron] {hf_path} -> {saved}", flush=True)
-    print("\n".join(follow_up_commands(cfg, hf_path, recipe, root)), flush=True)
+    log.log(console.RESULT, f"{hf_path} -> {saved}")
+    log.log(console.RESULT, "\n".join(follow_up_commands(cfg, hf_path, recipe, root)))
 
 
 def follow_up_commands(cfg: Config, hf_path: Path, recipe: Path, root: Path) -> list[str]:
     """What to run next to continue pretraining the converted model: tokenize text with the model's own tokenizer
     (unless the recipe already names shards), then pretrain from the step-0 checkpoint on those shards."""
     if cfg.data.source == "shards":
-        return ["[moetron] continue pretraining on the recipe's shards:", f"  moetron pretrain --recipe {recipe}"]
+        return ["continue pretraining on the recipe's shards:", f"  moetron pretrain --recipe {recipe}"]
     tokenizer = hf_path / "tokenizer.json"
     data = Path("data") / root.name
     if not tokenizer.is_file():
-        return [f"[moetron] {hf_path} has no tokenizer.json: tokenize your text with the tokenizer this model was "
+        return [f"{hf_path} has no tokenizer.json: tokenize your text with the tokenizer this model was "
                 f"trained with (moetron preprocess --tokenizer PATH --output {data} "
                 f"--seq-length {cfg.model.seq_length}), then:",
                 f"  moetron pretrain --recipe {recipe} data.source=shards data.path={data}"]
-    return ["[moetron] continue pretraining on your text with the model's own tokenizer:",
+    return ["continue pretraining on your text with the model's own tokenizer:",
             f"  moetron preprocess --input YOUR_TEXT.jsonl --output {data} --tokenizer {tokenizer} "
             f"--seq-length {cfg.model.seq_length} --valid-fraction 0.01",
             f"  moetron pretrain --recipe {recipe} data.source=shards data.path={data}"]
@@ -227,11 +229,11 @@ def follow_up_commands(cfg: Config, hf_path: Path, recipe: Path, root: Path) -> 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    console.setup(args.quiet, args.verbose)
     try:
         (to_hf if args.direction == "to-hf" else from_hf)(args)
-    except (ConvertError, ConfigError, hf_dir.HFDirError, checkpoint.CheckpointError) as e:
-        print(f"moetron convert: {e}", file=sys.stderr)
-        return 2
+    except MoetronError as e:
+        return report(e)
     return 0
 
 

@@ -23,6 +23,7 @@ import torch
 
 from launcher.data.format import TOKENIZER_NAME, read_index
 from launcher.data.tokenizer import find_eos, load_tokenizer
+from launcher.errors import MoetronError
 from launcher.hf.mapping import export_dtype
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -31,8 +32,10 @@ CUSTOM_CODE = ("configuration_moetron.py", "modeling_moetron.py")
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
-class HFDirError(ValueError):
-    """A Hugging Face directory or tokenizer cannot be read or written; the message says what to do."""
+class HFDirError(MoetronError):
+    """A Hugging Face directory cannot be read or written; the message says what to do."""
+
+    kind = "convert"
 
 
 def parse_size(text: str) -> int:
@@ -126,11 +129,8 @@ def find_tokenizer(source: str, eos_token: Optional[str]) -> TokenizerInfo:
         eos_token = eos_token or index["tokenizer"]["eos_token"]
     else:
         tok_path = path
-    try:
-        tok = load_tokenizer(str(tok_path))
-        name, eos_id = find_eos(tok, eos_token)
-    except ValueError as e:  # launcher.data.format.DataError
-        raise HFDirError(str(e)) from None
+    tok = load_tokenizer(str(tok_path))  # DataError: a tokenizer is input data, as in preprocess
+    name, eos_id = find_eos(tok, eos_token)
     return TokenizerInfo(tok_path, name, eos_id, tok.get_vocab_size())
 
 

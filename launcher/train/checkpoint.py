@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import re
 import shutil
@@ -42,10 +43,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from launcher.errors import MoetronError
 from parallel.groups import ParallelGroups
 from parallel.optim.optimizer import TrainOptimizer
 from parallel.sharding import named_specs, replica_id, sharded_tensor
 
+log = logging.getLogger(__name__)
 LATEST = "latest"
 SIDECAR = "moetron.json"
 TMP, NEW = ".tmp", ".new"
@@ -57,8 +60,10 @@ RESUME_MAY_DIFFER = ("moe.dispatcher", "moe.llep", "moe.mone.backend", "moe.matr
 auxiliary losses (training settings, not the model that is computed)."""
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(MoetronError):
     """A checkpoint directory or checkpoint cannot be used; the message is one line: what, and what to do."""
+
+    kind = "checkpoint"
 
 
 def _layout(groups: ParallelGroups) -> dict[str, int]:
@@ -345,9 +350,9 @@ def prepare(root: str | Path, groups: ParallelGroups, resume: bool,
         if not resume and (root / LATEST).exists():
             others = sorted(p.name for p in _checkpoints(root).values())
             os.remove(root / LATEST)
-            print(f"[moetron] checkpoint.resume=never: '{root}' holds checkpoints of an earlier run "
-                  f"({', '.join(others) or 'none'}); 'latest' no longer names them, they are kept until this run "
-                  "saves the same step", flush=True)
+            log.info(f"checkpoint.resume=never: '{root}' holds checkpoints of an earlier run "
+                     f"({', '.join(others) or 'none'}); 'latest' no longer names them, they are kept until this run "
+                     "saves the same step")
 
     _on_rank0(groups, tidy, "checkpoint directory not usable")
     return find_latest(root) if resume else None

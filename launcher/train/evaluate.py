@@ -21,22 +21,24 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from launcher import env
-from launcher.errors import ArgumentParser
+from launcher import env, log as console
+from launcher.errors import ArgumentParser, MoetronError, report
 from launcher.train import checkpoint
 from launcher.config import (Config, ConfigError, apply_override, check_data_dirs, config_from_dict, resolve,
                              validate_world)
-from launcher.data.format import DataError
 from moe_core.config import check_eval_k
 from moe_core.matryoshka import EvalK
 
 if TYPE_CHECKING:  # imported in main() once the config is valid, as launcher.pretrain does
     from launcher.train.trainer import Trainer
+
+log = logging.getLogger(__name__)
 
 
 def _int_list(text: str) -> list[int]:
@@ -65,6 +67,7 @@ def parse_args(argv):
     ks.add_argument("--k-list", type=_int_list, help="one evaluation with one k per MoE layer, e.g. 1,2,2,4")
     p.add_argument("--batches", type=_positive, help="validation micro-batches (default train.eval_batches)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2 data.path=data/smoke")
+    console.add_verbosity_flags(p)
     return p.parse_args(argv)
 
 
@@ -147,39 +150,34 @@ def write_report(run_dir: Path, ckpt: Path, step: int, cfg: Config, batches: int
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    env.plain_warnings()
+    console.setup(args.quiet, args.verbose)
     env.cuda_connection_default()
     try:
         ckpt, run_dir = resolve_checkpoint(args.checkpoint)
         common = checkpoint.load_common(ckpt)
         cfg = eval_config(common, args.overrides, env.world_size())
         ks = k_values(args, cfg)
-    except (ConfigError, checkpoint.CheckpointError) as e:
-        print(f"moetron: config error: {e}", file=sys.stderr)
-        return 2
+    except MoetronError as e:  # every rank reads the same checkpoint and config: one line for the whole job
+        return report(e, every_rank=False)
+    from launcher.train.summary import data_description
     from launcher.train.trainer import Trainer
 
     par = cfg.parallel
     with env.parallel_session(par.tp, par.pp, par.ep, par.backend) as groups:
-        if groups.rank == 0:
-            from launcher.train.summary import data_description
-
-            print(f"[moetron] evaluating {ckpt} on {data_description(cfg)}", flush=True)
+        log.info(f"evaluating {ckpt} on {data_description(cfg)}")
         try:
             trainer = Trainer(cfg, groups)
             checkpoint.load(ckpt, trainer.model, None, groups)
             batches = args.batches or cfg.train.eval_batches
             rows = run_eval(trainer, ks, batches)
-        except (ConfigError, DataError, checkpoint.CheckpointError) as e:  # bad input: one line, exit 2
-            kind = {ConfigError: "config", DataError: "data"}.get(type(e), "checkpoint")
-            print(f"moetron: {kind} error: {e}", file=sys.stderr)
-            return 2
-        if groups.rank == 0:
-            step = int(common["step"])
+        except MoetronError as e:
+            return report(e)
+        step = int(common["step"])
+        log.log(console.RESULT, f"{ckpt} (step {step}): validation loss over {batches} micro-batches of "
+                f"{cfg.train.micro_batch_size}x{cfg.model.seq_length} tokens\n{format_table(rows)}")
+        if groups.rank == 0:  # the report file is rank 0's to write
             out = write_report(run_dir or Path(cfg.logging.run_dir), ckpt, step, cfg, batches, rows)
-            print(f"[moetron] {ckpt} (step {step}): validation loss over {batches} micro-batches of "
-                  f"{cfg.train.micro_batch_size}x{cfg.model.seq_length} tokens\n{format_table(rows)}\n"
-                  f"[moetron] wrote {out}", flush=True)
+            log.info(f"wrote {out}")
         return 0
 
 

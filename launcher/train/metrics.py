@@ -6,7 +6,7 @@ Trainer usage, once per log step::
     perf = throughput(stats, world_size, peak)  # peak = peak_flops_per_device(device, precision, override) | None
     writer.scalars({**training_scalars(stats, perf), **moe_layer_scalars(layer_stats, cfg.moe)}, stats.step)
     writer.expert_load(layer_stats, stats.step)  # load pictures (heatmap.py)
-    print(progress.format(stats, perf))
+    log.info(progress.format(stats, perf), extra=BARE)  # launcher.log
 
 MFU = executed model FLOPs per step / (step time * world size * peak FLOP/s per device). Model FLOPs are analytic
 (launcher/train/flops.py): recomputation is not counted, attention counts the full S x S square. MFU is reported

@@ -1,5 +1,6 @@
 """What rank 0 tells a person at the start and the end of a run: one block before the first step, one line after
-the last. Everything a Slurm log reader needs to know what ran where."""
+the last. Everything a Slurm log reader needs to know what ran where. The logger (launcher/log.py) adds the
+``[moetron]`` prefix."""
 from __future__ import annotations
 
 import math
@@ -38,7 +39,7 @@ def start_block(cfg: Config, groups: ParallelGroups, start_step: int, ckpt_root:
     data = data_description(cfg)
     begin = f"resuming at step {start_step}" if resumed else "from scratch"
     lines = [
-        "[moetron] run",
+        "run",
         f"  layout      {g.world_size} rank(s) = TP {g.tp_size} x PP {g.pp_size} x DP {g.dp_size}; "
         f"EP {g.ep_size}, expert-DP {g.edp_size}",
         f"  parameters  {counts.total:,} total, {math.floor(counts.activated):,} activated per token",
@@ -54,9 +55,9 @@ def start_block(cfg: Config, groups: ParallelGroups, start_step: int, ckpt_root:
 
 def end_line(final_step: int, checkpoint: str | None, losses: dict[int, float], tokens: int, wall_s: float,
              stopped_early: bool = False) -> str:
-    """``[moetron] done: step N, ...`` (``stopped at step N of M`` when a signal or train.exit_interval ended the
+    """``done: step N, ...`` (``stopped at step N of M`` when a signal or train.exit_interval ended the
     run before train.steps), ``checkpoint C; final loss L, T tokens this run, wall H:MM:SS``."""
     finite = [v for _, v in sorted(losses.items()) if math.isfinite(v)]
     loss = f"final loss {finite[-1]:.4f}" if finite else ("no step run" if not losses else "no finite loss this run")
     what = f"stopped at step {final_step} (resume with the same command)" if stopped_early else f"done: step {final_step}"
-    return (f"[moetron] {what}, checkpoint {checkpoint}; {loss}, {tokens:,} tokens this run, wall {_hms(wall_s)}")
+    return (f"{what}, checkpoint {checkpoint}; {loss}, {tokens:,} tokens this run, wall {_hms(wall_s)}")

@@ -9,10 +9,10 @@ states are checkpointed. A run resumed from step N therefore reproduces the unin
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import random
 import signal
-import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -27,6 +27,8 @@ from launcher.train import checkpoint, flops, summary
 from launcher.config import (Config, ConfigError, check_eval_batches, resolve, resolved_dict, save_resolved,
                              to_dict)
 from launcher.data.build import build_loader
+from launcher.errors import MoetronError
+from launcher.log import BARE, RESULT
 from launcher.train.metrics import (MetricsWriter, ProgressLine, StepStats, moe_layer_tag, peak_flops_per_device,
                                     throughput, training_scalars, moe_layer_scalars)
 from launcher.train.step_reduce import LayerStepStats, StepReduction
@@ -37,9 +39,15 @@ from parallel.model import build_model, token_losses
 from parallel.optim.optimizer import build_optimizer
 from parallel.pipeline import forward_backward
 
+log = logging.getLogger(__name__)
 
-class TrainingError(RuntimeError):
-    """The run cannot continue (e.g. too many non-finite steps in a row); the message says why and what to do."""
+
+class TrainingError(MoetronError):
+    """The run cannot continue (e.g. too many non-finite steps in a row); the message says why and what to do.
+    Exit code 1: the input was fine, the run failed."""
+
+    kind = "training"
+    exit_code = 1
 
 
 def lr_at(cfg: Config, step: int) -> float:
@@ -80,8 +88,7 @@ class Preemption:
         if signum == signal.SIGINT:
             if self.requested:
                 raise KeyboardInterrupt
-            print("[moetron] Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again: stop now, without "
-                  "one)", file=sys.stderr, flush=True)
+            log.warning("Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again: stop now, without one)")
         self.requested = True
 
 
@@ -109,7 +116,6 @@ class Trainer:
         self.num_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * groups.dp_size)
         self.loader = build_loader(cfg, "train", groups.dp_rank, groups.dp_size)
         self.hidden_shape = (cfg.train.micro_batch_size, cfg.model.seq_length, cfg.model.hidden_size)
-        self.is_logger = groups.rank == 0
         self.writer = MetricsWriter(self.run_dir, enabled=False)  # fit() opens the real one once there is work
         self.progress = ProgressLine(cfg.train.steps)
         self.peak = peak_flops_per_device(self.device, cfg.train.precision, cfg.logging.peak_tflops)
@@ -140,6 +146,7 @@ class Trainer:
             self.loader.load_state_dict(state["dp.data"])
 
     def save(self) -> Path:
+        start = time.perf_counter()
         common = {"step": self.step, "skipped_steps": self.skipped, "config": to_dict(self.cfg),
                   "nonfinite_streak": self.nonfinite_streak, "last_good": self.last_good}
         path = checkpoint.save(self.ckpt_root, self.step, self.model, self.optimizer, self.groups, common,
@@ -147,6 +154,7 @@ class Trainer:
                                protect=(self.last_good,) if self.last_good else ())
         if self.nonfinite_streak == 0:
             self.last_good = path.name
+        log.debug(f"saved {path} in {time.perf_counter() - start:.1f} s")
         return path
 
     def maybe_resume(self, ckpt: Optional[Path]) -> Optional[Path]:
@@ -166,12 +174,10 @@ class Trainer:
         self.last_good = ckpt.name if self.nonfinite_streak == 0 else common.get("last_good")
         self.run_id = checkpoint.run_of(ckpt)
         self._restore_per_rank(per_rank)
-        if "rng" not in per_rank and self.is_logger:
-            print(f"[moetron] resumed {ckpt} at a different parallel layout: random streams are re-seeded; the data "
-                  "continues from the checkpoint's position (exactly when the data-parallel size is unchanged)",
-                  flush=True)
-        if self.is_logger:
-            print(f"[moetron] resumed from {ckpt} at step {self.step}", flush=True)
+        if "rng" not in per_rank:
+            log.info(f"resumed {ckpt} at a different parallel layout: random streams are re-seeded; the data "
+                     "continues from the checkpoint's position (exactly when the data-parallel size is unchanged)")
+        log.info(f"resumed from {ckpt} at step {self.step}")
         return ckpt
 
     # ------------------------------------------------------------ one step
@@ -274,10 +280,9 @@ class Trainer:
         default_k = self.cfg.moe.default_eval_k
         loss = sweep[default_k] if isinstance(default_k, int) and default_k in sweep else self.evaluate()
         values = {"valid/loss": loss, **{f"valid/loss_k{k}": v for k, v in sweep.items()}}
-        if self.is_logger:
-            self.writer.scalars(values, self.step)
-            print(f"[moetron] validation after step {self.step}: "
-                  + " | ".join(f"{tag[len('valid/'):]} {v:.4f}" for tag, v in values.items()), flush=True)
+        self.writer.scalars(values, self.step)
+        log.info(f"validation after step {self.step}: "
+                 + " | ".join(f"{tag[len('valid/'):]} {v:.4f}" for tag, v in values.items()))
 
     # ------------------------------------------------------------ loop
     def fit(self, preemption: Optional[Preemption] = None) -> TrainResult:
@@ -290,19 +295,17 @@ class Trainer:
         resumed = self.maybe_resume(ckpt)
         result = TrainResult(checkpoint=str(resumed) if resumed else None)
         if self.step >= cfg.train.steps:
-            if self.is_logger:
-                print(f"[moetron] nothing to do: finished at step {self.step}", flush=True)
+            log.info(f"nothing to do: finished at step {self.step}")
             result.final_step, result.skipped_steps = self.step, self.skipped
             return result
         checkpoint.preflight_space(self.ckpt_root, self.groups, checkpoint.checkpoint_bytes(self.model, self.groups),
                                    self._saves_to_come(), cfg.checkpoint.keep_last, self.run_id)
-        if self.is_logger:
+        if self.groups.rank == 0:  # the run directory's files are rank 0's to write
             save_resolved(cfg, self.run_dir)
             (self.run_dir / "PREEMPTED").unlink(missing_ok=True)  # a previous attempt's marker, not this run's
-            print(summary.start_block(cfg, self.groups, self.step, self.ckpt_root, self.optimizer.label,
-                                      resumed=resumed is not None),
-                  flush=True)
-        self.writer = MetricsWriter(self.run_dir, enabled=self.is_logger and cfg.logging.tensorboard,
+        log.info(summary.start_block(cfg, self.groups, self.step, self.ckpt_root, self.optimizer.label,
+                                     resumed=resumed is not None))
+        self.writer = MetricsWriter(self.run_dir, enabled=self.groups.rank == 0 and cfg.logging.tensorboard,
                                     purge_step=self.step if resumed else None)
         self.writer.config_text(to_dict(cfg), self.step)
         if cfg.train.eval_interval:
@@ -317,9 +320,8 @@ class Trainer:
             else:
                 self.nonfinite_streak += 1
                 self.skipped += 1
-                if self.is_logger:
-                    print(f"[moetron] step {self.step}: non-finite loss/grad-norm ({loss}, {norm}); update skipped "
-                          f"({self.nonfinite_streak} in a row)", flush=True)
+                log.warning(f"step {self.step}: non-finite loss/grad-norm ({loss}, {norm}); update skipped "
+                            f"({self.nonfinite_streak} in a row)")
                 if self.nonfinite_streak >= cfg.train.max_consecutive_nonfinite:
                     raise TrainingError(self._stop_nonfinite())
             result.losses[self.step] = loss
@@ -334,15 +336,14 @@ class Trainer:
                 if last_saved != self.step:
                     result.checkpoint = str(self.save())
                 result.preempted = True
-                if self.is_logger:
+                if self.groups.rank == 0:
                     (self.run_dir / "PREEMPTED").write_text(f"{self.step}\n")
-                    print(f"PREEMPTED step={self.step}", flush=True)
+                log.log(RESULT, f"PREEMPTED step={self.step}", extra=BARE)
                 break
             if cfg.train.exit_interval and self.step % cfg.train.exit_interval == 0 and self.step < cfg.train.steps:
                 if last_saved != self.step:
                     result.checkpoint = str(self.save())
-                if self.is_logger:
-                    print(f"[moetron] train.exit_interval reached: exiting at step {self.step}", flush=True)
+                log.info(f"train.exit_interval reached: exiting at step {self.step}")
                 break
         else:
             if cfg.checkpoint.save_at_end and last_saved != self.step:  # never re-save the step resumed from
@@ -381,7 +382,7 @@ class Trainer:
         return out
 
     def _log(self, loss: float, norm: float, step_time: float, layer_stats: dict[int, LayerStepStats]) -> None:
-        if not self.is_logger or self.step % self.cfg.logging.log_interval != 0:
+        if self.groups.rank != 0 or self.step % self.cfg.logging.log_interval != 0:  # rank 0 reports metrics
             return
         # FLOPs from the k each layer actually ran (M-MoE draws, capacity drops); MoNE also logs useful FLOPs
         fc = flops.training_flops(self.cfg, k_per_layer=flops.executed_k_per_layer(layer_stats))
@@ -400,4 +401,4 @@ class Trainer:
         scalars.update({f"train_data/tokens/{name}": n for name, n in self.loader.source_tokens().items()})
         self.writer.scalars(scalars, self.step)
         self.writer.expert_load(layer_stats, self.step)
-        print(self.progress.format(stats, perf), flush=True)
+        log.info(self.progress.format(stats, perf), extra=BARE)

@@ -11,6 +11,7 @@ import dataclasses
 import gzip
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -348,7 +349,7 @@ def test_bad_preprocess_input_is_one_line(tmp_path, capsys, name, content, extra
     (tmp_path / name).write_bytes(content)
     argv = ["--input", str(tmp_path / name), "--output", str(tmp_path / "out"), "--workers", "1", *extra]
     line = _one_error_line(capsys, preprocess.main, argv)
-    assert "error: " in line and message in line, line
+    assert re.match(r"moetron: (data|usage) error: ", line) and message in line, line
 
 
 def test_output_that_is_a_file_and_missing_verify_dir_are_one_line(tmp_path, capsys):

@@ -307,7 +307,7 @@ def test_crafted_metadata_is_refused_without_running_code(tmp_path, capfd):
                         str(tmp_path / "hf")], capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
     lines = [line for line in p.stderr.splitlines() if line.strip() and "warn" not in line.lower()]
-    assert p.returncode == 2 and lines == [f"moetron convert: {refused}"], p.stderr[-3000:]
+    assert p.returncode == 2 and lines == [f"moetron: checkpoint error: {refused}"], p.stderr[-3000:]
     assert not marker.exists()
 
 
