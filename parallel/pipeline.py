@@ -6,13 +6,16 @@ Sends are non-blocking (``isend``) and receives blocking; with this order every 
 is already issued or will be issued without waiting on it, so the schedule cannot deadlock. Activations travel
 in fp32 between stages whatever the compute dtype (the receiving stage casts them to its own).
 
-The loss of each micro-batch is divided by the number of micro-batches here, and the MoE aux-loss scale is set
-to match, so gradients are those of the mean loss over the step's micro-batches.
+The last stage's output of each micro-batch (a scalar loss) is multiplied by ``loss_scale`` before its backward
+(the trainer's outputs are loss sums and its scale dp / the step's label tokens, so the gradient is that of the
+token-weighted mean loss: ``launcher/train/token_loss.py``). The MoE aux-loss scale is set to 1/micro-batches: the
+aux and z losses are per-micro-batch means, averaged over the step's micro-batches (and over DP by the gradient
+reduction).
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager, Optional
+from typing import Callable, ContextManager, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -50,23 +53,27 @@ class _P2P:
 
 
 def forward_backward(model: torch.nn.Module, micro_batches: list[dict], forward_fn: ForwardFn,
-                     groups: ParallelGroups, hidden_shape: tuple[int, ...], forward_only: bool = False,
+                     groups: ParallelGroups, hidden_shape: tuple[int, ...],
+                     loss_scale: Union[float, torch.Tensor] = 1.0, forward_only: bool = False,
                      no_sync: Callable[[], ContextManager] = contextlib.nullcontext) -> list[torch.Tensor]:
     """Run all micro-batches of one step through this stage; returns the (unscaled, detached) per-micro-batch
-    losses on the last stage, an empty list elsewhere. Gradients accumulate (``.grad``, or the distributed
+    last-stage outputs (0-dim losses) on the last stage, an empty list elsewhere. Each is multiplied by
+    ``loss_scale`` (a float or a 0-dim device tensor; read on the last stage only) before its backward, and the
+    MoE aux-loss scale is 1/len(micro_batches) meanwhile. Gradients accumulate (``.grad``, or the distributed
     optimizer's ``main_grad``). Every backward but the last runs inside ``no_sync()``, so a data-parallel reduction
     overlapped with backward starts only in the last one."""
     n = len(micro_batches)
     previous_scale = AuxLossAutoScaler.loss_scale()
     AuxLossAutoScaler.set_loss_scale(1.0 / n)
     try:
-        return _run_schedule(model, micro_batches, forward_fn, groups, hidden_shape, forward_only, n, no_sync)
+        return _run_schedule(model, micro_batches, forward_fn, groups, hidden_shape, loss_scale, forward_only, n,
+                             no_sync)
     finally:  # the scale is process-global: leave it as found
         AuxLossAutoScaler.set_loss_scale(previous_scale)
 
 
 def _run_schedule(model: torch.nn.Module, micro_batches: list[dict], forward_fn: ForwardFn, groups: ParallelGroups,
-                  hidden_shape: tuple[int, ...], forward_only: bool, n: int,
+                  hidden_shape: tuple[int, ...], loss_scale: Union[float, torch.Tensor], forward_only: bool, n: int,
                   no_sync: Callable[[], ContextManager]) -> list[torch.Tensor]:
     device = next(model.parameters()).device
     p2p = _P2P(groups, hidden_shape, device)
@@ -82,7 +89,7 @@ def _run_schedule(model: torch.nn.Module, micro_batches: list[dict], forward_fn:
             out = forward_fn(model, micro_batches[i], x)
         if last:
             losses.append(out.detach())
-            out = out / n
+            out = out * loss_scale
         else:
             p2p.send(out, +1)
         if not forward_only:

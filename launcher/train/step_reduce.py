@@ -1,13 +1,16 @@
 """A training step's numbers in ONE all-reduce over every rank and ONE device-to-host transfer, read back by name.
 
 :class:`PackedSum` is the mechanism (named float64 tensors packed into one buffer); :class:`StepReduction` is what
-the trainer packs: the mean loss, the squared gradient norm, whether any rank asked to stop (signals) and, per MoE
-layer, the statistics of every micro-batch (``moe_core.layer.MoELayerStats``), summed on the device as the step's
-micro-batches run (no host sync) and reduced into one :class:`LayerStepStats` per layer.
+the trainer packs: the loss as a (loss sum, label tokens) pair (:func:`pack_token_loss`, divided once by
+:func:`token_mean`; the objective is ``launcher.train.token_loss``'s), the squared gradient norm, whether any rank
+asked to stop (signals) and, per MoE layer, the statistics of every micro-batch (``moe_core.layer.MoELayerStats``),
+summed on the device as the step's micro-batches run (no host sync) and reduced into one :class:`LayerStepStats`
+per layer.
 
-Everything is summed over the world: the loss lives on the last stage (identical over TP, distinct over DP), the
-norm on every rank, layer sums on their stage (identical over TP, disjoint over DP), per-step constants (k, MoNE
-kept fraction) on their stage (identical over TP and DP); each is divided by how often it was counted.
+Everything is summed over the world: the loss pair lives on the last stage (identical over TP, distinct over DP;
+the loss is the summed loss over the summed count, one division), the norm on every rank, layer sums on their
+stage (identical over TP, disjoint over DP), per-step constants (k, MoNE kept fraction) on their stage (identical
+over TP and DP); each is divided by how often it was counted.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import torch.distributed as dist
 from moe_core.layer import MoELayer
 from parallel.groups import ParallelGroups
 
-__all__ = ["LayerStepStats", "PackedSum", "StepNumbers", "StepReduction"]
+__all__ = ["LayerStepStats", "PackedSum", "StepNumbers", "StepReduction", "pack_token_loss", "token_mean"]
 
 
 class PackedSum:
@@ -63,6 +66,23 @@ class PackedSum:
         return self._host[start:start + size]
 
 
+def pack_token_loss(packed: PackedSum, loss_sums: list[torch.Tensor], label_tokens: float,
+                    device: torch.device) -> None:
+    """Add this rank's slots ``loss_sum`` (of its micro-batch loss sums, float64) and ``label_tokens`` to
+    ``packed`` (``launcher.train.token_loss``): on the last stage ``label_tokens`` counts the same micro-batches,
+    elsewhere (``loss_sums`` empty) it is 0. TP peers add identical pairs; the factor cancels in :func:`token_mean`."""
+    total = (torch.stack(loss_sums).double().sum() if loss_sums
+             else torch.zeros((), dtype=torch.float64, device=device))
+    packed.add("loss_sum", total.reshape(1))
+    packed.add("label_tokens", torch.full((1,), label_tokens, dtype=torch.float64, device=device))  # a fill
+
+
+def token_mean(packed: PackedSum) -> float:
+    """The token-weighted mean loss (nats/token) of an all-reduced ``packed`` (:func:`pack_token_loss`): the one
+    division."""
+    return packed.host("loss_sum")[0] / max(packed.host("label_tokens")[0], 1.0)
+
+
 @dataclass(frozen=True)
 class LayerStepStats:
     """One MoE layer over a whole optimizer step (every micro-batch of every DP rank), on the host."""
@@ -84,7 +104,7 @@ class LayerStepStats:
 @dataclass(frozen=True)
 class StepNumbers:
     loss: float
-    """Mean micro-batch loss over the step and DP."""
+    """Token-weighted mean loss over the step's global batch (every micro-batch of every DP rank), nats/token."""
     grad_norm: float
     """Global gradient norm (NaN when not finite)."""
     stop: bool
@@ -117,14 +137,14 @@ class StepReduction:
             row = torch.cat([part.detach().to(torch.float64) for part in parts])
             self._sums[idx] = self._sums.get(idx, 0) + row
 
-    def _pack(self, loss: torch.Tensor, norm_sq: torch.Tensor, stop_requested: bool,
-              local_layers: Mapping[int, MoELayer]) -> PackedSum:
+    def _pack(self, loss_sums: list[torch.Tensor], label_tokens: float, norm_sq: torch.Tensor,
+              stop_requested: bool, local_layers: Mapping[int, MoELayer]) -> PackedSum:
         packed, E = PackedSum(), self.num_experts
 
         def full(value: float) -> torch.Tensor:  # a fill on the device, no host-to-device copy
             return torch.full((1,), value, dtype=torch.float64, device=self.device)
 
-        packed.add("loss", loss.reshape(1))
+        pack_token_loss(packed, loss_sums, label_tokens, self.device)
         packed.add("norm_sq", norm_sq.to(self.device).reshape(1))
         packed.add("stop", full(float(stop_requested)))
         for idx in self.moe_layers:  # layers of other stages count zero here
@@ -137,14 +157,13 @@ class StepReduction:
         self._sums = {}
         return packed
 
-    def reduce(self, losses: list[torch.Tensor], norm_sq: torch.Tensor, stop_requested: bool,
-               local_layers: Mapping[int, MoELayer]) -> StepNumbers:
-        """The step's numbers from this rank's micro-batch ``losses`` (last stage; empty elsewhere), squared
-        gradient norm (device), stop request and MoE layers (``model.moe_layers()``). Collective over the world."""
+    def reduce(self, loss_sums: list[torch.Tensor], label_tokens: float, norm_sq: torch.Tensor,
+               stop_requested: bool, local_layers: Mapping[int, MoELayer]) -> StepNumbers:
+        """The step's numbers from this rank's micro-batch ``loss_sums`` (0-dim, last stage; empty elsewhere) and
+        their ``label_tokens`` (``token_loss.label_tokens``; 0 off the last stage), squared gradient norm (device),
+        stop request and MoE layers (``model.moe_layers()``). Collective over the world."""
         g, E = self.groups, self.num_experts
-        loss = torch.stack(losses).mean().double() if losses else torch.zeros((), dtype=torch.float64,
-                                                                               device=self.device)
-        packed = self._pack(loss, norm_sq, stop_requested, local_layers)
+        packed = self._pack(loss_sums, label_tokens, norm_sq, stop_requested, local_layers)
         packed.all_reduce(g.distributed)
         layers, counts_dev = {}, {}
         for idx in self.moe_layers:
@@ -156,6 +175,6 @@ class StepReduction:
                 k=packed.host(f"k{idx}")[0] / (g.tp_size * g.dp_size),
                 mone_kept_fraction=packed.host(f"kept{idx}")[0] / (g.tp_size * g.dp_size) if self.mone else None)
         norm_sq_v = packed.host("norm_sq")[0] / g.world_size
-        return StepNumbers(loss=packed.host("loss")[0] / (g.tp_size * g.dp_size),
+        return StepNumbers(loss=token_mean(packed),
                            grad_norm=math.sqrt(norm_sq_v) if math.isfinite(norm_sq_v) else float("nan"),
                            stop=packed.host("stop")[0] > 0, layers=layers, tokens_per_expert_dev=counts_dev)

@@ -1,4 +1,5 @@
-"""The training loop: micro-batches through the pipeline schedule, DP gradient sync, clip, AdamW, schedule,
+"""The training loop: micro-batches through the pipeline schedule (the objective is the token-weighted mean loss
+over the global batch, ``launcher/train/token_loss.py``), DP gradient sync, clip, AdamW, schedule,
 checkpoints, metrics, periodic validation (also the `moetron evaluate` engine), non-finite-loss skipping and
 preemption.
 
@@ -21,9 +22,8 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from launcher.train import checkpoint, flops, summary
+from launcher.train import checkpoint, flops, summary, token_loss
 from launcher.config import (Config, ConfigError, check_eval_batches, resolve, resolved_dict, save_resolved,
                              to_dict)
 from launcher.data.build import build_loader
@@ -31,7 +31,7 @@ from launcher.errors import MoetronError
 from launcher.log import BARE, RESULT
 from launcher.train.metrics import (MetricsWriter, ProgressLine, StepStats, moe_layer_tag, peak_flops_per_device,
                                     throughput, training_scalars, moe_layer_scalars)
-from launcher.train.step_reduce import LayerStepStats, StepReduction
+from launcher.train.step_reduce import LayerStepStats, PackedSum, StepReduction, pack_token_loss, token_mean
 from moe_core.matryoshka import EvalK
 from moe_core.profiling import phase
 from parallel.groups import ParallelGroups
@@ -95,7 +95,7 @@ class Preemption:
 @dataclass
 class TrainResult:
     losses: dict[int, float] = field(default_factory=dict)
-    """Loss per executed step (global mean), as every rank sees it."""
+    """Loss per executed step (token-weighted mean over the global batch), as every rank sees it."""
     final_step: int = 0
     skipped_steps: int = 0
     preempted: bool = False
@@ -182,6 +182,8 @@ class Trainer:
 
     # ------------------------------------------------------------ one step
     def _forward(self, model, mb: dict, x: Optional[torch.Tensor]) -> torch.Tensor:
+        """One micro-batch through this stage: its output activations, or on the last stage its loss SUM over its
+        label tokens (fp32 0-dim; ``loss_mask`` weights each token, every label counts without one)."""
         inp = mb["tokens"].to(self.device) if x is None else x.to(self.compute_dtype)  # stages exchange fp32
         with precision_context(self.cfg, self.groups):
             out = model(inp)
@@ -191,21 +193,20 @@ class Trainer:
             return out
         losses = token_losses(out, mb["labels"].to(self.device), self.groups)
         mask = mb.get("loss_mask")
-        if mask is None:
-            return losses.mean()
-        mask = mask.to(self.device, torch.float32)
-        return (losses * mask).sum() / mask.sum().clamp_min(1.0)
+        return losses.sum() if mask is None else (losses * mask.to(self.device, torch.float32)).sum()
 
-    def _global_loss(self, losses: list[torch.Tensor]) -> float:
-        """Mean micro-batch loss, averaged over DP, made known on every rank (it lives on the last stage)."""
-        value = (torch.stack(losses).mean().double() if losses
-                 else torch.zeros((), dtype=torch.float64, device=self.device)).reshape(1)
-        if self.groups.pp_size > 1:
-            dist.all_reduce(value, group=self.groups.pp_group)
-        if self.groups.dp_size > 1:
-            dist.all_reduce(value, group=self.groups.dp_group)
-            value /= self.groups.dp_size
-        return float(value.item())
+    def _label_tokens(self, micro: list[dict]) -> float:
+        """This rank's share of the loss' divisor: the label tokens of its (CPU) micro-batches on the last stage,
+        0 elsewhere (no loss there)."""
+        return token_loss.label_tokens(micro) if self.groups.is_last_stage else 0.0
+
+    def _global_loss(self, loss_sums: list[torch.Tensor], tokens: float) -> float:
+        """Token-weighted mean loss, made known on every rank (it lives on the last stage): (loss sum, label tokens)
+        summed over micro-batches, stages and DP ranks in one all-reduce, divided once. Collective."""
+        packed = PackedSum()
+        pack_token_loss(packed, loss_sums, tokens, self.device)
+        packed.all_reduce(self.groups.distributed)
+        return token_mean(packed)
 
     def _to_device(self, mb: dict) -> dict:
         """A micro-batch on the training device, copied from pinned memory without blocking: a copy from pageable
@@ -217,7 +218,8 @@ class Trainer:
 
     def train_step(self, preemption: Optional[Preemption] = None
                    ) -> tuple[float, float, dict[int, LayerStepStats], bool]:
-        """One optimizer step. Returns the loss, the gradient norm, the per-MoE-layer statistics and whether all
+        """One optimizer step on the token-weighted mean loss of the global batch (``token_loss``; the gradient is
+        exactly its gradient). Returns that loss, the gradient norm, the per-MoE-layer statistics and whether all
         ranks agreed to stop (a signal reached ``preemption`` on any rank by the end of backward). The host reads
         the device once, after backward (``StepReduction.reduce``)."""
         cfg = self.cfg
@@ -225,14 +227,17 @@ class Trainer:
         self.model.set_step(self.step)
         self.optimizer.set_lr(lr_at(cfg, self.step))
         self.optimizer.zero_grad()
-        micro = [self._to_device(next(self.loader)) for _ in range(self.num_micro)]
-        losses = forward_backward(self.model, micro, self._forward, self.groups, self.hidden_shape,
-                                  no_sync=self.optimizer.no_sync)
+        batches = [next(self.loader) for _ in range(self.num_micro)]
+        tokens = self._label_tokens(batches)  # counted on the CPU batches, before they go to the device
+        micro = [self._to_device(mb) for mb in batches]
+        loss_sums = forward_backward(self.model, micro, self._forward, self.groups, self.hidden_shape,
+                                     loss_scale=token_loss.gradient_scale(tokens, self.groups, self.device),
+                                     no_sync=self.optimizer.no_sync)
         with phase("optimizer"):
             self.optimizer.reduce_grads()
             norm_sq = self.optimizer.grad_norm_sq()
         stop_requested = preemption is not None and preemption.requested
-        step = self._reduction.reduce(losses, norm_sq, stop_requested, self.model.moe_layers())
+        step = self._reduction.reduce(loss_sums, tokens, norm_sq, stop_requested, self.model.moe_layers())
         if not (math.isfinite(step.loss) and math.isfinite(step.grad_norm)):
             return step.loss, step.grad_norm, step.layers, step.stop
         with phase("optimizer"):
@@ -257,20 +262,21 @@ class Trainer:
         return [next(loader) for _ in range(n)][self.groups.dp_rank::self.groups.dp_size]
 
     def evaluate(self, k: EvalK = None, batches: Optional[int] = None) -> float:
-        """Mean validation loss (nats/token) over the first ``batches`` (default train.eval_batches) micro-batches
-        of the valid split, every MoE layer routing with ``k`` (an int, one int per MoE layer, or None = the
-        config's eval k). Depends only on the weights and the data, not on the layout. Collective: all ranks call
-        it. Leaves the model in train mode with the config's eval k."""
+        """Token-weighted mean validation loss (nats/token) over the first ``batches`` (default
+        train.eval_batches) micro-batches of the valid split, every MoE layer routing with ``k`` (an int, one int
+        per MoE layer, or None = the config's eval k): (loss sum, label tokens) through micro-batches, stages and DP
+        ranks, divided once. Depends only on the weights and the samples, not on the micro-batch size or the
+        layout. Collective: all ranks call it. Leaves the model in train mode with the config's eval k."""
         micro = self._valid_batches(batches or self.cfg.train.eval_batches)
         self.model.eval()
         self.model.set_eval_k(k)
         try:
-            losses = forward_backward(self.model, micro, self._forward, self.groups, self.hidden_shape,
-                                      forward_only=True)
+            loss_sums = forward_backward(self.model, micro, self._forward, self.groups, self.hidden_shape,
+                                         forward_only=True)
         finally:
             self.model.set_eval_k(None)
             self.model.train()
-        return self._global_loss(losses)
+        return self._global_loss(loss_sums, self._label_tokens(micro))
 
     def _validate(self) -> None:
         """Periodic validation: ``valid/loss`` at the eval k and, for M-MoE, ``valid/loss_k{k}`` for every k in

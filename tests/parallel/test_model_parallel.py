@@ -1,8 +1,9 @@
 """The whole model under TP / EP / PP (gloo, 4 ranks) equals the single-process model: losses AND every gradient.
 
 Each rank also builds the single-device reference (same seed: init is layout-independent) and runs it on the
-same data: every DP rank's micro-batches, each loss scaled by 1/(micro-batches * dp) and the MoE aux-loss
-scale set to the same factor, which is what the pipeline schedule + DP gradient averaging compute. Every local
+same data: every DP rank's micro-batches, each (mean) loss scaled by 1/(micro-batches * dp) and the MoE aux-loss
+scale set to the same factor, which is what the pipeline schedule (loss_scale = 1/micro-batches) + DP gradient
+averaging compute. Every local
 gradient shard is compared with the matching slice of the reference gradient.
 """
 import pytest
@@ -72,7 +73,8 @@ def _compare(rank, world_size, overrides):
         out = m(mb["tokens"] if x is None else x)
         return token_losses(out, mb["labels"], g).mean() if g.is_last_stage else out
 
-    losses = forward_backward(model, micro_by_dp[g.dp_rank], forward, g, (MB, S, cfg.model.hidden_size))
+    losses = forward_backward(model, micro_by_dp[g.dp_rank], forward, g, (MB, S, cfg.model.hidden_size),
+                              loss_scale=1.0 / MICRO)
     sync_grads(model, g)
     worst = {}
     for name, p in model.named_parameters():
