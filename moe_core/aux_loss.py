@@ -4,8 +4,9 @@
 and ``scale`` for ``aux_loss`` (i.e. d(total)/d(aux) = scale), so the aux loss' parameter gradients are injected
 wherever ``y``'s backward runs. Pipeline schedules therefore never carry the aux loss between stages.
 
-``scale`` is process-wide: the trainer calls ``AuxLossAutoScaler.set_loss_scale(1 / num_microbatches)`` (times any
-loss scaler factor) so the aux gradient is averaged over micro-batches exactly like the main loss. Default 1.0.
+``scale`` is process-wide: the pipeline schedule calls ``AuxLossAutoScaler.set_loss_scale(1 / num_microbatches)``
+(times any loss scaler factor), so each micro-batch's aux loss (a mean over its own tokens, not a token loss) is
+averaged over the step's micro-batches, whatever scale the main loss gets. Default 1.0.
 Forward reads it into ``ctx`` (under ``torch.compile`` a guard on its value, which changes only with the number of
 micro-batches). Mirrors megatron-core's ``MoEAuxLossAutoScaler``.
 """

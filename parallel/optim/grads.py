@@ -1,6 +1,7 @@
 """Data-parallel gradient reduction, the de-duplicated global grad norm, and clipping (collective-only).
 
-Reduction: the loss is the mean over the DP ranks' micro-batches, L = (1/dp) sum_d L_d.
+Reduction: the loss is the mean over the DP ranks' losses, L = (1/dp) sum_d L_d (the trainer scales each rank's
+L_d by dp / the global label-token count, so L is the token-weighted mean: launcher/train/token_loss.py).
   * dense params are replicated over the DP group: sum their grads over DP, divide by dp;
   * expert params are replicated over the expert-DP group. After the EP all-to-all backward, an expert's grad on
     its owner already sums the contributions of every token its EP group sent it; summing over expert-DP adds the

@@ -15,8 +15,9 @@ Two implementations behind one interface (:class:`TrainOptimizer`), chosen by :f
 - :class:`LocalAdamW` (``optim.distributed=false``, fp32 only): torch AdamW on fp32 parameters replicated on every
   DP rank, gradients all-reduced by parallel/optim/grads.py. The exactness reference: resume is bit-identical.
 
-Reduction: the gradient is that of the mean loss over every DP rank's micro-batches (both implementations scale by
-1/DP, experts included, see parallel/optim/grads.py). Per-head q/k-norm weights under TP are summed over TP first.
+Reduction: the gradient is that of the mean of the DP ranks' losses (both implementations scale by 1/DP, experts
+included, see parallel/optim/grads.py; the trainer scales each rank's loss so that mean is the token-weighted one).
+Per-head q/k-norm weights under TP are summed over TP first.
 Norm: the L2 norm of the whole model's gradient, every distinct shard counted once (local: ShardSpec replication;
 distributed: megatron-core's DP shards + TP-duplicate filter). A non-finite norm skips the update.
 
