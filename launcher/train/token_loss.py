@@ -8,10 +8,10 @@ layout (a mean of per-micro-batch means would weigh a micro-batch holding a shor
 
 Training: a micro-batch's last-stage output is its loss SUM (``Trainer._forward``); the pipeline multiplies it by
 :func:`gradient_scale` = dp / N before backward and the data-parallel gradient reduction averages over the dp ranks
-(``parallel/grads.py``, ``parallel/optimizer.py``), so the gradient is exactly dL/dθ. N is counted on the host from
-the loss masks as the loader delivers them (CPU tensors, before they are copied to the device: no device work, no
-host sync); with DP > 1 the ranks' counts are summed over DP by an all-reduce on the device that the host never
-reads (the scale stays a device tensor).
+(``parallel/optim/grads.py``, ``parallel/optim/optimizer.py``), so the gradient is exactly dL/dθ. N is counted on
+the host from the loss masks as the loader delivers them (CPU tensors, before they are copied to the device: no
+device work, no host sync); with DP > 1 the ranks' counts are summed over DP by an all-reduce on the device that
+the host never reads (the scale stays a device tensor).
 
 Reporting: (loss sum, label tokens) are carried through micro-batches, stages and DP ranks as a pair of slots of
 one :class:`~launcher.train.step_reduce.PackedSum` (the training step's single all-reduce and host read) and

@@ -64,7 +64,7 @@ def _hand_computed(trainer, data: Path, run_dir: Path) -> dict:
     """Per-sample masked loss sums and label counts with the trainer's weights, one sample per forward."""
     import torch.nn.functional as F
 
-    from launcher.data.loader import build_loader
+    from launcher.data.build import build_loader
 
     loader = build_loader(_eval_config(data, run_dir, 1), "valid", 0, 1)
     trainer.model.eval()
