@@ -138,7 +138,7 @@ class MoELayer(nn.Module):
             self.router.start_step()
         k = self._next_k()
         with phase("router"):
-            routed = self.router(x_TD, k)
+            routed = self.router(x_TD, k, seq_len=x.shape[-2] if x.dim() >= 3 else None)  # [B, S, D]: S per sequence
         y_TD = dispatch_compute_combine(self.dispatcher, x_TD, routed.topk_idx_TK, routed.topk_weight_TK,
                                         self.experts)
         if self.training:

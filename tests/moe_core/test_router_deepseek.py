@@ -129,3 +129,20 @@ def test_group_limited_routing_config_errors_name_the_key(fields, message):
         fields = {**fields, "matryoshka": MatryoshkaConfig(**fields["matryoshka"])}
     with pytest.raises(ValueError, match=message):
         MoEConfig(**fields).validate(ModelConfig())
+
+
+def test_moe_layer_gives_the_router_its_sequences():
+    """[B, S, D] input: the sequence-wise loss is averaged over the B sequences of S tokens, not over one of B*S."""
+    from moe_core.layer import MoELayer
+    from moe_core.matryoshka import KSchedule
+
+    cfg = MoEConfig(num_experts=4, top_k=2, expert_ffn_hidden_size=8, aux_loss_scope="sequence", z_loss_coeff=0.0)
+    torch.manual_seed(0)
+    layer = MoELayer(8, cfg, 0, KSchedule(cfg, 0)).train()
+    layer.router.reset_parameters(std=0.5)
+    x = torch.randn(3, 5, 8)
+    layer.set_step(0)
+    layer(x)
+    per_sequence = layer.router(x.reshape(-1, 8), 2, seq_len=5).aux_loss
+    assert layer.last_stats.aux_loss.item() == pytest.approx(per_sequence.item())
+    assert per_sequence.item() != pytest.approx(layer.router(x.reshape(-1, 8), 2).aux_loss.item())
