@@ -130,7 +130,13 @@ class ModelConfig:
         elif self.qk_rope_head_dim % 2:
             raise ValueError(f"model.qk_rope_head_dim ({self.qk_rope_head_dim}) must be even: RoPE rotates pairs "
                              "of channels")
+        elif self.head_dim is not None:
+            raise ValueError("model.head_dim is used by model.attention=gqa only (MLA's head widths are "
+                             "model.qk_nope_head_dim, model.qk_rope_head_dim and model.v_head_dim): leave it unset")
         rs = self.rope_scaling
+        if self.attention == "gqa" and rs.mscale_all_dim is not None:
+            raise ValueError("model.rope_scaling.mscale_all_dim scales MLA's softmax only: set model.attention=mla "
+                             "or leave it unset")
         if rs.type == "default" and rs != RopeScalingConfig():
             raise ValueError("model.rope_scaling: fields other than type are used with model.rope_scaling.type=yarn "
                              "only: set model.rope_scaling.type=yarn or leave them unset")
@@ -317,6 +323,9 @@ class MoEConfig:
             raise ValueError(f"moe.top_k ({self.top_k}) must be in [1, moe.num_experts={self.num_experts}]")
         self.matryoshka.validate(self.num_experts)
         self.validate_groups()
+        if self.top1_gate != "probability" and (self.top_k > 1 or self.matryoshka.enabled):
+            raise ValueError(f"moe.top1_gate={self.top1_gate} applies to top-1 models (moe.top_k=1 without "
+                             "Matryoshka) only: every other renormalised model gates k = 1 straight-through already")
         check_eval_k(self.matryoshka.eval_k, self.num_experts, len(model.moe_layer_indices), "moe.matryoshka.eval_k")
 
     def validate_groups(self) -> None:

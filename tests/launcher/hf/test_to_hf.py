@@ -161,3 +161,14 @@ def test_mla_and_yarn_are_refused_with_one_line(overrides):
 
     with pytest.raises(ConfigError, match="HF export supports model.attention=gqa with plain RoPE only"):
         hf_config(load_config(None, overrides), {})
+
+
+@pytest.mark.parametrize("overrides", [["moe.score_function=sigmoid"], ["moe.num_groups=2", "moe.group_topk=1"],
+                                       ["moe.routed_scaling_factor=2.5"]])
+def test_deepseek_routing_is_refused_with_one_line(overrides):
+    """A softmax-only HF model would route such a checkpoint differently: refuse instead of exporting it wrong."""
+    from launcher.config import ConfigError, load_config
+    from launcher.hf.mapping import hf_config
+
+    with pytest.raises(ConfigError, match="HF export supports softmax routing only"):
+        hf_config(load_config(None, overrides), {})
