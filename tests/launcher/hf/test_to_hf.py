@@ -161,3 +161,12 @@ def test_mla_and_yarn_are_refused_with_one_line(overrides):
 
     with pytest.raises(ConfigError, match="HF export supports model.attention=gqa with plain RoPE only"):
         hf_config(load_config(None, overrides), {})
+
+
+def test_shared_experts_are_refused_with_one_line():
+    from launcher.config import ConfigError, load_config
+    from launcher.hf.mapping import hf_config
+
+    with pytest.raises(ConfigError, match="HF export has no layout for shared experts yet .*"
+                                          "moe.shared_expert_ffn_hidden_size=64"):
+        hf_config(load_config(None, ["moe.shared_expert_ffn_hidden_size=64"]), {})
