@@ -4,8 +4,8 @@ Shape legend: ``T`` tokens, ``K`` experts per token, ``N`` routing slots, ``D`` 
 
 The dispatcher implements :class:`moe_core.dispatcher.TokenDispatcher` (named phases, each local-only or
 collective-only); the layer runs them through :func:`moe_core.dispatcher.dispatch_compute_combine`.
-:class:`LocalDispatcher` is the single-device one; ``parallel/dispatch.py`` and ``parallel/llep/dispatcher.py`` provide the
-expert-parallel ones. Every forward leaves a :class:`MoELayerStats` in ``layer.last_stats``.
+:class:`LocalDispatcher` is the single-device one; ``parallel/dispatch.py`` and ``parallel/llep/dispatcher.py``
+provide the expert-parallel ones. Every forward leaves a :class:`MoELayerStats` in ``layer.last_stats``.
 
 Shared expert (``moe.shared_expert_ffn_hidden_size`` > 0): ``y = routed(x) + shared(x)``, times
 ``sigmoid(shared_expert_gate(x))`` on the shared term with ``moe.shared_expert_gate`` (Qwen2-MoE; without it
