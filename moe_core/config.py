@@ -231,7 +231,8 @@ def check_eval_k(k, num_experts: int, num_moe_layers: Optional[int], name: str) 
 
 @dataclass
 class MoEConfig:
-    """Top-k router MoE layer (softmax router, SwiGLU experts), with MoNE and Matryoshka MoE inside it."""
+    """Top-k router MoE layer (softmax router, SwiGLU experts, optional shared expert), with MoNE and Matryoshka
+    MoE inside it."""
 
     num_experts: PositiveInt = 8
     """Routed experts E."""
@@ -280,6 +281,14 @@ class MoEConfig:
     capacity_factor: Optional[PositiveFloat] = None
     """null = off: dropless, no capacity limit (default). A number caps tokens per expert at
     capacity_factor * T * k / E; extra tokens drop."""
+    shared_expert_ffn_hidden_size: NonNegativeInt = 0
+    """Width of the shared expert, a SwiGLU FFN every token goes through besides its routed experts and whose
+    output is added to theirs (DeepSeek-V3: moe_intermediate_size * n_shared_experts; Qwen2-MoE:
+    shared_expert_intermediate_size). 0 = none (default). Tensor-parallel like the dense FFN (parallel.tp must
+    divide it)."""
+    shared_expert_gate: bool = False
+    """Scale the shared expert's output by sigmoid(x w), w a learned [D] vector (Qwen2-MoE's shared_expert_gate);
+    false = added as is (DeepSeek-V3). Needs moe.shared_expert_ffn_hidden_size > 0."""
     mone: MoNEConfig = field(default_factory=MoNEConfig)
     matryoshka: MatryoshkaConfig = field(default_factory=MatryoshkaConfig)
 
@@ -326,6 +335,9 @@ class MoEConfig:
         if self.top1_gate != "probability" and (self.top_k > 1 or self.matryoshka.enabled):
             raise ValueError(f"moe.top1_gate={self.top1_gate} applies to top-1 models (moe.top_k=1 without "
                              "Matryoshka) only: every other renormalised model gates k = 1 straight-through already")
+        if self.shared_expert_gate and not self.shared_expert_ffn_hidden_size:
+            raise ValueError("moe.shared_expert_gate=true needs a shared expert: set moe.shared_expert_ffn_hidden_size "
+                             "> 0 or moe.shared_expert_gate=false")
         check_eval_k(self.matryoshka.eval_k, self.num_experts, len(model.moe_layer_indices), "moe.matryoshka.eval_k")
 
     def validate_groups(self) -> None:

@@ -23,9 +23,16 @@ gather_output         collective  the layer's output rows from every device that
 A local-only dispatcher (:class:`moe_core.layer.LocalDispatcher`) makes its collective phases the identity.
 Everything one call needs between its phases travels in that call's :class:`DispatchState` (a dispatcher subclasses
 it for its own bookkeeping), never on the dispatcher: activation recomputation and pipeline micro-batches in flight
-each get their own state. That is also what lets a driver overlap communication with computation later (e.g. shared
-experts computed between ``token_dispatch`` and ``token_combine``), and a new transport (an all-gather dispatcher
-for small EP, DeepEP) is a new :class:`TokenDispatcher` subclass: the MoE layer only calls the driver.
+each get their own state. A new transport (an all-gather dispatcher for small EP, DeepEP) is a new
+:class:`TokenDispatcher` subclass: the MoE layer only calls the driver.
+
+Shared experts: the driver runs the layer's ``shared_experts`` callable (profiler phase ``shared_experts``) right
+after ``token_dispatch`` returns and before ``dispatch_postprocess``, and adds its output to the routed output after
+``gather_output``. A transport whose ``token_dispatch`` only launches the exchange (asynchronous all-to-all, DeepEP)
+and waits for it in ``dispatch_postprocess`` therefore overlaps the shared-expert computation with the dispatch
+all-to-all. The shared expert is tensor-parallel on the layer's (TP-replicated) input; it takes no part in the
+dispatcher's phases and its backward runs wherever autograd schedules it. Under ``train.compile`` it runs inside
+the dispatcher's region, so with a dispatcher that is not ``traceable`` it runs eagerly too.
 
 Autograd: phases are ordinary differentiable functions; a collective phase's backward is the reverse
 communication (``parallel/comm.py``), so the backward of a call crosses the same phases in reverse order.
@@ -34,7 +41,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -42,7 +49,11 @@ from moe_core.experts import SwiGLUExperts
 from moe_core.permute import Permutation
 from moe_core.profiling import phase
 
-__all__ = ["DispatchState", "TokenDispatcher", "dispatch_compute_combine"]
+__all__ = ["DispatchState", "SharedExperts", "TokenDispatcher", "dispatch_compute_combine"]
+
+SharedExperts = Callable[[torch.Tensor], torch.Tensor]
+"""The layer's shared-expert output ``[T, D]`` of its input ``x_TD`` (same dtype), computed whole on this device
+(tensor-parallel inside)."""
 
 
 @dataclass
@@ -106,11 +117,16 @@ class TokenDispatcher(abc.ABC):
 
 
 def _run_phases(dispatcher: TokenDispatcher, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor,
-                topk_weight_TK: torch.Tensor, experts: SwiGLUExperts) -> torch.Tensor:
+                topk_weight_TK: torch.Tensor, experts: SwiGLUExperts,
+                shared_experts: Optional[SharedExperts]) -> torch.Tensor:
     with phase("permute"):
         x_ND, state = dispatcher.dispatch_preprocess(x_TD, topk_idx_TK, topk_weight_TK, experts)
     with phase("dispatch"):
         x_MD = dispatcher.token_dispatch(x_ND, state)
+    shared_TD = None
+    if shared_experts is not None:  # while an asynchronous dispatch is in flight (module docstring)
+        with phase("shared_experts"):
+            shared_TD = shared_experts(x_TD)
     with phase("permute"):
         x_MD = dispatcher.dispatch_postprocess(x_MD, state)
     with phase("experts"):
@@ -122,17 +138,21 @@ def _run_phases(dispatcher: TokenDispatcher, x_TD: torch.Tensor, topk_idx_TK: to
     with phase("unpermute"):
         y_tD = dispatcher.combine_postprocess(y_ND, state)
     with phase("combine"):
-        return dispatcher.gather_output(y_tD, state)
+        y_TD = dispatcher.gather_output(y_tD, state)
+    return y_TD if shared_TD is None else y_TD + shared_TD
 
 
 _run_phases_eagerly = torch.compiler.disable(_run_phases)
 
 
 def dispatch_compute_combine(dispatcher: TokenDispatcher, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor,
-                             topk_weight_TK: torch.Tensor, experts: SwiGLUExperts) -> torch.Tensor:
-    """``y_TD`` with ``y_t = sum_k w_tk * Expert_{idx_tk}(x_t)`` (slots with idx -1 contribute 0): every phase of
-    ``dispatcher`` in order, each marked as its profiler phase (``moe_core.profiling``; the only place these
-    phases are marked). ``x_TD`` [T, D] in the experts' dtype, ``topk_idx_TK`` int64 global expert ids,
-    ``topk_weight_TK`` fp32. A dispatcher that is not ``traceable`` runs eagerly under ``torch.compile``."""
+                             topk_weight_TK: torch.Tensor, experts: SwiGLUExperts,
+                             shared_experts: Optional[SharedExperts] = None) -> torch.Tensor:
+    """``y_TD`` with ``y_t = sum_k w_tk * Expert_{idx_tk}(x_t)`` (slots with idx -1 contribute 0), plus
+    ``shared_experts(x_TD)`` when given (run between ``token_dispatch`` and ``dispatch_postprocess``: module
+    docstring): every phase of ``dispatcher`` in order, each marked as its profiler phase (``moe_core.profiling``;
+    the only place these phases are marked). ``x_TD`` [T, D] in the experts' dtype, ``topk_idx_TK`` int64 global
+    expert ids, ``topk_weight_TK`` fp32. A dispatcher that is not ``traceable`` runs eagerly under
+    ``torch.compile``."""
     run = _run_phases if dispatcher.traceable else _run_phases_eagerly
-    return run(dispatcher, x_TD, topk_idx_TK, topk_weight_TK, experts)
+    return run(dispatcher, x_TD, topk_idx_TK, topk_weight_TK, experts, shared_experts)

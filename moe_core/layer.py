@@ -4,8 +4,15 @@ Shape legend: ``T`` tokens, ``K`` experts per token, ``N`` routing slots, ``D`` 
 
 The dispatcher implements :class:`moe_core.dispatcher.TokenDispatcher` (named phases, each local-only or
 collective-only); the layer runs them through :func:`moe_core.dispatcher.dispatch_compute_combine`.
-:class:`LocalDispatcher` is the single-device one; ``parallel/dispatch.py`` and ``parallel/llep/dispatcher.py`` provide the
-expert-parallel ones. Every forward leaves a :class:`MoELayerStats` in ``layer.last_stats``.
+:class:`LocalDispatcher` is the single-device one; ``parallel/dispatch.py`` and ``parallel/llep/dispatcher.py``
+provide the expert-parallel ones. Every forward leaves a :class:`MoELayerStats` in ``layer.last_stats``.
+
+Shared expert (``moe.shared_expert_ffn_hidden_size`` > 0): ``y = routed(x) + shared(x)``, times
+``sigmoid(shared_expert_gate(x))`` on the shared term with ``moe.shared_expert_gate`` (Qwen2-MoE; without it
+DeepSeek-V3). ``shared_expert`` is a :class:`~moe_core.layers.SwiGLUMLP` built by the layer factory (TP-parallel
+like the dense FFN), ``shared_expert_gate`` a [1, D] :class:`~moe_core.layers.ReplicatedLinear` (whole on every TP
+rank: its input and output are TP-replicated, so its gradient comes out whole too). The driver computes it between
+the dispatch and the combine (``moe_core.dispatcher``), where an asynchronous transport overlaps it.
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ from moe_core.config import MoEConfig
 from moe_core.aux_loss import AuxLossAutoScaler
 from moe_core.dispatcher import DispatchState, TokenDispatcher, dispatch_compute_combine
 from moe_core.experts import SwiGLUExperts
+from moe_core.layers import LayerFactory, ReplicatedLinear, SwiGLUMLP
 from moe_core.matryoshka import KSchedule
 from moe_core.permute import make_permutation, permute_tokens, unpermute_tokens
 from moe_core.profiling import phase
@@ -82,15 +90,20 @@ class LocalDispatcher(TokenDispatcher):
 
 class MoELayer(nn.Module):
     """``forward(x[..., D]) -> y[..., D]``. Attributes: ``router``, ``experts`` (all E experts until the parallel
-    code swaps in a local-expert instance), ``dispatcher`` (a :class:`TokenDispatcher`), ``last_stats`` (the
-    :class:`MoELayerStats` of the last forward; None before the first)."""
+    code swaps in a local-expert instance), ``dispatcher`` (a :class:`TokenDispatcher`), ``shared_expert`` and
+    ``shared_expert_gate`` (None when not configured; module docstring), ``last_stats`` (the :class:`MoELayerStats`
+    of the last forward; None before the first). ``factory`` builds the shared expert's projections (default: plain
+    ``nn.Linear``)."""
 
     def __init__(self, hidden: int, moe_cfg: MoEConfig, layer_idx: int, k_schedule: KSchedule,
-                 dispatcher: Optional[TokenDispatcher] = None):
+                 dispatcher: Optional[TokenDispatcher] = None, factory: Optional[LayerFactory] = None):
         super().__init__()
         self.hidden, self.cfg, self.layer_idx, self.k_schedule = hidden, moe_cfg, layer_idx, k_schedule
         self.router = TopKRouter(hidden, moe_cfg.num_experts, moe_cfg)
         self.experts = SwiGLUExperts(moe_cfg.num_experts, hidden, moe_cfg.expert_ffn_hidden_size, moe_cfg.mone)
+        shared_ffn = moe_cfg.shared_expert_ffn_hidden_size
+        self.shared_expert = SwiGLUMLP(hidden, shared_ffn, factory or LayerFactory()) if shared_ffn else None
+        self.shared_expert_gate = ReplicatedLinear(hidden, 1) if shared_ffn and moe_cfg.shared_expert_gate else None
         self.dispatcher: TokenDispatcher = dispatcher if dispatcher is not None else LocalDispatcher()
         self.step: Optional[int] = None
         """Training step keying the Matryoshka k draw; None until :meth:`set_step` is called."""
@@ -140,7 +153,7 @@ class MoELayer(nn.Module):
         with phase("router"):
             routed = self.router(x_TD, k, seq_len=x.shape[-2] if x.dim() >= 3 else None)  # [B, S, D]: S per sequence
         y_TD = dispatch_compute_combine(self.dispatcher, x_TD, routed.topk_idx_TK, routed.topk_weight_TK,
-                                        self.experts)
+                                        self.experts, self._shared_output if self.shared_expert is not None else None)
         if self.training:
             y_TD = AuxLossAutoScaler.apply(y_TD, routed.aux_loss + routed.z_loss)
         self.last_stats = MoELayerStats(
@@ -148,6 +161,13 @@ class MoELayer(nn.Module):
             dropped_slots=(routed.topk_idx_TK < 0).sum().detach(), mone_kept_fraction=self.experts.kept_fraction,
             aux_loss=routed.aux_loss.detach(), z_loss=routed.z_loss.detach())
         return y_TD.reshape(x.shape)
+
+    def _shared_output(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """The shared expert's term of the output [T, D] (gated when ``shared_expert_gate`` is set)."""
+        y_TD = self.shared_expert(x_TD)
+        if self.shared_expert_gate is not None:
+            y_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * y_TD
+        return y_TD
 
     def update_expert_bias(self, tokens_per_expert_E: torch.Tensor) -> None:
         """Aux-loss-free balancing step; pass counts all-reduced over every rank routing with this layer."""

@@ -1,4 +1,5 @@
-"""Building blocks shared by the attention variants and the transformer block: the projection factory and RMSNorm.
+"""Building blocks shared by the attention variants, the transformer block and the MoE layer: the projection
+factory, the SwiGLU FFN and RMSNorm.
 
 Parallelism is not this package's business: the linear/embedding constructors come from a :class:`LayerFactory`
 (plain ``nn.Linear`` here; ``parallel/model.py`` passes tensor-parallel ones).
@@ -6,6 +7,7 @@ Parallelism is not this package's business: the linear/embedding constructors co
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -36,6 +38,21 @@ class ReplicatedLinear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
+
+
+class SwiGLUMLP(nn.Module):
+    """``down_proj(silu(gate_proj(x)) * up_proj(x))``, [..., D] -> [..., D] (HF Qwen3MoeMLP): the dense layers'
+    FFN and the MoE layer's shared expert. gate/up are ``column`` and down is ``row`` layers of the factory, so with
+    TP each rank computes ``ffn / tp`` of the neurons and the down projection sums them over TP."""
+
+    def __init__(self, hidden: int, ffn: int, factory: LayerFactory):
+        super().__init__()
+        self.gate_proj = factory.column(hidden, ffn)
+        self.up_proj = factory.column(hidden, ffn)
+        self.down_proj = factory.row(ffn, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class RMSNorm(nn.Module):

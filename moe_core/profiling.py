@@ -11,10 +11,12 @@ import contextlib
 import torch
 from torch.autograd import profiler
 
-PHASES = ("attention", "router", "permute", "dispatch", "experts", "combine", "unpermute", "optimizer")
+PHASES = ("attention", "router", "permute", "dispatch", "shared_experts", "experts", "combine", "unpermute",
+          "optimizer")
 """Every phase name used with :func:`phase` (the bench reports them in this order, then "other"). The MoE layer's
 are marked by the dispatcher driver (``moe_core.dispatcher``): ``permute`` / ``unpermute`` its local row movement,
-``dispatch`` / ``combine`` its communication (empty on one device), ``experts`` the expert computation."""
+``dispatch`` / ``combine`` its communication (empty on one device), ``experts`` the routed experts'
+computation, ``shared_experts`` the shared expert's (``moe.shared_expert_ffn_hidden_size``)."""
 
 
 def phase(name: str) -> contextlib.AbstractContextManager:

@@ -24,7 +24,7 @@ from torch import nn
 
 from moe_core.config import ModelConfig, MoEConfig
 from moe_core.layer import MoELayer
-from moe_core.layers import LayerFactory, RMSNorm
+from moe_core.layers import LayerFactory, RMSNorm, SwiGLUMLP
 from moe_core.matryoshka import KSchedule
 from moe_core.mla import MLAttention
 from moe_core.profiling import phase
@@ -58,19 +58,6 @@ class Attention(nn.Module):
         return self.o_proj(out_BHSd.transpose(1, 2).reshape(B, S, self.local_heads * self.head_dim))
 
 
-class DenseMLP(nn.Module):
-    """SwiGLU FFN for the layers listed in ``model.dense_layers`` (HF Qwen3MoeMLP)."""
-
-    def __init__(self, hidden: int, ffn: int, factory: LayerFactory):
-        super().__init__()
-        self.gate_proj = factory.column(hidden, ffn)
-        self.up_proj = factory.column(hidden, ffn)
-        self.down_proj = factory.row(ffn, hidden)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class Block(nn.Module):
     def __init__(self, m: ModelConfig, moe: MoEConfig, layer_idx: int, factory: LayerFactory,
                  k_schedule: KSchedule):
@@ -79,9 +66,9 @@ class Block(nn.Module):
         self.self_attn: nn.Module = MLAttention(m, factory) if m.attention == "mla" else Attention(m, factory)
         self.post_attention_layernorm = RMSNorm(m.hidden_size, m.norm_eps)
         if layer_idx in m.moe_layer_indices:
-            self.mlp: nn.Module = MoELayer(m.hidden_size, moe, layer_idx, k_schedule)
+            self.mlp: nn.Module = MoELayer(m.hidden_size, moe, layer_idx, k_schedule, factory=factory)
         else:
-            self.mlp = DenseMLP(m.hidden_size, m.dense_ffn_hidden_size, factory)
+            self.mlp = SwiGLUMLP(m.hidden_size, m.dense_ffn_hidden_size, factory)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         with phase("attention"):

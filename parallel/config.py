@@ -87,6 +87,9 @@ class ParallelConfig:
             raise ValueError(f"parallel.tp ({self.tp}) must divide model.num_attention_heads "
                              f"({model.num_attention_heads})"
                              + (f" and model.num_query_groups ({model.num_query_groups})" if gqa else ""))
+        if moe.shared_expert_ffn_hidden_size % self.tp:
+            raise ValueError(f"parallel.tp ({self.tp}) must divide moe.shared_expert_ffn_hidden_size "
+                             f"({moe.shared_expert_ffn_hidden_size}): the shared expert is tensor-parallel")
         if model.vocab_size % self.tp:
             raise ValueError(f"parallel.tp ({self.tp}) must divide model.vocab_size ({model.vocab_size})")
         if model.num_layers % self.pp:

@@ -96,8 +96,8 @@ def inference_k(cfg: Config) -> list[int]:
 
 
 def hf_config(cfg: Config, tokens: Mapping[str, int]) -> dict[str, Any]:
-    """config.json for ``cfg`` (``tokens``: optional bos/eos/pad token ids). Only GQA with plain RoPE has an HF
-    layout here: MLA (DeepseekV3) and YaRN are refused with one line."""
+    """config.json for ``cfg`` (``tokens``: optional bos/eos/pad token ids). Only GQA with plain RoPE and no shared
+    expert has an HF layout here: MLA (DeepseekV3), YaRN and shared experts are refused with one line."""
     m, moe = cfg.model, cfg.moe
     _require(m.attention == "gqa" and m.rope_scaling.type == "default",
              f"HF export supports model.attention=gqa with plain RoPE only (this model: model.attention="
@@ -106,6 +106,9 @@ def hf_config(cfg: Config, tokens: Mapping[str, int]) -> dict[str, Any]:
              f"HF export supports softmax routing only (this model: moe.score_function={moe.score_function}, "
              f"moe.num_groups={moe.num_groups}, moe.routed_scaling_factor={moe.routed_scaling_factor}); no "
              "DeepseekV3 export yet")
+    _require(moe.shared_expert_ffn_hidden_size == 0,
+             f"HF export has no layout for shared experts yet (this model: moe.shared_expert_ffn_hidden_size="
+             f"{moe.shared_expert_ffn_hidden_size}; Qwen3-MoE has none): export a model without them")
     ks = inference_k(cfg) or [moe.top_k]
     custom = needs_custom_code(cfg)
     out: dict[str, Any] = {

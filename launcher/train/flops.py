@@ -16,7 +16,9 @@ comparable across tools):
   ``S * H(n+r)`` and ``P V`` ``S * H*v`` MACs per token (full square). The shared RoPE key is one per token,
   broadcast to the heads (no MACs).
 - MoE layer: router ``D x E``, plus ``k`` routed SwiGLU experts of 3 matmuls each (gate, up: ``D x F``; down:
-  ``F x D``). Layers in ``model.dense_layers`` have one SwiGLU FFN of width ``dense_ffn_hidden_size`` instead.
+  ``F x D``), plus the shared expert when ``moe.shared_expert_ffn_hidden_size`` (F_s) > 0: a SwiGLU FFN of
+  ``3 D F_s`` MACs every token runs, and its gate ``D x 1`` with ``moe.shared_expert_gate``. Layers in
+  ``model.dense_layers`` have one SwiGLU FFN of width ``dense_ffn_hidden_size`` instead.
 - Training = 3 x forward (backward = 2 x forward: grads w.r.t. inputs and w.r.t. weights). Activation
   recomputation is not counted (it is hardware work, not model work).
 
@@ -55,6 +57,8 @@ class ForwardFlops:
     attn_proj: float
     attn_scores: float
     router: float
+    shared_experts: float
+    """The shared expert and its gate (0 without one)."""
     experts: float
     dense_ffn: float
     lm_head: float
@@ -63,7 +67,8 @@ class ForwardFlops:
 
     @property
     def executed(self) -> float:
-        return self.attn_proj + self.attn_scores + self.router + self.experts + self.dense_ffn + self.lm_head
+        return (self.attn_proj + self.attn_scores + self.router + self.shared_experts + self.experts
+                + self.dense_ffn + self.lm_head)
 
     @property
     def useful(self) -> float:
@@ -171,6 +176,12 @@ def _expert_macs(cfg: Config) -> tuple[int, int]:
     return dense, d * f + 2 * d * keep_count(cfg.moe.mone.keep_ratio, f)
 
 
+def _shared_expert_macs(cfg: Config) -> int:
+    """MACs (= weights) of one MoE layer's shared expert and its gate on one token (0 without a shared expert)."""
+    ffn = cfg.moe.shared_expert_ffn_hidden_size
+    return cfg.model.hidden_size * (3 * ffn + (1 if cfg.moe.shared_expert_gate else 0))
+
+
 def forward_flops_per_token(cfg: Config, k_per_layer: Optional[Sequence[float]] = None, training: bool = True,
                             seq_length: Optional[int] = None) -> ForwardFlops:
     """Forward FLOPs per token (see the module docstring for what is counted)."""
@@ -185,6 +196,7 @@ def forward_flops_per_token(cfg: Config, k_per_layer: Optional[Sequence[float]] 
         attn_proj=2.0 * m.num_layers * attn.proj_macs,
         attn_scores=2.0 * m.num_layers * attn.score_macs,
         router=2.0 * n_moe * d * cfg.moe.num_experts,
+        shared_experts=2.0 * n_moe * _shared_expert_macs(cfg),
         experts=2.0 * sum(ks) * expert_exec,
         dense_ffn=2.0 * n_dense * 3 * d * m.dense_ffn_hidden_size,
         lm_head=2.0 * d * m.vocab_size,
@@ -208,12 +220,13 @@ def param_counts(cfg: Config, k_per_layer: Optional[Sequence[float]] = None, tra
     n_dense = m.num_layers - n_moe
     attn_count = attention_count(cfg, m.seq_length)
     attn = attn_count.proj_macs + attn_count.norm_params  # one weight per projection MAC
-    shared = 2 * m.vocab_size * d + d + m.num_layers * (attn + 2 * d)  # embed, head, final norm; 2 norms/layer
+    common = 2 * m.vocab_size * d + d + m.num_layers * (attn + 2 * d)  # embed, head, final norm; 2 norms/layer
     dense_ffn = n_dense * 3 * d * m.dense_ffn_hidden_size
     router = n_moe * e * d
+    shared_experts = n_moe * _shared_expert_macs(cfg)
     expert_exec, expert_useful = _expert_macs(cfg)  # one MAC per weight per token
-    total = shared + dense_ffn + router + n_moe * e * expert_exec
-    return ParamCount(total=total, activated=shared + dense_ffn + router + sum(ks) * expert_useful)
+    always = common + dense_ffn + router + shared_experts
+    return ParamCount(total=always + n_moe * e * expert_exec, activated=always + sum(ks) * expert_useful)
 
 
 def executed_k_per_layer(stats_per_layer: Mapping[int, Union[LayerStepStats, MoELayerStats]]) -> list[float]:

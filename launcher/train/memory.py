@@ -18,7 +18,10 @@ head: whichever is larger), by kind:
   TP rank), and per head q, k, the kv_b output, the SDPA output and o_proj's input, as a fused (flash or
   memory-efficient) SDPA keeps them; CPU's math fallback, used when v differs from n + r, also keeps the
   H x S x S probabilities. With TP the projections, attention and routed slots are divided by TP (the norms'
-  inputs and MLA's latents are not). Allocator slack and temporaries are not included;
+  inputs and MLA's latents are not). A shared expert (F_s = ``moe.shared_expert_ffn_hidden_size``) adds
+  ``b * 4 F_s / tp`` per token and MoE layer, as the dense FFN (its gate/up/activation/hidden), and with
+  ``moe.shared_expert_gate`` ``b * (D + 1)`` (its output and the sigmoid, whole on every TP rank); its weights
+  are dense parameters split over TP, the gate replicated. Allocator slack and temporaries are not included;
   checked against measured steps at TP=1 (fp32 and bf16), not yet at TP > 1.
 The estimate is checked against a measured CPU step in tests/launcher/train/test_memory_estimate.py.
 """
@@ -120,6 +123,8 @@ def estimate(cfg: Config, world_size: int) -> MemoryEstimate:
             b * moe.top_k * (4 * moe.expert_ffn_hidden_size + 2 * m.hidden_size) / tp + 12 * moe.num_experts
             + 20 * moe.top_k)
         per_token += (layers - moe_layers) * b * 4 * m.dense_ffn_hidden_size / tp
+        per_token += moe_layers * b * (4 * moe.shared_expert_ffn_hidden_size / tp
+                                       + (m.hidden_size + 1 if moe.shared_expert_gate else 0))
         if stage == pp - 1:
             per_token += 4 * m.vocab_size // tp + 12 * m.hidden_size
         activations = int(per_token * tokens * min(pp - stage, num_micro))

@@ -80,7 +80,8 @@ def fp8_config_error(cfg: RunConfig) -> Optional[str]:
                 return f"fp8.{key} is a Transformer Engine setting (fp8.backend=te); torchao recipes fix their " \
                        f"formats and scale dynamically: remove fp8.{key} or set fp8.backend=te"
     for key, width in (("model.hidden_size", cfg.model.hidden_size),
-                       ("moe.expert_ffn_hidden_size", cfg.moe.expert_ffn_hidden_size)):
+                       ("moe.expert_ffn_hidden_size", cfg.moe.expert_ffn_hidden_size),
+                       ("moe.shared_expert_ffn_hidden_size", cfg.moe.shared_expert_ffn_hidden_size)):
         if width % _ALIGN:
             return f"train.precision=fp8 needs {key} to be a multiple of {_ALIGN} (FP8 GEMM widths), got {width}: " \
                    "change it or use train.precision=bf16"
@@ -165,8 +166,9 @@ def convert_to_fp8(layer: nn.Module, cfg: RunConfig, layer_idx: int) -> nn.Modul
     """Swap the projections of transformer layer ``layer_idx`` to FP8 modules in place and return it; a no-op
     when FP8 is off for this layer. Converted: nn.Linear, megatron-core Column/RowParallelLinear and
     SwiGLU experts (modules with w_gate_EFD/w_up_EFD/w_down_EDF). Subtrees whose name contains "router"
-    stay high precision. The torchao backend keeps every Parameter object under its name (optimizer, sharding
-    specs and checkpoints unchanged); TE modules own theirs (parallel/fp8/te.py)."""
+    stay high precision, and so does the shared-expert gate (a [1, D] projection: no FP8 GEMM width). The torchao
+    backend keeps every Parameter object under its name (optimizer, sharding specs and checkpoints unchanged); TE
+    modules own theirs (parallel/fp8/te.py)."""
     if not fp8_layer_enabled(cfg, layer_idx):
         return layer
     if cfg.fp8.backend == "torchao":
@@ -180,7 +182,7 @@ def convert_to_fp8(layer: nn.Module, cfg: RunConfig, layer_idx: int) -> nn.Modul
 def _swap_children(module: nn.Module, prefix: str, fp8_cfg, backend) -> None:
     for name, child in list(module.named_children()):
         qualified = f"{prefix}{name}"
-        if "router" in qualified.lower():
+        if "router" in qualified.lower() or name == "shared_expert_gate":
             continue
         replacement = backend.convert_module(child, fp8_cfg)
         if replacement is None:

@@ -100,6 +100,33 @@ def test_a_new_dispatcher_plugs_into_the_layer_and_matches_the_local_one(moe):
     assert plugged.last_stats.k == local.last_stats.k == 2
 
 
+def test_shared_expert_runs_between_dispatch_and_postprocess_and_adds_to_the_routed_output():
+    """The driver calls the shared expert right after token_dispatch (where an asynchronous transport's exchange
+    is in flight) and the layer's output is routed + sigmoid-gated shared, equal to the local dispatcher's."""
+    local = _layer(shared_expert_ffn_hidden_size=24, shared_expert_gate=True)
+    plugged = copy.deepcopy(local)
+    plugged.dispatcher = LoopbackDispatcher()
+    shared_forward = plugged.shared_expert.forward
+
+    def recorded(x):
+        plugged.dispatcher.calls.append("shared_expert")
+        return shared_forward(x)
+
+    plugged.shared_expert.forward = recorded
+    gen = torch.Generator().manual_seed(3)
+    x, g = torch.randn(T, D, generator=gen), torch.randn(T, D, generator=gen)
+    ref, got = _forward_backward(local, x, g), _forward_backward(plugged, x, g)
+    assert plugged.dispatcher.calls == [*PHASE_ORDER[:2], "shared_expert", *PHASE_ORDER[2:]]
+    assert set(got) == set(ref) and "shared_expert_gate.weight" in ref
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-6, msg=name)
+    routed = copy.deepcopy(local)
+    routed.shared_expert, routed.shared_expert_gate = None, None
+    with torch.no_grad():
+        shared = torch.sigmoid(local.shared_expert_gate(x)) * local.shared_expert(x)
+        torch.testing.assert_close(local(x), routed(x) + shared)
+
+
 def test_the_driver_marks_each_profiler_phase_in_order():
     layer = _layer()
     x = torch.randn(T, D)
@@ -109,6 +136,11 @@ def test_the_driver_marks_each_profiler_phase_in_order():
              if e.name.startswith("moetron.")]
     assert marks == ["router", "permute", "dispatch", "permute", "experts", "unpermute", "combine", "unpermute",
                      "combine"]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        _layer(shared_expert_ffn_hidden_size=8)(x)
+    marks = [e.name[len("moetron."):] for e in sorted(prof.events(), key=lambda e: e.time_range.start)
+             if e.name.startswith("moetron.")]
+    assert marks[:4] == ["router", "permute", "dispatch", "shared_experts"] and marks.count("shared_experts") == 1
 
 
 def test_a_dispatcher_missing_a_phase_cannot_be_built():

@@ -45,6 +45,7 @@ def test_supported_setups_pass(cfg, support):
     (["model.hidden_size=40", "model.num_attention_heads=4", "model.num_query_groups=4"],
      "model.hidden_size to be a multiple of 16"),
     (["moe.expert_ffn_hidden_size=40"], "moe.expert_ffn_hidden_size to be a multiple of 16"),
+    (["moe.shared_expert_ffn_hidden_size=40"], "moe.shared_expert_ffn_hidden_size to be a multiple of 16"),
 ])
 def test_bad_fp8_settings_are_one_line_config_errors_naming_the_key(overrides, expected):
     with pytest.raises(ConfigError) as err:  # checked before the machine, so a CPU reports them too

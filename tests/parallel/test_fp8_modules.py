@@ -130,9 +130,12 @@ def test_unaligned_experts_are_refused():
         Float8GroupedExperts(SwiGLUExperts(2, 32, 40, MoNEConfig()))
 
 
-def test_convert_model_keeps_router_first_last_and_params():
+@pytest.mark.parametrize("shared", [False, True], ids=["routed-only", "shared-expert-gate"])
+def test_convert_model_keeps_router_first_last_and_params(shared):
     torch.manual_seed(0)
     cfg = _tiny_cfg()
+    if shared:  # the shared expert's projections go FP8, its 1-wide sigmoid gate stays high precision
+        cfg.moe.shared_expert_ffn_hidden_size, cfg.moe.shared_expert_gate = 32, True
     ref = MoETransformer(cfg.model, cfg.moe, cfg.train.seed)
     model = copy.deepcopy(ref)
     before = {n: p for n, p in model.named_parameters()}
@@ -143,6 +146,9 @@ def test_convert_model_keeps_router_first_last_and_params():
     assert type(model.layers["1"].self_attn.q_proj).__name__ == "Float8Linear"
     assert isinstance(model.layers["1"].mlp.experts, Float8GroupedExperts)
     assert type(model.layers["1"].mlp.router).__name__ == "TopKRouter"
+    if shared:
+        assert type(model.layers["1"].mlp.shared_expert.down_proj).__name__ == "Float8Linear"
+        assert type(model.layers["1"].mlp.shared_expert_gate).__name__ == "ReplicatedLinear"
     for kept in ("0", "2"):
         assert not any("float8" in type(m).__name__.lower() for m in model.layers[kept].modules())
 

@@ -12,6 +12,9 @@ import torch
 from tests.helpers.dist import run_distributed
 
 S, MB, MICRO = 16, 2, 2
+SHARED = ("moe.shared_expert_ffn_hidden_size=40",)
+"""A shared expert (TP-parallel like the dense FFN); with GATED also its replicated sigmoid gate (Qwen2-MoE)."""
+GATED = (*SHARED, "moe.shared_expert_gate=true")
 MLA = ("model.attention=mla", "model.kv_lora_rank=16", "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=4",
        "model.v_head_dim=6")
 
@@ -78,6 +81,8 @@ def _compare(rank, world_size, overrides):
     sync_grads(model, g)
     worst = {}
     for name, p in model.named_parameters():
+        if ".shared_expert." in name and g.tp_size > 1:  # TP-parallel like the dense FFN, not replicated
+            assert get_spec(p).tp_axis is not None and p.numel() * g.tp_size == ref_grads[name].numel(), name
         expected = ref_grads[name][local_slices(get_spec(p), g)]
         torch.testing.assert_close(p.grad, expected, rtol=1e-4, atol=2e-6, msg=lambda m: f"{name}: {m}")
         worst[name] = (p.grad - expected).abs().max().item()
@@ -99,7 +104,14 @@ def _compare(rank, world_size, overrides):
      "model.rope_scaling.factor=4", "model.rope_scaling.original_max_position_embeddings=8",
      "model.rope_scaling.mscale_all_dim=1.0"),
     ("parallel.tp=2", "parallel.pp=2", *MLA),
-], ids=["tp2-ep2", "pp2-ep2", "tp2-pp2", "tp2-ep2-mone-mmoe", "tp2-ep2-mla-q-lora-yarn", "tp2-pp2-mla"])
+    ("parallel.tp=2", "parallel.ep=2", *GATED, "moe.mone.enabled=true", "moe.matryoshka.enabled=true",
+     "moe.matryoshka.k_min=1", "moe.matryoshka.k_max=3", "moe.capacity_factor=1.0"),
+    # LLEP forced onto its rebalancing path (every imbalance >= 1.0 triggers it)
+    ("parallel.tp=2", "parallel.ep=2", *SHARED, "moe.dispatcher=llep", "moe.llep.imbalance_threshold=1.0",
+     "moe.llep.min_tokens_per_gemm=1"),
+    ("parallel.pp=2", "parallel.ep=2", "train.global_batch_size=8", *GATED),
+], ids=["tp2-ep2", "pp2-ep2", "tp2-pp2", "tp2-ep2-mone-mmoe", "tp2-ep2-mla-q-lora-yarn", "tp2-pp2-mla",
+        "tp2-ep2-shared-gate-mone-mmoe-capacity", "tp2-ep2-llep-shared", "pp2-ep2-dp2-shared-gate"])
 def test_model_parallel_matches_single_process(overrides):
     results = run_distributed(_compare, 4, overrides)
     assert any(r["last"] for r in results)

@@ -172,3 +172,12 @@ def test_deepseek_routing_is_refused_with_one_line(overrides):
 
     with pytest.raises(ConfigError, match="HF export supports softmax routing only"):
         hf_config(load_config(None, overrides), {})
+
+
+def test_shared_experts_are_refused_with_one_line():
+    from launcher.config import ConfigError, load_config
+    from launcher.hf.mapping import hf_config
+
+    with pytest.raises(ConfigError, match="HF export has no layout for shared experts yet .*"
+                                          "moe.shared_expert_ffn_hidden_size=64"):
+        hf_config(load_config(None, ["moe.shared_expert_ffn_hidden_size=64"]), {})

@@ -83,13 +83,19 @@ def _load_at(rank, world_size, overrides, ckpt, reference):
     return params
 
 
-@pytest.mark.parametrize("load_layout,world", [(("parallel.pp=2",), 2), (("parallel.tp=2", "parallel.pp=2"), 4)],
-                         ids=["pp2", "tp2-pp2"])
-def test_checkpoint_reshards_across_layouts(tmp_path, load_layout, world):
+GATED_SHARED = ("moe.shared_expert_ffn_hidden_size=64", "moe.shared_expert_gate=true")
+
+
+@pytest.mark.parametrize("load_layout,world,model", [(("parallel.pp=2",), 2, ()),
+                                                     (("parallel.tp=2", "parallel.pp=2"), 4, ()),
+                                                     (("parallel.tp=2", "parallel.pp=2"), 4, GATED_SHARED)],
+                         ids=["pp2", "tp2-pp2", "tp2-pp2-shared-expert"])
+def test_checkpoint_reshards_across_layouts(tmp_path, load_layout, world, model):
     saved = ("parallel.tp=2", "parallel.ep=2")
-    run_distributed(_train_and_save, 4, _overrides(tmp_path / "run", 2, *saved))
+    run_distributed(_train_and_save, 4, _overrides(tmp_path / "run", 2, *saved, *model))
     ckpt = tmp_path / "run" / "checkpoints" / "step_0000002"
-    full = run_distributed(_load_at, 1, _overrides(tmp_path / "one", 2), ckpt, None)[0]
-    fresh = run_distributed(_load_at, 1, _overrides(tmp_path / "init", 2), None, None)
+    full = run_distributed(_load_at, 1, _overrides(tmp_path / "one", 2, *model), ckpt, None)[0]
+    fresh = run_distributed(_load_at, 1, _overrides(tmp_path / "init", 2, *model), None, None)
     assert any(not torch.equal(full[n], fresh[0][n]) for n in full)  # training really changed the weights
-    run_distributed(_load_at, world, _overrides(tmp_path / "other", 2, *load_layout), ckpt, full)
+    assert all(not torch.equal(full[n], fresh[0][n]) for n in full if "shared_expert" in n)
+    run_distributed(_load_at, world, _overrides(tmp_path / "other", 2, *load_layout, *model), ckpt, full)

@@ -36,8 +36,8 @@ def test_hand_count_tiny_config():
     #   LM head: 4*10 = 40.  Total 392 MACs = 784 FLOPs forward; training 3x = 2352 per token.
     cfg = tiny_cfg()
     fwd = forward_flops_per_token(cfg)
-    assert fwd.as_dict() == dict(attn_proj=192.0, attn_scores=96.0, router=32.0, experts=240.0, dense_ffn=144.0,
-                                 lm_head=80.0, experts_useful=240.0)
+    assert fwd.as_dict() == dict(attn_proj=192.0, attn_scores=96.0, router=32.0, shared_experts=0.0, experts=240.0,
+                                 dense_ffn=144.0, lm_head=80.0, experts_useful=240.0)
     assert fwd.executed == fwd.useful == 784.0
     count = training_flops(cfg)
     assert count.tokens_per_step == 8 * 3
@@ -61,8 +61,8 @@ def test_hand_count_mla():
     # kv_b 4*2*(2+3) = 40; o 2*3*4 = 24 -> 124 MACs (two layers 248). Scores: QK^T 3*2*4 = 24, PV 3*2*3 = 18 -> 42
     # (two layers 84). The rest as in test_hand_count_tiny_config.
     fwd = forward_flops_per_token(tiny_cfg(*MLA))
-    assert fwd.as_dict() == dict(attn_proj=496.0, attn_scores=168.0, router=32.0, experts=240.0, dense_ffn=144.0,
-                                 lm_head=80.0, experts_useful=240.0)
+    assert fwd.as_dict() == dict(attn_proj=496.0, attn_scores=168.0, router=32.0, shared_experts=0.0, experts=240.0,
+                                 dense_ffn=144.0, lm_head=80.0, experts_useful=240.0)
     no_lora = forward_flops_per_token(tiny_cfg(*MLA, "model.q_lora_rank=null"))
     assert no_lora.attn_proj == 496.0 - 2 * 2 * (36 - 4 * 2 * 4)  # one q_proj 4 x 2*(2+2) = 32 MACs instead
     # params: attention 124 + latent norms (4 + 3) = 131 per layer instead of GQA's 52
@@ -80,6 +80,17 @@ def test_mone_executed_vs_useful():
     assert param_counts(cfg).activated == 412.0 - 120 + 72
     # 0.5 * 5 = 2.5 rounds half up to 3 kept neurons (as the model does): 4*5 + 2*4*3 = 44 MACs per expert
     assert forward_flops_per_token(tiny_cfg("moe.mone.enabled=true")).experts_useful == 2 * 2 * 44
+
+
+def test_shared_expert_hand_count():
+    # shared expert of F_s=7 in the one MoE layer: 3*4*7 = 84 MACs per token, the gate 4*1 = 4 more; always active
+    fwd = forward_flops_per_token(tiny_cfg("moe.shared_expert_ffn_hidden_size=7"))
+    assert fwd.shared_experts == 2 * 84 and fwd.executed == fwd.useful == 784.0 + 2 * 84
+    gated = tiny_cfg("moe.shared_expert_ffn_hidden_size=7", "moe.shared_expert_gate=true")
+    assert forward_flops_per_token(gated).shared_experts == 2 * (84 + 4)
+    assert training_flops(gated).train_per_token == 2352.0 + 3 * 2 * 88
+    p = param_counts(gated)
+    assert (p.total, p.activated) == (532 + 88, 412.0 + 88)
 
 
 MM = ["moe.matryoshka.enabled=true", "moe.matryoshka.k_min=1", "moe.matryoshka.k_max=4"]
@@ -180,6 +191,9 @@ VARIANTS = {
                    "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=8", "model.v_head_dim=12"], "train"),
     "mla-no-q-lora-eval": (["model.attention=mla", "model.kv_lora_rank=32", "model.qk_nope_head_dim=16",
                             "model.qk_rope_head_dim=8", "model.v_head_dim=24"], "eval"),
+    # Qwen2-MoE-style gated shared expert next to MoNE routed experts
+    "shared-expert-gate-mone-train": (["moe.shared_expert_ffn_hidden_size=80", "moe.shared_expert_gate=true",
+                                       "moe.mone.enabled=true"], "train"),
 }
 
 

@@ -1,7 +1,8 @@
 """`moetron pretrain --dry-run`: the per-rank memory estimate (launcher/train/memory.py) against a measured CPU step:
 the bytes the trainer's parameters, gradients and optimizer really hold after a step, plus the bytes autograd
 really keeps for one micro-batch (saved-tensor hooks, parameter storage excluded) -- the live tensors at the step's
-peak, the end of the forward pass -- within 20% (measured: -0.2% default, -0.1% wide, -2.8% bf16, -1.2% mla)."""
+peak, the end of the forward pass -- within 20% (measured: -0.2% default, -0.1% wide, -2.8% bf16, -1.2% mla,
+-0.1% shared)."""
 import pytest
 import torch
 
@@ -13,6 +14,7 @@ SHAPES = {
     "bf16": ["train.precision=bf16"],  # bf16 parameters, distributed optimizer with fp32 main weights
     "mla": ["model.attention=mla", "model.q_lora_rank=48", "model.kv_lora_rank=64", "model.qk_nope_head_dim=32",
             "model.qk_rope_head_dim=16", "model.v_head_dim=48"],  # v = n + r: the fused SDPA path, as on GPUs
+    "shared": ["moe.shared_expert_ffn_hidden_size=512", "moe.shared_expert_gate=true"],  # Qwen2-MoE-style
 }
 
 
