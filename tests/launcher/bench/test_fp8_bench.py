@@ -5,4 +5,4 @@ from launcher.bench import fp8 as bench
 def test_refuses_without_fp8_gpu_in_one_line(capsys):
     assert bench.main(["--steps", "2"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("bench fp8: ") and err.count("\n") == 1 and "train.precision=bf16" in err
+    assert err.startswith("moetron: usage error: ") and err.count("\n") == 1 and "train.precision=bf16" in err

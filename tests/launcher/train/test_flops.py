@@ -97,10 +97,10 @@ MM = ["moe.matryoshka.enabled=true", "moe.matryoshka.k_min=1", "moe.matryoshka.k
 
 
 def test_matryoshka_k_choices():
-    uni = tiny_cfg(*MM)
+    uni = tiny_cfg(*MM, "moe.matryoshka.distribution=uniform")
     assert expected_k(uni.moe) == 2.5
     # capacity-aware with tau=1: P(k) proportional to k, so E[k] = (1+4+9+16)/(1+2+3+4) = 3
-    cap = tiny_cfg(*MM, "moe.matryoshka.distribution=capacity", "moe.matryoshka.tau=1.0")
+    cap = tiny_cfg(*MM)  # the default draw: capacity-aware, tau 1
     assert expected_k(cap.moe) == pytest.approx(3.0)
     assert forward_flops_per_token(uni).experts == 2 * 2.5 * 60
     assert forward_flops_per_token(uni, k_per_layer=[3]).experts == 2 * 3 * 60

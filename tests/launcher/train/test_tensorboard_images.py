@@ -10,6 +10,7 @@ from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 
 from launcher.train import heatmap
+from launcher.train.step_reduce import LayerStepStats
 from launcher.train.metrics import MetricsWriter
 from tests.helpers.dist import run_distributed
 
@@ -34,9 +35,11 @@ def _colour(share: float) -> tuple:
     return tuple(heatmap.colorize(np.round(t * (heatmap.LEVELS - 1)) / (heatmap.LEVELS - 1)).tolist())
 
 
-def _stats(shares_LE: np.ndarray, tokens: int = 4096) -> dict[int, dict]:
+def _stats(shares_LE: np.ndarray, tokens: int = 4096) -> dict[int, LayerStepStats]:
     layer_ids = [1, 3, 5][:len(shares_LE)]
-    return {idx: {"tokens_per_expert": torch.tensor(np.rint(row * tokens))} for idx, row in zip(layer_ids, shares_LE)}
+    return {idx: LayerStepStats(tokens_per_expert_E=torch.tensor(np.rint(row * tokens)), dropped_slots=0.0,
+                                aux_loss=0.0, z_loss=0.0, k=2.0, mone_kept_fraction=None)
+            for idx, row in zip(layer_ids, shares_LE)}
 
 
 def _cells(image: np.ndarray, grid: heatmap.Grid) -> list[list[tuple]]:
