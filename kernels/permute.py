@@ -89,7 +89,10 @@ def _blocks(K: int, D: int) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- torch references
 
 def _kept_rows(rows_ND: torch.Tensor, row_TK: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """``[T, K, D]`` in ``acc``: row ``row_TK[t, k]`` of ``rows_ND``, exactly 0 where the slot was dropped."""
+    """``[T, K, D]`` in ``acc``: row ``row_TK[t, k]`` of ``rows_ND``, exactly 0 where the slot was dropped.
+    ``rows_ND`` may have no rows (an EP rank whose every slot was dropped): then every slot is dropped."""
+    if rows_ND.shape[0] == 0:  # nothing to gather from (index_select rejects an empty source); a shape, no sync
+        return rows_ND.new_zeros(*row_TK.shape, rows_ND.shape[1], dtype=acc)
     gathered = rows_ND.index_select(0, row_TK.clamp_min(0).reshape(-1))
     gathered_TKD = gathered.view(*row_TK.shape, rows_ND.shape[1]).to(acc)
     return torch.where((row_TK >= 0).unsqueeze(-1), gathered_TKD, 0.0)

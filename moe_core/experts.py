@@ -61,13 +61,21 @@ class SwiGLUExperts(nn.Module):
     def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         return self.functional(x_ND, tokens_per_expert_E, self.w_gate_EFD, self.w_up_EFD, self.w_down_EDF)
 
+    @property
+    def balance_loss_enabled(self) -> bool:
+        """Whether a training call attaches the MoNE neuron balance loss (``moe.mone.balance_loss_coeff > 0``)."""
+        return self.mone.enabled and self.mone.balance_loss_coeff > 0 and self.training
+
     def functional(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, w_gate_EFD: torch.Tensor,
-                   w_up_EFD: torch.Tensor, w_down_EDF: torch.Tensor) -> torch.Tensor:
+                   w_up_EFD: torch.Tensor, w_down_EDF: torch.Tensor, balance_loss: bool = True) -> torch.Tensor:
+        """``forward``'s math on the given weights. ``balance_loss=False`` leaves the neuron balance loss out: a
+        caller whose expert's rows are split over several calls (LLEP) computes it itself from
+        ``moe_core.mone.neuron_balance_stats`` of each call, so it is the loss of all of the expert's rows."""
         if not self.mone.enabled:
             return swiglu_grouped(x_ND, tokens_per_expert_E, w_gate_EFD, w_up_EFD, w_down_EDF)
         mone_fn = resolve_mone_fn(self.mone.backend, x_ND.device)
         y_ND = mone_fn(x_ND, tokens_per_expert_E, w_gate_EFD, w_up_EFD, w_down_EDF, self.keep_k, self.mone.score)
-        if self.mone.balance_loss_coeff > 0 and self.training:
+        if balance_loss and self.balance_loss_enabled:
             balance = neuron_balance_loss(x_ND, tokens_per_expert_E, w_gate_EFD, self.keep_k, self.mone.score)
             y_ND = AuxLossAutoScaler.apply(y_ND, self.mone.balance_loss_coeff * balance)
         return y_ND

@@ -102,6 +102,35 @@ def mone_swiglu_torch(x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, w_g
                           lambda pre_act_NF: select_neurons(pre_act_NF, keep_k, score))
 
 
+def neuron_balance_stats(x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, w_gate_EFD: torch.Tensor,
+                         keep_k: int, score: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-expert sums the neuron balance loss is made of, ``(kept_EF, share_EF)`` (fp32 ``[E, F]``): kept
+    slots per neuron (integer valued, no gradient) and the sum over rows of each neuron's share of its row's total
+    score (differentiable w.r.t. ``x_ND`` and ``w_gate_EFD``). Dead rows do not count. Both are sums over rows, so
+    the sums of any split of an expert's rows add up to the sums of all of them (LLEP splits an expert's rows over
+    ranks). It recomputes the gate GEMM: one extra ``N x D x F`` GEMM (and works with any kernel backend)."""
+    pre_act_NF = grouped_linear(x_ND, w_gate_EFD, tokens_per_expert_E)
+    score_NF = neuron_score(pre_act_NF, score)
+    mask_NF = select_neurons(pre_act_NF, keep_k, score).float()
+    share_NF = score_NF / score_NF.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    E = tokens_per_expert_E.shape[0]
+    # each row's expert; dead rows land in bucket E, which is dropped (so garbage there cannot leak)
+    expert_N = group_of_rows(tokens_per_expert_E.cumsum(0), x_ND.shape[0])
+    kept_EF = score_NF.new_zeros(E + 1, score_NF.shape[1]).index_add(0, expert_N, mask_NF)[:E]
+    share_EF = share_NF.new_zeros(E + 1, share_NF.shape[1]).index_add(0, expert_N, share_NF)[:E]
+    return kept_EF, share_EF
+
+
+def neuron_balance_per_expert(kept_EF: torch.Tensor, share_EF: torch.Tensor, rows_E: torch.Tensor,
+                              keep_k: int) -> torch.Tensor:
+    """fp32 ``[E]``: ``F * sum_i f_i * p_i`` per expert from the sums of :func:`neuron_balance_stats`, with
+    ``f_i = kept_i / (rows * keep_k)`` and ``p_i = share_i / rows`` (0 for an expert with no rows). ``kept_EF`` and
+    ``rows_E`` (int64) must be the expert's totals over all its rows; ``share_EF`` may be the sum over a subset of
+    them, as the result is linear in it (the subsets' results add up to the whole's)."""
+    rows_E1 = rows_E.clamp_min(1).unsqueeze(1).float()
+    return share_EF.shape[1] * (kept_EF / (rows_E1 * keep_k) * (share_EF / rows_E1)).sum(-1)
+
+
 def neuron_balance_loss(x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, w_gate_EFD: torch.Tensor,
                         keep_k: int, score: str) -> torch.Tensor:
     """Switch-style load balance over the neurons of each expert (our choice; the paper leaves it open).
@@ -110,20 +139,11 @@ def neuron_balance_loss(x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, w
     kept slots that went to neuron i (counts, no gradient) and ``p_i`` the mean over rows of neuron i's share of
     the row's total score (differentiable). It is 1.0 when every neuron is kept equally often with equal shares;
     the result is the mean over experts that received rows (0 if none); dead rows do not count. Computed in fp32,
-    no host sync. It recomputes the gate GEMM, so it costs one extra ``N x D x F`` GEMM when enabled (and works
-    with any kernel backend).
+    no host sync. Built from :func:`neuron_balance_stats` and :func:`neuron_balance_per_expert` (LLEP uses those
+    to compute the same loss from an expert's rows split over ranks).
     """
-    pre_act_NF = grouped_linear(x_ND, w_gate_EFD, tokens_per_expert_E)
-    score_NF = neuron_score(pre_act_NF, score)
-    mask_NF = select_neurons(pre_act_NF, keep_k, score).float()
-    share_NF = score_NF / score_NF.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    E = tokens_per_expert_E.shape[0]
-    # each row's expert; dead rows land in bucket E, which is dropped (so garbage there cannot leak)
-    expert_N = group_of_rows(tokens_per_expert_E.cumsum(0), x_ND.shape[0])
-    rows_E1 = tokens_per_expert_E.clamp_min(1).unsqueeze(1).float()
-    kept_frac_EF = score_NF.new_zeros(E + 1, score_NF.shape[1]).index_add(0, expert_N, mask_NF)[:E]
-    mean_share_EF = share_NF.new_zeros(E + 1, share_NF.shape[1]).index_add(0, expert_N, share_NF)[:E] / rows_E1
-    loss_E = score_NF.shape[1] * (kept_frac_EF / (rows_E1 * keep_k) * mean_share_EF).sum(-1)
+    kept_EF, share_EF = neuron_balance_stats(x_ND, tokens_per_expert_E, w_gate_EFD, keep_k, score)
+    loss_E = neuron_balance_per_expert(kept_EF, share_EF, tokens_per_expert_E, keep_k)
     has_rows_E = tokens_per_expert_E > 0
     return torch.where(has_rows_E, loss_E, 0.0).sum() / has_rows_E.sum().clamp_min(1)
 

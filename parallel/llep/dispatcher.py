@@ -3,10 +3,11 @@ that receive the expert's weights for the step (arXiv 2601.17111; the planner is
 
 Shape legend: ``t`` this TP rank's tokens, ``K`` routed experts per token, ``N`` routing slots sent by this rank,
 ``M`` slots received (= computed) by this rank, ``D`` hidden, ``F`` expert FFN width, ``E`` experts, ``L`` local
-experts, ``P`` EP ranks, ``R`` foreign experts received, ``S`` weight copies sent.
+experts, ``P`` EP ranks, ``R`` foreign experts received, ``S`` weight copies sent, ``X`` experts computed here
+(``L + R``), ``V`` experts moved this call (any rank).
 
-Phases (``moe_core.dispatcher``; ``dispatch_preprocess``, ``token_combine`` and ``gather_output`` are
-``AllToAllDispatcher``'s, whose TP split is local forward and an all-gather backward):
+Phases (``moe_core.dispatcher``; ``dispatch_preprocess`` and ``gather_output`` are ``AllToAllDispatcher``'s,
+whose TP split is local forward and an all-gather backward):
   token_dispatch        collective  all-gather the per-rank, per-expert counts over EP; ONE device-to-host copy of
                                     them; the plan (host numpy, the same pure function of the same counts on every
                                     rank). Below ``imbalance_threshold`` the call continues exactly as
@@ -18,9 +19,12 @@ Phases (``moe_core.dispatcher``; ``dispatch_preprocess``, ``token_combine`` and 
                                     with the token all-to-all; then wait for both
   dispatch_postprocess  local       received rows -> home experts' rows, then foreign experts' rows
   compute_experts       local       home experts on the parameters, foreign experts on the received weights
+                                    (with the MoNE neuron balance loss on: its per-expert sums, :class:`NeuronBalance`)
   combine_preprocess    local       back to the order the rows were received in
-  token_combine         collective  all-to-all of the outputs back to the ranks the tokens came from
-  combine_postprocess   local       back to expert-sorted order, then the router-weighted sum per token
+  token_combine         collective  (balance loss on, experts moved: all-reduce of the moved experts' kept counts)
+                                    all-to-all of the outputs back to the ranks the tokens came from
+  combine_postprocess   local       back to expert-sorted order, then the router-weighted sum per token (balance
+                                    loss on: this rank's part of plain EP's loss attached to the output)
 
 Host syncs per call: the count copy of ``token_dispatch`` plus what ``make_permutation`` needs, never more than
 plain EP (tests/parallel/test_llep_syncs.py counts them).
@@ -54,8 +58,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from moe_core.aux_loss import AuxLossAutoScaler
 from moe_core.experts import SwiGLUExperts
-from parallel.comm import ProcessGroup, all_to_all, gather_dim0
+from moe_core.mone import neuron_balance_per_expert, neuron_balance_stats
+from parallel.comm import ProcessGroup, all_reduce_counts, all_to_all, gather_dim0
 from parallel.config import LLEPConfig
 from parallel.dispatch import AllToAllDispatcher, EPState
 from parallel.llep.plan import LLEPPlan, RankLayout, plan_llep, rank_layout
@@ -142,6 +148,31 @@ class _Exchange(torch.autograd.Function):
 
 
 @dataclass
+class NeuronBalance:
+    """The MoNE neuron balance loss of a rebalanced call, made equal to plain EP's (``moe_core/mone.py``).
+
+    Plain EP computes it per rank over the rows of its home experts: per expert ``F * sum_i f_i p_i`` from the
+    expert's kept counts per neuron ``C`` (no gradient), its rows ``n`` and its share sums ``S``, then the mean over
+    the rank's experts that have rows. LLEP splits a moved expert's rows over its home and helper ranks, so a loss
+    per expert call (what ``SwiGLUExperts`` attaches) would use partial ``C`` and ``n``. Instead each rank computes
+    the additive sums ``C`` and ``S`` of the rows it computed (``compute_experts``); ``n`` of every expert is in the
+    plan's counts; the ``C`` of the moved experts are summed over the EP group by one all-reduce of
+    ``moved experts x F`` integers in ``token_combine`` (the only extra communication; MoNE itself adds none, and
+    it is tiny next to the ``3 F D`` weights moved per expert); then (``combine_postprocess``) each rank attaches
+    ``sum_e per_expert(C_e, S_e(rows here), n_e) / experts_with_rows(home(e))`` over the experts it computed. The loss
+    is linear in ``S`` given ``C`` and ``n``, so these pieces add up over the EP group to plain EP's per-rank losses
+    and every gradient is plain EP's (up to fp32 round-off); a piece's value sits on the rank that computed the
+    rows, so a single rank's value can differ from plain EP's (only the sum is the same; nothing reports it)."""
+
+    experts_X: list[int]
+    """Global ids of the experts computed here: the home experts, then the foreign ones."""
+    kept_XF: torch.Tensor
+    """fp32 kept slots per neuron: of the rows computed here, then (``token_combine``) of all of the rows."""
+    share_XF: torch.Tensor
+    """fp32 share sums of the rows computed here (differentiable)."""
+
+
+@dataclass
 class LLEPState(EPState):
     """One call's bookkeeping: ``EPState`` (its splits, which a rebalanced call takes from ``layout``) and, when the
     plan rebalanced, this rank's layout and the tensors the later phases need."""
@@ -154,6 +185,10 @@ class LLEPState(EPState):
     """int64 received rows in compute order: home experts' rows, then foreign experts' (rebalanced calls)."""
     weights: tuple[torch.Tensor, ...] = ()
     """The exchange's home (gate, up, down) then received (gate, up, down) weights (rebalanced calls)."""
+    plan: Optional[LLEPPlan] = None
+    """The call's plan (rebalanced calls)."""
+    balance: Optional[NeuronBalance] = None
+    """The MoNE neuron balance loss's sums (rebalanced calls with ``moe.mone.balance_loss_coeff > 0``)."""
 
 
 class LLEPDispatcher(AllToAllDispatcher):
@@ -217,7 +252,8 @@ class LLEPDispatcher(AllToAllDispatcher):
             self.set_splits(state, counts_PE[self.ep_rank].reshape(self.ep_size, L).tolist(),
                             counts_PE[:, first:first + L].tolist(), counts_dev_PE[:, first:first + L])
             return self.send_rows(x_ND, state)
-        state.layout, state.send_splits, state.recv_splits = layout, layout.send_splits, layout.recv_splits
+        state.plan, state.layout = plan, layout
+        state.send_splits, state.recv_splits = layout.send_splits, layout.recv_splits
         state.send_N = _rows(layout.send_starts, layout.send_lengths, x_ND.device)
         x_MD, *weights = _Exchange.apply(x_ND.index_select(0, state.send_N), *_weights(state.experts), layout,
                                          self.ep_group)
@@ -232,8 +268,9 @@ class LLEPDispatcher(AllToAllDispatcher):
         return x_MD.index_select(0, state.order_M)
 
     def compute_experts(self, x_MD: torch.Tensor, state: LLEPState) -> torch.Tensor:
-        """Local-only: rebalanced, home experts on the parameters, foreign experts on the received weights."""
-        layout = state.layout
+        """Local-only: rebalanced, home experts on the parameters, foreign experts on the received weights; with
+        the neuron balance loss on, its sums over these rows (:class:`NeuronBalance`) instead of a loss per call."""
+        layout, experts = state.layout, state.experts
         if layout is None:
             return super().compute_experts(x_MD, state)
         x_home, x_foreign = x_MD.split([sum(layout.home_tokens), sum(layout.foreign_tokens)], dim=0)
@@ -241,10 +278,17 @@ class LLEPDispatcher(AllToAllDispatcher):
         def counts(host: list[int]) -> torch.Tensor:  # the plan's counts back on the device (planned on the host)
             return torch.tensor(host, dtype=torch.int64, device=x_MD.device)
 
-        y_parts = [state.experts.functional(x_home, counts(layout.home_tokens), *state.weights[:3])]
+        calls = [(x_home, counts(layout.home_tokens), state.weights[:3])]
         if layout.foreign_experts:
-            y_parts.append(state.experts.functional(x_foreign, counts(layout.foreign_tokens), *state.weights[3:]))
-        return torch.cat(y_parts, dim=0)
+            calls.append((x_foreign, counts(layout.foreign_tokens), state.weights[3:]))
+        y_MD = torch.cat([experts.functional(x, n, *w, balance_loss=False) for x, n, w in calls], dim=0)
+        if experts.balance_loss_enabled:
+            kept, share = zip(*(neuron_balance_stats(x, n, w[0], experts.keep_k, experts.mone.score)
+                                for x, n, w in calls))
+            first = self.ep_rank * self.num_local
+            state.balance = NeuronBalance([*range(first, first + self.num_local), *layout.foreign_experts],
+                                          torch.cat(kept), torch.cat(share))
+        return y_MD
 
     def combine_preprocess(self, y_MD: torch.Tensor, state: LLEPState) -> torch.Tensor:
         """Local-only: back to the order the rows were received in."""
@@ -252,8 +296,44 @@ class LLEPDispatcher(AllToAllDispatcher):
             return super().combine_preprocess(y_MD, state)
         return _unorder(y_MD, state.order_M)
 
+    def token_combine(self, y_MD: torch.Tensor, state: LLEPState) -> torch.Tensor:
+        """Collective-only: with the neuron balance loss on and experts moved, first the all-reduce of the moved
+        experts' kept counts (:class:`NeuronBalance`); then ``AllToAllDispatcher``'s all-to-all."""
+        if state.balance is not None and state.plan.transfers:
+            self._sum_moved_kept_counts(state.balance, state.plan)
+        return super().token_combine(y_MD, state)
+
+    def _sum_moved_kept_counts(self, balance: NeuronBalance, plan: LLEPPlan) -> None:
+        """Collective-only: ``balance.kept_XF`` of the moved experts summed over the EP group (every rank issues
+        it, with the same moved experts from the plan, whatever it computed)."""
+        moved = sorted({e for e, _, _ in plan.transfers})
+        slot_of = {e: m for m, e in enumerate(moved)}
+        here = [(x, slot_of[e]) for x, e in enumerate(balance.experts_X) if e in slot_of]
+        kept_XF = balance.kept_XF
+        x_idx, v_idx = (torch.tensor([p[i] for p in here], dtype=torch.int64, device=kept_XF.device) for i in (0, 1))
+        mine_VF = kept_XF.new_zeros(len(moved), kept_XF.shape[1], dtype=torch.int64)
+        mine_VF.index_copy_(0, v_idx, kept_XF.index_select(0, x_idx).long())  # integer valued: exact
+        all_VF = all_reduce_counts(mine_VF, self.ep_group)
+        balance.kept_XF = kept_XF.index_copy(0, x_idx, all_VF.index_select(0, v_idx).to(kept_XF.dtype))
+
+    def _neuron_balance_loss(self, state: LLEPState) -> torch.Tensor:
+        """Local-only: this rank's pieces of plain EP's per-rank neuron balance losses (:class:`NeuronBalance`)."""
+        balance, rows_E = state.balance, state.plan.counts_E
+        with_rows_P = np.maximum((rows_E.reshape(self.ep_size, self.num_local) > 0).sum(1), 1)
+        device = balance.share_XF.device
+        rows_X = torch.tensor(rows_E[balance.experts_X], dtype=torch.int64, device=device)
+        divisor_X = torch.tensor(with_rows_P[np.array(balance.experts_X) // self.num_local], dtype=torch.float32,
+                                 device=device)
+        per_expert_X = neuron_balance_per_expert(balance.kept_XF, balance.share_XF, rows_X, state.experts.keep_k)
+        return (per_expert_X / divisor_X).sum()
+
     def combine_postprocess(self, y_ND: torch.Tensor, state: LLEPState) -> torch.Tensor:
-        """Local-only: rebalanced, back to expert-sorted order first; then ``AllToAllDispatcher``'s combine."""
+        """Local-only: rebalanced, back to expert-sorted order first; then ``AllToAllDispatcher``'s combine; with
+        the neuron balance loss on, this rank's part of it attached to the output (``AuxLossAutoScaler``)."""
         if state.layout is not None:
             y_ND = _unorder(y_ND, state.send_N)
-        return super().combine_postprocess(y_ND, state)
+        y_tD = super().combine_postprocess(y_ND, state)
+        if state.balance is None:
+            return y_tD
+        mone = state.experts.mone
+        return AuxLossAutoScaler.apply(y_tD, mone.balance_loss_coeff * self._neuron_balance_loss(state))

@@ -230,6 +230,25 @@ def test_no_tokens(use_triton):
     assert y_TD.shape == (0, 4) and x_TD.grad.shape == (0, 4) and w_TK.grad.shape == (0, 2)
 
 
+@pytest.mark.parametrize("use_triton", [False, True], ids=["reference", "triton"])
+def test_every_slot_dropped_and_no_row_given(use_triton):
+    """An EP rank whose every slot was dropped sends no row and gets none back: permute backward and unpermute
+    (forward and backward) on zero rows give zeros and zero grads (the reference used to raise from
+    ``index_select`` on the empty rows)."""
+    T, K, D = 3, 2, 4
+    row_TK = torch.full((T, K), -1, dtype=torch.int64, device=DEVICE)
+    no_rows = torch.empty(0, dtype=torch.int64, device=DEVICE)
+    y_ND, w_TK = rand(0, D).requires_grad_(), rand(T, K).requires_grad_()
+    y_TD = P.unpermute_rows(y_ND, w_TK, row_TK, no_rows, no_rows, use_triton)
+    y_TD.backward(rand(T, D, seed=1))
+    assert torch.equal(y_TD, torch.zeros(T, D, device=DEVICE))
+    assert y_ND.grad.shape == (0, D) and torch.equal(w_TK.grad, torch.zeros(T, K, device=DEVICE))
+    x_TD = rand(T, D).requires_grad_()
+    x_ND = P.permute_rows(x_TD, no_rows, row_TK, use_triton)
+    x_ND.backward(rand(0, D))
+    assert x_ND.shape == (0, D) and torch.equal(x_TD.grad, torch.zeros(T, D, device=DEVICE))
+
+
 def test_bad_shapes_name_the_problem():
     row_TK, token_idx_N, slot_idx_N, _ = routing(4, 2, 4, drop=False, seed=0)
     with pytest.raises(ValueError, match="row_TK must be a 2-D int64"):

@@ -1,7 +1,8 @@
 """LLEP dispatcher on gloo worlds (EP=2, EP=4): outputs and every gradient equal plain EP (AllToAllDispatcher) and
-the single-process reference, on balanced and heavily skewed routing, with the default min_tokens_per_gemm, MoNE,
-bf16 and duplicate top-k choices; plus activation checkpointing and two micro-batches in flight (pipeline-style),
-which must neither deadlock nor change a gradient."""
+the single-process reference, on balanced and heavily skewed routing, with the default min_tokens_per_gemm, MoNE
+(also with its neuron balance loss, whose plain EP math is per EP rank), bf16 and duplicate top-k choices; plus
+activation checkpointing and two micro-batches in flight (pipeline-style), which must neither deadlock nor change a
+gradient."""
 from __future__ import annotations
 
 import pytest
@@ -18,6 +19,7 @@ from parallel.comm import SINGLE_PROCESS, gather_dim0
 from parallel.groups import initialize
 from parallel.llep.dispatcher import LLEPDispatcher
 from tests.helpers.dist import run_distributed
+from tests.helpers.moe_reference import plain_ep_reference
 
 E, D, F, T = 8, 8, 6, 12
 CFG = LLEPConfig(imbalance_threshold=1.3, capacity_factor=1.0, min_tokens_per_gemm=1, max_foreign_experts=4)
@@ -83,6 +85,7 @@ VARIANTS = {
     "fp32": (CFG, MoNEConfig(), torch.float32, 1e-5),
     "default_min_tokens": (LLEPConfig(), MoNEConfig(), torch.float32, 1e-4),  # 1024; sums over 1000s of rows
     "mone": (CFG, MoNEConfig(enabled=True, keep_ratio=0.5), torch.float32, 1e-5),
+    "mone_balance": (CFG, MoNEConfig(enabled=True, keep_ratio=0.5, balance_loss_coeff=0.5), torch.float32, 1e-5),
     "bf16": (CFG, MoNEConfig(), torch.bfloat16, 3e-2),
 }
 
@@ -97,8 +100,7 @@ def _compare_case(groups, kind: str, tokens_per_batch: list[int], seed: int, var
     for b in batches.values():
         b[0] = b[0].to(dtype)
     weights, epr = _weights(seed), E // groups.ep_size
-    ref = _run(LocalDispatcher(), _experts(weights, 0, E, mone, dtype),
-               *[torch.cat(parts) for parts in zip(*batches.values())])
+    ref = plain_ep_reference(weights, mone, groups.ep_size, *[torch.cat(parts) for parts in zip(*batches.values())])
     lo = sum(tokens_per_batch[d] for d in ep_batches if d < groups.dp_rank)
     mine = slice(lo, lo + tokens_per_batch[groups.dp_rank])
     first = groups.ep_rank * epr
@@ -108,7 +110,7 @@ def _compare_case(groups, kind: str, tokens_per_batch: list[int], seed: int, var
     got = _run(llep, _experts(weights, first, epr, mone, dtype), *batches[groups.dp_rank])
     plain = _run(AllToAllDispatcher(groups.tp_group, groups.ep_group, E), _experts(weights, first, epr, mone, dtype),
                  *batches[groups.dp_rank])
-    for name, other in (("reference", ref_local), ("plain EP", plain)):
+    for name, other in (("plain EP", plain), ("reference", ref_local)):
         for key in ("y", "x", "w"):
             torch.testing.assert_close(got[key], other[key], atol=tol, rtol=tol,
                                        msg=lambda m: f"{kind}/{variant}: {key} differs from {name}: {m}")
@@ -172,7 +174,8 @@ def _checkpoint_and_microbatches(groups) -> dict:
 CASES = {  # name -> (routing kind, variant)
     "balanced": ("balanced", "fp32"), "skew80": ("skew80", "fp32"), "skew95": ("skew95", "fp32"),
     "skew80_k2": ("skew80_k2", "fp32"), "default_min_tokens": ("skew95", "default_min_tokens"),
-    "mone": ("skew80_k2", "mone"), "bf16": ("skew80", "bf16"), "duplicate_k2": ("duplicate_k2", "fp32"),
+    "mone": ("skew80_k2", "mone"), "mone_balance": ("skew80_k2", "mone_balance"), "bf16": ("skew80", "bf16"),
+    "duplicate_k2": ("duplicate_k2", "fp32"),
 }
 
 

@@ -1,5 +1,6 @@
 """LLEP makes no more host syncs than plain EP per layer (forward + backward), balanced or skewed, and none in
-backward; counted with tests/helpers/syncs.py on a 2-rank gloo world."""
+backward, also with MoNE and its neuron balance loss (whose LLEP form adds an all-reduce of counts, never a host
+read); counted with tests/helpers/syncs.py on a 2-rank gloo world."""
 from __future__ import annotations
 
 import torch
@@ -19,7 +20,14 @@ E, D, F, T = 8, 8, 16, 32
 
 
 def _counts(rank: int, world: int) -> dict:
-    experts = SwiGLUExperts(E // world, D, F, MoNEConfig(), first_expert=rank * E // world)
+    out = {}
+    for mone in (MoNEConfig(), MoNEConfig(enabled=True, keep_ratio=0.5, balance_loss_coeff=0.1)):
+        experts = SwiGLUExperts(E // world, D, F, mone, first_expert=rank * E // world)
+        out.update({(mone.enabled, *key): v for key, v in _counts_of(experts, rank).items()})
+    return out
+
+
+def _counts_of(experts: SwiGLUExperts, rank: int) -> dict:
     dispatchers = {"plain": AllToAllDispatcher(SINGLE_PROCESS, dist.group.WORLD, E),
                    "llep": LLEPDispatcher(SINGLE_PROCESS, dist.group.WORLD, E, LLEPConfig(min_tokens_per_gemm=4))}
     gen = torch.Generator().manual_seed(rank)
@@ -43,11 +51,13 @@ def _counts(rank: int, world: int) -> dict:
 
 def test_llep_makes_no_more_host_syncs_than_plain_ep():
     for rank_out in run_distributed(_counts, 2):
-        assert rank_out[("balanced", "rebalanced")] == 0.0 and rank_out[("skewed", "rebalanced")] == 1.0
-        for skew in ("balanced", "skewed"):
-            (plain_fwd, plain_bwd, plain_sites), (llep_fwd, llep_bwd, llep_sites) = (
-                rank_out[(skew, "plain")], rank_out[(skew, "llep")])
-            assert plain_fwd > 0, "the counter must see plain EP's split-size copy"
-            assert llep_fwd <= plain_fwd and llep_bwd == plain_bwd == 0, (
-                f"{skew}: LLEP {llep_fwd}+{llep_bwd} syncs vs plain EP {plain_fwd}+{plain_bwd}\n"
-                f"LLEP:\n{llep_sites}\nplain EP:\n{plain_sites}")
+        for mone in (False, True):
+            assert rank_out[(mone, "balanced", "rebalanced")] == 0.0
+            assert rank_out[(mone, "skewed", "rebalanced")] == 1.0
+            for skew in ("balanced", "skewed"):
+                (plain_fwd, plain_bwd, plain_sites), (llep_fwd, llep_bwd, llep_sites) = (
+                    rank_out[(mone, skew, "plain")], rank_out[(mone, skew, "llep")])
+                assert plain_fwd > 0, "the counter must see plain EP's split-size copy"
+                assert llep_fwd <= plain_fwd and llep_bwd == plain_bwd == 0, (
+                    f"mone={mone} {skew}: LLEP {llep_fwd}+{llep_bwd} syncs vs plain EP {plain_fwd}+{plain_bwd}\n"
+                    f"LLEP:\n{llep_sites}\nplain EP:\n{plain_sites}")
