@@ -35,8 +35,8 @@ class RopeScalingConfig:
     """With mscale_all_dim: cos/sin are scaled by yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
     (yarn_mscale(s, m) = 0.1 m ln s + 1). null = not set: cos/sin are scaled by yarn_mscale(factor, 1)."""
     mscale_all_dim: Optional[PositiveFloat] = None
-    """MLA only: the softmax scale is multiplied by yarn_mscale(factor, mscale_all_dim)^2 (DeepSeek-V3: 1.0).
-    null = not set: the softmax scale is unchanged."""
+    """With mscale, the denominator of the cos/sin scale above (any attention); with MLA also the softmax scale is
+    multiplied by yarn_mscale(factor, mscale_all_dim)^2 (DeepSeek-V3: 1.0). null = not set."""
     attention_factor: Optional[PositiveFloat] = None
     """Explicit cos/sin scale, overriding the mscale rule above. null = automatic (from mscale; resolved to its
     value in the run's config under yarn, unused otherwise)."""
@@ -134,9 +134,6 @@ class ModelConfig:
             raise ValueError("model.head_dim is used by model.attention=gqa only (MLA's head widths are "
                              "model.qk_nope_head_dim, model.qk_rope_head_dim and model.v_head_dim): leave it unset")
         rs = self.rope_scaling
-        if self.attention == "gqa" and rs.mscale_all_dim is not None:
-            raise ValueError("model.rope_scaling.mscale_all_dim scales MLA's softmax only: set model.attention=mla "
-                             "or leave it unset")
         if rs.type == "default" and rs != RopeScalingConfig():
             raise ValueError("model.rope_scaling: fields other than type are used with model.rope_scaling.type=yarn "
                              "only: set model.rope_scaling.type=yarn or leave them unset")

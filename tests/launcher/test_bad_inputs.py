@@ -183,8 +183,6 @@ def test_each_declared_range_is_enforced(run_pretrain, override, path, rng):
     (["model.attention=mla", "model.qk_rope_head_dim=3"], "model.qk_rope_head_dim (3) must be even"),
     (["model.kv_lora_rank=64"], "model.kv_lora_rank is used by model.attention=mla only"),
     (["model.attention=mla", "model.head_dim=32"], "model.head_dim is used by model.attention=gqa only"),
-    (["model.rope_scaling.type=yarn", "model.rope_scaling.mscale_all_dim=1.0"],
-     "model.rope_scaling.mscale_all_dim scales MLA's softmax only"),
     (["moe.top_k=2", "moe.top1_gate=straight_through"], "moe.top1_gate=straight_through applies to top-1 models"),
     (["moe.score_function=relu"], "moe.score_function: must be one of ['softmax', 'sigmoid'], got 'relu'"),
     (["moe.num_groups=3"], "moe.num_groups (3) must divide moe.num_experts (2)"),
