@@ -2,7 +2,7 @@
 
 Single process: `python -m launcher.pretrain --recipe recipes/smoke_cpu.yaml`
 Multi process:  `torchrun --nproc-per-node 4 -m launcher.pretrain --recipe recipes/smoke_cpu.yaml parallel.tp=2 parallel.ep=2
-                 logging.run_dir=runs/smoke_tp2_ep2`
+                 logging.run_dir=runs/smoke_cpu_tp2_ep2`
 """
 from __future__ import annotations
 

@@ -27,7 +27,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
-from launcher.data.format import FORMAT, INDEX_NAME, SPLITS, TOKENIZER_NAME, DataError, token_dtype, verify_shards
+from launcher.data.format import FORMAT, INDEX_NAME, SPLITS, TOKENIZER_NAME, DataError, read_index, token_dtype, \
+    verify_shards
 from launcher.data.inputs import InputStats, find_inputs, iter_documents
 from launcher.data.tokenizer import EOS_CANDIDATES, encode_documents, find_eos, load_tokenizer, tokenizer_id, \
     train_tokenizer
@@ -44,11 +45,41 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
     tmp.replace(path)
 
 
+def _file_stamp(path: Path) -> dict:
+    st = path.stat()
+    return {"path": str(path.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def build_record(args: argparse.Namespace, files: list[Path]) -> dict:
+    """What an output is made from, stored as ``index.json``'s ``build``: each input file's absolute path, size
+    and mtime, and every setting that changes the output (``--workers`` does not)."""
+    return {"inputs": [_file_stamp(p) for p in files],
+            "settings": {"tokenizer": _file_stamp(Path(args.tokenizer)) if args.tokenizer else None,
+                         "vocab_size": None if args.tokenizer else args.vocab_size, "eos_token": args.eos_token,
+                         "seq_length": args.seq_length, "samples_per_shard": args.samples_per_shard,
+                         "valid_fraction": args.valid_fraction, "text_field": args.text_field}}
+
+
+def _up_to_date(out_dir: Path, build: dict) -> Optional[dict]:
+    """The index of ``out_dir`` when it is a complete output of exactly ``build`` (same inputs and settings; its
+    tokenizer and every listed shard present at the recorded size; no other shard files), else None."""
+    try:
+        index = read_index(out_dir)
+    except DataError:
+        return None
+    shards = {s["name"]: s["bytes"] for split in SPLITS for s in index["splits"][split]["shards"]}
+    on_disk = {p.name for p in [*out_dir.glob("train-*.tar*"), *out_dir.glob("valid-*.tar*")]}
+    if index.get("build") != build or on_disk != set(shards) or not (out_dir / TOKENIZER_NAME).is_file():
+        return None
+    return index if all((out_dir / name).stat().st_size == size for name, size in shards.items()) else None
+
+
 def _prepare_output(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"--output '{out_dir}' is a file; pass a directory")
     if (out_dir / INDEX_NAME).exists() and not overwrite:
-        raise DataError(f"output '{out_dir}' already holds a preprocess result; pass --overwrite to replace it")
+        raise DataError(f"output '{out_dir}' already holds a preprocess result of other inputs or "
+                        "settings (or an incomplete one); pass --overwrite to replace it")
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in [*out_dir.glob("train-*.tar*"), *out_dir.glob("valid-*.tar*"), out_dir / INDEX_NAME]:
         stale.unlink(missing_ok=True)
@@ -61,7 +92,8 @@ def _progress(files: list[Path], desc: str):
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Preprocess as the CLI arguments say; returns the index that was written."""
+    """Preprocess as the CLI arguments say; returns the index that was written, or the existing one when the output
+    is already up to date (see :func:`build_record`)."""
     if args.seq_length < 1:
         raise DataError(f"--seq-length must be >= 1, got {args.seq_length}")
     if not 0.0 <= args.valid_fraction < 1.0:
@@ -72,11 +104,17 @@ def run(args: argparse.Namespace) -> dict:
     log.debug(f"{len(files)} input file(s), {sum(p.stat().st_size for p in files):,} bytes: "
               + ", ".join(map(str, files[:5])) + (", ..." if len(files) > 5 else ""))
     out_dir = Path(args.output)
+    tok = load_tokenizer(args.tokenizer) if args.tokenizer else None  # a missing file: one clear line, first
+    build = build_record(args, files)
+    done = None if args.overwrite else _up_to_date(out_dir, build)
+    if done:
+        log.log(console.RESULT, f"up to date: {out_dir} ({done['inputs']['documents']} documents, train "
+                f"{done['splits']['train']['num_samples']} / valid {done['splits']['valid']['num_samples']} samples "
+                "from the same inputs and settings); nothing to do")
+        return done
     _prepare_output(out_dir, args.overwrite)
     start = time.perf_counter()
-    if args.tokenizer:
-        tok = load_tokenizer(args.tokenizer)
-    else:
+    if tok is None:
         with _progress(files, "train tokenizer") as bar:
             tok = train_tokenizer(iter_documents(files, args.text_field, InputStats(), bar), args.vocab_size,
                                   args.eos_token or EOS_CANDIDATES[0])
@@ -115,6 +153,7 @@ def run(args: argparse.Namespace) -> dict:
                    for split, p in packers.items()},
         "inputs": {"files": [str(p) for p in files], "text_field": args.text_field, **asdict(stats)},
         "valid_fraction": args.valid_fraction,
+        "build": build,
     }
     _write_json_atomic(out_dir / INDEX_NAME, index)
     tokens = sum(p.stream_tokens for p in packers.values())

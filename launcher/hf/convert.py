@@ -223,7 +223,7 @@ def follow_up_commands(cfg: Config, hf_path: Path, recipe: Path, root: Path) -> 
                 f"  moetron pretrain --recipe {recipe} data.source=shards data.path={data}"]
     return ["continue pretraining on your text with the model's own tokenizer:",
             f"  moetron preprocess --input YOUR_TEXT.jsonl --output {data} --tokenizer {tokenizer} "
-            f"--seq-length {cfg.model.seq_length} --valid-fraction 0.01",
+            f"--seq-length {cfg.model.seq_length} --valid-fraction 0.05",
             f"  moetron pretrain --recipe {recipe} data.source=shards data.path={data}"]
 
 

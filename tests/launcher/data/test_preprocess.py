@@ -118,12 +118,34 @@ def test_parquet_input(tmp_path, capsys, docs):
     assert from_parquet["splits"] == from_jsonl["splits"] and from_parquet["inputs"]["records_without_text"] == 1
 
 
-def test_refuses_to_overwrite_without_flag(tmp_path, docs):
-    src = write_jsonl(tmp_path / "d.jsonl", docs[:2])
-    preprocess([src], tmp_path / "out")
+def _mtimes(out: Path) -> dict:
+    return {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+
+
+def test_same_command_twice_is_up_to_date_anything_else_refuses_without_overwrite(tmp_path, capsys, docs):
+    """Re-running the same command is a no-op that exits 0 (a quick start can be repeated); other settings, other
+    inputs or files preprocess did not write keep the refusal until --overwrite."""
+    src = write_jsonl(tmp_path / "d.jsonl", docs[:4])
+    out = tmp_path / "out"
+    first = preprocess([src], out)
+    before = _mtimes(out)
+    capsys.readouterr()
+    assert preprocess([src], out, "--workers", "2") == first  # the worker count does not change the output
+    assert f"up to date: {out} (4 documents" in capsys.readouterr().out.strip().splitlines()[-1]
+    assert _mtimes(out) == before  # nothing rewritten
+    for extra in [("--seq-length", "16"), ("--valid-fraction", "0.5")]:
+        with pytest.raises(AssertionError):
+            preprocess([src], out, *extra)
+        assert "pass --overwrite to replace it" in capsys.readouterr().err
+    write_jsonl(src, docs[:3])  # the input changed
     with pytest.raises(AssertionError):
-        preprocess([src], tmp_path / "out")
-    preprocess([src], tmp_path / "out", "--overwrite")
+        preprocess([src], out)
+    write_jsonl(src, docs[:4])
+    (out / "train-000099.tar").write_bytes(b"")  # a shard file it did not write
+    with pytest.raises(AssertionError):
+        preprocess([src], out)
+    assert preprocess([src], out, "--overwrite")["splits"] == first["splits"]
+    assert not (out / "train-000099.tar").exists()
 
 
 def test_smoke_corpus_command_is_fast_and_complete(tmp_path):

@@ -142,6 +142,7 @@ def test_printed_follow_up_continues_pretraining_on_shards_with_the_hf_tokenizer
 
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
+    from launcher.data.format import read_index
     from launcher.data.tokenizer import train_tokenizer
     from tests.launcher.data.helpers import CORPUS, corpus_docs
 
@@ -162,6 +163,8 @@ def test_printed_follow_up_continues_pretraining_on_shards_with_the_hf_tokenizer
         proc = subprocess.run([sys.executable, "-m", "launcher.cli", *argv], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, (command, proc.stdout[-2000:], proc.stderr[-2000:])
+        if argv[0] == "preprocess":  # the printed --valid-fraction holds out validation samples of the shipped corpus
+            assert read_index(tmp_path / "data" / "ckpt")["splits"]["valid"]["num_samples"] > 0, command
     assert f"resumed from {tmp_path / 'ckpt' / 'step_0000000'}" in proc.stdout
     assert "done: step 2" in proc.stdout and "data        shards in data/ckpt" in proc.stdout
 
