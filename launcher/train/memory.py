@@ -33,7 +33,12 @@ import torch
 
 from launcher.config import Config, resolve
 
-MiB = 1 << 20
+MiB, GiB = 1 << 20, 1 << 30
+
+
+def format_bytes(n: float) -> str:
+    """``n`` bytes as GiB with 2 decimals from 1 GiB up, MiB with 1 decimal below, right-aligned to 12 characters."""
+    return f"{n / GiB:8.2f} GiB" if n >= GiB else f"{n / MiB:8.1f} MiB"
 
 
 @dataclass(frozen=True)
@@ -49,12 +54,13 @@ class MemoryEstimate:
         return self.weights + self.gradients + self.optimizer + self.activations
 
     def lines(self) -> list[str]:
+        """The dry-run table: one line per kind, bytes as :func:`format_bytes` writes them."""
         return [f"  per-rank parameters {self.params:,}",
-                f"  weights     {self.weights / MiB:10.1f} MiB",
-                f"  gradients   {self.gradients / MiB:10.1f} MiB",
-                f"  optimizer   {self.optimizer / MiB:10.1f} MiB",
-                f"  activations {self.activations / MiB:10.1f} MiB",
-                f"  total       {self.total / MiB:10.1f} MiB (no allocator slack or temporaries)"]
+                f"  weights     {format_bytes(self.weights)}",
+                f"  gradients   {format_bytes(self.gradients)}",
+                f"  optimizer   {format_bytes(self.optimizer)}",
+                f"  activations {format_bytes(self.activations)}",
+                f"  total       {format_bytes(self.total)} (no allocator slack or temporaries)"]
 
 
 def _stage_params(cfg: Config, tp: int, ep: int, pp: int) -> list[dict[str, int]]:

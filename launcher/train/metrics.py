@@ -8,6 +8,9 @@ Trainer usage, once per log step::
     writer.expert_load(layer_stats, stats.step)  # load pictures (heatmap.py)
     log.info(progress.format(stats, perf), extra=BARE)  # launcher.log
 
+``step_time_s`` is the mean over the steps since the last log step (``IntervalTimes.take()``; every step
+``add``s its wall time), so throughput, MFU and ETA are interval means. The run's last step is always logged.
+
 MFU = executed model FLOPs per step / (step time * world size * peak FLOP/s per device). Model FLOPs are analytic
 (launcher/train/flops.py): recomputation is not counted, attention counts the full S x S square. MFU is reported
 only where the peak is known: ``logging.peak_tflops``, or a GPU in the datasheet table below. Elsewhere (CPU, a GPU
@@ -124,7 +127,7 @@ class StepStats:
     lr: float
     grad_norm: float
     step_time_s: float
-    """Wall time of one optimizer step (the mean over the log interval)."""
+    """Wall time of one optimizer step in seconds: the mean over the log interval (:class:`IntervalTimes`)."""
     tokens: int
     """Tokens per optimizer step over all data-parallel ranks (global_batch_size * seq_length)."""
     flops: float
@@ -359,27 +362,41 @@ def _hms(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+class IntervalTimes:
+    """Step wall times since the last progress line. The line's s/step, tok/s, TFLOP/s, MFU and ETA come from their
+    mean (sum of step times / steps, as megatron-core and torchtitan do), not from the logged step alone: one slow
+    step (a checkpoint save, a busy machine) would otherwise swing every number on its line."""
+
+    def __init__(self) -> None:
+        self._total_s, self._steps = 0.0, 0
+
+    def add(self, step_time_s: float) -> None:
+        """One optimizer step's wall time in seconds (skipped non-finite steps too: they took the time)."""
+        self._total_s += step_time_s
+        self._steps += 1
+
+    def take(self) -> float:
+        """Mean step time in seconds since the last ``take``, and start a new interval. ValueError when no step
+        was added since."""
+        if self._steps == 0:
+            raise ValueError("IntervalTimes.take: no step time added since the last progress line")
+        mean = self._total_s / self._steps
+        self._total_s, self._steps = 0.0, 0
+        return mean
+
+
 class ProgressLine:
-    """One console line per log step, ending in a timestamp. ETA = remaining steps x an exponential moving average of the step time
-    (weight ``ema`` on the newest), so it settles after warm-up and follows slow drifts."""
+    """One console line per log step, ending in a timestamp. ``stats.step_time_s`` is the mean step time over the
+    log interval (:class:`IntervalTimes`); ETA = remaining steps x that mean."""
 
-    def __init__(self, total_steps: int, ema: float = 0.3):
-        if total_steps < 1 or not 0 < ema <= 1:
-            raise ValueError(f"ProgressLine needs total_steps >= 1 and 0 < ema <= 1, got {total_steps}, {ema}")
+    def __init__(self, total_steps: int):
+        if total_steps < 1:
+            raise ValueError(f"ProgressLine needs total_steps >= 1, got {total_steps}")
         self.total_steps = total_steps
-        self.ema = ema
-        self._avg_step_s: Optional[float] = None
-        self._first = True
 
-    def eta_s(self, step: int, step_time_s: float) -> float:
-        """The first logged step (start-up, first-touch allocations, compilation) only estimates itself: the average
-        starts from the second one, so one slow first step does not inflate the ETA for the rest of the run."""
-        if self._first:
-            self._first = False
-            return max(self.total_steps - step, 0) * step_time_s
-        prev = self._avg_step_s
-        self._avg_step_s = step_time_s if prev is None else self.ema * step_time_s + (1 - self.ema) * prev
-        return max(self.total_steps - step, 0) * self._avg_step_s
+    def eta_s(self, step: int, mean_step_s: float) -> float:
+        """Seconds left after ``step`` at ``mean_step_s`` per step."""
+        return max(self.total_steps - step, 0) * mean_step_s
 
     def format(self, stats: StepStats, perf: Throughput, now: Optional[datetime.datetime] = None) -> str:
         """The line, ending in the local wall-clock time (``now``, default: the current time) for Slurm logs."""

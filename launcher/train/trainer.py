@@ -29,8 +29,8 @@ from launcher.config import (Config, ConfigError, check_eval_batches, resolve, r
 from launcher.data.build import build_loader
 from launcher.errors import MoetronError
 from launcher.log import BARE, RESULT
-from launcher.train.metrics import (MetricsWriter, ProgressLine, StepStats, moe_layer_tag, peak_flops_per_device,
-                                    throughput, training_scalars, moe_layer_scalars)
+from launcher.train.metrics import (IntervalTimes, MetricsWriter, ProgressLine, StepStats, moe_layer_tag,
+                                    peak_flops_per_device, throughput, training_scalars, moe_layer_scalars)
 from launcher.train.step_reduce import LayerStepStats, PackedSum, StepReduction, pack_token_loss, token_mean
 from moe_core.matryoshka import EvalK
 from moe_core.profiling import phase
@@ -118,6 +118,7 @@ class Trainer:
         self.hidden_shape = (cfg.train.micro_batch_size, cfg.model.seq_length, cfg.model.hidden_size)
         self.writer = MetricsWriter(self.run_dir, enabled=False)  # fit() opens the real one once there is work
         self.progress = ProgressLine(cfg.train.steps)
+        self.interval_times = IntervalTimes()
         self.peak = peak_flops_per_device(self.device, cfg.train.precision, cfg.logging.peak_tflops)
         self.step = 0
         self.skipped = 0
@@ -331,7 +332,8 @@ class Trainer:
                 if self.nonfinite_streak >= cfg.train.max_consecutive_nonfinite:
                     raise TrainingError(self._stop_nonfinite())
             result.losses[self.step] = loss
-            self._log(loss, norm, step_time, layer_stats)
+            self.interval_times.add(step_time)
+            self._log(loss, norm, layer_stats, last=self._ends_run(stop))
             self.step += 1
             if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0:
                 self._validate()
@@ -387,8 +389,18 @@ class Trainer:
                 out[f"{moe_layer_tag(idx)}/llep_{key}"] = float(value)
         return out
 
-    def _log(self, loss: float, norm: float, step_time: float, layer_stats: dict[int, LayerStepStats]) -> None:
-        if self.groups.rank != 0 or self.step % self.cfg.logging.log_interval != 0:  # rank 0 reports metrics
+    def _ends_run(self, stop: bool) -> bool:
+        """Whether the step being finished is this run's last: train.steps, a stop signal or train.exit_interval."""
+        done, exit_every = self.step + 1, self.cfg.train.exit_interval
+        return stop or done >= self.cfg.train.steps or bool(exit_every and done % exit_every == 0)
+
+    def _log(self, loss: float, norm: float, layer_stats: dict[int, LayerStepStats], last: bool) -> None:
+        """Progress line and TensorBoard scalars every logging.log_interval steps and at the run's ``last`` step
+        (so the final loss is always logged); timings are means over the steps since the previous log step."""
+        if self.step % self.cfg.logging.log_interval != 0 and not last:
+            return
+        step_time = self.interval_times.take()
+        if self.groups.rank != 0:  # rank 0 reports metrics
             return
         # FLOPs from the k each layer actually ran (M-MoE draws, capacity drops); MoNE also logs useful FLOPs
         fc = flops.training_flops(self.cfg, k_per_layer=flops.executed_k_per_layer(layer_stats))

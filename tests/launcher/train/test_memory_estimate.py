@@ -59,4 +59,17 @@ def test_dry_run_prints_the_estimate_and_builds_nothing(capsys, tmp_path):
                           f"logging.run_dir={tmp_path / 'run'}", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "per-rank parameters" in out and "activations" in out and "total" in out
+    assert " MiB" in out and " GiB" not in out  # the smoke model is far below 1 GiB
+
+
+def test_memory_table_switches_to_gib_at_one_gib():
+    from launcher.train.memory import MemoryEstimate, format_bytes
+
+    assert format_bytes((1 << 30) - (1 << 20)) == "  1023.0 MiB"
+    assert format_bytes(1 << 30) == "    1.00 GiB"
+    assert format_bytes(int(2.346 * (1 << 30))) == "    2.35 GiB"
+    lines = MemoryEstimate(params=10, weights=3 << 20, gradients=5 << 30, optimizer=0, activations=1 << 29).lines()
+    assert lines[1:] == ["  weights          3.0 MiB", "  gradients       5.00 GiB", "  optimizer        0.0 MiB",
+                         "  activations    512.0 MiB",
+                         "  total          5.50 GiB (no allocator slack or temporaries)"]
     assert not (tmp_path / "run").exists()

@@ -9,8 +9,8 @@ import torch
 from tensorboard.backend.event_processing import event_accumulator
 
 from launcher.train import metrics
-from launcher.train.metrics import (MetricsWriter, ProgressLine, StepStats, gpu_peak_tflops, moe_layer_scalars,
-                                    peak_flops_per_device, throughput, training_scalars)
+from launcher.train.metrics import (IntervalTimes, MetricsWriter, ProgressLine, StepStats, gpu_peak_tflops,
+                                    moe_layer_scalars, peak_flops_per_device, throughput, training_scalars)
 from launcher.train.step_reduce import LayerStepStats
 from moe_core.config import MatryoshkaConfig, MoEConfig
 
@@ -134,20 +134,35 @@ def test_unknown_gpu_warns_once_and_does_not_abort(monkeypatch, name):
 
 
 def test_progress_line_fields_and_eta():
-    line = ProgressLine(total_steps=100, ema=0.5)
+    line = ProgressLine(total_steps=100)
     stats = StepStats(step=10, loss=2.34567, lr=3e-4, grad_norm=1.25, step_time_s=2.0, tokens=4096, flops=8e12,
                       skipped_steps=1)
     text = line.format(stats, throughput(stats, world_size=1, peak_flops=10e12),
                        now=datetime.datetime(2026, 11, 30, 6, 40, 1))
     assert text == ("step  10/100 | loss 2.3457 | lr 3.00e-04 | gnorm 1.250 | 2.05k tok/s | 4 TFLOP/s/dev | "
                     "MFU 40.0% | 2.000 s/step | skipped 1 | ETA 0:03:00 | 2026-11-30 06:40:01")  # 90 left * 2 s
-    # the first (warm-up) step does not enter the average: it starts at the second, 4 s, then moves halfway
-    # (ema 0.5) to the next 2 s: 3 s * 70 remaining steps
-    assert line.eta_s(20, 4.0) == pytest.approx(320.0)
-    assert line.eta_s(30, 2.0) == pytest.approx(210.0)
     assert line.eta_s(100, 4.0) == 0.0
     with pytest.raises(ValueError, match="total_steps >= 1"):
         ProgressLine(0)
+
+
+def test_progress_line_reports_interval_means_not_the_logged_step():
+    # 10 steps since the last line: nine of 0.5 s and one outlier of 9.5 s (a busy machine); the logged step
+    # itself took 0.5 s. s/step, tok/s, TFLOP/s and ETA are the interval mean: 14 s / 10 steps = 1.4 s
+    times = IntervalTimes()
+    for t in [0.5] * 4 + [9.5] + [0.5] * 5:
+        times.add(t)
+    mean = times.take()
+    assert mean == pytest.approx(1.4)
+    stats = StepStats(step=20, loss=1.0, lr=1e-3, grad_norm=1.0, step_time_s=mean, tokens=7000, flops=14e12)
+    perf = throughput(stats, world_size=1, peak_flops=None)
+    text = ProgressLine(120).format(stats, perf)
+    assert "| 5.00k tok/s | 10 TFLOP/s/dev |" in text  # 7000 tokens / 1.4 s; 14e12 / 1.4 s
+    assert "| 1.400 s/step |" in text and "| ETA 0:02:20 |" in text  # 100 steps left * 1.4 s
+    times.add(2.0)  # the next interval starts empty
+    assert times.take() == 2.0
+    with pytest.raises(ValueError, match="no step time added"):
+        times.take()
 
 
 def test_progress_line_survives_nan_loss():

@@ -1,5 +1,7 @@
 """A run that crashed after its last checkpoint and is resumed logs each step once: the events the crashed run wrote
 at and after the resume step are purged (TensorBoard's restart handling), not shown twice."""
+import pytest
+
 from tests.helpers.dist import run_distributed
 from tests.launcher.train.test_train_resume import _overrides
 
@@ -40,3 +42,30 @@ def test_resumed_run_logs_every_step_once(tmp_path):
     events.Reload()
     for tag in ("train/loss", "train/step_time_s"):
         assert [e.step for e in events.Scalars(tag)] == list(range(8)), tag
+
+
+def _train_logging_every_3(rank, world, run_dir):
+    from launcher.config import load_config
+    from launcher.train.trainer import Trainer
+    from parallel.groups import initialize
+
+    cfg = load_config(None, _overrides(run_dir, 8, "logging.log_interval=3", "train.exit_interval=5",
+                                       "logging.tensorboard=true"))
+    return Trainer(cfg, initialize(1, 1, 1)).fit().losses
+
+
+def test_the_last_step_of_a_run_reaches_tensorboard(tmp_path):
+    """Steps 4 (train.exit_interval=5 ends the first run) and 7 (train.steps=8 ends the resumed one) are not
+    multiples of logging.log_interval=3, yet their losses are logged: a run's final loss is always in TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first = run_distributed(_train_logging_every_3, 1, str(tmp_path))[0]
+    second = run_distributed(_train_logging_every_3, 1, str(tmp_path))[0]
+    assert sorted(first) == [0, 1, 2, 3, 4] and sorted(second) == [5, 6, 7]
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    logged = {e.step: e.value for e in events.Scalars("train/loss")}
+    assert sorted(logged) == [0, 3, 4, 6, 7]
+    for step, value in logged.items():
+        assert value == pytest.approx({**first, **second}[step], rel=1e-6)
+    assert [e.step for e in events.Scalars("train/step_time_s")] == [0, 3, 4, 6, 7]
