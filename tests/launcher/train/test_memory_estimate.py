@@ -71,5 +71,5 @@ def test_memory_table_switches_to_gib_at_one_gib():
     lines = MemoryEstimate(params=10, weights=3 << 20, gradients=5 << 30, optimizer=0, activations=1 << 29).lines()
     assert lines[1:] == ["  weights          3.0 MiB", "  gradients       5.00 GiB", "  optimizer        0.0 MiB",
                          "  activations    512.0 MiB",
-                         "  total          5.50 GiB (no allocator slack or temporaries)"]
+                         "  total           5.50 GiB (no allocator slack or temporaries)"]
     assert not (tmp_path / "run").exists()
