@@ -60,6 +60,7 @@ def test_dry_run_prints_the_estimate_and_builds_nothing(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "per-rank parameters" in out and "activations" in out and "total" in out
     assert " MiB" in out and " GiB" not in out  # the smoke model is far below 1 GiB
+    assert not (tmp_path / "run").exists()
 
 
 def test_memory_table_switches_to_gib_at_one_gib():
@@ -72,4 +73,3 @@ def test_memory_table_switches_to_gib_at_one_gib():
     assert lines[1:] == ["  weights          3.0 MiB", "  gradients       5.00 GiB", "  optimizer        0.0 MiB",
                          "  activations    512.0 MiB",
                          "  total           5.50 GiB (no allocator slack or temporaries)"]
-    assert not (tmp_path / "run").exists()
