@@ -54,6 +54,10 @@ class TrainConfig:
     """Validation every N steps (0 = never during training)."""
     eval_batches: PositiveInt = 4
     """Validation micro-batches per evaluation, split evenly over DP ranks."""
+    cpu_threads: Optional[PositiveInt] = None
+    """CPU runs only (ignored where CUDA is available): intra-op threads per rank (torch.set_num_threads). null =
+    automatic: OMP_NUM_THREADS when set, else the cores this process may use // the ranks on this node
+    (LOCAL_WORLD_SIZE), at least 1. More threads than cores make a loaded machine spin. The run block prints it."""
 
     def validate(self) -> None:
         if self.compile and self.precision == "fp32":

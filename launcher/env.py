@@ -8,6 +8,8 @@ Workers never outlive their launcher: a torchrun worker asks the kernel for SIGK
 (``prctl(PR_SET_PDEATHSIG)``, Linux) and a watchdog thread checks the parent pid every second as a fallback
 (other systems, or a parent that died before the prctl). Process-group creation and every collective time out
 after ``MOETRON_DIST_TIMEOUT_MINUTES`` (default 10, megatron-core's default) instead of torch's 30 minutes.
+CPU runs get one intra-op thread count per rank (:func:`cpu_threads`): a single process under load otherwise
+spins torch's default threads against other work (torchrun already sets ``OMP_NUM_THREADS=1`` per worker).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import socket
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterator, Optional
 
 if TYPE_CHECKING:
     from parallel.groups import ParallelGroups
@@ -78,10 +80,39 @@ def ensure_single_process_env() -> None:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
+def cpu_threads(requested: Optional[int] = None) -> Optional[tuple[int, str]]:
+    """(intra-op threads per rank, where the number comes from) for a CPU run, or None where CUDA is available (GPU
+    runs keep torch's default). ``requested`` (``train.cpu_threads``) wins; else ``OMP_NUM_THREADS`` when set to a
+    positive integer; else the cores this process may use (``os.sched_getaffinity``) // ``LOCAL_WORLD_SIZE``, at
+    least 1, so the ranks of one node do not oversubscribe it."""
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    if requested is not None:
+        return requested, "train.cpu_threads"
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp), "OMP_NUM_THREADS"
+    cores, local = len(os.sched_getaffinity(0)), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, cores // local), f"auto: {cores} core(s) / {local} rank(s) on this node"
+
+
+def apply_cpu_threads(requested: Optional[int] = None) -> None:
+    """``torch.set_num_threads`` to :func:`cpu_threads`' number on a CPU run; nothing where CUDA is available."""
+    threads = cpu_threads(requested)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads[0])
+
+
 @contextlib.contextmanager
-def parallel_session(tp: int, pp: int, ep: int, backend: str = "auto") -> Iterator["ParallelGroups"]:
+def parallel_session(tp: int, pp: int, ep: int, backend: str = "auto",
+                     cpu_threads: Optional[int] = None) -> Iterator["ParallelGroups"]:
     """The default process group (torchrun's, or a one-rank world) plus megatron-core's TP/PP/EP/DP groups,
-    torn down on exit. A default group that already existed (tests, notebooks) is left in place."""
+    torn down on exit. A default group that already existed (tests, notebooks) is left in place. On CPU runs
+    this process gets :func:`cpu_threads` intra-op threads (``cpu_threads``: ``train.cpu_threads``)."""
     if launched_by_torchrun():  # first: an orphan must not spend its start-up importing megatron-core
         exit_with_parent(_LAUNCHER_PID)
     import torch.distributed as dist
@@ -89,6 +120,7 @@ def parallel_session(tp: int, pp: int, ep: int, backend: str = "auto") -> Iterat
     from parallel import groups as pgroups
 
     ensure_single_process_env()
+    apply_cpu_threads(cpu_threads)
     created = not dist.is_initialized()
     pgroups.init_distributed(backend, timeout_minutes=dist_timeout_minutes())
     try:

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     preemption = Preemption()  # first thing: a SIGUSR2/SIGTERM during start-up must still checkpoint + exit
     par = cfg.parallel
-    with env.parallel_session(par.tp, par.pp, par.ep, par.backend) as groups:
+    with env.parallel_session(par.tp, par.pp, par.ep, par.backend, cfg.train.cpu_threads) as groups:
         try:
             result = Trainer(cfg, groups).fit(preemption)
         except MoetronError as e:  # bad data, config or checkpoint found once they are opened; a failed run

@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     from launcher.train.trainer import Trainer
 
     par = cfg.parallel
-    with env.parallel_session(par.tp, par.pp, par.ep, par.backend) as groups:
+    with env.parallel_session(par.tp, par.pp, par.ep, par.backend, cfg.train.cpu_threads) as groups:
         log.info(f"evaluating {ckpt} on {data_description(cfg)}")
         try:
             trainer = Trainer(cfg, groups)

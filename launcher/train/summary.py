@@ -6,6 +6,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import torch
+
+from launcher import env
 from launcher.config import Config
 from launcher.train import flops
 from parallel.groups import ParallelGroups
@@ -32,7 +35,8 @@ def data_description(cfg: Config) -> str:
 
 def start_block(cfg: Config, groups: ParallelGroups, start_step: int, ckpt_root: Path, optimizer: str,
                 resumed: bool) -> str:
-    """Layout, parameters (total and activated per token), tokens per step, data, run dir, TensorBoard command.
+    """Layout, parameters (total and activated per token), tokens per step, CPU threads per rank (CPU runs), data,
+    run dir, TensorBoard command.
     ``resumed``: the run continues from a checkpoint (at step 0 too: a ``convert from-hf`` checkpoint)."""
     counts = flops.param_counts(cfg)
     g, tr = groups, cfg.train
@@ -48,6 +52,10 @@ def start_block(cfg: Config, groups: ParallelGroups, start_step: int, ckpt_root:
         f"  data        {data}",
         f"  run dir     {cfg.logging.run_dir} (checkpoints: {ckpt_root})",
     ]
+    threads = env.cpu_threads(cfg.train.cpu_threads)
+    if threads is not None:  # CPU runs: env.parallel_session set it, unless the caller runs outside one
+        actual, (wanted, source) = torch.get_num_threads(), threads
+        lines.insert(4, f"  cpu threads {actual} per rank ({source if actual == wanted else 'set by the caller'})")
     if cfg.logging.tensorboard:
         lines.append(f"  tensorboard tensorboard --logdir {Path(cfg.logging.run_dir) / 'tb'}")
     return "\n".join(lines)
