@@ -57,7 +57,8 @@ class TrainConfig:
     cpu_threads: Optional[PositiveInt] = None
     """CPU runs only (ignored where CUDA is available): intra-op threads per rank (torch.set_num_threads). null =
     automatic: OMP_NUM_THREADS when set, else the cores this process may use // the ranks on this node
-    (LOCAL_WORLD_SIZE), at least 1. More threads than cores make a loaded machine spin. The run block prints it."""
+    (LOCAL_WORLD_SIZE), at least 1; stays null on CUDA. More threads than cores make a loaded machine spin. The run
+    block prints it."""
 
     def validate(self) -> None:
         if self.compile and self.precision == "fp32":
@@ -230,7 +231,8 @@ def resolve(cfg: Config, world_size: int) -> Config:
     """A copy of ``cfg`` with every automatic (null) setting replaced by its value for a run of ``world_size``
     ranks on this machine: what the run uses and records (``<run_dir>/config.yaml``, TensorBoard, checkpoints).
     Idempotent: a resolved config (or its config.yaml read back as a recipe) resolves to itself. Nulls that mean
-    "off" (``moe.capacity_factor``, ``data.valid_path``, an unknown ``logging.peak_tflops``) stay null."""
+    "off" (``moe.capacity_factor``, ``data.valid_path``, an unknown ``logging.peak_tflops``, ``train.cpu_threads``
+    where CUDA is available) stay null."""
     out = copy.deepcopy(cfg)
     o, dp = out.optim, out.parallel.data_parallel_size(world_size)
     if out.model.attention == "gqa":  # MLA's head widths are its own fields
@@ -248,6 +250,11 @@ def resolve(cfg: Config, world_size: int) -> Config:
         o.bucket_size = max(40_000_000, 1_000_000 * dp)
     if out.checkpoint.dir is None:
         out.checkpoint.dir = str(Path(out.logging.run_dir) / "checkpoints")
+    if out.train.cpu_threads is None:
+        from launcher.env import cpu_threads
+
+        threads = cpu_threads()
+        out.train.cpu_threads = None if threads is None else threads[0]
     if out.logging.peak_tflops is None:
         from launcher.train.metrics import datasheet_peak_tflops  # lazy: torch
 

@@ -33,6 +33,12 @@ def data_description(cfg: Config) -> str:
     return f"shards in {cfg.data.path}"
 
 
+def _threads_source(threads: int) -> str:
+    """Where the resolved ``train.cpu_threads`` came from: the automatic value's source when it is that value."""
+    auto = env.cpu_threads()
+    return auto[1] if auto is not None and auto[0] == threads else "train.cpu_threads"
+
+
 def start_block(cfg: Config, groups: ParallelGroups, start_step: int, ckpt_root: Path, optimizer: str,
                 resumed: bool) -> str:
     """Layout, parameters (total and activated per token), tokens per step, CPU threads per rank (CPU runs), data,
@@ -52,10 +58,8 @@ def start_block(cfg: Config, groups: ParallelGroups, start_step: int, ckpt_root:
         f"  data        {data}",
         f"  run dir     {cfg.logging.run_dir} (checkpoints: {ckpt_root})",
     ]
-    threads = env.cpu_threads(cfg.train.cpu_threads)
-    if threads is not None:  # CPU runs: env.parallel_session set it, unless the caller runs outside one
-        actual, (wanted, source) = torch.get_num_threads(), threads
-        lines.insert(4, f"  cpu threads {actual} per rank ({source if actual == wanted else 'set by the caller'})")
+    if cfg.train.cpu_threads is not None:  # CPU runs (resolved): env.parallel_session set it
+        lines.insert(4, f"  cpu threads {torch.get_num_threads()} per rank ({_threads_source(cfg.train.cpu_threads)})")
     if cfg.logging.tensorboard:
         lines.append(f"  tensorboard tensorboard --logdir {Path(cfg.logging.run_dir) / 'tb'}")
     return "\n".join(lines)

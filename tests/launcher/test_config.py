@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from launcher import config, pretrain
@@ -115,9 +116,10 @@ AUTOMATIC = ("model.head_dim", "moe.matryoshka.eval_k", "optim.min_lr", "optim.d
              "optim.overlap_param_gather", "optim.bucket_size", "checkpoint.dir")
 """Settings whose null means "automatic": concrete once resolved."""
 OFF_NULLS = {"moe.capacity_factor", "data.path", "data.valid_path", "logging.peak_tflops", "model.q_lora_rank",
-             "model.rope_scaling.mscale", "model.rope_scaling.mscale_all_dim", "model.rope_scaling.attention_factor"}
+             "model.rope_scaling.mscale", "model.rope_scaling.mscale_all_dim", "model.rope_scaling.attention_factor",
+             "train.cpu_threads"}
 """Settings whose null means "off" / "none" (peak_tflops: no datasheet value on a CPU; the rope_scaling ones are
-unused without rope_scaling.type=yarn)."""
+unused without rope_scaling.type=yarn; cpu_threads: left to torch where CUDA is available)."""
 
 
 def test_run_dir_config_yaml_holds_no_automatic_null(tmp_path, capsys):
@@ -131,6 +133,7 @@ def test_run_dir_config_yaml_holds_no_automatic_null(tmp_path, capsys):
     assert written["checkpoint.dir"] == str(run_dir / "checkpoints") and written["optim.min_lr"] == 0.003 / 10
     assert written["model.head_dim"] == 128 // 4 and written["moe.matryoshka.eval_k"] == 2  # top_k
     assert written["optim.distributed"] is False and written["optim.overlap_param_gather"] is True
+    assert written["train.cpu_threads"] == (None if torch.cuda.is_available() else torch.get_num_threads())
 
 
 def test_listing_settings_needs_no_data_but_training_does(tmp_path, monkeypatch, capsys):
