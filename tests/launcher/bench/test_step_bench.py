@@ -32,8 +32,14 @@ def _profiled_layer(backward: bool) -> dict[str, float]:
     return phase_times_ms(prof.events(), on_device=False)
 
 
+def _fastest_of(runs: int, backward: bool) -> dict[str, float]:
+    """Per phase, the least time over ``runs`` profiled calls: a loaded machine only ever adds time."""
+    times = [_profiled_layer(backward) for _ in range(runs)]
+    return {name: min(t[name] for t in times) for name in times[0]}
+
+
 def test_backward_time_is_attributed_to_the_phase_of_its_forward_op():
-    forward, both = _profiled_layer(False), _profiled_layer(True)
+    forward, both = _fastest_of(5, False), _fastest_of(5, True)
     assert list(both) == [*PHASES, "other"]
     for name in ("router", "permute", "experts", "unpermute"):
         assert forward[name] > 0, name
