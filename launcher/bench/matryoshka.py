@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from launcher.bench.variants import BASE as VARIANTS_BASE
-from launcher.bench.variants import CORPUS, _mean_sd, make_shards
+from launcher.bench.variants import CORPUS, _mean_sd, add_run_arguments, make_shards
 from launcher.errors import ArgumentParser
 
 K_MAX = 4
@@ -112,9 +112,7 @@ def parse_args(argv):
     p.add_argument("--corpora", nargs="+", default=["reference", "docstrings"], choices=["reference", "docstrings"])
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="config overrides applied to every model (a candidate gate rule, aux settings, ...)")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    p.add_argument("--eval-batches", type=int, default=20, help="validation micro-batches of 8 sequences")
-    p.add_argument("--json", type=Path, help="also write the raw numbers here")
+    add_run_arguments(p)
     return p.parse_args(argv)
 
 

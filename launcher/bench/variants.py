@@ -132,12 +132,17 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=250, help="optimizer steps per model (8 sequences x 64 tokens)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1234, 1235, 1236],
                    help="train.seed values: one run of every variant per seed (init and data order change)")
+    add_run_arguments(p)
+    return p.parse_args(argv)
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The options every training-quality benchmark shares: threads, validation batches, the JSON output."""
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads; 1 is fastest for these tiny GEMMs (extra threads spin-wait on a "
                         "busy machine)")
     p.add_argument("--eval-batches", type=int, default=20, help="validation micro-batches of 8 sequences")
     p.add_argument("--json", type=Path, help="also write the raw numbers here")
-    return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
