@@ -26,14 +26,13 @@ import argparse
 import importlib
 import inspect
 import json
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from launcher.bench.variants import BASE as VARIANTS_BASE
-from launcher.bench.variants import CORPUS, _mean_sd, add_run_arguments, make_shards
+from launcher.bench.variants import CORPUS, _mean_sd, add_run_arguments, make_shards, write_json
 from launcher.errors import ArgumentParser
 
 K_MAX = 4
@@ -142,9 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{args.steps} steps x 8 x 64 tokens per model, seeds {args.seeds}, overrides {args.set or 'none'}, "
           f"validation on {args.eval_batches} x 8 x 64 held-out tokens, {time.perf_counter() - start:.0f} s\n")
     print(format_tables(runs, args.specialists))
-    if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs},
-                                        indent=2) + "\n")
+    write_json(args, runs)
     return 0
 
 

@@ -136,6 +136,13 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def write_json(args: argparse.Namespace, runs) -> None:
+    """The raw numbers and the arguments that made them, to ``--json`` when it is given."""
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs},
+                                        indent=2) + "\n")
+
+
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """The options every training-quality benchmark shares: threads, validation batches, the JSON output."""
     p.add_argument("--threads", type=int, default=1,
@@ -168,9 +175,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.eval_batches} x 8 x 64 held-out tokens, total {time.perf_counter() - start:.0f} s "
           f"({time.process_time() - cpu_start:.0f} s CPU)\n")
     print(format_tables(runs))
-    if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs},
-                                        indent=2) + "\n")
+    write_json(args, runs)
     return 0
 
 

@@ -73,8 +73,7 @@ class MoetronRouter(qwen3_moe.Qwen3MoeTopKRouter):
         select_TE = probs_TE if self.expert_bias is None else probs_TE + self.expert_bias.float()
         topk_idx_TK = torch.topk(select_TE, self.top_k, dim=-1).indices
         topk_prob_TK = probs_TE.gather(1, topk_idx_TK)
-        renormalise = self.norm_topk_prob
-        topk_weight_TK = topk_prob_TK / topk_prob_TK.sum(-1, keepdim=True) if renormalise else topk_prob_TK
+        topk_weight_TK = topk_prob_TK / topk_prob_TK.sum(-1, keepdim=True) if self.norm_topk_prob else topk_prob_TK
         return logits_TE, topk_weight_TK.to(x_TD.dtype), topk_idx_TK
 
 
