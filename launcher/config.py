@@ -2,8 +2,8 @@
 
 Sources, in order of precedence (later wins): dataclass defaults < YAML recipe < dotted CLI overrides
 (``moe.num_experts=8``), read by :mod:`launcher.config_parse`. Unknown keys and wrong types fail with the full key
-path named. Each section checks its own cross-field rules (its ``validate``: moe_core/config.py, parallel/config.py
-and the sections below) and defines its derived values (properties); :func:`validate` composes them with the rules
+path named. Each section checks its own cross-field rules (its ``validate``: moe_core/model_config.py,
+moe_core/config.py, parallel/config.py and the sections below) and defines its derived values (properties); :func:`validate` composes them with the rules
 that span packages, before any process group is created. Once the world size is known, :func:`resolve` turns every
 automatic (null) setting into its value; that resolved config is what the run uses and writes into the run
 directory (:func:`save_resolved`), so every run can be reproduced from its own folder.
@@ -22,7 +22,7 @@ import yaml
 
 from launcher.config_parse import ConfigError, apply_override, from_dict, read_recipe
 from launcher.errors import ArgumentParser, report
-from moe_core.config import ModelConfig
+from moe_core.model_config import ModelConfig
 from moe_core.config_fields import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Range
 from parallel.config import FP8Config, ParallelConfig, ParallelMoEConfig
 

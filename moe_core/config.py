@@ -1,172 +1,18 @@
-"""Configuration of the single-device model math: transformer shape, MoE routing, MoNE and Matryoshka MoE.
+"""Configuration of the MoE math (YAML section ``moe``): routing, shared experts, MoNE and Matryoshka MoE.
 
 Plain dataclasses, owned by the package that implements them; ``launcher/config.py`` composes them into the run
 config tree (YAML sections ``model`` and ``moe``), parses recipes and overrides and runs the checks that span
 packages. Each section checks its own cross-field rules (``validate``, ValueError naming the key) and defines the
-values derived from it (``ModelConfig.head_width``, ``ModelConfig.moe_layer_indices``, ``MoEConfig.default_eval_k``):
-every user of a derived value reads it from here.
+values derived from it (``MoEConfig.default_eval_k``, ``MoEConfig.renormalise_gates``; the ``model`` section lives in
+moe_core/model_config.py): every user of a derived value reads it from here.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Annotated, Literal, Optional, Union
 
 from moe_core.config_fields import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Range
-
-
-@dataclass
-class RopeScalingConfig:
-    """RoPE context extension (Hugging Face's ``rope_scaling``). ``yarn`` is YaRN (arXiv 2309.00071) as Hugging Face
-    ``_compute_yarn_parameters`` computes it (DeepSeek-V3 ships factor 40, original_max_position_embeddings 4096,
-    beta_fast 32, beta_slow 1, mscale 1, mscale_all_dim 1). The math is in moe_core/rope.py."""
-
-    type: Literal["default", "yarn"] = "default"
-    """default = plain RoPE (the other fields are unused); yarn = YaRN frequency correction and attention scale."""
-    factor: Annotated[float, Range(ge=1)] = 1.0
-    """Context extension ratio s: the low frequencies are divided by it."""
-    original_max_position_embeddings: PositiveInt = 4096
-    """Context length the model was pretrained with before extension."""
-    beta_fast: PositiveFloat = 32.0
-    """Rotations over the original context above which a frequency is kept as is (>= beta_slow)."""
-    beta_slow: PositiveFloat = 1.0
-    """Rotations over the original context below which a frequency is fully divided by factor."""
-    mscale: Optional[PositiveFloat] = None
-    """With mscale_all_dim: cos/sin are scaled by yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
-    (yarn_mscale(s, m) = 0.1 m ln s + 1). null = not set: cos/sin are scaled by yarn_mscale(factor, 1)."""
-    mscale_all_dim: Optional[PositiveFloat] = None
-    """With mscale, the denominator of the cos/sin scale above (any attention); with MLA also the softmax scale is
-    multiplied by yarn_mscale(factor, mscale_all_dim)^2 (DeepSeek-V3: 1.0). null = not set."""
-    attention_factor: Optional[PositiveFloat] = None
-    """Explicit cos/sin scale, overriding the mscale rule above. null = automatic (from mscale; resolved to its
-    value in the run's config under yarn, unused otherwise)."""
-    truncate: bool = True
-    """Round the correction range outward to whole dimensions (Hugging Face's default)."""
-
-    @property
-    def cos_sin_scale(self) -> float:
-        """The factor on the cos/sin tables: 1.0 without YaRN, else attention_factor, or when null the mscale rule
-        (Hugging Face's ``_compute_yarn_parameters``)."""
-        if self.type != "yarn":
-            return 1.0
-        if self.attention_factor is not None:
-            return self.attention_factor
-        if self.mscale and self.mscale_all_dim:
-            return yarn_mscale(self.factor, self.mscale) / yarn_mscale(self.factor, self.mscale_all_dim)
-        return yarn_mscale(self.factor)
-
-
-def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
-    """YaRN's attention-temperature correction ``0.1 * mscale * ln(factor) + 1`` (1.0 for factor <= 1)."""
-    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
-
-
-MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "rope_interleave")
-"""The ``model`` fields only Multi-head Latent Attention reads."""
-
-
-@dataclass
-class ModelConfig:
-    """Decoder-only transformer; the block matches Hugging Face Qwen3-MoE (RMSNorm, GQA with q/k RMSNorm, RoPE,
-    SwiGLU experts, softmax top-k router, no biases, untied embeddings), or with ``attention: mla`` uses
-    DeepSeek-V3's Multi-head Latent Attention (Hugging Face DeepseekV3Attention)."""
-
-    vocab_size: PositiveInt = 512
-    """Vocabulary size. Must be at least the tokenizer's when data comes from shards (checked at data load)."""
-    hidden_size: PositiveInt = 128
-    """Model width D."""
-    num_layers: PositiveInt = 4
-    """Transformer blocks."""
-    num_attention_heads: PositiveInt = 4
-    """Query heads H."""
-    num_query_groups: PositiveInt = 2
-    """Key/value heads (GQA). Must divide num_attention_heads."""
-    head_dim: Optional[PositiveInt] = None
-    """GQA per-head width (even: RoPE rotates pairs of channels); null = automatic: hidden_size //
-    num_attention_heads (then hidden_size must be divisible by num_attention_heads). Unused (stays null) with
-    attention=mla."""
-    seq_length: PositiveInt = 128
-    """Tokens per sample S."""
-    rope_theta: PositiveFloat = 10000.0
-    """RoPE base frequency."""
-    norm_eps: PositiveFloat = 1e-6
-    """RMSNorm epsilon."""
-    init_std: PositiveFloat = 0.02
-    """Standard deviation of the normal weight init."""
-    dense_layers: list[NonNegativeInt] = field(default_factory=list)
-    """Indices (< num_layers) of layers with a dense SwiGLU FFN instead of MoE (e.g. [0] keeps the first layer
-    dense)."""
-    dense_ffn_hidden_size: PositiveInt = 512
-    """FFN width of the dense layers listed in dense_layers."""
-    attention: Literal["gqa", "mla"] = "gqa"
-    """gqa = grouped-query attention with q/k RMSNorm (Qwen3-MoE; reads num_query_groups, head_dim). mla =
-    Multi-head Latent Attention (DeepSeek-V2/V3, arXiv 2405.04434; reads q_lora_rank .. rope_interleave below;
-    moe_core/mla.py)."""
-    q_lora_rank: Optional[PositiveInt] = None
-    """MLA: width of the compressed query latent (DeepSeek-V3: 1536). null = no query compression: one q_proj."""
-    kv_lora_rank: PositiveInt = 512
-    """MLA: width of the compressed key/value latent (DeepSeek-V3: 512)."""
-    qk_nope_head_dim: PositiveInt = 128
-    """MLA: per-head query/key channels without RoPE (DeepSeek-V3: 128)."""
-    qk_rope_head_dim: PositiveInt = 64
-    """MLA: per-head query channels with RoPE, and the width of the RoPE key shared by all heads (even;
-    DeepSeek-V3: 64)."""
-    v_head_dim: PositiveInt = 128
-    """MLA: per-head value width (DeepSeek-V3: 128)."""
-    rope_interleave: bool = True
-    """MLA: RoPE rotates adjacent channel pairs (x0, x1), (x2, x3), ... (DeepSeek's layout, Hugging Face
-    DeepseekV3's default) when true; the two halves (rotate-half, as GQA always does) when false."""
-    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
-    """RoPE context extension (either attention; the softmax mscale applies to MLA only, as Hugging Face does)."""
-
-    def validate_attention(self) -> None:
-        """Raise ValueError naming the ``model.*`` key when the attention / RoPE fields do not fit together."""
-        if self.attention == "gqa":
-            defaults = ModelConfig()
-            for name in MLA_FIELDS:
-                if getattr(self, name) != getattr(defaults, name):
-                    raise ValueError(f"model.{name} is used by model.attention=mla only: set model.attention=mla "
-                                     f"or leave model.{name} unset")
-        elif self.qk_rope_head_dim % 2:
-            raise ValueError(f"model.qk_rope_head_dim ({self.qk_rope_head_dim}) must be even: RoPE rotates pairs "
-                             "of channels")
-        elif self.head_dim is not None:
-            raise ValueError("model.head_dim is used by model.attention=gqa only (MLA's head widths are "
-                             "model.qk_nope_head_dim, model.qk_rope_head_dim and model.v_head_dim): leave it unset")
-        rs = self.rope_scaling
-        if rs.type == "default" and rs != RopeScalingConfig():
-            raise ValueError("model.rope_scaling: fields other than type are used with model.rope_scaling.type=yarn "
-                             "only: set model.rope_scaling.type=yarn or leave them unset")
-        if rs.beta_fast < rs.beta_slow:
-            raise ValueError(f"model.rope_scaling.beta_fast ({rs.beta_fast}) must be >= model.rope_scaling.beta_slow "
-                             f"({rs.beta_slow})")
-
-    @property
-    def head_width(self) -> int:
-        """The per-head width: ``head_dim``, or ``hidden_size // num_attention_heads`` when it is null."""
-        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
-
-    @property
-    def moe_layer_indices(self) -> list[int]:
-        """Indices of the MoE layers (every layer not in ``dense_layers``), ascending."""
-        dense = set(self.dense_layers)
-        return [i for i in range(self.num_layers) if i not in dense]
-
-    def validate(self) -> None:
-        """Raise ValueError naming the ``model.*`` key when the section's fields do not fit together."""
-        self.validate_attention()
-        if self.attention == "gqa" and self.num_attention_heads % self.num_query_groups:
-            raise ValueError(f"model.num_query_groups ({self.num_query_groups}) must divide model.num_attention_heads "
-                             f"({self.num_attention_heads})")
-        if self.attention == "gqa" and self.head_dim is None and self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_attention_heads "
-                             f"({self.num_attention_heads}), or set model.head_dim")
-        if self.attention == "gqa" and self.head_width % 2:
-            raise ValueError(f"the head width ({self.head_width}: model.head_dim, or model.hidden_size / "
-                             "model.num_attention_heads) must be even: RoPE rotates pairs of channels")
-        for i in self.dense_layers:
-            if i >= self.num_layers:
-                raise ValueError(f"model.dense_layers: layer {i} is outside [0, {self.num_layers})")
+from moe_core.model_config import ModelConfig
 
 
 @dataclass

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_core.config import ModelConfig
+from moe_core.model_config import ModelConfig
 from moe_core.layers import LayerFactory, ReplicatedLinear, RMSNorm
 from moe_core.rope import apply_rope, apply_rope_interleaved, softmax_mscale
 

@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from moe_core.config import RopeScalingConfig, yarn_mscale
+from moe_core.model_config import RopeScalingConfig, yarn_mscale
 
 
 def softmax_mscale(scaling: RopeScalingConfig) -> float:

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_core.config import ModelConfig, MoEConfig
+from moe_core.config import MoEConfig
+from moe_core.model_config import ModelConfig
 from moe_core.layer import MoELayer
 from moe_core.layers import LayerFactory, RMSNorm, SwiGLUMLP
 from moe_core.matryoshka import KSchedule

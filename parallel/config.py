@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Annotated, Literal, Protocol
 
-from moe_core.config import ModelConfig, MoEConfig
+from moe_core.config import MoEConfig
+from moe_core.model_config import ModelConfig
 from moe_core.config_fields import NonNegativeInt, PositiveFloat, PositiveInt, Range, check_ranges
 
 

@@ -9,7 +9,8 @@ from launcher import config, pretrain
 from launcher.config import (ConfigError, OptimConfig, load_config, resolve, resolved_dict, save_resolved,
                              to_dict, validate_world)
 from launcher.train import checkpoint
-from moe_core.config import ModelConfig, MoEConfig
+from moe_core.config import MoEConfig
+from moe_core.model_config import ModelConfig
 from parallel.config import ParallelConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -212,6 +213,6 @@ def test_derived_values_are_not_recomputed_elsewhere():
     recomputed = re.compile(r"hidden_size\s*//\s*[\w.]*num_attention_heads|not in [\w.]*dense_layers|"
                             r"len\(set\([\w.]*dense_layers\)\)")
     hits = [f"{path.relative_to(REPO)}:{n}" for pkg in ("kernels", "moe_core", "parallel", "launcher")
-            for path in (REPO / pkg).rglob("*.py") if path != REPO / "moe_core" / "config.py"
+            for path in (REPO / pkg).rglob("*.py") if path != REPO / "moe_core" / "model_config.py"
             for n, line in enumerate(path.read_text().splitlines(), 1) if recomputed.search(line)]
     assert hits == []

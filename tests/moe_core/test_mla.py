@@ -6,7 +6,8 @@ import dataclasses
 import pytest
 import torch
 
-from moe_core.config import ModelConfig, MoEConfig, RopeScalingConfig
+from moe_core.config import MoEConfig
+from moe_core.model_config import ModelConfig, RopeScalingConfig
 from moe_core.layers import LayerFactory
 from moe_core.mla import MLAttention
 from moe_core.rope import rope_cos_sin

@@ -123,7 +123,8 @@ def test_matches_transformers_deepseek_v3_router(groups, topk_group):
           matryoshka=dict(enabled=True, k_min=1, k_max=6)), "routed to 6 experts .* hold only 4"),
 ])
 def test_group_limited_routing_config_errors_name_the_key(fields, message):
-    from moe_core.config import MatryoshkaConfig, ModelConfig
+    from moe_core.config import MatryoshkaConfig
+    from moe_core.model_config import ModelConfig
 
     if "matryoshka" in fields:
         fields = {**fields, "matryoshka": MatryoshkaConfig(**fields["matryoshka"])}

@@ -4,7 +4,8 @@ scaling) with the weights copied, outputs and gradients; parameter names; config
 import pytest
 import torch
 
-from moe_core.config import ModelConfig, MoEConfig
+from moe_core.config import MoEConfig
+from moe_core.model_config import ModelConfig
 from moe_core.layer import MoELayer
 from moe_core.matryoshka import KSchedule
 
