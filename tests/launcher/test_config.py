@@ -6,7 +6,8 @@ import torch
 import yaml
 
 from launcher import config, pretrain
-from launcher.config import (ConfigError, OptimConfig, load_config, resolve, resolved_dict, save_resolved,
+from launcher.config_sections import OptimConfig
+from launcher.config import (ConfigError, load_config, resolve, resolved_dict, save_resolved,
                              to_dict, validate_world)
 from launcher.train import checkpoint
 from moe_core.config import MoEConfig

@@ -12,7 +12,8 @@ import torch
 from tensorboard.backend.event_processing import event_accumulator
 
 from launcher import pretrain
-from launcher.config import Config, DataSource
+from launcher.config import Config
+from launcher.config_sections import DataSource
 from launcher.data.build import build_loader
 from launcher.data.format import DataError
 from launcher.data.loader import MixtureLoader
