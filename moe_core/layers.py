@@ -12,12 +12,13 @@ from torch import nn
 
 
 class LayerFactory:
-    """Builds the projections. ``column`` layers split their output over TP, ``row`` layers their input;
-    ``tp_copy`` marks a TP-replicated tensor that each TP rank uses for its own heads only."""
+    """Builds the projections. ``column`` layers split their output over TP (``gather_output``: all-gathered back
+    to the whole output on every rank, for a replicated consumer), ``row`` layers their input; ``tp_copy`` marks a
+    TP-replicated tensor that each TP rank uses for its own heads only."""
 
     tp_size = 1
 
-    def column(self, in_features: int, out_features: int) -> nn.Module:
+    def column(self, in_features: int, out_features: int, gather_output: bool = False) -> nn.Module:
         return nn.Linear(in_features, out_features, bias=False)
 
     def row(self, in_features: int, out_features: int) -> nn.Module:

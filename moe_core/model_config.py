@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Annotated, Literal, Optional
 
-from moe_core.config_fields import NonNegativeInt, PositiveFloat, PositiveInt, Range
+from moe_core.config_fields import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Range
 
 
 @dataclass
@@ -116,6 +116,13 @@ class ModelConfig:
     DeepseekV3's default) when true; the two halves (rotate-half, as GQA always does) when false."""
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     """RoPE context extension (either attention; the softmax mscale applies to MLA only, as Hugging Face does)."""
+    mtp_num_layers: NonNegativeInt = 0
+    """Multi-token prediction depth K (DeepSeek-V3, arXiv 2412.19437 section 2.2; moe_core/mtp.py): K sequential
+    modules after the last layer, module k predicting the token k + 1 positions ahead; each holds one MoE block
+    (layer index num_layers + k - 1) and shares the embedding and output head. 0 = off. Must be < seq_length."""
+    mtp_loss_coeff: NonNegativeFloat = 0.1
+    """lambda: the training objective adds lambda times the mean over the K depths of each depth's token-weighted
+    cross-entropy (DeepSeek-V3: 0.3 for the first 10T tokens, then 0.1). >= 0; unused when mtp_num_layers = 0."""
 
     def validate_attention(self) -> None:
         """Raise ValueError naming the ``model.*`` key when the attention / RoPE fields do not fit together."""
@@ -146,9 +153,20 @@ class ModelConfig:
 
     @property
     def moe_layer_indices(self) -> list[int]:
-        """Indices of the MoE layers (every layer not in ``dense_layers``), ascending."""
+        """Indices of the main model's MoE layers (every layer not in ``dense_layers``), ascending."""
         dense = set(self.dense_layers)
         return [i for i in range(self.num_layers) if i not in dense]
+
+    @property
+    def mtp_layer_indices(self) -> list[int]:
+        """Layer indices of the MTP modules' MoE blocks: ``num_layers .. num_layers + mtp_num_layers - 1``."""
+        return list(range(self.num_layers, self.num_layers + self.mtp_num_layers))
+
+    @property
+    def trained_moe_layer_indices(self) -> list[int]:
+        """Every MoE layer a training step runs: the main model's, then the MTP modules' (evaluation runs the
+        main model's only)."""
+        return self.moe_layer_indices + self.mtp_layer_indices
 
     def validate(self) -> None:
         """Raise ValueError naming the ``model.*`` key when the section's fields do not fit together."""
@@ -165,3 +183,6 @@ class ModelConfig:
         for i in self.dense_layers:
             if i >= self.num_layers:
                 raise ValueError(f"model.dense_layers: layer {i} is outside [0, {self.num_layers})")
+        if self.mtp_num_layers >= self.seq_length:
+            raise ValueError(f"model.mtp_num_layers ({self.mtp_num_layers}) must be < model.seq_length "
+                             f"({self.seq_length}): depth k predicts the token k + 1 positions ahead, inside the sample")

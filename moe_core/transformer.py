@@ -3,6 +3,7 @@
     x = embed(tokens)
     for each layer:  x = x + Attn(RMSNorm(x));  x = x + FFN(RMSNorm(x))     (FFN = MoE, or dense SwiGLU)
     logits = lm_head(RMSNorm(x))
+    with model.mtp_num_layers = K > 0, in training: K multi-token-prediction modules on RMSNorm(x) (moe_core/mtp.py)
 
 Attention (``model.attention``): gqa = GQA, per-head RMSNorm on q and k (before RoPE), rotate-half RoPE, causal
 SDPA, no biases; mla = DeepSeek-V3's Multi-head Latent Attention (moe_core/mla.py). The RoPE tables
@@ -10,7 +11,8 @@ SDPA, no biases; mla = DeepSeek-V3's Multi-head Latent Attention (moe_core/mla.p
 Parallelism is not this file's business: the linear/embedding constructors come from a :class:`LayerFactory`
 (moe_core/layers.py: plain ``nn.Linear``; ``parallel/model.py`` passes tensor-parallel ones) and the MoE
 dispatcher is set on each MoE layer from outside. ``layer_range`` / ``pre_process`` / ``post_process`` build one
-pipeline stage.
+pipeline stage; the MTP modules live on the last stage, which then also holds ``embed_tokens`` (the same parameter
+name as the first stage's: ``parallel/`` keeps the two copies identical).
 
 Shapes: B batch, S sequence, D hidden, H query heads, G key/value heads, Hd head dim, V vocab.
 """
@@ -28,6 +30,7 @@ from moe_core.layer import MoELayer
 from moe_core.layers import LayerFactory, RMSNorm, SwiGLUMLP
 from moe_core.matryoshka import KSchedule
 from moe_core.mla import MLAttention
+from moe_core.mtp import MultiTokenPrediction
 from moe_core.profiling import phase
 from moe_core.rope import apply_rope, rope_cos_sin
 
@@ -66,7 +69,7 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(m.hidden_size, m.norm_eps)
         self.self_attn: nn.Module = MLAttention(m, factory) if m.attention == "mla" else Attention(m, factory)
         self.post_attention_layernorm = RMSNorm(m.hidden_size, m.norm_eps)
-        if layer_idx in m.moe_layer_indices:
+        if layer_idx in m.trained_moe_layer_indices:  # MTP blocks (index >= num_layers) are MoE blocks
             self.mlp: nn.Module = MoELayer(m.hidden_size, moe, layer_idx, k_schedule, factory=factory)
         else:
             self.mlp = SwiGLUMLP(m.hidden_size, m.dense_ffn_hidden_size, factory)
@@ -81,7 +84,9 @@ class MoETransformer(nn.Module):
     """The whole model (defaults) or one pipeline stage (``layer_range``, ``pre_process``, ``post_process``).
 
     ``forward(tokens_BS)`` on a first stage, ``forward(hidden_BSD)`` on later stages; returns logits [B, S, V/tp]
-    on the last stage, hidden [B, S, D] otherwise. Layers live in a ModuleDict keyed by their GLOBAL index, so
+    on the last stage, hidden [B, S, D] otherwise. With MTP (``model.mtp_num_layers`` > 0) the last stage holds
+    ``mtp`` (moe_core/mtp.py) and, given ``mtp_tokens_BS`` (the micro-batch's input tokens, int64), returns
+    ``(logits, [logits of MTP depth k for k = 1..K])``. Layers live in a ModuleDict keyed by their GLOBAL index, so
     parameter names are identical in every pipeline layout (checkpoint keys never depend on the layout).
     ``seed`` keys the Matryoshka k draws (seed, step, layer), so every rank draws the same k without talking.
     """
@@ -95,12 +100,14 @@ class MoETransformer(nn.Module):
         self.rope_dim = m.qk_rope_head_dim if m.attention == "mla" else m.head_width
         self.k_schedule = KSchedule(moe, seed, m.moe_layer_indices)
         layer_range = layer_range if layer_range is not None else range(m.num_layers)
-        if pre_process:
+        if pre_process or (post_process and m.mtp_num_layers):  # MTP embeds the shifted tokens on the last stage
             self.embed_tokens = factory.embedding(m.vocab_size, m.hidden_size)
         self.layers = nn.ModuleDict({str(i): Block(m, moe, i, factory, self.k_schedule) for i in layer_range})
         if post_process:
             self.norm = RMSNorm(m.hidden_size, m.norm_eps)
             self.lm_head = factory.column(m.hidden_size, m.vocab_size)
+            if m.mtp_num_layers:
+                self.mtp = MultiTokenPrediction(m, moe, factory, self.k_schedule, Block)
         cos, sin = rope_cos_sin(m.seq_length, self.rope_dim, m.rope_theta, m.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -118,7 +125,10 @@ class MoETransformer(nn.Module):
             self.rope_sin.copy_(sin)
 
     def moe_layers(self) -> dict[int, MoELayer]:
-        return {int(i): blk.mlp for i, blk in self.layers.items() if isinstance(blk.mlp, MoELayer)}
+        """This stage's MoE layers by layer index, the MTP modules' blocks (``num_layers + k - 1``) included."""
+        blocks = {int(i): blk for i, blk in self.layers.items()}
+        blocks.update({module.block.mlp.layer_idx: module.block for module in getattr(self, "mtp", ())})
+        return {i: blk.mlp for i, blk in blocks.items() if isinstance(blk.mlp, MoELayer)}
 
     def set_step(self, step: int) -> None:
         """Tell every MoE layer the training step (M-MoE draws k per (seed, step, layer))."""
@@ -129,7 +139,7 @@ class MoETransformer(nn.Module):
         """Elastic inference: one k for every MoE layer, a list with one k per MoE layer, or None (config)."""
         self.k_schedule.set_eval_k(k)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mtp_tokens_BS: Optional[torch.Tensor] = None):
         h = self.embed_tokens(x) if self.pre_process else x
         S = h.shape[1]
         if S > self.rope_cos.shape[0]:
@@ -137,6 +147,9 @@ class MoETransformer(nn.Module):
         cos, sin = self.rope_cos[:S], self.rope_sin[:S]
         for block in self.layers.values():
             h = block(h, cos, sin)
-        if self.post_process:
-            h = self.lm_head(self.norm(h))
-        return h
+        if not self.post_process:
+            return h
+        h = self.norm(h)
+        if mtp_tokens_BS is None or not self.model_cfg.mtp_num_layers:
+            return self.lm_head(h)
+        return self.lm_head(h), self.mtp(h, mtp_tokens_BS, self.embed_tokens, self.lm_head, cos, sin)

@@ -37,6 +37,9 @@ class ParallelGroups:
     """Global ranks of this rank's pipeline group, by stage."""
     amax_group: Optional[dist.ProcessGroup] = None
     """TP x DP ranks of one pipeline stage: FP8 amaxes are reduced here (same layers on every member)."""
+    embedding_group: Optional[dist.ProcessGroup] = None
+    """The first and the last stage of this rank's pipeline (megatron-core's embedding group; None on the other
+    stages and at PP = 1): the gradients of the embedding copies MTP puts on the last stage are summed here."""
 
     @classmethod
     def single(cls) -> "ParallelGroups":
@@ -109,6 +112,7 @@ def initialize(tp: int, pp: int, ep: int) -> ParallelGroups:
         rank=dist.get_rank(),
         pp_ranks=tuple(dist.get_process_group_ranks(pp_group)),
         amax_group=ps.get_amax_reduction_group(),
+        embedding_group=ps.get_embedding_group(check_initialized=False) if pp > 1 else None,
     )
 
 

@@ -19,7 +19,7 @@ from moe_core.transformer import MoETransformer
 from parallel.compile import compile_blocks
 from parallel.config import RunConfig
 from parallel.groups import ParallelGroups
-from parallel.sharding import attach_specs, init_parameters
+from parallel.sharding import attach_specs, init_parameters, share_embedding
 
 
 def _tp_classes():
@@ -57,9 +57,9 @@ class TensorParallelFactory(LayerFactory):
                                              perform_initialization=False, params_dtype=torch.float32)
         self.column_cls, self.row_cls, self.embedding_cls = _tp_classes()
 
-    def column(self, in_features: int, out_features: int) -> nn.Module:
+    def column(self, in_features: int, out_features: int, gather_output: bool = False) -> nn.Module:
         return self.column_cls(in_features, out_features, config=self.mp_config, init_method=_skip_init,
-                               bias=False, gather_output=False, tp_group=self.tp_group)
+                               bias=False, gather_output=gather_output, tp_group=self.tp_group)
 
     def row(self, in_features: int, out_features: int) -> nn.Module:
         return self.row_cls(in_features, out_features, config=self.mp_config, init_method=_skip_init, bias=False,
@@ -156,6 +156,7 @@ def build_model(cfg: RunConfig, groups: ParallelGroups, device: torch.device | N
     model.to_empty(device=device)
     model.reset_buffers()
     attach_specs(model, groups)
+    share_embedding(model, groups)
     init_parameters(model, cfg.train.seed, cfg.model.init_std, cfg.model.num_layers, groups)
     if cfg.train.precision != "fp32":
         to_compute_dtype(model, torch.bfloat16)

@@ -8,7 +8,9 @@ in fp32 between stages whatever the compute dtype (the receiving stage casts the
 
 The last stage's output of each micro-batch (a scalar loss) is multiplied by ``loss_scale`` before its backward
 (the trainer's outputs are loss sums and its scale dp / the step's label tokens, so the gradient is that of the
-token-weighted mean loss: ``launcher/train/token_loss.py``). The MoE aux-loss scale is set to 1/micro-batches: the
+token-weighted mean loss: ``launcher/train/token_loss.py``). A last stage may instead return ``(loss, extra)``:
+``loss`` is reported and scaled as above, ``extra`` (a 0-dim objective already scaled, e.g. the multi-token
+prediction loss) is added to the backward as it is. The MoE aux-loss scale is set to 1/micro-batches: the
 aux and z losses are per-micro-batch means, averaged over the step's micro-batches (and over DP by the gradient
 reduction).
 """
@@ -23,8 +25,10 @@ import torch.distributed as dist
 from moe_core.aux_loss import AuxLossAutoScaler
 from parallel.groups import ParallelGroups
 
-# forward_fn(model, micro_batch, input_BSD_or_None) -> output (hidden [B,S,D] or, on the last stage, loss scalar)
-ForwardFn = Callable[[torch.nn.Module, dict, Optional[torch.Tensor]], torch.Tensor]
+# forward_fn(model, micro_batch, input_BSD_or_None) -> output (hidden [B,S,D] or, on the last stage, a loss scalar
+# or (loss scalar, extra scaled objective scalar))
+ForwardFn = Callable[[torch.nn.Module, dict, Optional[torch.Tensor]],
+                     Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]
 
 
 class _P2P:
@@ -88,8 +92,9 @@ def _run_schedule(model: torch.nn.Module, micro_batches: list[dict], forward_fn:
         with torch.set_grad_enabled(not forward_only):
             out = forward_fn(model, micro_batches[i], x)
         if last:
+            out, extra = out if isinstance(out, tuple) else (out, None)
             losses.append(out.detach())
-            out = out * loss_scale
+            out = out * loss_scale if extra is None else out * loss_scale + extra
         else:
             p2p.send(out, +1)
         if not forward_only:

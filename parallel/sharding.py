@@ -10,6 +10,7 @@ parallelism (``expert_axis``, always 0 for the stacked ``[E, ...]`` expert weigh
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from dataclasses import dataclass
@@ -31,6 +32,9 @@ class ShardSpec:
     init: str = "normal"  # normal | scaled_normal (output projections) | ones | zeros
     tp_partial_grad: bool = False
     """Replicated over TP but fed TP-sharded activations (per-head q/k norms): grads must be summed over TP."""
+    pipeline_copies: int = 1
+    """Pipeline stages holding this parameter: 2 for the token embedding with MTP at PP > 1 (the first stage's and
+    the last stage's copy, :func:`share_embedding`); their gradients are summed over ``groups.embedding_group``."""
 
     @property
     def is_expert(self) -> bool:
@@ -65,11 +69,18 @@ def rank_offsets(spec: ShardSpec, groups: ParallelGroups) -> list[tuple[int, int
     return out
 
 
-def replica_id(spec: ShardSpec, groups: ParallelGroups) -> tuple[int, int]:
-    """Zero on exactly one holder of each distinct shard (the one that writes it)."""
+def replica_id(spec: ShardSpec, groups: ParallelGroups) -> tuple[int, ...]:
+    """All zeros on exactly one holder of each distinct shard (the one that writes it; every holder loads it). A
+    parameter with pipeline copies adds the stage's copy index (0 on the first stage): one copy in the checkpoint."""
+    copy = (0 if groups.is_first_stage else 1,) if spec.pipeline_copies > 1 else ()
     if spec.is_expert:
-        return (0, groups.edp_rank)
-    return (groups.tp_rank if spec.tp_axis is None else 0, groups.dp_rank)
+        return (0, groups.edp_rank, *copy)
+    return (groups.tp_rank if spec.tp_axis is None else 0, groups.dp_rank, *copy)
+
+
+def is_writer(spec: ShardSpec, groups: ParallelGroups) -> bool:
+    """Whether this rank writes its shard of the parameter to a checkpoint (:func:`replica_id` all zeros)."""
+    return not any(replica_id(spec, groups))
 
 
 def sharded_tensor(key: str, tensor: torch.Tensor, spec: ShardSpec, groups: ParallelGroups):
@@ -88,8 +99,8 @@ def tp_copies(spec: ShardSpec, groups: ParallelGroups) -> int:
 
 
 def replication(spec: ShardSpec, groups: ParallelGroups) -> int:
-    """How many ranks of the world hold this exact shard (ranks of one pipeline stage)."""
-    return (groups.edp_size if spec.is_expert else groups.dp_size) * tp_copies(spec, groups)
+    """How many ranks of the world hold this exact shard (ranks of one pipeline stage, times its pipeline copies)."""
+    return (groups.edp_size if spec.is_expert else groups.dp_size) * tp_copies(spec, groups) * spec.pipeline_copies
 
 
 def _generator(seed: int, name: str, chunk: int) -> torch.Generator:
@@ -151,6 +162,25 @@ def attach_specs(model: nn.Module, groups: ParallelGroups) -> None:
                 init = "normal"
             partial = groups.tp_size > 1 and getattr(module, "per_head", False)
             p.moetron_spec = ShardSpec(tuple(shape), tp_axis, expert_axis, init, tp_partial_grad=partial)
+
+
+def share_embedding(model: nn.Module, groups: ParallelGroups) -> None:
+    """Mark ``embed_tokens.weight`` as held by two pipeline stages when both the first stage (the input) and the
+    last one (the MTP modules) hold it: megatron-core's shared-embedding design. Both copies are drawn from the same
+    name-keyed generator (identical at init), their gradients are summed over ``groups.embedding_group`` before the
+    optimizer step (``parallel/optim``), so they stay identical after every step; checkpoints write the first
+    stage's (:func:`replica_id`). ``shared_embedding`` also gives it its own megatron-core gradient bucket, so the
+    distributed optimizer shards it alike on both stages."""
+    p = getattr(getattr(model, "embed_tokens", None), "weight", None)
+    if p is None or groups.pp_size == 1:
+        return
+    p.moetron_spec = dataclasses.replace(get_spec(p), pipeline_copies=2)
+    p.shared_embedding = True
+
+
+def pipeline_shared(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters with pipeline copies (:func:`share_embedding`), in a fixed order."""
+    return [p for p in model.parameters() if get_spec(p).pipeline_copies > 1]
 
 
 def expert_and_dense(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

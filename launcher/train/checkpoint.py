@@ -46,7 +46,7 @@ from torch import nn
 from launcher.errors import MoetronError
 from parallel.groups import ParallelGroups
 from parallel.optim.optimizer import TrainOptimizer
-from parallel.sharding import named_specs, replica_id, sharded_tensor
+from parallel.sharding import is_writer, named_specs, sharded_tensor
 
 log = logging.getLogger(__name__)
 LATEST = "latest"
@@ -374,7 +374,7 @@ def checkpoint_bytes(model: nn.Module, groups: ParallelGroups, with_optimizer: b
     """Bytes one checkpoint of ``model`` takes (weights in fp32, AdamW's two moments, buffers, 64 KiB per rank of
     metadata and RNG/data state); collective over the world."""
     copies = 3 if with_optimizer else 1
-    local = sum(p.numel() * 4 * copies for _, p, spec in named_specs(model) if replica_id(spec, groups) == (0, 0))
+    local = sum(p.numel() * 4 * copies for _, p, spec in named_specs(model) if is_writer(spec, groups))
     if groups.tp_rank == 0 and groups.dp_rank == 0:
         local += sum(b.numel() * b.element_size() for b in _persistent_buffers(model).values())
     total = torch.tensor([float(local + (64 << 10))], dtype=torch.float64, device=next(model.parameters()).device)

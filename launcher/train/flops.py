@@ -19,6 +19,10 @@ comparable across tools):
   ``F x D``), plus the shared expert when ``moe.shared_expert_ffn_hidden_size`` (F_s) > 0: a SwiGLU FFN of
   ``3 D F_s`` MACs every token runs, and its gate ``D x 1`` with ``moe.shared_expert_gate``. Layers in
   ``model.dense_layers`` have one SwiGLU FFN of width ``dense_ffn_hidden_size`` instead.
+- Multi-token prediction (``model.mtp_num_layers`` = K > 0), training only (evaluation does not run it): per
+  depth ``eh_proj`` ``2D x D``, one more MoE block (attention, router, experts, shared expert as above, with the
+  depth's own k) and one more LM head ``D x V``. The MTP blocks are ``k_per_layer``'s last K entries (layer indices
+  ``num_layers .. num_layers + K - 1``, ``ModelConfig.trained_moe_layer_indices``); their parameters always count.
 - Training = 3 x forward (backward = 2 x forward: grads w.r.t. inputs and w.r.t. weights). Activation
   recomputation is not counted (it is hardware work, not model work).
 
@@ -62,13 +66,15 @@ class ForwardFlops:
     experts: float
     dense_ffn: float
     lm_head: float
+    mtp_proj: float
+    """The MTP modules' ``eh_proj`` (0 without MTP or in evaluation); their blocks and heads are counted above."""
     experts_useful: float
     """Expert FLOPs the MoNE math needs (equals ``experts`` when MoNE is off)."""
 
     @property
     def executed(self) -> float:
         return (self.attn_proj + self.attn_scores + self.router + self.shared_experts + self.experts
-                + self.dense_ffn + self.lm_head)
+                + self.dense_ffn + self.lm_head + self.mtp_proj)
 
     @property
     def useful(self) -> float:
@@ -147,20 +153,26 @@ def expected_k(moe: MoEConfig) -> float:
     return float((probs_K * torch.arange(mm.k_min, mm.k_max + 1, dtype=torch.float64)).sum())
 
 
+def _mtp_depths(cfg: Config, training: bool) -> int:
+    """MTP modules a forward runs: ``model.mtp_num_layers`` in training, none in evaluation."""
+    return cfg.model.mtp_num_layers if training else 0
+
+
 def default_k_per_layer(cfg: Config, training: bool) -> list[float]:
-    """k of every MoE layer when the caller does not know the drawn values: the training mean, or the config's
-    evaluation k (``MoEConfig.eval_k_per_layer``)."""
-    n_moe = len(cfg.model.moe_layer_indices)
+    """k of every MoE layer a forward runs (training: the MTP blocks last) when the caller does not know the drawn
+    values: the training mean, or the config's evaluation k (``MoEConfig.eval_k_per_layer``)."""
     if training:
-        return [expected_k(cfg.moe)] * n_moe
-    return [float(k) for k in cfg.moe.eval_k_per_layer(n_moe)]
+        return [expected_k(cfg.moe)] * len(cfg.model.trained_moe_layer_indices)
+    return [float(k) for k in cfg.moe.eval_k_per_layer(len(cfg.model.moe_layer_indices))]
 
 
-def _check_k(cfg: Config, k_per_layer: Sequence[float]) -> list[float]:
-    n_moe = len(cfg.model.moe_layer_indices)
+def _check_k(cfg: Config, k_per_layer: Sequence[float], training: bool) -> list[float]:
+    mtp = _mtp_depths(cfg, training)
+    n_moe = len(cfg.model.moe_layer_indices) + mtp
     if len(k_per_layer) != n_moe:
         raise ValueError(f"k_per_layer has {len(k_per_layer)} values but the model has {n_moe} MoE layers "
-                         f"(num_layers={cfg.model.num_layers} minus dense_layers={cfg.model.dense_layers})")
+                         f"(num_layers={cfg.model.num_layers} minus dense_layers={cfg.model.dense_layers}"
+                         + (f", plus mtp_num_layers={mtp} in training)" if mtp else ")"))
     for k in k_per_layer:
         if not 0 <= k <= cfg.moe.num_experts:
             raise ValueError(f"k_per_layer value {k} is outside [0, moe.num_experts={cfg.moe.num_experts}]")
@@ -187,19 +199,21 @@ def forward_flops_per_token(cfg: Config, k_per_layer: Optional[Sequence[float]] 
     """Forward FLOPs per token (see the module docstring for what is counted)."""
     m = cfg.model
     d = m.hidden_size
-    ks = _check_k(cfg, default_k_per_layer(cfg, training) if k_per_layer is None else k_per_layer)
-    n_moe = len(ks)
-    n_dense = m.num_layers - n_moe
+    ks = _check_k(cfg, default_k_per_layer(cfg, training) if k_per_layer is None else k_per_layer, training)
+    mtp = _mtp_depths(cfg, training)
+    n_layers, n_moe = m.num_layers + mtp, len(ks)
+    n_dense = n_layers - n_moe
     attn = attention_count(cfg, seq_length or m.seq_length)
     expert_exec, expert_useful = _expert_macs(cfg)
     return ForwardFlops(
-        attn_proj=2.0 * m.num_layers * attn.proj_macs,
-        attn_scores=2.0 * m.num_layers * attn.score_macs,
+        attn_proj=2.0 * n_layers * attn.proj_macs,
+        attn_scores=2.0 * n_layers * attn.score_macs,
         router=2.0 * n_moe * d * cfg.moe.num_experts,
         shared_experts=2.0 * n_moe * _shared_expert_macs(cfg),
         experts=2.0 * sum(ks) * expert_exec,
         dense_ffn=2.0 * n_dense * 3 * d * m.dense_ffn_hidden_size,
-        lm_head=2.0 * d * m.vocab_size,
+        lm_head=2.0 * (1 + mtp) * d * m.vocab_size,
+        mtp_proj=2.0 * mtp * 2 * d * d,
         experts_useful=2.0 * sum(ks) * expert_useful,
     )
 
@@ -212,21 +226,26 @@ def training_flops(cfg: Config, k_per_layer: Optional[Sequence[float]] = None) -
 
 def param_counts(cfg: Config, k_per_layer: Optional[Sequence[float]] = None, training: bool = True) -> ParamCount:
     """Total and activated parameter counts of the block (no biases, untied embeddings; GQA's q/k norms or MLA's
-    latent norms)."""
+    latent norms). The MTP modules always count (the checkpoint holds them: per module enorm, hnorm, eh_proj,
+    one MoE block and its norm); their activated parameters count in training only (``k_per_layer`` as in
+    :func:`forward_flops_per_token`)."""
     m = cfg.model
     d, e = m.hidden_size, cfg.moe.num_experts
-    ks = _check_k(cfg, default_k_per_layer(cfg, training) if k_per_layer is None else k_per_layer)
-    n_moe = len(ks)
-    n_dense = m.num_layers - n_moe
+    ks = _check_k(cfg, default_k_per_layer(cfg, training) if k_per_layer is None else k_per_layer, training)
+    mtp_all, mtp_run = m.mtp_num_layers, _mtp_depths(cfg, training)
+    n_dense = m.num_layers - len(m.moe_layer_indices)
     attn_count = attention_count(cfg, m.seq_length)
     attn = attn_count.proj_macs + attn_count.norm_params  # one weight per projection MAC
-    common = 2 * m.vocab_size * d + d + m.num_layers * (attn + 2 * d)  # embed, head, final norm; 2 norms/layer
+    per_layer = attn + 2 * d  # attention and the block's 2 norms
+    mtp_extra = 3 * d + 2 * d * d  # enorm, hnorm, norm, eh_proj
+    common = 2 * m.vocab_size * d + d + m.num_layers * per_layer  # embed, head, final norm, layers
     dense_ffn = n_dense * 3 * d * m.dense_ffn_hidden_size
-    router = n_moe * e * d
-    shared_experts = n_moe * _shared_expert_macs(cfg)
+    moe_always = e * d + _shared_expert_macs(cfg)  # router and shared expert of one MoE layer
     expert_exec, expert_useful = _expert_macs(cfg)  # one MAC per weight per token
-    always = common + dense_ffn + router + shared_experts
-    return ParamCount(total=always + n_moe * e * expert_exec, activated=always + sum(ks) * expert_useful)
+    always = common + dense_ffn + len(m.moe_layer_indices) * moe_always
+    mtp_module = per_layer + mtp_extra + moe_always
+    return ParamCount(total=always + mtp_all * mtp_module + (len(m.moe_layer_indices) + mtp_all) * e * expert_exec,
+                      activated=always + mtp_run * mtp_module + sum(ks) * expert_useful)
 
 
 def executed_k_per_layer(stats_per_layer: Mapping[int, Union[LayerStepStats, MoELayerStats]]) -> list[float]:

@@ -136,6 +136,8 @@ class StepStats:
     """Non-finite steps skipped so far in this run."""
     useful_flops: Optional[float] = None
     """MoNE only: FLOPs the kept neurons need (FlopCount.train_per_step_useful)."""
+    mtp_loss: Optional[float] = None
+    """MTP only: ``mtp_loss_coeff`` times the mean over depths of their token-weighted losses (StepNumbers)."""
 
 
 @dataclass
@@ -163,7 +165,7 @@ def throughput(stats: StepStats, world_size: int, peak_flops: Optional[float]) -
 def training_scalars(stats: StepStats, perf: Throughput) -> dict[str, float]:
     """TensorBoard scalars of one log step, all in the ``train`` group (see the module docstring on ordering):
     loss, lr, grad norm, skipped steps and throughput; ``train/mfu`` only where the peak is known,
-    ``train/useful_tflops_per_device`` only for MoNE."""
+    ``train/useful_tflops_per_device`` only for MoNE, ``train/mtp_loss`` only with multi-token prediction."""
     out = {"train/loss": stats.loss, "train/lr": stats.lr, "train/grad_norm": stats.grad_norm,
            "train/skipped_steps": float(stats.skipped_steps), "train/step_time_s": stats.step_time_s,
            "train/tokens_per_s": perf.tokens_per_s, "train/tflops_per_device": perf.tflops_per_device}
@@ -171,6 +173,8 @@ def training_scalars(stats: StepStats, perf: Throughput) -> dict[str, float]:
         out["train/mfu"] = perf.mfu
     if perf.useful_tflops_per_device is not None:
         out["train/useful_tflops_per_device"] = perf.useful_tflops_per_device
+    if stats.mtp_loss is not None:
+        out["train/mtp_loss"] = stats.mtp_loss
     return out
 
 

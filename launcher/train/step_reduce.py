@@ -2,7 +2,8 @@
 
 :class:`PackedSum` is the mechanism (named float64 tensors packed into one buffer); :class:`StepReduction` is what
 the trainer packs: the loss as a (loss sum, label tokens) pair (:func:`pack_token_loss`, divided once by
-:func:`token_mean`; the objective is ``launcher.train.token_loss``'s), the squared gradient norm, whether any rank
+:func:`token_mean`; the objective is ``launcher.train.token_loss``'s), with MTP one such pair per depth, the
+squared gradient norm, whether any rank
 asked to stop (signals) and, per MoE layer, the statistics of every micro-batch (``moe_core.layer.MoELayerStats``),
 summed on the device as the step's micro-batches run (no host sync) and reduced into one :class:`LayerStepStats`
 per layer.
@@ -113,18 +114,23 @@ class StepNumbers:
     """Per MoE layer index (every layer of the model, whichever stage holds it)."""
     tokens_per_expert_dev: dict[int, torch.Tensor]
     """Per MoE layer, the step's summed tokens per expert on the device (the expert-bias update; no host trip)."""
+    mtp_loss: Optional[float] = None
+    """With MTP: ``mtp_loss_coeff`` times the mean over depths of each depth's token-weighted mean loss
+    (``train/mtp_loss``); None without."""
 
 
 class StepReduction:
     """Collects one step's MoE statistics on the device; :meth:`reduce` makes the step's numbers.
 
     ``moe_layers``: every MoE layer index of the model, in order; ``num_experts``: E; ``micro_batches``: the
-    step's micro-batches over all DP ranks (aux/z loss divisor); ``mone``: whether MoNE is on."""
+    step's micro-batches over all DP ranks (aux/z loss divisor); ``mone``: whether MoNE is on; ``mtp_depths``
+    and ``mtp_loss_coeff``: ``model.mtp_num_layers`` and ``model.mtp_loss_coeff``."""
 
     def __init__(self, groups: ParallelGroups, device: torch.device, moe_layers: list[int], num_experts: int,
-                 micro_batches: int, mone: bool):
+                 micro_batches: int, mone: bool, mtp_depths: int = 0, mtp_loss_coeff: float = 0.0):
         self.groups, self.device, self.moe_layers, self.num_experts = groups, device, moe_layers, num_experts
         self.micro_batches, self.mone = micro_batches, mone
+        self.mtp_depths, self.mtp_loss_coeff = mtp_depths, mtp_loss_coeff
         self._sums: dict[int, torch.Tensor] = {}
         """Per MoE layer of this stage, summed over the step's micro-batches so far: tokens per expert [E], then
         dropped routing slots, aux loss, z loss."""
@@ -138,13 +144,19 @@ class StepReduction:
             self._sums[idx] = self._sums.get(idx, 0) + row
 
     def _pack(self, loss_sums: list[torch.Tensor], label_tokens: float, norm_sq: torch.Tensor,
-              stop_requested: bool, local_layers: Mapping[int, MoELayer]) -> PackedSum:
+              stop_requested: bool, local_layers: Mapping[int, MoELayer], mtp_sums: list[torch.Tensor],
+              mtp_tokens: list[float]) -> PackedSum:
         packed, E = PackedSum(), self.num_experts
 
         def full(value: float) -> torch.Tensor:  # a fill on the device, no host-to-device copy
             return torch.full((1,), value, dtype=torch.float64, device=self.device)
 
         pack_token_loss(packed, loss_sums, label_tokens, self.device)
+        if self.mtp_depths:  # per depth: loss sums [K] and label tokens [K] (zeros off the last stage)
+            K = self.mtp_depths
+            packed.add("mtp_sum", torch.stack(mtp_sums).double().sum(0) if mtp_sums
+                       else torch.zeros(K, dtype=torch.float64, device=self.device))
+            packed.add("mtp_tokens", torch.cat([full(v) for v in (mtp_tokens or [0.0] * K)]))
         packed.add("norm_sq", norm_sq.to(self.device).reshape(1))
         packed.add("stop", full(float(stop_requested)))
         for idx in self.moe_layers:  # layers of other stages count zero here
@@ -158,12 +170,16 @@ class StepReduction:
         return packed
 
     def reduce(self, loss_sums: list[torch.Tensor], label_tokens: float, norm_sq: torch.Tensor,
-               stop_requested: bool, local_layers: Mapping[int, MoELayer]) -> StepNumbers:
+               stop_requested: bool, local_layers: Mapping[int, MoELayer], mtp_sums: Optional[list[torch.Tensor]] = None,
+               mtp_tokens: Optional[list[float]] = None) -> StepNumbers:
         """The step's numbers from this rank's micro-batch ``loss_sums`` (0-dim, last stage; empty elsewhere) and
         their ``label_tokens`` (``token_loss.label_tokens``; 0 off the last stage), squared gradient norm (device),
-        stop request and MoE layers (``model.moe_layers()``). Collective over the world."""
+        stop request and MoE layers (``model.moe_layers()``); with MTP each micro-batch's per-depth loss sums
+        (``mtp_sums``, [K] each) and the depths' label tokens (``token_loss.mtp_label_tokens``), both on the last
+        stage only. Collective over the world."""
         g, E = self.groups, self.num_experts
-        packed = self._pack(loss_sums, label_tokens, norm_sq, stop_requested, local_layers)
+        packed = self._pack(loss_sums, label_tokens, norm_sq, stop_requested, local_layers, mtp_sums or [],
+                            mtp_tokens or [])
         packed.all_reduce(g.distributed)
         layers, counts_dev = {}, {}
         for idx in self.moe_layers:
@@ -175,6 +191,11 @@ class StepReduction:
                 k=packed.host(f"k{idx}")[0] / (g.tp_size * g.dp_size),
                 mone_kept_fraction=packed.host(f"kept{idx}")[0] / (g.tp_size * g.dp_size) if self.mone else None)
         norm_sq_v = packed.host("norm_sq")[0] / g.world_size
+        mtp_loss = None
+        if self.mtp_depths:  # TP peers add identical pairs: the factor cancels in each division
+            means = [s / max(n, 1.0) for s, n in zip(packed.host("mtp_sum"), packed.host("mtp_tokens"))]
+            mtp_loss = self.mtp_loss_coeff * sum(means) / len(means)
         return StepNumbers(loss=token_mean(packed),
                            grad_norm=math.sqrt(norm_sq_v) if math.isfinite(norm_sq_v) else float("nan"),
-                           stop=packed.host("stop")[0] > 0, layers=layers, tokens_per_expert_dev=counts_dev)
+                           stop=packed.host("stop")[0] > 0, layers=layers, tokens_per_expert_dev=counts_dev,
+                           mtp_loss=mtp_loss)

@@ -128,9 +128,16 @@ class Trainer:
         """Lineage id of this run's checkpoints (a resumed run takes its checkpoint's; rank 0's is the one used)."""
         self.last_good: Optional[str] = None
         """The newest checkpoint saved outside a non-finite streak: pruning keeps it, a stopped run names it."""
-        self._reduction = StepReduction(groups, self.device, cfg.model.moe_layer_indices, cfg.moe.num_experts,
-                                        self.num_micro * groups.dp_size, cfg.moe.mone.enabled)
+        self._reduction = StepReduction(groups, self.device, cfg.model.trained_moe_layer_indices, cfg.moe.num_experts,
+                                        self.num_micro * groups.dp_size, cfg.moe.mone.enabled,
+                                        cfg.model.mtp_num_layers, cfg.model.mtp_loss_coeff)
         """The step's numbers: MoE statistics summed as micro-batches run, one all-reduce and host read per step."""
+        self._mtp_scale_K: Optional[torch.Tensor] = None
+        """This step's MTP gradient scales (``token_loss.mtp_gradient_scales``; last stage, MTP on)."""
+        self._mtp_sums: list[torch.Tensor] = []
+        """This step's per-micro-batch MTP loss sums [K] (detached, for ``train/mtp_loss``)."""
+        self.mtp_loss: Optional[float] = None
+        """The last training step's ``train/mtp_loss`` (None without MTP)."""
 
     # ------------------------------------------------------------ state
     def _per_rank_state(self) -> dict:
@@ -182,24 +189,44 @@ class Trainer:
         return ckpt
 
     # ------------------------------------------------------------ one step
-    def _forward(self, model, mb: dict, x: Optional[torch.Tensor]) -> torch.Tensor:
+    def _forward(self, model, mb: dict, x: Optional[torch.Tensor]):
         """One micro-batch through this stage: its output activations, or on the last stage its loss SUM over its
-        label tokens (fp32 0-dim; ``loss_mask`` weights each token, every label counts without one)."""
+        label tokens (fp32 0-dim; ``loss_mask`` weights each token, every label counts without one). Training with
+        MTP: ``(loss sum, MTP objective)`` (the depths' loss sums times this step's ``_mtp_scale_K``)."""
         inp = mb["tokens"].to(self.device) if x is None else x.to(self.compute_dtype)  # stages exchange fp32
+        mtp = bool(self.cfg.model.mtp_num_layers) and model.training and self.groups.is_last_stage
         with precision_context(self.cfg, self.groups):
-            out = model(inp)
+            out = model(inp, mb["tokens"].to(self.device)) if mtp else model(inp)
         if model.training:  # MoE statistics of training steps only (validation forwards run in eval mode)
             self._reduction.add_micro_batch(model.moe_layers())
         if not self.groups.is_last_stage:
             return out
-        losses = token_losses(out, mb["labels"].to(self.device), self.groups)
-        mask = mb.get("loss_mask")
-        return losses.sum() if mask is None else (losses * mask.to(self.device, torch.float32)).sum()
+        logits, mtp_logits = out if mtp else (out, [])
+        labels, mask = mb["labels"].to(self.device), mb.get("loss_mask")
+        losses = token_losses(logits, labels, self.groups)
+        loss_sum = losses.sum() if mask is None else (losses * mask.to(self.device, torch.float32)).sum()
+        if not mtp:
+            return loss_sum
+        sums_K = token_loss.mtp_loss_sums(mtp_logits, labels, None if mask is None else mask.to(self.device),
+                                          lambda logits_k, labels_k: token_losses(logits_k, labels_k, self.groups))
+        self._mtp_sums.append(sums_K.detach())
+        return loss_sum, (sums_K * self._mtp_scale_K).sum()
 
     def _label_tokens(self, micro: list[dict]) -> float:
         """This rank's share of the loss' divisor: the label tokens of its (CPU) micro-batches on the last stage,
         0 elsewhere (no loss there)."""
         return token_loss.label_tokens(micro) if self.groups.is_last_stage else 0.0
+
+    def _mtp_label_tokens(self, micro: list[dict]) -> list[float]:
+        """MTP only, on the last stage: each depth's label tokens of this rank's (CPU) micro-batches; sets this
+        step's MTP gradient scales from them (collective over the last stage's DP group). Elsewhere: []."""
+        K = self.cfg.model.mtp_num_layers
+        if not K or not self.groups.is_last_stage:
+            return []
+        tokens_K = token_loss.mtp_label_tokens(micro, K)
+        self._mtp_scale_K = token_loss.mtp_gradient_scales(tokens_K, self.cfg.model.mtp_loss_coeff, self.groups,
+                                                           self.device)
+        return tokens_K
 
     def _global_loss(self, loss_sums: list[torch.Tensor], tokens: float) -> float:
         """Token-weighted mean loss, made known on every rank (it lives on the last stage): (loss sum, label tokens)
@@ -230,6 +257,7 @@ class Trainer:
         self.optimizer.zero_grad()
         batches = [next(self.loader) for _ in range(self.num_micro)]
         tokens = self._label_tokens(batches)  # counted on the CPU batches, before they go to the device
+        mtp_tokens = self._mtp_label_tokens(batches)
         micro = [self._to_device(mb) for mb in batches]
         loss_sums = forward_backward(self.model, micro, self._forward, self.groups, self.hidden_shape,
                                      loss_scale=token_loss.gradient_scale(tokens, self.groups, self.device),
@@ -238,7 +266,9 @@ class Trainer:
             self.optimizer.reduce_grads()
             norm_sq = self.optimizer.grad_norm_sq()
         stop_requested = preemption is not None and preemption.requested
-        step = self._reduction.reduce(loss_sums, tokens, norm_sq, stop_requested, self.model.moe_layers())
+        step = self._reduction.reduce(loss_sums, tokens, norm_sq, stop_requested, self.model.moe_layers(),
+                                      self._mtp_sums, mtp_tokens)
+        self._mtp_sums, self.mtp_loss = [], step.mtp_loss
         if not (math.isfinite(step.loss) and math.isfinite(step.grad_norm)):
             return step.loss, step.grad_norm, step.layers, step.stop
         with phase("optimizer"):
@@ -406,7 +436,7 @@ class Trainer:
         fc = flops.training_flops(self.cfg, k_per_layer=flops.executed_k_per_layer(layer_stats))
         stats = StepStats(step=self.step, loss=loss, lr=lr_at(self.cfg, self.step), grad_norm=norm,
                           step_time_s=step_time, tokens=fc.tokens_per_step, flops=fc.train_per_step,
-                          skipped_steps=self.skipped,
+                          skipped_steps=self.skipped, mtp_loss=self.mtp_loss,
                           useful_flops=fc.train_per_step_useful if self.cfg.moe.mone.enabled else None)
         perf = throughput(stats, self.groups.world_size, self.peak)
         scalars = {**training_scalars(stats, perf), **moe_layer_scalars(layer_stats, self.cfg.moe)}

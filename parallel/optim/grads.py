@@ -6,7 +6,9 @@ L_d by dp / the global label-token count, so L is the token-weighted mean: launc
   * expert params are replicated over the expert-DP group. After the EP all-to-all backward, an expert's grad on
     its owner already sums the contributions of every token its EP group sent it; summing over expert-DP adds the
     other EP groups, so the sum covers every DP rank's tokens exactly once -> divide by the DENSE dp as well.
-Per-head q/k-norm weights under TP are first summed over TP (each rank saw only its heads).
+Per-head q/k-norm weights under TP are first summed over TP (each rank saw only its heads). The embedding copy
+MTP puts on the last pipeline stage (``parallel.sharding.share_embedding``) is summed with the first stage's over
+the embedding group after the DP reduction (:func:`sum_pipeline_copies`), so both copies take the same update.
 Norm: sum over local params of ||g||^2 / (number of ranks holding that same shard), all-reduced over the world:
 every distinct shard is counted exactly once, whatever the TP/PP/EP layout.
 """
@@ -20,7 +22,7 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from parallel.groups import ParallelGroups
-from parallel.sharding import expert_and_dense, get_spec, replication
+from parallel.sharding import expert_and_dense, get_spec, pipeline_shared, replication
 
 _BUCKET_ELEMS = 1 << 24
 
@@ -73,6 +75,18 @@ def sync_grads(model: nn.Module, groups: ParallelGroups) -> None:
     elif scale != 1.0:
         for g in expert_grads:
             g.mul_(scale)
+    sum_pipeline_copies([p.grad for p in pipeline_shared(model)], groups)
+
+
+def sum_pipeline_copies(grads: list[torch.Tensor], groups: ParallelGroups) -> None:
+    """Sum the gradients of parameters held by the first and the last pipeline stage (the MTP embedding copy) over
+    ``groups.embedding_group``, in place. Collective-only over that group; a no-op when ``grads`` is empty."""
+    if not grads:
+        return
+    if groups.embedding_group is None:
+        raise RuntimeError("parameters with pipeline copies need groups.embedding_group (parallel.groups.initialize "
+                           "sets it at PP > 1)")
+    _allreduce_bucketed(grads, groups.embedding_group, 1.0)
 
 
 def global_grad_norm_sq(model: nn.Module, groups: ParallelGroups) -> torch.Tensor:

@@ -39,9 +39,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from parallel.optim.grads import clip_grads, global_grad_norm_sq, sync_grads
+from parallel.optim.grads import clip_grads, global_grad_norm_sq, sum_pipeline_copies, sync_grads
 from parallel.groups import ParallelGroups, megatron_process_groups
-from parallel.sharding import get_spec, named_specs, sharded_tensor, tp_copies
+from parallel.sharding import get_spec, named_specs, pipeline_shared, sharded_tensor, tp_copies
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -268,9 +268,11 @@ class DistributedAdam(TrainOptimizer):
         for group in self.optimizer.param_groups:  # megatron leaves this to its scheduler: no decay on 1-D params
             group["weight_decay"] = cfg.weight_decay * group.get("wd_mult", 1.0)
         self._partial = [p for p in model.parameters() if get_spec(p).tp_partial_grad]
+        self._pipeline_shared = pipeline_shared(model)
         self.ddp_device = next(model.parameters()).device
-        self._tp_copies = {p: tp_copies(spec, groups) for _, p, spec in named_specs(model)}
-        """TP peers holding the same main-weight shard of each parameter (for :meth:`grad_norm_sq`)."""
+        self._copies = {p: tp_copies(spec, groups) * spec.pipeline_copies for _, p, spec in named_specs(model)}
+        """TP peers and pipeline stages holding the same main-weight shard of each parameter (for
+        :meth:`grad_norm_sq`)."""
         self._updates = 0
 
     def _sub_optimizers(self) -> list:
@@ -292,21 +294,25 @@ class DistributedAdam(TrainOptimizer):
         if self._partial and self.groups.tp_size > 1:  # per-head norms: each TP rank summed its own heads only
             for p in self._partial:
                 dist.all_reduce(p.main_grad, group=self.groups.tp_group)
+        # the MTP embedding copy: its own bucket (shared_embedding), so this rank's DP shard of it is the same
+        # elements on both stages and the sum of the whole buffers is exact where the optimizer reads it
+        sum_pipeline_copies([p.main_grad for p in self._pipeline_shared], self.groups)
 
     def grad_norm_sq(self) -> torch.Tensor:
         """Squared global norm of the fp32 main-weight gradients, kept on the device. Each element of a parameter's
         gradient lives in exactly one (expert-)DP rank's shard; a parameter replicated over TP (norms, the router,
         experts are not: EP owns them) has the same shard on every TP peer, so it counts 1/tp per peer
-        (``parallel.sharding.tp_copies``; ``global_grad_norm_sq`` divides the replicated AdamW's full gradients by
-        the whole ``replication``). megatron-core's own ``get_grad_norm`` is not used: it reads the norm on the host and
-        its TP-duplicate filter (``param.tensor_model_parallel``) drops every non-TP parameter on TP ranks > 0,
-        expert shards included, which undercounted the norm at TP > 1 with DP > 1."""
+        (``parallel.sharding.tp_copies``; the MTP embedding copy on the last stage halves it again;
+        ``global_grad_norm_sq`` divides the replicated AdamW's full gradients by the whole ``replication``).
+        megatron-core's own ``get_grad_norm`` is not used: it reads the norm on the host and its TP-duplicate filter
+        (``param.tensor_model_parallel``) drops every non-TP parameter on TP ranks > 0, expert shards included,
+        which undercounted the norm at TP > 1 with DP > 1."""
         self.optimizer.prepare_grads()  # main_grad shards -> fp32 main-weight .grad
         by_count: dict[int, list[torch.Tensor]] = {}
         for sub in self._sub_optimizers():
             for model_param, shard in _main_shards(sub).items():
                 if shard.grad is not None:
-                    by_count.setdefault(self._tp_copies[model_param], []).append(shard.grad)
+                    by_count.setdefault(self._copies[model_param], []).append(shard.grad)
         total = torch.zeros((), dtype=torch.float64, device=self.ddp_device)
         for copies, grads in by_count.items():
             total += torch.stack(torch._foreach_norm(grads)).double().square().sum() / copies

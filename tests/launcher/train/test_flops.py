@@ -37,7 +37,7 @@ def test_hand_count_tiny_config():
     cfg = tiny_cfg()
     fwd = forward_flops_per_token(cfg)
     assert fwd.as_dict() == dict(attn_proj=192.0, attn_scores=96.0, router=32.0, shared_experts=0.0, experts=240.0,
-                                 dense_ffn=144.0, lm_head=80.0, experts_useful=240.0)
+                                 dense_ffn=144.0, lm_head=80.0, mtp_proj=0.0, experts_useful=240.0)
     assert fwd.executed == fwd.useful == 784.0
     count = training_flops(cfg)
     assert count.tokens_per_step == 8 * 3
@@ -62,12 +62,33 @@ def test_hand_count_mla():
     # (two layers 84). The rest as in test_hand_count_tiny_config.
     fwd = forward_flops_per_token(tiny_cfg(*MLA))
     assert fwd.as_dict() == dict(attn_proj=496.0, attn_scores=168.0, router=32.0, shared_experts=0.0, experts=240.0,
-                                 dense_ffn=144.0, lm_head=80.0, experts_useful=240.0)
+                                 dense_ffn=144.0, lm_head=80.0, mtp_proj=0.0, experts_useful=240.0)
     no_lora = forward_flops_per_token(tiny_cfg(*MLA, "model.q_lora_rank=null"))
     assert no_lora.attn_proj == 496.0 - 2 * 2 * (36 - 4 * 2 * 4)  # one q_proj 4 x 2*(2+2) = 32 MACs instead
     # params: attention 124 + latent norms (4 + 3) = 131 per layer instead of GQA's 52
     p = param_counts(tiny_cfg(*MLA))
     assert (p.total, p.activated) == (532 + 2 * (131 - 52), 412.0 + 2 * (131 - 52))
+
+
+def test_hand_count_mtp():
+    # model.mtp_num_layers=2 adds per depth, in training: eh_proj 8*4 = 32 MACs, an MoE block (attention 48 + scores
+    # 24 + router 16 + 2 experts of 60) = 208 MACs, and an LM head 40 MACs; so 2 * 280 = 560 more MACs per token.
+    cfg = tiny_cfg("model.mtp_num_layers=2")
+    fwd = forward_flops_per_token(cfg)
+    assert fwd.as_dict() == dict(attn_proj=2 * 4 * 48.0, attn_scores=2 * 4 * 24.0, router=2 * 3 * 16.0,
+                                 shared_experts=0.0, experts=2 * 3 * 2 * 60.0, dense_ffn=144.0, lm_head=2 * 3 * 40.0,
+                                 mtp_proj=2 * 2 * 32.0, experts_useful=2 * 3 * 2 * 60.0)
+    assert fwd.executed == 784.0 + 2 * 560
+    assert forward_flops_per_token(cfg, k_per_layer=[2, 1, 3]).experts == 2 * 6 * 60.0  # MTP blocks last
+    # evaluation runs the main model only
+    assert forward_flops_per_token(cfg, training=False).executed == 784.0
+    # params: per module enorm/hnorm/norm 12 + eh_proj 32 + block (attn 48 + q/k norms 4 + 2 norms 8 + router 16
+    # + 4 experts * 60) = 360; activated in training swaps 4 experts for 2: 240
+    p = param_counts(cfg)
+    assert (p.total, p.activated) == (532 + 2 * 360, 412.0 + 2 * 240)
+    assert param_counts(cfg, training=False).activated == 412.0
+    with pytest.raises(ValueError, match="plus mtp_num_layers=2 in training"):
+        forward_flops_per_token(cfg, k_per_layer=[2])
 
 
 def test_mone_executed_vs_useful():
@@ -157,11 +178,11 @@ _PROFILE_SCRIPT = textwrap.dedent("""
     tokens_BS = torch.randint(0, cfg.model.vocab_size, (2, cfg.model.seq_length))
     prof = FlopsProfiler(model)
     prof.start_profile()
-    model(tokens_BS)
+    model(tokens_BS, tokens_BS if training and cfg.model.mtp_num_layers else None)
     out = dict(flops=prof.get_total_flops(), macs=prof.get_total_macs(), params=prof.get_total_params(),
                tokens=tokens_BS.numel())
     prof.end_profile()
-    stats = {i: layer.last_stats for i, layer in model.moe_layers().items()}
+    stats = {i: layer.last_stats for i, layer in model.moe_layers().items() if layer.last_stats is not None}
     out.update(k=[stats[i].k for i in sorted(stats)], executed_k=executed_k_per_layer(stats))
     print(json.dumps(out))
 """)
@@ -194,6 +215,10 @@ VARIANTS = {
     # Qwen2-MoE-style gated shared expert next to MoNE routed experts
     "shared-expert-gate-mone-train": (["moe.shared_expert_ffn_hidden_size=80", "moe.shared_expert_gate=true",
                                        "moe.mone.enabled=true"], "train"),
+    # multi-token prediction: two MTP modules (eh_proj, an M-MoE block each, the shared LM head) run in training
+    "mtp-mmoe-train": (["model.mtp_num_layers=2", "moe.matryoshka.enabled=true", "moe.matryoshka.k_min=1",
+                        "moe.matryoshka.k_max=4"], "train"),
+    "mtp-eval": (["model.mtp_num_layers=1"], "eval"),
 }
 
 
@@ -212,7 +237,7 @@ def test_matches_deepspeed_flops_profiler(name):
     ds = _deepspeed_profile(overrides, mode)
     if mode == "eval":
         assert ds["executed_k"] == default_k_per_layer(cfg, training=False)
-    fwd = forward_flops_per_token(cfg, k_per_layer=ds["executed_k"])
+    fwd = forward_flops_per_token(cfg, k_per_layer=ds["executed_k"], training=mode == "train")
     assert ds["params"] == param_counts(cfg).total
     assert ds["macs"] == pytest.approx(fwd.executed / 2 * ds["tokens"], rel=1e-9)
     elementwise = ds["flops"] - 2 * ds["macs"]
