@@ -1,5 +1,6 @@
 """Training end to end on CPU: loss goes down, TensorBoard events and checkpoints are written, and a run
-resumed from a checkpoint reproduces the uninterrupted run's losses exactly (single rank and TP=2 x EP=2)."""
+resumed from a checkpoint reproduces the uninterrupted run's losses exactly (single rank, TP=2 x EP=2, and PP=2 x
+DP=2 with multi-token prediction); an MTP checkpoint holds one embedding and loads at another layout."""
 import math
 
 import pytest
@@ -30,8 +31,9 @@ def _run(world, overrides):
     return run_distributed(_train, world, overrides)[0]
 
 
-@pytest.mark.parametrize("world,extra", [(1, ()), (4, ("parallel.tp=2", "parallel.ep=2"))],
-                         ids=["single", "tp2-ep2"])
+@pytest.mark.parametrize("world,extra", [(1, ()), (4, ("parallel.tp=2", "parallel.ep=2")),
+                                         (4, ("parallel.pp=2", "model.mtp_num_layers=2"))],
+                         ids=["single", "tp2-ep2", "pp2-dp2-mtp"])
 def test_resume_reproduces_uninterrupted_losses(tmp_path, world, extra):
     full = _run(world, _overrides(tmp_path / "full", 20, *extra))
     first = _run(world, _overrides(tmp_path / "split", 20, "train.exit_interval=10", *extra))
@@ -42,6 +44,25 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path, world, extra):
     assert sorted(second["losses"]) == list(range(10, 20))
     assert resumed == full["losses"]  # bit-identical on CPU
     assert full["losses"][19] < full["losses"][0]
+
+
+def test_mtp_checkpoint_holds_one_embedding_and_loads_at_another_layout(tmp_path):
+    """PP=2 with MTP keeps an embedding copy on the last stage; the checkpoint stores the first stage's only, and
+    a PP=1 run resumed from it continues the PP=2 run (same weights, same data: DP=1 both; fp32 sums in another
+    order, so not bit for bit)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    extra = ("model.mtp_num_layers=2", "checkpoint.interval=3")
+    full = _run(2, _overrides(tmp_path / "full", 6, "parallel.pp=2", *extra))
+    first = _run(2, _overrides(tmp_path / "split", 6, "parallel.pp=2", "train.exit_interval=3", *extra))
+    chunks = FileSystemReader(first["checkpoint"]).read_metadata().state_dict_metadata
+    assert len(chunks["model.embed_tokens.weight"].chunks) == 1
+    assert any(key.startswith("model.mtp.1.block.") for key in chunks)
+    assert "optim.exp_avg.mtp.0.eh_proj.weight" in chunks
+    second = _run(1, _overrides(tmp_path / "split", 6, *extra))
+    assert sorted(second["losses"]) == [3, 4, 5]
+    assert [second["losses"][s] for s in (3, 4, 5)] == pytest.approx([full["losses"][s] for s in (3, 4, 5)],
+                                                                      rel=1e-5)
 
 
 def test_compiled_pipeline_resume_reproduces_uninterrupted_losses(tmp_path):
