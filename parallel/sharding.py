@@ -165,14 +165,15 @@ def attach_specs(model: nn.Module, groups: ParallelGroups) -> None:
 
 
 def share_embedding(model: nn.Module, groups: ParallelGroups) -> None:
-    """Mark ``embed_tokens.weight`` as held by two pipeline stages when both the first stage (the input) and the
-    last one (the MTP modules) hold it: megatron-core's shared-embedding design. Both copies are drawn from the same
+    """Mark ``embed_tokens.weight`` of a ``MoETransformer`` stage as held by two pipeline stages when both the first
+    stage (the input) and the last one (the MTP modules, ``model.mtp_num_layers`` > 0) hold it: megatron-core's
+    shared-embedding design. Both copies are drawn from the same
     name-keyed generator (identical at init), their gradients are summed over ``groups.embedding_group`` before the
     optimizer step (``parallel/optim``), so they stay identical after every step; checkpoints write the first
     stage's (:func:`replica_id`). ``shared_embedding`` also gives it its own megatron-core gradient bucket, so the
     distributed optimizer shards it alike on both stages."""
     p = getattr(getattr(model, "embed_tokens", None), "weight", None)
-    if p is None or groups.pp_size == 1:
+    if p is None or groups.pp_size == 1 or not model.model_cfg.mtp_num_layers:
         return
     p.moetron_spec = dataclasses.replace(get_spec(p), pipeline_copies=2)
     p.shared_embedding = True

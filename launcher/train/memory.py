@@ -22,7 +22,11 @@ head: whichever is larger), by kind:
   ``b * 4 F_s / tp`` per token and MoE layer, as the dense FFN (its gate/up/activation/hidden), and with
   ``moe.shared_expert_gate`` ``b * (D + 1)`` (its output and the sigmoid, whole on every TP rank); its weights
   are dense parameters split over TP, the gate replicated. Allocator slack and temporaries are not included;
-  checked against measured steps at TP=1 (fp32 and bf16), not yet at TP > 1.
+  checked against measured steps at TP=1 (fp32 and bf16), not yet at TP > 1. Multi-token prediction
+  (``model.mtp_num_layers`` = K) puts K MTP modules on the last stage (weights: enorm, hnorm, eh_proj, one MoE
+  block, norm each; with PP > 1 also a copy of the embedding) and adds per token, per depth, an MoE layer's
+  activations plus ``b * 5 D`` (the two norm inputs, eh_proj's ``2 D`` input, the final norm's) and the logits'
+  ``4 V / tp + 12 D``.
 The estimate is checked against a measured CPU step in tests/launcher/train/test_memory_estimate.py.
 """
 from __future__ import annotations
@@ -81,8 +85,10 @@ def _stage_params(cfg: Config, tp: int, ep: int, pp: int) -> list[dict[str, int]
         parts = name.split(".")
         if parts[0] == "layers":
             owners = [int(parts[1]) // per_stage]
-        else:  # embedding on the first stage, final norm and LM head on the last
-            owners = [0] if parts[0] == "embed_tokens" else [pp - 1]
+        elif parts[0] == "embed_tokens":  # the first stage's; MTP on the last stage needs its own copy
+            owners = sorted({0, pp - 1}) if cfg.model.mtp_num_layers else [0]
+        else:  # final norm, LM head and the MTP modules on the last stage
+            owners = [pp - 1]
         kind = "expert" if "experts" in parts else "router" if "router" in parts else "dense"
         n = p.numel() // (tp if id(p) in split_by_tp else 1) // (ep if kind == "expert" else 1)
         for s in owners:
@@ -125,14 +131,18 @@ def estimate(cfg: Config, world_size: int) -> MemoryEstimate:
         moe_layers = round(n_moe_total / pp)
         # norms and residual inputs are whole on every TP rank; projections, attention and the routed slots (each TP
         # rank dispatches 1/tp of the tokens) are split over TP
-        per_token = layers * b * (4 * m.hidden_size + _attention_elements(cfg, tp)) + moe_layers * (
-            b * moe.top_k * (4 * moe.expert_ffn_hidden_size + 2 * m.hidden_size) / tp + 12 * moe.num_experts
-            + 20 * moe.top_k)
+        attention = b * (4 * m.hidden_size + _attention_elements(cfg, tp))
+        routed = (b * moe.top_k * (4 * moe.expert_ffn_hidden_size + 2 * m.hidden_size) / tp + 12 * moe.num_experts
+                  + 20 * moe.top_k)
+        shared = b * (4 * moe.shared_expert_ffn_hidden_size / tp
+                      + (m.hidden_size + 1 if moe.shared_expert_gate else 0))
+        per_token = layers * attention + moe_layers * routed
         per_token += (layers - moe_layers) * b * 4 * m.dense_ffn_hidden_size / tp
-        per_token += moe_layers * b * (4 * moe.shared_expert_ffn_hidden_size / tp
-                                       + (m.hidden_size + 1 if moe.shared_expert_gate else 0))
+        per_token += moe_layers * shared
         if stage == pp - 1:
-            per_token += 4 * m.vocab_size // tp + 12 * m.hidden_size
+            logits = 4 * m.vocab_size // tp + 12 * m.hidden_size
+            per_token += logits
+            per_token += m.mtp_num_layers * (attention + routed + shared + b * 5 * m.hidden_size + logits)
         activations = int(per_token * tokens * min(pp - stage, num_micro))
         est = MemoryEstimate(params, int(weights), 4 * params, int(optimizer), activations)
         best = est if best is None or est.total > best.total else best

@@ -2,7 +2,7 @@
 the bytes the trainer's parameters, gradients and optimizer really hold after a step, plus the bytes autograd
 really keeps for one micro-batch (saved-tensor hooks, parameter storage excluded) -- the live tensors at the step's
 peak, the end of the forward pass -- within 20% (measured: -0.2% default, -0.1% wide, -2.8% bf16, -1.2% mla,
--0.1% shared)."""
+-0.1% shared, -0.2% mtp)."""
 import pytest
 import torch
 
@@ -15,6 +15,7 @@ SHAPES = {
     "mla": ["model.attention=mla", "model.q_lora_rank=48", "model.kv_lora_rank=64", "model.qk_nope_head_dim=32",
             "model.qk_rope_head_dim=16", "model.v_head_dim=48"],  # v = n + r: the fused SDPA path, as on GPUs
     "shared": ["moe.shared_expert_ffn_hidden_size=512", "moe.shared_expert_gate=true"],  # Qwen2-MoE-style
+    "mtp": ["model.mtp_num_layers=2"],  # two MTP modules: an MoE block and the logits per depth
 }
 
 

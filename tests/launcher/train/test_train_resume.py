@@ -49,11 +49,17 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path, world, extra):
 def test_mtp_checkpoint_holds_one_embedding_and_loads_at_another_layout(tmp_path):
     """PP=2 with MTP keeps an embedding copy on the last stage; the checkpoint stores the first stage's only, and
     a PP=1 run resumed from it continues the PP=2 run (same weights, same data: DP=1 both; fp32 sums in another
-    order, so not bit for bit)."""
+    order, so not bit for bit). TensorBoard gets ``train/mtp_loss``; validation reports the main loss only."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from torch.distributed.checkpoint import FileSystemReader
 
-    extra = ("model.mtp_num_layers=2", "checkpoint.interval=3")
+    extra = ("model.mtp_num_layers=2", "checkpoint.interval=3", "train.eval_interval=3", "train.eval_batches=2")
     full = _run(2, _overrides(tmp_path / "full", 6, "parallel.pp=2", *extra))
+    acc = EventAccumulator(str(tmp_path / "full" / "tb"))
+    acc.Reload()
+    mtp = [e.value for e in acc.Scalars("train/mtp_loss")]
+    assert len(mtp) == 6 and all(0 < v < 0.1 * 2 * full["losses"][0] for v in mtp)  # coeff 0.1 x about the loss
+    assert [t for t in acc.Tags()["scalars"] if t.startswith("valid/")] == ["valid/loss"]
     first = _run(2, _overrides(tmp_path / "split", 6, "parallel.pp=2", "train.exit_interval=3", *extra))
     chunks = FileSystemReader(first["checkpoint"]).read_metadata().state_dict_metadata
     assert len(chunks["model.embed_tokens.weight"].chunks) == 1
