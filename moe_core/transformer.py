@@ -124,11 +124,16 @@ class MoETransformer(nn.Module):
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)
 
-    def moe_layers(self) -> dict[int, MoELayer]:
-        """This stage's MoE layers by layer index, the MTP modules' blocks (``num_layers + k - 1``) included."""
+    def blocks(self) -> dict[int, Block]:
+        """This stage's transformer blocks by layer index, the MTP modules' (``num_layers + k - 1``) last."""
         blocks = {int(i): blk for i, blk in self.layers.items()}
-        blocks.update({module.block.mlp.layer_idx: module.block for module in getattr(self, "mtp", ())})
-        return {i: blk.mlp for i, blk in blocks.items() if isinstance(blk.mlp, MoELayer)}
+        first_mtp = self.model_cfg.num_layers
+        blocks.update({first_mtp + k: module.block for k, module in enumerate(getattr(self, "mtp", ()))})
+        return blocks
+
+    def moe_layers(self) -> dict[int, MoELayer]:
+        """This stage's MoE layers by layer index, the MTP modules' blocks included."""
+        return {i: blk.mlp for i, blk in self.blocks().items() if isinstance(blk.mlp, MoELayer)}
 
     def set_step(self, step: int) -> None:
         """Tell every MoE layer the training step (M-MoE draws k per (seed, step, layer))."""

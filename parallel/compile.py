@@ -34,5 +34,5 @@ def compile_blocks(model: nn.Module, cfg: RunConfig) -> None:
     mm = cfg.moe.matryoshka
     ks = mm.k_max - mm.k_min + 1 if mm.enabled else 1
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * ks + _LIMIT_MARGIN)
-    for block in model.layers.values():
+    for block in model.blocks().values():  # the MTP modules' blocks too
         block.compile()

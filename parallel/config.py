@@ -130,7 +130,7 @@ class FP8Config:
     margin: NonNegativeInt = 0
     """te delayed recipe only: scales are divided by 2**margin (headroom against amax growth between steps)."""
     keep_first_last_bf16: bool = True
-    """Keep the first and last transformer layers in bf16."""
+    """Keep the first and last transformer layers (and the MTP modules' blocks after them) in bf16."""
 
 
 class _TrainSettings(Protocol):

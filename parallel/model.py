@@ -166,8 +166,8 @@ def build_model(cfg: RunConfig, groups: ParallelGroups, device: torch.device | N
     if cfg.train.precision == "fp8":
         from parallel.fp8.swap import convert_to_fp8  # lazy: bf16/fp32 runs never import FP8 code
 
-        for idx, block in model.layers.items():  # same Parameters keep their names and ShardSpecs
-            convert_to_fp8(block, cfg, int(idx))
+        for idx, block in model.blocks().items():  # same Parameters keep their names and ShardSpecs
+            convert_to_fp8(block, cfg, idx)
     if cfg.train.compile:  # after FP8 conversion, so the FP8 casts are compiled into the blocks
         compile_blocks(model, cfg)
     return model

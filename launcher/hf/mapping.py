@@ -102,6 +102,8 @@ def hf_config(cfg: Config, tokens: Mapping[str, int]) -> dict[str, Any]:
     _require(m.attention == "gqa" and m.rope_scaling.type == "default",
              f"HF export supports model.attention=gqa with plain RoPE only (this model: model.attention="
              f"{m.attention}, model.rope_scaling.type={m.rope_scaling.type}); no DeepseekV3 export yet")
+    _require(m.mtp_num_layers == 0, f"HF export has no layout for multi-token prediction modules (this model: "
+             f"model.mtp_num_layers={m.mtp_num_layers}); no DeepseekV3 export yet")
     _require(moe.score_function == "softmax" and moe.num_groups == 1 and moe.routed_scaling_factor == 1.0,
              f"HF export supports softmax routing only (this model: moe.score_function={moe.score_function}, "
              f"moe.num_groups={moe.num_groups}, moe.routed_scaling_factor={moe.routed_scaling_factor}); no "

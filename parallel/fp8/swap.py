@@ -116,12 +116,14 @@ def fp8_unavailable_here(cfg: RunConfig) -> Optional[str]:
 
 
 def fp8_layer_enabled(cfg: RunConfig, layer_idx: Optional[int] = None) -> bool:
-    """Whether transformer layer ``layer_idx`` runs in FP8 (None: whether any layer does)."""
+    """Whether transformer layer ``layer_idx`` runs in FP8 (None: whether any layer does). With
+    ``fp8.keep_first_last_bf16`` the first and last layers, and the MTP blocks after them (``layer_idx >=
+    num_layers``), stay bf16."""
     if cfg.train.precision != "fp8":
         return False
     if layer_idx is None or not cfg.fp8.keep_first_last_bf16:
         return True
-    return layer_idx not in (0, cfg.model.num_layers - 1)
+    return 0 < layer_idx < cfg.model.num_layers - 1
 
 
 # ---------------------------------------------------------------- autocast

@@ -181,3 +181,13 @@ def test_shared_experts_are_refused_with_one_line():
     with pytest.raises(ConfigError, match="HF export has no layout for shared experts yet .*"
                                           "moe.shared_expert_ffn_hidden_size=64"):
         hf_config(load_config(None, ["moe.shared_expert_ffn_hidden_size=64"]), {})
+
+
+def test_mtp_modules_are_refused_with_one_line():
+    """A Qwen3-MoE export would carry the MTP weights under keys no HF model reads: refuse instead."""
+    from launcher.config import ConfigError, load_config
+    from launcher.hf.mapping import hf_config
+
+    with pytest.raises(ConfigError, match="HF export has no layout for multi-token prediction modules .*"
+                                          "model.mtp_num_layers=1"):
+        hf_config(load_config(None, ["model.mtp_num_layers=1"]), {})
