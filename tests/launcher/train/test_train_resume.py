@@ -72,12 +72,13 @@ def test_mtp_checkpoint_holds_one_embedding_and_loads_at_another_layout(tmp_path
 
 
 def test_compiled_pipeline_resume_reproduces_uninterrupted_losses(tmp_path):
-    """train.compile with PP=2 and every routing feature: a resumed process (no compile history) gives the
+    """train.compile with PP=2, every routing feature and an MTP module (a compiled block on the last stage, which
+    also holds the embedding copy): a resumed process (no compile history) gives the
     uninterrupted run's losses bit for bit (it did not while megatron-core's param all-gather hooks broke the
     compiled graphs, from step 7 of 8 on)."""
     extra = ("train.precision=bf16", "train.compile=true", "parallel.pp=2", "moe.capacity_factor=0.5",
              "moe.mone.enabled=true", "moe.mone.balance_loss_coeff=0.01", "moe.matryoshka.enabled=true",
-             "moe.matryoshka.k_min=1", "moe.matryoshka.k_max=3", "moe.expert_bias=true")
+             "moe.matryoshka.k_min=1", "moe.matryoshka.k_max=3", "moe.expert_bias=true", "model.mtp_num_layers=1")
     full = _run(2, _overrides(tmp_path / "full", 8, *extra))
     first = _run(2, _overrides(tmp_path / "split", 8, "train.exit_interval=4", *extra))
     second = _run(2, _overrides(tmp_path / "split", 8, *extra))
