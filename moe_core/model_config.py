@@ -185,4 +185,5 @@ class ModelConfig:
                 raise ValueError(f"model.dense_layers: layer {i} is outside [0, {self.num_layers})")
         if self.mtp_num_layers >= self.seq_length:
             raise ValueError(f"model.mtp_num_layers ({self.mtp_num_layers}) must be < model.seq_length "
-                             f"({self.seq_length}): depth k predicts the token k + 1 positions ahead, inside the sample")
+                             f"({self.seq_length}): depth k predicts the token k + 1 positions ahead, inside the "
+                             "sample")

@@ -13,12 +13,14 @@ official DeepSeek-V3 weights (and vLLM's / SGLang's ``deepseek_mtp``, megatron-c
 which is what the released ``eh_proj`` expects. ``Emb`` and ``lm_head`` are the main model's (shared, not copies
 in the single-device model). ``Block_k`` is the main model's ``Block`` at layer index ``num_layers + k - 1``, always
 an MoE block (DeepSeek-V3's MTP layer is), so Matryoshka draws and MoE statistics key on that index. The next depth
-reads ``h^k`` (normed, as megatron-core chains its MTP layers).
+reads ``h^k`` (normed, as megatron-core chains its MTP layers; vLLM's multi-step drafting feeds the un-normed block
+output back instead; the official checkpoint has K = 1, where the two agree).
 
 Shifting: depth k reads ``t_{i+k}`` = ``tokens[i + k]`` and predicts ``labels[i + k]`` (``labels[j] = t_{j+1}``).
 Positions ``i >= S - k`` have no target inside the sample: their input token is filled with 0 and their loss mask
 is 0 (:func:`shift_left`), so the sequence keeps its length S (the same RoPE tables, shapes and per-sequence
-routing statistics as the main model; causal attention keeps the filled tail out of every earlier position).
+routing statistics as the main model; causal attention keeps the filled tail out of every earlier position; the
+tail still takes part in the MTP block's routing, its statistics and aux losses, as in megatron-core).
 
 Parameter names (checkpoint keys, stable; the Hugging Face converter maps them to DeepSeek-V3's
 ``model.layers.{num_hidden_layers + k - 1}.{enorm, hnorm, eh_proj, shared_head.norm, ...}``): ``mtp.{k-1}.enorm``,

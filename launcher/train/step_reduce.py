@@ -170,8 +170,8 @@ class StepReduction:
         return packed
 
     def reduce(self, loss_sums: list[torch.Tensor], label_tokens: float, norm_sq: torch.Tensor,
-               stop_requested: bool, local_layers: Mapping[int, MoELayer], mtp_sums: Optional[list[torch.Tensor]] = None,
-               mtp_tokens: Optional[list[float]] = None) -> StepNumbers:
+               stop_requested: bool, local_layers: Mapping[int, MoELayer],
+               mtp_sums: Optional[list[torch.Tensor]] = None, mtp_tokens: Optional[list[float]] = None) -> StepNumbers:
         """The step's numbers from this rank's micro-batch ``loss_sums`` (0-dim, last stage; empty elsewhere) and
         their ``label_tokens`` (``token_loss.label_tokens``; 0 off the last stage), squared gradient norm (device),
         stop request and MoE layers (``model.moe_layers()``); with MTP each micro-batch's per-depth loss sums
