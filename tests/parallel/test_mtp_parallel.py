@@ -126,6 +126,7 @@ def _trainer_steps(rank, world, steps, *extra):
                         "optim.distributed=true", "logging.run_dir=/nonexistent-unused", "model.mtp_num_layers=2",
                         *extra], groups=initialize(1, pp, 1))
     _feed(trainer, steps, global_batch=4, micro=2)
+    expected = _step0_mtp_loss(trainer.cfg, steps) if world == 1 else None
     out = []
     for _ in range(steps):
         loss, norm, _, _ = trainer.train_step()
@@ -134,12 +135,34 @@ def _trainer_steps(rank, world, steps, *extra):
     trainer.optimizer.sync_params()  # the last update's parameter all-gather (optim.overlap_param_gather)
     emb = dict(trainer.model.named_parameters()).get("embed_tokens.weight")
     return {"steps": out, "embedding": None if emb is None else emb.detach().clone(),
-            "stage": trainer.groups.pp_rank}
+            "stage": trainer.groups.pp_rank, "expected_mtp_loss": expected}
+
+
+def _step0_mtp_loss(cfg, steps):
+    """coeff * mean over depths of (sum of masked CE over the step's micro-batches / their depth label tokens),
+    from the initial weights: what ``train/mtp_loss`` must report for step 0."""
+    from launcher.train import token_loss
+    from parallel.groups import ParallelGroups
+    from parallel.model import build_model, token_losses
+    from tests.parallel.test_optimizer import _global_batches
+
+    single = ParallelGroups.single()
+    model = build_model(cfg, single)
+    model.set_step(0)
+    batch = _global_batches(steps, 4)[0]
+    micro = [{k: torch.cat([b[k] for b in batch[i:i + 2]]) for k in batch[0]} for i in (0, 2)]
+    with torch.no_grad():
+        sums = sum(_objective_parts(*model(mb["tokens"], mb["tokens"]),
+                                    {**mb, "loss_mask": mb.get("loss_mask", torch.ones(mb["labels"].shape))},
+                                    lambda a, b: token_losses(a, b, single))[1] for mb in micro)
+    counts = torch.tensor(token_loss.mtp_label_tokens(micro, cfg.model.mtp_num_layers))
+    return float(cfg.model.mtp_loss_coeff * (sums / counts).mean())
 
 
 def test_trainer_pp2_dp2_matches_single_process_and_keeps_embedding_copies_identical():
     steps = 3
     single = run_distributed(_trainer_steps, 1, steps)[0]
+    assert single["steps"][0][1] == pytest.approx(single["expected_mtp_loss"], rel=1e-5)
     pp2 = run_distributed(_trainer_steps, 4, steps, "parallel.pp=2")
     for (loss, mtp_loss, norm), (loss_p, mtp_loss_p, norm_p) in zip(single["steps"], pp2[0]["steps"]):
         assert mtp_loss is not None and mtp_loss > 0
