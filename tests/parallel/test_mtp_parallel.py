@@ -111,8 +111,7 @@ def _compare(rank, world_size, overrides):
 def test_mtp_matches_single_process(overrides):
     results = run_distributed(_compare, 4, overrides)
     checked = set().union(*(r["checked"] for r in results))
-    assert checked == set(results[0]["reference"]) and any(n.startswith("mtp.1.") or n.startswith("mtp.0.")
-                                                          for n in checked)
+    assert checked == set(results[0]["reference"]) and any(n.startswith("mtp.0.eh_proj") for n in checked)
     assert sum(r["share"] for r in results) == pytest.approx(results[0]["objective"], rel=1e-5)
     if "parallel.pp=2" in overrides:  # the last stage holds its own embedding copy; its gradient matched too
         assert all(r["embedding"] for r in results if r["last"] and not r["first"])
