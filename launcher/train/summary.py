@@ -68,8 +68,9 @@ def start_block(cfg: Config, groups: ParallelGroups, start_step: int, ckpt_root:
 def end_line(final_step: int, checkpoint: str | None, losses: dict[int, float], tokens: int, wall_s: float,
              stopped_early: bool = False) -> str:
     """``done: step N, ...`` (``stopped at step N of M`` when a signal or train.exit_interval ended the
-    run before train.steps), ``checkpoint C; final loss L, T tokens this run, wall H:MM:SS``."""
+    run before train.steps), ``checkpoint C`` (or ``no checkpoint written``) ``; final loss L, T tokens this run, wall H:MM:SS``."""
     finite = [v for _, v in sorted(losses.items()) if math.isfinite(v)]
     loss = f"final loss {finite[-1]:.4f}" if finite else ("no step run" if not losses else "no finite loss this run")
     what = f"stopped at step {final_step} (resume with the same command)" if stopped_early else f"done: step {final_step}"
-    return (f"{what}, checkpoint {checkpoint}; {loss}, {tokens:,} tokens this run, wall {_hms(wall_s)}")
+    saved = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint written"
+    return f"{what}, {saved}; {loss}, {tokens:,} tokens this run, wall {_hms(wall_s)}"
