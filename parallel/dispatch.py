@@ -54,7 +54,20 @@ from moe_core.permute import DeviceRouting, Permutation, group_by_device, make_p
     sum_tokens, unpermute_tokens
 from parallel.comm import ProcessGroup, all_to_all, check_group, gather_dim0, group_rank, group_size, split_dim0
 
-__all__ = ["AllToAllDispatcher", "EPState", "shard_moe_layer"]
+__all__ = ["AllToAllDispatcher", "DispatchCounts", "EPState", "shard_moe_layer"]
+
+
+@dataclass(frozen=True)
+class DispatchCounts:
+    """What one call of an EP dispatcher sent from this rank (host ints the call reads anyway; for metrics and
+    benchmarks, never read back by a dispatcher)."""
+
+    tokens: int
+    """This rank's tokens (its TP slice of the layer's tokens)."""
+    slots: int
+    """Their kept routing slots: the rows a dispatch without deduplication sends (``T*K`` without dropping)."""
+    rows: int
+    """Rows sent: one per (token, EP rank) pair, or one per slot where the dispatch is not deduplicated."""
 
 
 @dataclass
@@ -101,6 +114,8 @@ class AllToAllDispatcher(TokenDispatcher):
         self.num_local = num_experts // self.ep_size
         self.state_type: type[EPState] = EPState
         """The state class ``dispatch_preprocess`` makes (a subclass adds its own bookkeeping)."""
+        self.last_counts: Optional[DispatchCounts] = None
+        """What the last call sent from this rank (for metrics; None before the first call)."""
 
     def check_experts(self, experts: SwiGLUExperts) -> None:
         first = self.ep_rank * self.num_local
@@ -139,14 +154,16 @@ class AllToAllDispatcher(TokenDispatcher):
         splits = [L + 1] * P
         recv_PX = all_to_all(counts_PX.reshape(-1), splits, splits, self.ep_group).view(P, L + 1)
         send, recv = torch.stack([counts_PX, recv_PX]).tolist()
-        self.set_splits(state, [r[L] for r in send], [r[L] for r in recv], sum(sum(r[:L]) for r in recv))
+        self.set_splits(state, [r[L] for r in send], [r[L] for r in recv], sum(sum(r[:L]) for r in recv),
+                        sum(sum(r[:L]) for r in send))
         return self.send_rows(x_ND, state)
 
-    @staticmethod
-    def set_splits(state: EPState, send_rows: list[int], recv_rows: list[int], expert_slots: int) -> None:
-        """Host bookkeeping, no sync: rows this rank sends to / receives from each EP rank, and the routing slots
-        its experts compute."""
+    def set_splits(self, state: EPState, send_rows: list[int], recv_rows: list[int], expert_slots: int,
+                   slots_sent: int) -> None:
+        """Host bookkeeping, no sync: rows this rank sends to / receives from each EP rank, the routing slots its
+        experts compute, and ``last_counts`` (``slots_sent``: the kept slots of this rank's tokens)."""
         state.send_splits, state.recv_splits, state.expert_slots = send_rows, recv_rows, expert_slots
+        self.last_counts = DispatchCounts(state.perm.row_TK.shape[0], slots_sent, sum(send_rows))
 
     def send_rows(self, x_ND: torch.Tensor, state: EPState) -> torch.Tensor:
         """Collective-only: the rows (the first ``sum(send_splits)``) to their EP ranks, and beside them their

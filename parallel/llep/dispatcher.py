@@ -73,7 +73,7 @@ from moe_core.mone import neuron_balance_stats
 from parallel.comm import ProcessGroup, all_to_all, gather_dim0
 from parallel.config import LLEPConfig
 from moe_core.permute import Permutation, make_permutation, permute_tokens, unpermute_tokens
-from parallel.dispatch import AllToAllDispatcher, EPState
+from parallel.dispatch import AllToAllDispatcher, DispatchCounts, EPState
 from parallel.llep.balance import NeuronBalance, balance_loss_here, sum_moved_kept_counts
 from parallel.llep.plan import LLEPPlan, RankLayout, plan_llep, rank_layout
 
@@ -245,10 +245,12 @@ class LLEPDispatcher(AllToAllDispatcher):
         if layout is None:  # plain EP: AllToAllDispatcher's deduplicated rows, split sizes from the gathered counts
             L, me = self.num_local, self.ep_rank
             self.set_splits(state, counts_PX[me, E:].tolist(), counts_PX[:, E + me].tolist(),
-                            int(counts_PE[:, me * L:(me + 1) * L].sum()))
+                            int(counts_PE[:, me * L:(me + 1) * L].sum()), int(counts_PE[me].sum()))
             return self.send_rows(permute_tokens(x_tD, state.perm), state)
         state.plan, state.layout = plan, layout
         state.send_splits, state.recv_splits = layout.send_splits, layout.recv_splits
+        slots = sum(layout.send_splits)  # one row per slot
+        self.last_counts = DispatchCounts(state.perm.row_TK.shape[0], slots, slots)
         state.expert_perm = make_permutation(state.topk_idx_TK, E)
         state.send_N = _rows(layout.send_starts, layout.send_lengths, x_tD.device)
         x_ND = permute_tokens(x_tD, state.expert_perm)

@@ -6,7 +6,7 @@ runs ``LocalDispatcher`` over all ``E`` experts on one process and returns the o
 routing weights, expert weights) of ``sum(y * grad_TD)`` plus, with ``mone.balance_loss_coeff > 0``, plain EP's MoNE
 neuron balance loss: per EP rank the mean over that rank's experts (``E / ep_size`` consecutive ones) that have rows,
 summed over the ranks (the single-device layer's loss is the mean over all ``E``; plain EP normalises per rank).
-``record_sent_rows`` and ``device_pairs`` check the rows a deduplicated EP dispatch sends.
+``device_pairs`` counts the rows a deduplicated EP dispatch sends.
 """
 from __future__ import annotations
 
@@ -47,19 +47,6 @@ def plain_ep_reference(weights: list[torch.Tensor], mone: MoNEConfig, ep_size: i
     return dict(y=y_TD.detach(), x=x_TD.grad, w=w_TK.grad,
                 experts=[torch.zeros_like(p) if p.grad is None else p.grad
                          for p in (experts.w_gate_EFD, experts.w_up_EFD, experts.w_down_EDF)])
-
-
-def record_sent_rows(dispatcher) -> list[int]:
-    """The rows each call of an EP dispatcher's deduplicated send path (``send_rows``) sends, appended per call to
-    the returned list (an LLEP call that rebalances does not use that path and appends nothing)."""
-    sent, send_rows = [], dispatcher.send_rows
-
-    def recording(x_ND, state):
-        sent.append(sum(state.send_splits))
-        return send_rows(x_ND, state)
-
-    dispatcher.send_rows = recording
-    return sent
 
 
 def device_pairs(idx_TK: torch.Tensor, experts_per_device: int) -> int:

@@ -29,7 +29,7 @@ from parallel.config import LLEPConfig
 from parallel.dispatch import AllToAllDispatcher, shard_moe_layer
 from parallel.llep.dispatcher import LLEPDispatcher
 from tests.helpers.dist import run_distributed
-from tests.helpers.moe_reference import device_pairs, record_sent_rows
+from tests.helpers.moe_reference import device_pairs
 
 SEED, H, FFN, E, T = 11, 16, 24, 8, 16  # T tokens per micro-batch (divisible by tp)
 DEEPSEEK = {"score_function": "sigmoid", "num_groups": 4, "group_topk": 2, "expert_bias": True, "top_k": 3,
@@ -118,15 +118,13 @@ def _rank_main(rank: int, world: int) -> dict:
             layer = shard_moe_layer(build_layer(case), groups)
             if case in LLEP_CASES:
                 layer.dispatcher = LLEPDispatcher(groups.tp_group, groups.ep_group, E, LLEP_CASES[case])
-            sent = record_sent_rows(layer.dispatcher)
             x, g = batches(case, groups.dp_size)
             for step in steps:
                 res = _step(layer, x[groups.dp_rank], g[groups.dp_rank], step)
                 res.update(dp_rank=groups.dp_rank, ep_slices=ep_slices, first=layer.experts.first_expert,
                            num_local=layer.experts.num_local_experts,
                            rebalanced=getattr(layer.dispatcher, "last_stats", {}).get("rebalanced"),
-                           rows_sent=sent[-1] if sent else None)  # None: LLEP rebalanced
-                sent.clear()
+                           rows_sent=layer.dispatcher.last_counts.rows, slots_sent=layer.dispatcher.last_counts.slots)
                 out[(tp, ep, case, step)] = res
     return out
 
@@ -205,8 +203,10 @@ def test_deepseek_cases_send_one_row_per_token_and_group_and_llep_takes_both_pat
         d = r[(1, 4, "deepseek", 0)]["dp_rank"]
         idx_TK = layer.router(x[d], 3).topk_idx_TK
         assert max(len(set(row)) for row in (idx_TK // 2).tolist()) <= 2
-        assert r[(1, 4, "deepseek", 0)]["rows_sent"] == device_pairs(idx_TK, 2) <= 2 * T
-        assert r[(1, 4, "deepseek_llep_plain", 0)]["rows_sent"] == device_pairs(idx_TK, 2)
+        for case in ("deepseek", "deepseek_llep_plain"):
+            assert r[(1, 4, case, 0)]["rows_sent"] == device_pairs(idx_TK, 2) <= 2 * T
+            assert r[(1, 4, case, 0)]["slots_sent"] == 3 * T
+        assert r[(1, 4, "deepseek_llep", 0)]["rows_sent"] == 3 * T  # rebalanced: one row per slot
         assert r[(1, 4, "deepseek_llep", 0)]["rebalanced"] == 1.0
         assert r[(1, 4, "deepseek_llep_plain", 0)]["rebalanced"] == 0.0
 

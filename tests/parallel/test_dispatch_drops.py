@@ -28,7 +28,7 @@ from parallel.dispatch import AllToAllDispatcher
 from parallel.groups import initialize
 from parallel.llep.dispatcher import LLEPDispatcher
 from tests.helpers.dist import run_distributed
-from tests.helpers.moe_reference import device_pairs, plain_ep_reference, record_sent_rows
+from tests.helpers.moe_reference import device_pairs, plain_ep_reference
 
 E, K, D, F = 8, 2, 8, 6
 CASES = 16  # per layout
@@ -124,14 +124,16 @@ def _fuzz(rank: int, world: int) -> list[dict]:
                         experts=[g[first:first + L] for g in ref["experts"]])
             llep = LLEPDispatcher(groups.tp_group, groups.ep_group, E, LLEP_CFG)
             plain = AllToAllDispatcher(groups.tp_group, groups.ep_group, E)
-            rows = record_sent_rows(plain)
             for name, dispatcher in (("plain EP", plain), ("LLEP", llep)):
                 got = _run(dispatcher, weights, first, L, params["mone"], *batches[groups.dp_rank])
                 _check(got, want, f"case {case} {params} tp={tp} ep={ep} {name}")
             idx_TK = batches[groups.dp_rank][1]
             my_slice = idx_TK.chunk(tp)[groups.tp_rank] if idx_TK.shape[0] else idx_TK
-            assert rows == [device_pairs(my_slice, L)], f"case {case} tp={tp} ep={ep}: rows sent {rows}"
-            seen.append(dict(tokens=idx_TK.shape[0] // tp, sent=int((my_slice >= 0).sum()), rows=rows[0],
+            sent = int((my_slice >= 0).sum())
+            counts = plain.last_counts
+            assert (counts.tokens, counts.slots, counts.rows) == (my_slice.shape[0], sent, device_pairs(my_slice, L)), \
+                f"case {case} tp={tp} ep={ep}: {counts}"
+            seen.append(dict(tokens=idx_TK.shape[0] // tp, sent=sent, rows=counts.rows,
                              received=int(((group_batch[1] >= first) & (group_batch[1] < first + L)).sum()),
                              weights_moved=llep.last_stats["weights_moved"], all_empty=sum(params["tokens"]) == 0,
                              balance=params["mone"].balance_loss_coeff > 0))
