@@ -40,7 +40,7 @@ CASES = {  # name -> (MoEConfig overrides, training steps; M-MoE draws k per ste
     "capacity": ({"capacity_factor": 0.5}, (0,)),  # each expert keeps ceil(0.5*T*2/E) = 2 slots: many drops
     "mone": ({"mone": MoNEConfig(enabled=True, keep_ratio=0.5)}, (0,)),
     "mmoe": ({"matryoshka": MatryoshkaConfig(enabled=True, k_min=1, k_max=4)}, (0, 1, 2)),
-    "e4": ({"num_experts": 4}, (0,)),  # at ep=4 one expert per rank: received rows need no regrouping
+    "e4": ({"num_experts": 4}, (0,)),  # at ep=4 one expert per rank: a token's slots all on distinct ranks
     # DeepSeek-V3's router: sigmoid scores, 4 groups of 2 experts (one group per EP rank at ep=4), a token's 2 best
     # groups, a selection bias, scaled gates, a shared expert; k=3 puts 2 slots of most tokens on one EP rank
     "deepseek": (DEEPSEEK, (0,)),

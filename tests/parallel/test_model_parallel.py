@@ -104,14 +104,15 @@ def _compare(rank, world_size, overrides):
      "model.rope_scaling.factor=4", "model.rope_scaling.original_max_position_embeddings=8",
      "model.rope_scaling.mscale_all_dim=1.0"),
     ("parallel.tp=2", "parallel.pp=2", *MLA),
-    ("parallel.tp=2", "parallel.ep=2", *GATED, "moe.mone.enabled=true", "moe.matryoshka.enabled=true",
-     "moe.matryoshka.k_min=1", "moe.matryoshka.k_max=3", "moe.capacity_factor=1.0"),
+    # MoNE in the shared expert too: its 20 of 40 kept neurons per token chosen over both TP ranks' halves
+    ("parallel.tp=2", "parallel.ep=2", *GATED, "moe.mone.enabled=true", "moe.mone.shared_experts=true",
+     "moe.matryoshka.enabled=true", "moe.matryoshka.k_min=1", "moe.matryoshka.k_max=3", "moe.capacity_factor=1.0"),
     # LLEP forced onto its rebalancing path (every imbalance >= 1.0 triggers it)
     ("parallel.tp=2", "parallel.ep=2", *SHARED, "moe.dispatcher=llep", "moe.llep.imbalance_threshold=1.0",
      "moe.llep.min_tokens_per_gemm=1"),
     ("parallel.pp=2", "parallel.ep=2", "train.global_batch_size=8", *GATED),
 ], ids=["tp2-ep2", "pp2-ep2", "tp2-pp2", "tp2-ep2-mone-mmoe", "tp2-ep2-mla-q-lora-yarn", "tp2-pp2-mla",
-        "tp2-ep2-shared-gate-mone-mmoe-capacity", "tp2-ep2-llep-shared", "pp2-ep2-dp2-shared-gate"])
+        "tp2-ep2-shared-gate-mone-shared-mmoe-capacity", "tp2-ep2-llep-shared", "pp2-ep2-dp2-shared-gate"])
 def test_model_parallel_matches_single_process(overrides):
     results = run_distributed(_compare, 4, overrides)
     assert any(r["last"] for r in results)
