@@ -35,8 +35,8 @@ and an all-gather backward):
   combine_postprocess   local       back to expert-sorted order, then the router-weighted sum per token (balance
                                     loss on: this rank's part of plain EP's loss attached to the output)
 
-Host syncs per call: the count copy of ``token_dispatch`` plus what ``make_permutation`` needs, never more than
-plain EP (tests/parallel/test_llep_syncs.py counts them).
+Host syncs per call: the count copy of ``token_dispatch`` (``make_permutation`` and the layout need none), never
+more than plain EP (tests/parallel/test_llep_syncs.py counts them).
 
 Gradients: the weight exchange's backward sends the gradient of every received weight back to its home rank by
 batched P2P, overlapped with the token-gradient all-to-all, and adds it in place into the gradient of the home
