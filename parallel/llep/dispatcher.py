@@ -70,9 +70,9 @@ import torch.distributed as dist
 from moe_core.aux_loss import AuxLossAutoScaler
 from moe_core.experts import SwiGLUExperts
 from moe_core.mone import neuron_balance_stats
+from moe_core.permute import Permutation, make_permutation, permute_tokens, unpermute_tokens
 from parallel.comm import ProcessGroup, all_to_all, gather_dim0
 from parallel.config import LLEPConfig
-from moe_core.permute import Permutation, make_permutation, permute_tokens, unpermute_tokens
 from parallel.dispatch import AllToAllDispatcher, DispatchCounts, EPState
 from parallel.llep.balance import NeuronBalance, balance_loss_here, sum_moved_kept_counts
 from parallel.llep.plan import LLEPPlan, RankLayout, plan_llep, rank_layout
