@@ -16,6 +16,12 @@ The row movement is kernels/permute.py (fused Triton kernels on CUDA, their torc
 directions are gathers in forward AND backward (via the inverse map ``row_TK``), so no pass needs an atomic
 scatter-add: on a GPU, autograd's default ``index_select`` backward (bf16 atomics over T*K*D values) was the
 largest non-GEMM cost of an MoE layer.
+
+Deduplicated EP dispatch (:func:`group_by_device`): the same machinery one level up. Keying each token's FIRST
+slot on a device by that device (its other slots there dropped) gives a :class:`Permutation` with one row per
+(token, device) pair; the pair's slots travel beside the row and the receiving device expands it with
+:func:`make_permutation` of their local expert ids, and sums the weighted outputs back into one row
+(:func:`unpermute_tokens`); the sender adds up a token's rows (:func:`sum_tokens`).
 """
 from __future__ import annotations
 
