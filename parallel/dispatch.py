@@ -19,8 +19,8 @@ expands the row into one row per slot for its experts' grouped GEMMs and sums th
 row, so each (token, rank) pair also returns one row. Never more rows than one per slot (``T*K``), fewer whenever
 a token has two slots on one rank. Numerics: the weighted sum of a token's outputs is split into one partial sum
 per EP rank (fp32 accumulation each, rounded to the activation dtype) and the sum of the partials; in fp32 that is
-a reordering of the additions, in bf16 one more rounding per partial sum (megatron-core's DeepEP path does the
-same).
+a reordering of the additions, in bf16 one more rounding per partial sum (megatron-core's DeepEP dispatcher
+also sums a token's local expert outputs before its return exchange).
 
 Phases (``moe_core.dispatcher``; the TP split in ``dispatch_preprocess`` is local in forward and an all-gather in
 backward):
