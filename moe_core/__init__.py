@@ -6,10 +6,11 @@ from moe_core.dispatcher import DispatchState, TokenDispatcher, dispatch_compute
 from moe_core.layer import LocalDispatcher, MoELayer, MoELayerStats
 from moe_core.matryoshka import KSchedule
 from moe_core.mone import mone_swiglu_torch
-from moe_core.permute import Permutation, make_permutation, permute_tokens, sort_by_expert, unpermute_tokens
+from moe_core.permute import DeviceRouting, Permutation, group_by_device, make_permutation, permute_tokens, \
+    sort_by_expert, sum_tokens, unpermute_tokens
 from moe_core.router import RouterOutput, TopKRouter
 
-__all__ = ["AuxLossAutoScaler", "DispatchState", "KSchedule", "LocalDispatcher", "MoELayer", "MoELayerStats",
+__all__ = ["AuxLossAutoScaler", "DeviceRouting", "DispatchState", "KSchedule", "LocalDispatcher", "MoELayer", "MoELayerStats",
            "Permutation", "RouterOutput", "SwiGLUExperts", "TokenDispatcher", "TopKRouter", "dispatch_compute_combine",
-           "make_permutation", "mone_swiglu_torch", "permute_tokens", "sort_by_expert", "swiglu_reference",
-           "unpermute_tokens"]
+           "group_by_device", "make_permutation", "mone_swiglu_torch", "permute_tokens", "sort_by_expert",
+           "sum_tokens", "swiglu_reference", "unpermute_tokens"]

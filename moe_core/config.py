@@ -29,6 +29,10 @@ class MoNEConfig:
     """Optional neuron-level load-balance loss coefficient (0 disables)."""
     backend: Literal["auto", "torch", "triton"] = "auto"
     """Neuron-selection implementation: auto = Triton kernels on CUDA, torch elsewhere."""
+    shared_experts: bool = False
+    """Also select neurons inside the shared expert (needs enabled and moe.shared_expert_ffn_hidden_size > 0): each
+    token keeps its top round(keep_ratio * shared_expert_ffn_hidden_size) shared-expert neurons by the same score
+    (with tensor parallelism the scores are gathered over TP, so the kept set is the single-device one)."""
 
 
 @dataclass
@@ -178,6 +182,9 @@ class MoEConfig:
         if self.top1_gate != "probability" and (self.top_k > 1 or self.matryoshka.enabled):
             raise ValueError(f"moe.top1_gate={self.top1_gate} applies to top-1 models (moe.top_k=1 without "
                              "Matryoshka) only: every other renormalised model gates k = 1 straight-through already")
+        if self.mone.shared_experts and not (self.mone.enabled and self.shared_expert_ffn_hidden_size):
+            raise ValueError("moe.mone.shared_experts=true needs moe.mone.enabled=true and a shared expert "
+                             "(moe.shared_expert_ffn_hidden_size > 0); set them or moe.mone.shared_experts=false")
         if self.shared_expert_gate and not self.shared_expert_ffn_hidden_size:
             raise ValueError("moe.shared_expert_gate=true needs a shared expert: set moe.shared_expert_ffn_hidden_size "
                              "> 0 or moe.shared_expert_gate=false")

@@ -10,17 +10,21 @@ of split sizes the communication itself needs); :func:`dispatch_compute_combine`
 ====================  ==========  ===========================================================  ================
 phase                 kind        does                                                         profiler phase
 ====================  ==========  ===========================================================  ================
-dispatch_preprocess   local       group the slots by expert, rows ``x_ND``                     ``permute``
+dispatch_preprocess   local       group the slots by expert (or device), rows ``x_ND``         ``permute``
 token_dispatch        collective  rows to the devices holding their experts, ``x_MD``          ``dispatch``
 dispatch_postprocess  local       received rows grouped by held expert; rows per expert        ``permute``
 compute_experts       local       the experts on their rows (default: ``experts(x, counts)``)  ``experts``
-combine_preprocess    local       expert outputs back into the order they were received in     ``unpermute``
-token_combine         collective  outputs back to the devices the slots came from, ``y_ND``    ``combine``
-combine_postprocess   local       router-weighted sum per token                                ``unpermute``
+combine_preprocess    local       expert outputs back to one row per row received              ``unpermute``
+token_combine         collective  outputs back to the devices the rows came from, ``y_ND``     ``combine``
+combine_postprocess   local       the sum per token (router-weighted here or before)          ``unpermute``
 gather_output         collective  the layer's output rows from every device that split them    ``combine``
 ====================  ==========  ===========================================================  ================
 
-A local-only dispatcher (:class:`moe_core.layer.LocalDispatcher`) makes its collective phases the identity.
+A local-only dispatcher (:class:`moe_core.layer.LocalDispatcher`) makes its collective phases the identity. The
+router weights are applied once: in ``combine_postprocess`` when each routing slot travels as its own row (the
+local dispatcher), or in ``combine_preprocess`` when a device receives a token once with several of its slots
+(the deduplicated EP dispatcher, parallel/dispatch.py: it sums the token's weighted outputs of its experts there,
+and ``combine_postprocess`` adds up the token's rows).
 Everything one call needs between its phases travels in that call's :class:`DispatchState` (a dispatcher subclasses
 it for its own bookkeeping), never on the dispatcher: activation recomputation and pipeline micro-batches in flight
 each get their own state. A new transport (an all-gather dispatcher for small EP, DeepEP) is a new
@@ -63,9 +67,10 @@ class DispatchState:
     experts: SwiGLUExperts
     """The experts held by this device (``experts.first_expert`` .. ``+ num_local_experts - 1``)."""
     perm: Permutation
-    """This device's routing slots grouped by expert (the slots it sends and later combines)."""
+    """This device's rows to send, grouped by expert (one per routing slot) or by destination device (one per
+    (token, device) pair); the rows it later combines."""
     topk_weight_TK: torch.Tensor
-    """fp32 router weights of those slots (0 where dropped): the combine's weights."""
+    """fp32 router weights of this device's routing slots (0 where dropped): the combine's weights."""
     tokens_per_expert: Optional[torch.Tensor] = None
     """int64 rows per held expert of the expert input, on the rows' device; set by ``dispatch_postprocess``."""
 
@@ -100,7 +105,8 @@ class TokenDispatcher(abc.ABC):
 
     @abc.abstractmethod
     def combine_preprocess(self, y_MD: torch.Tensor, state: DispatchState) -> torch.Tensor:
-        """Local-only: inverse of ``dispatch_postprocess``'s reordering (outputs in the order rows arrived)."""
+        """Local-only: inverse of ``dispatch_postprocess``'s reordering (one output per row, in the order the rows
+        arrived; a row that carried several slots gets their router-weighted sum)."""
 
     @abc.abstractmethod
     def token_combine(self, y_MD: torch.Tensor, state: DispatchState) -> torch.Tensor:
@@ -108,7 +114,8 @@ class TokenDispatcher(abc.ABC):
 
     @abc.abstractmethod
     def combine_postprocess(self, y_ND: torch.Tensor, state: DispatchState) -> torch.Tensor:
-        """Local-only: ``y_t = sum_k w_tk * y_row(t, k)`` in this device's token order (fp32 accumulation)."""
+        """Local-only: ``y_t = sum_k w_tk * y_row(t, k)`` in this device's token order (fp32 accumulation; the
+        weights applied here or, per received row, in ``combine_preprocess``)."""
 
     def gather_output(self, y_tD: torch.Tensor, state: DispatchState) -> torch.Tensor:
         """Collective-only: the layer's output from the token rows this device combined. Default: the identity

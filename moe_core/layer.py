@@ -10,7 +10,8 @@ provide the expert-parallel ones. Every forward leaves a :class:`MoELayerStats` 
 Shared expert (``moe.shared_expert_ffn_hidden_size`` > 0): ``y = routed(x) + shared(x)``, times
 ``sigmoid(shared_expert_gate(x))`` on the shared term with ``moe.shared_expert_gate`` (Qwen2-MoE; without it
 DeepSeek-V3). ``shared_expert`` is a :class:`~moe_core.layers.SwiGLUMLP` built by the layer factory (TP-parallel
-like the dense FFN), ``shared_expert_gate`` a [1, D] :class:`~moe_core.layers.ReplicatedLinear` (whole on every TP
+like the dense FFN; with ``moe.mone.shared_experts`` a :class:`~moe_core.mone.MoNESwiGLUMLP`, MoNE's neuron selection
+inside it), ``shared_expert_gate`` a [1, D] :class:`~moe_core.layers.ReplicatedLinear` (whole on every TP
 rank: its input and output are TP-replicated, so its gradient comes out whole too). The driver computes it between
 the dispatch and the combine (``moe_core.dispatcher``), where an asynchronous transport overlaps it.
 """
@@ -29,6 +30,7 @@ from moe_core.dispatcher import DispatchState, TokenDispatcher, dispatch_compute
 from moe_core.experts import SwiGLUExperts
 from moe_core.layers import LayerFactory, ReplicatedLinear, SwiGLUMLP
 from moe_core.matryoshka import KSchedule
+from moe_core.mone import MoNESwiGLUMLP
 from moe_core.permute import make_permutation, permute_tokens, unpermute_tokens
 from moe_core.profiling import phase
 from moe_core.router import TopKRouter
@@ -88,6 +90,13 @@ class LocalDispatcher(TokenDispatcher):
         return unpermute_tokens(y_ND, state.perm, state.topk_weight_TK, state.perm.row_TK.shape[0])
 
 
+def _shared_expert(hidden: int, moe_cfg: MoEConfig, factory: LayerFactory) -> SwiGLUMLP:
+    """The shared expert: a SwiGLU FFN, with MoNE neuron selection under ``moe.mone.shared_experts``."""
+    if moe_cfg.mone.shared_experts:
+        return MoNESwiGLUMLP(hidden, moe_cfg.shared_expert_ffn_hidden_size, factory, moe_cfg.mone)
+    return SwiGLUMLP(hidden, moe_cfg.shared_expert_ffn_hidden_size, factory)
+
+
 class MoELayer(nn.Module):
     """``forward(x[..., D]) -> y[..., D]``. Attributes: ``router``, ``experts`` (all E experts until the parallel
     code swaps in a local-expert instance), ``dispatcher`` (a :class:`TokenDispatcher`), ``shared_expert`` and
@@ -102,7 +111,7 @@ class MoELayer(nn.Module):
         self.router = TopKRouter(hidden, moe_cfg.num_experts, moe_cfg)
         self.experts = SwiGLUExperts(moe_cfg.num_experts, hidden, moe_cfg.expert_ffn_hidden_size, moe_cfg.mone)
         shared_ffn = moe_cfg.shared_expert_ffn_hidden_size
-        self.shared_expert = SwiGLUMLP(hidden, shared_ffn, factory or LayerFactory()) if shared_ffn else None
+        self.shared_expert = _shared_expert(hidden, moe_cfg, factory or LayerFactory()) if shared_ffn else None
         self.shared_expert_gate = ReplicatedLinear(hidden, 1) if shared_ffn and moe_cfg.shared_expert_gate else None
         self.dispatcher: TokenDispatcher = dispatcher if dispatcher is not None else LocalDispatcher()
         self.step: Optional[int] = None

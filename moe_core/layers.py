@@ -32,6 +32,13 @@ class LayerFactory:
         contribute their share of it). Single device: nothing to sum."""
         return nn.Identity()
 
+    def tp_gather_columns(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """``(x_full, start)``: a ``column`` layer's output ``x [..., f]`` (this rank's ``f`` of the layer's
+        ``F`` outputs) with the other TP ranks' slices, ``[..., F]`` in output order, and the index of this rank's
+        first output in it; no gradient (for decisions such as MoNE's neuron selection). Single device:
+        ``(x, 0)``."""
+        return x.detach(), 0
+
 
 class ReplicatedLinear(nn.Linear):
     """A bias-free projection every TP rank holds whole and computes in full (MLA's down-projections). Its input

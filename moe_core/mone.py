@@ -50,7 +50,9 @@ from typing import Callable
 import torch
 
 from kernels.grouped_gemm import group_of_rows, grouped_linear
-from moe_core.grouped import swiglu_grouped
+from moe_core.config import MoNEConfig
+from moe_core.grouped import masked_swiglu, swiglu_grouped
+from moe_core.layers import LayerFactory, SwiGLUMLP
 
 MoNEFn = Callable[..., torch.Tensor]
 SCORES = ("post_act", "pre_act")
@@ -146,6 +148,28 @@ def neuron_balance_loss(x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, w
     loss_E = neuron_balance_per_expert(kept_EF, share_EF, tokens_per_expert_E, keep_k)
     has_rows_E = tokens_per_expert_E > 0
     return torch.where(has_rows_E, loss_E, 0.0).sum() / has_rows_E.sum().clamp_min(1)
+
+
+class MoNESwiGLUMLP(SwiGLUMLP):
+    """The shared expert with MoNE (``moe.mone.shared_experts``): :class:`~moe_core.layers.SwiGLUMLP` (same
+    parameters and names) whose hidden activations keep, per token, only the top ``keep_count(keep_ratio, ffn)``
+    neurons by the MoNE score: :func:`select_neurons` on the gate output, masked by selection
+    (:func:`~moe_core.grouped.masked_swiglu`), exactly as inside a routed expert. With TP each rank holds ``ffn / tp``
+    of the neurons (column-parallel gate and up): the gate outputs of all ``ffn`` neurons are gathered over TP
+    (``factory.tp_gather_columns``, no gradient; ``T x ffn`` activations per layer) so the selection is the
+    single-device one and each rank keeps its own neurons of it."""
+
+    def __init__(self, hidden: int, ffn: int, factory: LayerFactory, mone: MoNEConfig):
+        super().__init__(hidden, ffn, factory)
+        self.gather_columns, self.score = factory.tp_gather_columns, mone.score
+        self.keep_k = keep_count(mone.keep_ratio, ffn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre_act, up = self.gate_proj(x), self.up_proj(x)
+        pre_act_full, start = self.gather_columns(pre_act)
+        keep_full = select_neurons(pre_act_full.reshape(-1, pre_act_full.shape[-1]), self.keep_k, self.score)
+        keep = keep_full[:, start:start + pre_act.shape[-1]].view(pre_act.shape)
+        return self.down_proj(masked_swiglu(pre_act, up, keep))
 
 
 def resolve_mone_fn(backend: str, device: torch.device) -> MoNEFn:

@@ -46,7 +46,9 @@ class ParallelMoEConfig(MoEConfig):
     """The ``moe`` section: moe_core's MoE layer settings plus how its tokens reach experts over EP ranks."""
 
     dispatcher: Literal["alltoall", "llep"] = "alltoall"
-    """alltoall = plain expert parallelism; llep = Least-Loaded EP (moves excess tokens and weights under skew)."""
+    """alltoall = plain expert parallelism (a token crosses the all-to-all once per EP rank holding some of its
+    experts); llep = Least-Loaded EP (moves excess tokens and weights under skew; its rebalanced steps send a token
+    once per expert)."""
     llep: LLEPConfig = field(default_factory=LLEPConfig)
 
     def validate(self, model: ModelConfig) -> None:

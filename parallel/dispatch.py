@@ -2,31 +2,43 @@
 rank's piece of an EP (and TP) layer.
 
 Shape legend: ``T`` tokens given to the layer (TP-replicated), ``t`` this TP rank's ``T/tp`` of them, ``K`` routed
-experts per token, ``N`` routing slots this rank sends (kept slots of its ``t`` tokens), ``M`` slots it receives
-and computes, ``D`` hidden, ``E`` experts, ``L`` local experts (``E/ep``), ``P`` EP ranks.
+experts per token, ``N`` rows this rank sends (one per (token, EP rank) pair with a kept slot), ``M`` rows it
+receives, ``S`` routing slots it computes (the received rows expanded into one row per slot), ``D`` hidden, ``E``
+experts, ``L`` local experts (``E/ep``), ``P`` EP ranks.
 
 Layout (docs/architecture.md): experts are not tensor-parallel; EP rank r owns experts ``[r*L, (r+1)*L)``. With
 TP>1 every TP rank routes the same tokens, keeps its contiguous ``1/tp`` slice, dispatches that over the EP group,
 and the outputs are all-gathered over TP, so no expert computes a token twice and the router (which sees the
 full replicated batch) gets identical gradients on every TP rank.
 
+Deduplicated dispatch: a token crosses the all-to-all once per EP rank it is routed to, not once per slot (a token
+with two experts on one rank sends one row there; with group-limited routing whose groups map onto EP ranks,
+``moe.num_groups`` a multiple of ``parallel.ep``, a token reaches at most ``moe.group_topk`` ranks). Beside each row
+travel its slots' local expert ids and router weights (``[N, 2K]`` fp32, one more all-to-all); the receiving rank
+expands the row into one row per slot for its experts' grouped GEMMs and sums their weighted outputs back into one
+row, so each (token, rank) pair also returns one row. Never more rows than one per slot (``T*K``), fewer whenever
+a token has two slots on one rank. Numerics: the weighted sum of a token's outputs is split into one partial sum
+per EP rank (fp32 accumulation each, rounded to the activation dtype) and the sum of the partials; in fp32 that is
+a reordering of the additions, in bf16 one more rounding per partial sum (megatron-core's DeepEP dispatcher
+also sums a token's local expert outputs before its return exchange).
+
 Phases (``moe_core.dispatcher``; the TP split in ``dispatch_preprocess`` is local in forward and an all-gather in
 backward):
-  dispatch_preprocess   local       TP slice of tokens/routing; group the kept slots by global expert
-                                    (``moe_core.permute``)
-  token_dispatch        collective  all-to-all of per-expert counts over EP, ONE device-to-host copy of them (the
-                                    split sizes), all-to-all of the kept rows
-  dispatch_postprocess  local       received rows (source rank, local expert) -> grouped by local expert
+  dispatch_preprocess   local       TP slice of tokens/routing; one row per (token, EP rank) pair, grouped by rank
+                                    (``moe_core.permute.group_by_device``)
+  token_dispatch        collective  all-to-all of the counts (slots per expert, rows per rank), ONE
+                                    device-to-host copy of them (the split sizes), all-to-all of the rows and of
+                                    their slots (local expert ids and router weights)
+  dispatch_postprocess  local       received rows expanded into one row per slot, grouped by local expert
   compute_experts       local       the local experts (the protocol's default)
-  combine_preprocess    local       undo the regroup
+  combine_preprocess    local       router-weighted sum of each received row's slots: one output row per row
   token_combine         collective  all-to-all of outputs back to the source ranks
-  combine_postprocess   local       unpermute + router-weighted combine (fp32 accumulation, cast back;
-                                    ``unpermute_tokens``)
+  combine_postprocess   local       sum of each token's rows (one per EP rank it reached; fp32 accumulation)
   gather_output         collective  all-gather of the outputs over TP
 
-Gradients: each all-to-all's backward is the reverse all-to-all, so an expert's weight gradient on its owner rank
-is the sum over every token routed to it from the whole EP group; expert-DP reduction happens elsewhere
-(``parallel/optim/grads.py``).
+Gradients: each all-to-all's backward is the reverse all-to-all (the router weights' gradients come back with the
+slots' all-to-all), so an expert's weight gradient on its owner rank is the sum over every token routed to it from
+the whole EP group; expert-DP reduction happens elsewhere (``parallel/optim/grads.py``).
 """
 from __future__ import annotations
 
@@ -38,30 +50,52 @@ import torch
 from moe_core.dispatcher import DispatchState, TokenDispatcher
 from moe_core.experts import SwiGLUExperts
 from moe_core.layer import MoELayer
-from moe_core.permute import make_permutation, permute_tokens, sort_by_expert, unpermute_tokens
+from moe_core.permute import DeviceRouting, Permutation, group_by_device, make_permutation, permute_tokens, \
+    sum_tokens, unpermute_tokens
 from parallel.comm import ProcessGroup, all_to_all, check_group, gather_dim0, group_rank, group_size, split_dim0
 
-__all__ = ["AllToAllDispatcher", "EPState", "shard_moe_layer"]
+__all__ = ["AllToAllDispatcher", "DispatchCounts", "EPState", "shard_moe_layer"]
+
+
+@dataclass(frozen=True)
+class DispatchCounts:
+    """What one call of an EP dispatcher sent from this rank (host ints the call reads anyway; for metrics and
+    benchmarks, never read back by a dispatcher)."""
+
+    tokens: int
+    """This rank's tokens (its TP slice of the layer's tokens)."""
+    slots: int
+    """Their kept routing slots: the rows a dispatch without deduplication sends (``T*K`` without dropping)."""
+    rows: int
+    """Rows sent: one per (token, EP rank) pair, or one per slot where the dispatch is not deduplicated."""
 
 
 @dataclass
 class EPState(DispatchState):
-    """One call's bookkeeping: who sends what to whom (the same numbers serve forward and backward)."""
+    """One call's bookkeeping: who sends what to whom (the same numbers serve forward and backward). ``perm`` is
+    ``routing.perm``: this rank's (token, EP rank) rows."""
 
+    routing: Optional[DeviceRouting] = None
+    """The deduplicated layout of this rank's tokens; set by ``dispatch_preprocess``."""
+    topk_idx_TK: Optional[torch.Tensor] = None
+    """int64 global expert ids of this rank's tokens' slots (-1 = dropped); set by ``dispatch_preprocess``."""
     send_splits: list[int] = field(default_factory=list)
-    """Rows this rank sends to each EP rank (its kept slots grouped by destination); set by ``token_dispatch``."""
+    """Rows this rank sends to each EP rank; set by ``token_dispatch``."""
     recv_splits: list[int] = field(default_factory=list)
     """Rows this rank receives from each EP rank; set by ``token_dispatch``."""
-    recv_PL: Optional[torch.Tensor] = None
-    """int64 ``recv_PL[s, l]`` = rows EP rank ``s`` sends to this rank's local expert ``l``, on the token device."""
-    regroup_M: Optional[torch.Tensor] = None
-    """int64 order taking received rows (by source rank, then local expert) to rows grouped by local expert;
-    None when that order already is grouped (one EP rank or one local expert), which saves two row copies."""
+    expert_slots: int = 0
+    """Routing slots this rank's experts compute (all received rows expanded); set by ``token_dispatch``."""
+    local_expert_MK: Optional[torch.Tensor] = None
+    """int64 local expert ids of the received rows' slots (-1 = none here); set by ``token_dispatch``."""
+    weight_MK: Optional[torch.Tensor] = None
+    """fp32 router weights of those slots (0 where none), differentiable; set by ``token_dispatch``."""
+    expand: Optional[Permutation] = None
+    """The received rows' slots grouped by local expert; set by ``dispatch_postprocess``."""
 
 
 class AllToAllDispatcher(TokenDispatcher):
     """The :class:`~moe_core.dispatcher.TokenDispatcher` phases over all-to-all, with ``experts`` holding only this
-    EP rank's experts (``experts.first_expert == ep_rank * E/ep``).
+    EP rank's experts (``experts.first_expert == ep_rank * E/ep``); deduplicated (module docstring).
 
     Groups are passed in explicitly (megatron-core's TP group and expert-model-parallel group); a group of one
     rank costs no communication, so the same class serves EP only (tp=1), TP only (ep=1) and both.
@@ -80,6 +114,8 @@ class AllToAllDispatcher(TokenDispatcher):
         self.num_local = num_experts // self.ep_size
         self.state_type: type[EPState] = EPState
         """The state class ``dispatch_preprocess`` makes (a subclass adds its own bookkeeping)."""
+        self.last_counts: Optional[DispatchCounts] = None
+        """What the last call sent from this rank (for metrics; None before the first call)."""
 
     def check_experts(self, experts: SwiGLUExperts) -> None:
         first = self.ep_rank * self.num_local
@@ -90,67 +126,73 @@ class AllToAllDispatcher(TokenDispatcher):
                 f"{experts.first_expert + experts.num_local_experts}); build the layer with "
                 f"parallel.dispatch.shard_moe_layer (or SwiGLUExperts(E/ep, ..., first_expert=ep_rank*E/ep))")
 
+    def route(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
+              experts: SwiGLUExperts) -> tuple[torch.Tensor, EPState]:
+        """Local-only (backward all-gathers over TP): this TP rank's contiguous ``t = T/tp`` tokens ``x_tD`` and
+        the call's state with their deduplicated layout. The weights go through ``split_dim0`` too, so the router
+        gets the grads of every TP rank's slice."""
+        self.check_experts(experts)
+        x_tD, idx_tK, weight_tK = (split_dim0(t, self.tp_group) for t in (x_TD, topk_idx_TK, topk_weight_TK))
+        routing = group_by_device(idx_tK, weight_tK, self.num_local, self.ep_size)
+        return x_tD, self.state_type(experts, routing.perm, weight_tK, routing=routing, topk_idx_TK=idx_tK)
+
     # -- phases -------------------------------------------------------------------------------------------------
 
     def dispatch_preprocess(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
                             experts: SwiGLUExperts) -> tuple[torch.Tensor, EPState]:
-        """Local-only (backward all-gathers over TP): this TP rank's contiguous ``t = T/tp`` tokens, their routing
-        slots grouped by global expert (kept rows first, then dead rows, which are never sent). The weights go
-        through ``split_dim0`` too, so the router gets the grads of every TP rank's slice."""
-        self.check_experts(experts)
-        x_tD, idx_tK, weight_tK = (split_dim0(t, self.tp_group) for t in (x_TD, topk_idx_TK, topk_weight_TK))
-        perm = make_permutation(idx_tK, self.num_experts)
-        return permute_tokens(x_tD, perm), self.state_type(experts, perm, weight_tK)
+        """Local-only (backward all-gathers over TP): :meth:`route`, then one row per (token, EP rank) pair,
+        grouped by EP rank (dead rows last, never sent)."""
+        x_tD, state = self.route(x_TD, topk_idx_TK, topk_weight_TK, experts)
+        return permute_tokens(x_tD, state.perm), state
 
     def token_dispatch(self, x_ND: torch.Tensor, state: EPState) -> torch.Tensor:
-        """Collective-only: exchange the per-expert counts, read them on the host once (the split sizes), send the
-        kept rows."""
-        splits = [self.num_local] * self.ep_size
-        recv_PL = all_to_all(state.perm.tokens_per_expert_E, splits, splits, self.ep_group)
-        recv_PL = recv_PL.view(self.ep_size, self.num_local)
-        send_rows, recv_rows = torch.stack([state.perm.tokens_per_expert_E.view(self.ep_size, self.num_local),
-                                            recv_PL]).tolist()
-        self.set_splits(state, send_rows, recv_rows, recv_PL)
+        """Collective-only: exchange the counts (per destination rank: slots per expert there, then rows), read
+        them on the host once (the split sizes), send the rows and their slots."""
+        L, P = self.num_local, self.ep_size
+        counts_PX = torch.cat([state.routing.slots_per_expert_E.view(P, L),
+                               state.perm.tokens_per_expert_E.view(P, 1)], dim=1)  # [P, L + 1]
+        splits = [L + 1] * P
+        recv_PX = all_to_all(counts_PX.reshape(-1), splits, splits, self.ep_group).view(P, L + 1)
+        send, recv = torch.stack([counts_PX, recv_PX]).tolist()
+        self.set_splits(state, [r[L] for r in send], [r[L] for r in recv], sum(sum(r[:L]) for r in recv),
+                        sum(sum(r[:L]) for r in send))
         return self.send_rows(x_ND, state)
 
-    @staticmethod
-    def set_splits(state: EPState, send_rows: list[list[int]], recv_rows: list[list[int]],
-                   recv_PL: torch.Tensor) -> None:
-        """Host bookkeeping, no sync: ``send_rows[r][l]`` = slots this rank sends to rank r's local expert l;
-        ``recv_rows[s][l]`` (host) and ``recv_PL`` (int64 on the token device, same values) = slots rank s sends
-        to this rank's local expert l."""
-        state.send_splits, state.recv_splits = [sum(r) for r in send_rows], [sum(r) for r in recv_rows]
-        state.recv_PL = recv_PL
+    def set_splits(self, state: EPState, send_rows: list[int], recv_rows: list[int], expert_slots: int,
+                   slots_sent: int) -> None:
+        """Host bookkeeping, no sync: rows this rank sends to / receives from each EP rank, the routing slots its
+        experts compute, and ``last_counts`` (``slots_sent``: the kept slots of this rank's tokens)."""
+        state.send_splits, state.recv_splits, state.expert_slots = send_rows, recv_rows, expert_slots
+        self.last_counts = DispatchCounts(state.perm.row_TK.shape[0], slots_sent, sum(send_rows))
 
     def send_rows(self, x_ND: torch.Tensor, state: EPState) -> torch.Tensor:
-        """Collective-only: the kept rows (the first ``sum(send_splits)``) to their experts' ranks."""
-        return all_to_all(x_ND[:sum(state.send_splits)], state.recv_splits, state.send_splits, self.ep_group)
+        """Collective-only: the rows (the first ``sum(send_splits)``) to their EP ranks, and beside them their
+        slots (local expert ids and router weights, one fp32 all-to-all; ids < 2**24 are exact in fp32)."""
+        rows, routing, K = sum(state.send_splits), state.routing, state.perm.row_TK.shape[1]
+        slots_NC = torch.cat([routing.weight_NK[:rows].float(), routing.local_expert_NK[:rows].float()], dim=1)
+        slots_MC = all_to_all(slots_NC, state.recv_splits, state.send_splits, self.ep_group)
+        state.weight_MK, state.local_expert_MK = slots_MC[:, :K], slots_MC[:, K:].detach().long()
+        return all_to_all(x_ND[:rows], state.recv_splits, state.send_splits, self.ep_group)
 
     def dispatch_postprocess(self, x_MD: torch.Tensor, state: EPState) -> torch.Tensor:
-        """Local-only: received rows -> rows grouped by local expert (source-rank order kept inside an expert)."""
-        if self.ep_size > 1 and self.num_local > 1:
-            # Received rows come grouped by source rank, then local expert; label each with its local expert and
-            # stable-sort by label to group them by local expert.
-            local_expert_M = torch.arange(self.num_local, device=state.recv_PL.device).repeat(self.ep_size)
-            local_expert_M = torch.repeat_interleave(local_expert_M, state.recv_PL.reshape(-1),
-                                                     output_size=sum(state.recv_splits))
-            state.regroup_M, _ = sort_by_expert(local_expert_M, self.num_local)
-        state.tokens_per_expert = state.recv_PL.sum(0)
-        return x_MD if state.regroup_M is None else x_MD.index_select(0, state.regroup_M)
+        """Local-only: each received row once per slot it carries, grouped by local expert (source-rank order,
+        then token order inside an expert, as the rows arrived)."""
+        state.expand = make_permutation(state.local_expert_MK, self.num_local)
+        state.tokens_per_expert = state.expand.tokens_per_expert_E
+        return permute_tokens(x_MD, state.expand, rows=state.expert_slots)
 
-    def combine_preprocess(self, y_MD: torch.Tensor, state: EPState) -> torch.Tensor:
-        """Local-only: undo the regroup (back to received order)."""
-        if state.regroup_M is None:
-            return y_MD
-        return torch.empty_like(y_MD).index_copy(0, state.regroup_M, y_MD)
+    def combine_preprocess(self, y_SD: torch.Tensor, state: EPState) -> torch.Tensor:
+        """Local-only: the router-weighted sum of each received row's expert outputs (fp32 accumulation, cast
+        back): one output row per received row."""
+        return unpermute_tokens(y_SD, state.expand, state.weight_MK, state.local_expert_MK.shape[0])
 
     def token_combine(self, y_MD: torch.Tensor, state: EPState) -> torch.Tensor:
         """Collective-only: outputs back to the ranks their rows came from."""
         return all_to_all(y_MD, state.send_splits, state.recv_splits, self.ep_group)
 
     def combine_postprocess(self, y_ND: torch.Tensor, state: EPState) -> torch.Tensor:
-        """Local-only: unpermute + router-weighted combine of this TP rank's tokens."""
-        return unpermute_tokens(y_ND, state.perm, state.topk_weight_TK, state.perm.row_TK.shape[0])
+        """Local-only: each token's output, the sum of its rows (one per EP rank it reached)."""
+        return sum_tokens(y_ND, state.perm, state.perm.row_TK.shape[0])
 
     def gather_output(self, y_tD: torch.Tensor, state: EPState) -> torch.Tensor:
         """Collective-only: all-gather of the TP ranks' tokens (backward keeps this rank's slice)."""

@@ -16,6 +16,7 @@ from torch import nn
 from moe_core.experts import SwiGLUExperts
 from moe_core.layers import LayerFactory
 from moe_core.transformer import MoETransformer
+from parallel.comm import gather_dim0
 from parallel.compile import compile_blocks
 from parallel.config import RunConfig
 from parallel.groups import ParallelGroups
@@ -50,7 +51,7 @@ class TensorParallelFactory(LayerFactory):
     def __init__(self, groups: ParallelGroups):
         from megatron.core.model_parallel_config import ModelParallelConfig
 
-        self.tp_size = groups.tp_size
+        self.tp_size, self.tp_rank = groups.tp_size, groups.tp_rank
         self.tp_group = groups.tp_group
         # We initialise every tensor ourselves (layout-independent), so megatron must not.
         self.mp_config = ModelParallelConfig(tensor_model_parallel_size=groups.tp_size, use_cpu_initialization=True,
@@ -71,6 +72,13 @@ class TensorParallelFactory(LayerFactory):
 
     def tp_copy(self) -> nn.Module:
         return _TPCopy(self.tp_group)
+
+    def tp_gather_columns(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """All-gather of a column layer's output slices over TP (collective; no gradient), in output order."""
+        f = x.shape[-1]
+        x_fT = x.detach().reshape(-1, f).t()  # gather along dim 0 = the outputs
+        full = gather_dim0(x_fT, self.tp_group).t().reshape(*x.shape[:-1], f * self.tp_size)
+        return full, self.tp_rank * f
 
 
 class _TPCopy(nn.Module):

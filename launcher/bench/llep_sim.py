@@ -8,6 +8,10 @@ Model of one MoE layer, forward + backward, per the dispatchers' phases (``paral
   LLEP     = count all-gather + planner (its measured CPU time here) + 4 x a2a(token rows) + max_r GEMM_r
              + max(0, weights(fwd) - a2a) + max(0, weight grads(bwd) - a2a)    (the P2P overlaps one a2a each way)
 
+Token rows: plain EP (and LLEP below its threshold) sends one row per (token, EP rank) pair (deduplicated
+dispatch), a rebalanced LLEP call one row per slot (``parallel/llep/dispatcher.py``); the rows' slot side tensor
+(``2K`` fp32 values per row) is not modelled.
+
 ``GEMM_r`` = sum over the (expert, rank) groups rank r computes of ``g(n)``: the measured forward+backward time of
 one SwiGLU expert on ``n`` rows with this repo's grouped GEMM (``moe_core.grouped.swiglu_grouped``), linearly
 interpolated between measured sizes (so small GEMMs keep their measured inefficiency; beyond the largest measured
@@ -137,15 +141,23 @@ class Layer:
     elem_bytes: int
 
 
-def _counts_PE(layer: Layer, scenario: str, zipf_s: float, seed: int) -> np.ndarray:
+def _counts(layer: Layer, scenario: str, zipf_s: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(counts_PE, rows_PP)``: slots source rank s routes to expert e, and the rows its deduplicated dispatch sends
+    to rank d (one per (token, rank) pair, ``moe_core.permute.group_by_device``)."""
     from launcher.bench.routing import routing
 
-    out = np.zeros((layer.ranks, layer.experts), dtype=np.int64)
-    for r in range(layer.ranks):
+    P, L = layer.ranks, layer.experts // layer.ranks
+    counts_PE, rows_PP = np.zeros((P, layer.experts), dtype=np.int64), np.zeros((P, P), dtype=np.int64)
+    for r in range(P):
         idx = routing(scenario, layer.tokens, layer.experts, layer.top_k, zipf_s,
                       torch.Generator().manual_seed(seed * 1000 + r))
-        out[r] = np.bincount(idx.flatten().numpy(), minlength=layer.experts)
-    return out
+        counts_PE[r] = np.bincount(idx.flatten().numpy(), minlength=layer.experts)
+        rank_TK = (idx // L).numpy()
+        first_TK = np.ones(rank_TK.shape, dtype=bool)  # a token's first slot on each rank
+        for k in range(1, rank_TK.shape[1]):
+            first_TK[:, k] = (rank_TK[:, :k] != rank_TK[:, k:k + 1]).all(1)
+        rows_PP[r] = np.bincount(rank_TK[first_TK], minlength=P)
+    return counts_PE, rows_PP
 
 
 def _gemm_ms(groups: list[list[int]], gemm: GemmTable, cores: int | None = None) -> float:
@@ -168,11 +180,11 @@ def simulate(layer: Layer, scenario: str, llep_cfg, gemm: GemmTable, net: Interc
 
     P, E = layer.ranks, layer.experts
     L = E // P
-    counts_PE = _counts_PE(layer, scenario, zipf_s, seed)
+    counts_PE, rows_PP = _counts(layer, scenario, zipf_s, seed)
     row_bytes = layer.hidden * layer.elem_bytes
     expert_bytes = 3 * layer.hidden * layer.ffn * layer.elem_bytes
     plain = plain_ep_plan(counts_PE.sum(0), P, L)
-    a2a_plain = net.a2a_ms(counts_PE.reshape(P, P, L).sum(2) * row_bytes)
+    a2a_plain = net.a2a_ms(rows_PP * row_bytes)  # deduplicated: one row per (token, rank)
     gemm_plain = _gemm_ms([counts_PE.sum(0)[r * L:(r + 1) * L].tolist() for r in range(P)], gemm, cores)
     t_plain = 4 * a2a_plain + gemm_plain
 
@@ -241,7 +253,7 @@ def plan_timing(ranks: int, experts: int, scenario: str, llep_cfg, tokens: int =
     planning + this rank's layout (what ``LLEPDispatcher.plan`` runs per layer)."""
     from parallel.llep.plan import plan_llep, rank_layout
 
-    counts_PE = _counts_PE(Layer(experts, ranks, tokens, top_k, 0, 0, 0), scenario, 1.2, 0)
+    counts_PE, _ = _counts(Layer(experts, ranks, tokens, top_k, 0, 0, 0), scenario, 1.2, 0)
     times = []
     for _ in range(repeats):
         start = time.thread_time()

@@ -411,10 +411,16 @@ class Trainer:
                 f"{first}); lower optim.lr or check the data, then restart to resume from it")
 
     def _dispatcher_scalars(self) -> dict[str, float]:
-        """LLEP statistics of this rank's MoE layers (last micro-batch of the step): imbalance before/after,
-        tokens and weights moved, planner time. With PP>1 the logging rank sees its own stage's layers."""
+        """EP dispatch statistics of this rank's MoE layers (last micro-batch of the step): kept routing slots and
+        dispatched rows per token (``parallel.dispatch.DispatchCounts``; rows < slots where the deduplicated
+        dispatch sent a token once to several of its experts), and LLEP's imbalance before/after, tokens and
+        weights moved, planner time. With PP>1 the logging rank sees its own stage's layers."""
         out = {}
         for idx, layer in self.model.moe_layers().items():
+            counts = getattr(layer.dispatcher, "last_counts", None)
+            if counts is not None and counts.tokens:
+                out[f"{moe_layer_tag(idx)}/dispatch_slots_per_token"] = counts.slots / counts.tokens
+                out[f"{moe_layer_tag(idx)}/dispatch_rows_per_token"] = counts.rows / counts.tokens
             for key, value in (getattr(layer.dispatcher, "last_stats", None) or {}).items():
                 out[f"{moe_layer_tag(idx)}/llep_{key}"] = float(value)
         return out

@@ -1,18 +1,27 @@
 """LLEP rebalancing dispatcher: plain EP, except that overloaded experts' tokens are computed on helper ranks
 that receive the expert's weights for the step (arXiv 2601.17111; the planner is :mod:`parallel.llep.plan`).
 
-Shape legend: ``t`` this TP rank's tokens, ``K`` routed experts per token, ``N`` routing slots sent by this rank,
-``M`` slots received (= computed) by this rank, ``D`` hidden, ``F`` expert FFN width, ``E`` experts, ``L`` local
-experts, ``P`` EP ranks, ``R`` foreign experts received, ``S`` weight copies sent, ``X`` experts computed here
-(``L + R``), ``V`` experts moved this call (any rank).
+Shape legend: ``t`` this TP rank's tokens, ``K`` routed experts per token, ``N`` rows sent by this rank, ``M`` rows
+received by this rank, ``D`` hidden, ``F`` expert FFN width, ``E`` experts, ``L`` local experts, ``P`` EP ranks,
+``R`` foreign experts received, ``S`` weight copies sent, ``X`` experts computed here (``L + R``), ``V`` experts
+moved this call (any rank).
 
-Phases (``moe_core.dispatcher``; ``dispatch_preprocess`` and ``gather_output`` are ``AllToAllDispatcher``'s,
-whose TP split is local forward and an all-gather backward):
-  token_dispatch        collective  all-gather the per-rank, per-expert counts over EP; ONE device-to-host copy of
-                                    them; the plan (host numpy, the same pure function of the same counts on every
-                                    rank). Below ``imbalance_threshold`` the call continues exactly as
-                                    ``AllToAllDispatcher`` (split sizes from the gathered counts, so no count
-                                    all-to-all is added). Otherwise this rank's layout on the host (row indices built
+Rows: a call below ``imbalance_threshold`` is ``AllToAllDispatcher``'s deduplicated dispatch (one row per (token,
+EP rank) pair). A rebalanced call sends one row per routing slot (as plain EP did before deduplication): where a
+slot is computed depends on the plan, which needs the global counts first, so the deduplicated row counts of a
+rebalanced layout would need a second count exchange and host read after planning (one more device-to-host sync
+per layer call); per-slot rows cost at most what a plain EP call cost before deduplication.
+
+Phases (``moe_core.dispatcher``; ``gather_output`` is ``AllToAllDispatcher``'s, whose TP split is local forward
+and an all-gather backward):
+  dispatch_preprocess   local       ``AllToAllDispatcher.route`` (TP slice, deduplicated layout); the rows are
+                                    gathered in ``token_dispatch``, once the plan says which layout is sent
+  token_dispatch        collective  all-gather the per-rank counts over EP (slots per expert, deduplicated rows
+                                    per rank); ONE device-to-host copy of them; the plan (host numpy, the same pure
+                                    function of the same counts on every rank). Below ``imbalance_threshold`` the
+                                    call continues exactly as ``AllToAllDispatcher`` (split sizes from the gathered
+                                    counts, so no count all-to-all is added). Otherwise the slots grouped by expert
+                                    (``make_permutation``) and this rank's layout on the host (row indices built
                                     on the device from one small host-to-device copy of segment tables, no
                                     device-to-host traffic), then expert weights to helpers by batched async P2P
                                     (``batch_isend_irecv``, sent straight from the parameter storage), overlapped
@@ -26,8 +35,8 @@ whose TP split is local forward and an all-gather backward):
   combine_postprocess   local       back to expert-sorted order, then the router-weighted sum per token (balance
                                     loss on: this rank's part of plain EP's loss attached to the output)
 
-Host syncs per call: the count copy of ``token_dispatch`` plus what ``make_permutation`` needs, never more than
-plain EP (tests/parallel/test_llep_syncs.py counts them).
+Host syncs per call: the count copy of ``token_dispatch`` (``make_permutation`` and the layout need none), never
+more than plain EP (tests/parallel/test_llep_syncs.py counts them).
 
 Gradients: the weight exchange's backward sends the gradient of every received weight back to its home rank by
 batched P2P, overlapped with the token-gradient all-to-all, and adds it in place into the gradient of the home
@@ -60,10 +69,12 @@ import torch.distributed as dist
 
 from moe_core.aux_loss import AuxLossAutoScaler
 from moe_core.experts import SwiGLUExperts
-from moe_core.mone import neuron_balance_per_expert, neuron_balance_stats
-from parallel.comm import ProcessGroup, all_reduce_counts, all_to_all, gather_dim0
+from moe_core.mone import neuron_balance_stats
+from moe_core.permute import Permutation, make_permutation, permute_tokens, unpermute_tokens
+from parallel.comm import ProcessGroup, all_to_all, gather_dim0
 from parallel.config import LLEPConfig
-from parallel.dispatch import AllToAllDispatcher, EPState
+from parallel.dispatch import AllToAllDispatcher, DispatchCounts, EPState
+from parallel.llep.balance import NeuronBalance, balance_loss_here, sum_moved_kept_counts
 from parallel.llep.plan import LLEPPlan, RankLayout, plan_llep, rank_layout
 
 __all__ = ["LLEPDispatcher", "extra_weight_bytes_bound", "plan_llep"]
@@ -148,37 +159,14 @@ class _Exchange(torch.autograd.Function):
 
 
 @dataclass
-class NeuronBalance:
-    """The MoNE neuron balance loss of a rebalanced call, made equal to plain EP's (``moe_core/mone.py``).
-
-    Plain EP computes it per rank over the rows of its home experts: per expert ``F * sum_i f_i p_i`` from the
-    expert's kept counts per neuron ``C`` (no gradient), its rows ``n`` and its share sums ``S``, then the mean over
-    the rank's experts that have rows. LLEP splits a moved expert's rows over its home and helper ranks, so a loss
-    per expert call (what ``SwiGLUExperts`` attaches) would use partial ``C`` and ``n``. Instead each rank computes
-    the additive sums ``C`` and ``S`` of the rows it computed (``compute_experts``); ``n`` of every expert is in the
-    plan's counts; the ``C`` of the moved experts are summed over the EP group by one all-reduce of
-    ``moved experts x F`` integers in ``token_combine`` (the only extra communication; MoNE itself adds none, and
-    it is tiny next to the ``3 F D`` weights moved per expert); then (``combine_postprocess``) each rank attaches
-    ``sum_e per_expert(C_e, S_e(rows here), n_e) / experts_with_rows(home(e))`` over the experts it computed. The loss
-    is linear in ``S`` given ``C`` and ``n``, so these pieces add up over the EP group to plain EP's per-rank losses
-    and every gradient is plain EP's (up to fp32 round-off); a piece's value sits on the rank that computed the
-    rows, so a single rank's value can differ from plain EP's (only the sum is the same; nothing reports it)."""
-
-    experts_X: list[int]
-    """Global ids of the experts computed here: the home experts, then the foreign ones."""
-    kept_XF: torch.Tensor
-    """fp32 kept slots per neuron: of the rows computed here, then (``token_combine``) of all of the rows."""
-    share_XF: torch.Tensor
-    """fp32 share sums of the rows computed here (differentiable)."""
-
-
-@dataclass
 class LLEPState(EPState):
     """One call's bookkeeping: ``EPState`` (its splits, which a rebalanced call takes from ``layout``) and, when the
     plan rebalanced, this rank's layout and the tensors the later phases need."""
 
     layout: Optional[RankLayout] = None
     """This rank's part of the plan; None for a plain EP call (then the ``EPState`` fields alone drive it)."""
+    expert_perm: Optional[Permutation] = None
+    """This rank's slots grouped by global expert, one row per slot (rebalanced calls)."""
     send_N: Optional[torch.Tensor] = None
     """int64 permuted rows in send order (rebalanced calls)."""
     order_M: Optional[torch.Tensor] = None
@@ -213,11 +201,10 @@ class LLEPDispatcher(AllToAllDispatcher):
 
     # -- helpers of token_dispatch --------------------------------------------------------------------------------
 
-    def gather_counts(self, tokens_per_expert_E: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
-        """Collective-only: ``counts_PE[s, e]`` = slots EP rank ``s`` routes to expert ``e``, on the device and
-        (one device-to-host copy) on the host."""
-        counts_PE = gather_dim0(tokens_per_expert_E.unsqueeze(0), self.ep_group)
-        return counts_PE, counts_PE.cpu().numpy()
+    def gather_counts(self, counts_X: torch.Tensor) -> np.ndarray:
+        """Collective-only: ``counts_PX[s]`` = EP rank ``s``'s ``counts_X``, on the host (one device-to-host
+        copy)."""
+        return gather_dim0(counts_X.unsqueeze(0), self.ep_group).cpu().numpy()
 
     def plan(self, counts_PE: np.ndarray) -> tuple[LLEPPlan, Optional[RankLayout], float]:
         """Host only: the plan, this rank's layout (None for a plain EP plan) and the milliseconds taken."""
@@ -241,20 +228,32 @@ class LLEPDispatcher(AllToAllDispatcher):
 
     # -- phases ---------------------------------------------------------------------------------------------------
 
-    def token_dispatch(self, x_ND: torch.Tensor, state: LLEPState) -> torch.Tensor:
+    def dispatch_preprocess(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
+                            experts: SwiGLUExperts) -> tuple[torch.Tensor, LLEPState]:
+        """Local-only (backward all-gathers over TP): ``AllToAllDispatcher.route``; returns this TP rank's tokens
+        ``x_tD`` (their rows are gathered in ``token_dispatch``, in the layout the plan picks)."""
+        return self.route(x_TD, topk_idx_TK, topk_weight_TK, experts)
+
+    def token_dispatch(self, x_tD: torch.Tensor, state: LLEPState) -> torch.Tensor:
         """Collective-only: counts all-gather and host copy, the plan, then the rows (and, rebalanced, the
         weights) to the ranks that compute them."""
-        counts_dev_PE, counts_PE = self.gather_counts(state.perm.tokens_per_expert_E)
+        E, routing = self.num_experts, state.routing
+        counts_PX = self.gather_counts(torch.cat([routing.slots_per_expert_E, state.perm.tokens_per_expert_E]))
+        counts_PE = counts_PX[:, :E]  # slots per expert; then [:, E:] deduplicated rows per destination rank
         plan, layout, planner_ms = self.plan(counts_PE)
         self._record(plan, layout, planner_ms, state.experts)
-        if layout is None:  # plain EP: AllToAllDispatcher's split sizes, from the gathered counts
-            L, first = self.num_local, self.ep_rank * self.num_local
-            self.set_splits(state, counts_PE[self.ep_rank].reshape(self.ep_size, L).tolist(),
-                            counts_PE[:, first:first + L].tolist(), counts_dev_PE[:, first:first + L])
-            return self.send_rows(x_ND, state)
+        if layout is None:  # plain EP: AllToAllDispatcher's deduplicated rows, split sizes from the gathered counts
+            L, me = self.num_local, self.ep_rank
+            self.set_splits(state, counts_PX[me, E:].tolist(), counts_PX[:, E + me].tolist(),
+                            int(counts_PE[:, me * L:(me + 1) * L].sum()), int(counts_PE[me].sum()))
+            return self.send_rows(permute_tokens(x_tD, state.perm), state)
         state.plan, state.layout = plan, layout
         state.send_splits, state.recv_splits = layout.send_splits, layout.recv_splits
-        state.send_N = _rows(layout.send_starts, layout.send_lengths, x_ND.device)
+        slots = sum(layout.send_splits)  # one row per slot
+        self.last_counts = DispatchCounts(state.perm.row_TK.shape[0], slots, slots)
+        state.expert_perm = make_permutation(state.topk_idx_TK, E)
+        state.send_N = _rows(layout.send_starts, layout.send_lengths, x_tD.device)
+        x_ND = permute_tokens(x_tD, state.expert_perm)
         x_MD, *weights = _Exchange.apply(x_ND.index_select(0, state.send_N), *_weights(state.experts), layout,
                                          self.ep_group)
         state.weights = tuple(weights)
@@ -300,40 +299,19 @@ class LLEPDispatcher(AllToAllDispatcher):
         """Collective-only: with the neuron balance loss on and experts moved, first the all-reduce of the moved
         experts' kept counts (:class:`NeuronBalance`); then ``AllToAllDispatcher``'s all-to-all."""
         if state.balance is not None and state.plan.transfers:
-            self._sum_moved_kept_counts(state.balance, state.plan)
+            sum_moved_kept_counts(state.balance, state.plan, self.ep_group)
         return super().token_combine(y_MD, state)
 
-    def _sum_moved_kept_counts(self, balance: NeuronBalance, plan: LLEPPlan) -> None:
-        """Collective-only: ``balance.kept_XF`` of the moved experts summed over the EP group (every rank issues
-        it, with the same moved experts from the plan, whatever it computed)."""
-        moved = sorted({e for e, _, _ in plan.transfers})
-        slot_of = {e: m for m, e in enumerate(moved)}
-        here = [(x, slot_of[e]) for x, e in enumerate(balance.experts_X) if e in slot_of]
-        kept_XF = balance.kept_XF
-        x_idx, v_idx = (torch.tensor([p[i] for p in here], dtype=torch.int64, device=kept_XF.device) for i in (0, 1))
-        mine_VF = kept_XF.new_zeros(len(moved), kept_XF.shape[1], dtype=torch.int64)
-        mine_VF.index_copy_(0, v_idx, kept_XF.index_select(0, x_idx).long())  # integer valued: exact
-        all_VF = all_reduce_counts(mine_VF, self.ep_group)
-        balance.kept_XF = kept_XF.index_copy(0, x_idx, all_VF.index_select(0, v_idx).to(kept_XF.dtype))
-
-    def _neuron_balance_loss(self, state: LLEPState) -> torch.Tensor:
-        """Local-only: this rank's pieces of plain EP's per-rank neuron balance losses (:class:`NeuronBalance`)."""
-        balance, rows_E = state.balance, state.plan.counts_E
-        with_rows_P = np.maximum((rows_E.reshape(self.ep_size, self.num_local) > 0).sum(1), 1)
-        device = balance.share_XF.device
-        rows_X = torch.tensor(rows_E[balance.experts_X], dtype=torch.int64, device=device)
-        divisor_X = torch.tensor(with_rows_P[np.array(balance.experts_X) // self.num_local], dtype=torch.float32,
-                                 device=device)
-        per_expert_X = neuron_balance_per_expert(balance.kept_XF, balance.share_XF, rows_X, state.experts.keep_k)
-        return (per_expert_X / divisor_X).sum()
-
     def combine_postprocess(self, y_ND: torch.Tensor, state: LLEPState) -> torch.Tensor:
-        """Local-only: rebalanced, back to expert-sorted order first; then ``AllToAllDispatcher``'s combine; with
-        the neuron balance loss on, this rank's part of it attached to the output (``AuxLossAutoScaler``)."""
-        if state.layout is not None:
-            y_ND = _unorder(y_ND, state.send_N)
-        y_tD = super().combine_postprocess(y_ND, state)
+        """Local-only: rebalanced, back to expert-sorted order, then the router-weighted sum per token (fp32
+        accumulation); plain, ``AllToAllDispatcher``'s; with the neuron balance loss on, this rank's part of it
+        attached to the output (``AuxLossAutoScaler``)."""
+        if state.layout is None:
+            return super().combine_postprocess(y_ND, state)
+        perm = state.expert_perm
+        y_tD = unpermute_tokens(_unorder(y_ND, state.send_N), perm, state.topk_weight_TK, perm.row_TK.shape[0])
         if state.balance is None:
             return y_tD
         mone = state.experts.mone
-        return AuxLossAutoScaler.apply(y_tD, mone.balance_loss_coeff * self._neuron_balance_loss(state))
+        return AuxLossAutoScaler.apply(y_tD, mone.balance_loss_coeff * balance_loss_here(
+            state.balance, state.plan, self.ep_size, state.experts.keep_k))

@@ -6,6 +6,7 @@ runs ``LocalDispatcher`` over all ``E`` experts on one process and returns the o
 routing weights, expert weights) of ``sum(y * grad_TD)`` plus, with ``mone.balance_loss_coeff > 0``, plain EP's MoNE
 neuron balance loss: per EP rank the mean over that rank's experts (``E / ep_size`` consecutive ones) that have rows,
 summed over the ranks (the single-device layer's loss is the mean over all ``E``; plain EP normalises per rank).
+``device_pairs`` counts the rows a deduplicated EP dispatch sends.
 """
 from __future__ import annotations
 
@@ -46,3 +47,9 @@ def plain_ep_reference(weights: list[torch.Tensor], mone: MoNEConfig, ep_size: i
     return dict(y=y_TD.detach(), x=x_TD.grad, w=w_TK.grad,
                 experts=[torch.zeros_like(p) if p.grad is None else p.grad
                          for p in (experts.w_gate_EFD, experts.w_up_EFD, experts.w_down_EDF)])
+
+
+def device_pairs(idx_TK: torch.Tensor, experts_per_device: int) -> int:
+    """(token, device) pairs with a kept slot in ``idx_TK`` (-1 = dropped): the rows a deduplicated dispatch sends,
+    counted on the host the plain way."""
+    return len({(t, e // experts_per_device) for t, row in enumerate(idx_TK.tolist()) for e in row if e >= 0})

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from moe_core.permute import make_permutation, permute_tokens, sort_by_expert, unpermute_tokens
+from moe_core.permute import group_by_device, make_permutation, permute_tokens, sort_by_expert, sum_tokens, \
+    unpermute_tokens
 
 
 def test_sort_by_expert_is_stable_and_puts_dropped_last():
@@ -77,3 +78,29 @@ def test_everything_dropped_gives_zeros_and_zero_grads():
     y_TD = unpermute_tokens(x_ND * float("inf"), perm, torch.ones(3, 2), num_tokens=3)
     y_TD.sum().backward()
     assert torch.equal(y_TD, torch.zeros(3, 4)) and torch.equal(x_TD.grad, torch.zeros(3, 4))
+
+
+def test_group_by_device_sends_one_row_per_token_and_device_with_its_slots():
+    """Hand-computed: 2 devices of 2 experts; token 0 has both slots on device 0 (one row), token 1 one slot on each
+    (two rows), token 2 a dropped slot, token 3 nothing kept (no row), token 4 the same expert twice (one row)."""
+    idx_TK = torch.tensor([[1, 0], [3, 1], [-1, 2], [-1, -1], [2, 2]])
+    w_TK = torch.tensor([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6], [0.7, 0.8], [0.9, 1.0]], requires_grad=True)
+    routing = group_by_device(idx_TK, w_TK, experts_per_device=2, num_devices=2)
+    assert routing.perm.tokens_per_expert_E.tolist() == [2, 3]  # rows per device
+    rows = 5
+    assert routing.perm.token_idx_N[:rows].tolist() == [0, 1, 1, 2, 4]  # device 0's rows, then device 1's
+    assert routing.local_expert_NK[:rows].tolist() == [[1, 0], [-1, 1], [1, -1], [-1, 0], [0, 0]]
+    assert (routing.local_expert_NK[rows:] == -1).all() and (routing.weight_NK[rows:] == 0).all()
+    torch.testing.assert_close(routing.weight_NK[:rows], torch.tensor([[0.1, 0.2], [0.0, 0.4], [0.3, 0.0],
+                                                                       [0.0, 0.6], [0.9, 1.0]]))
+    assert routing.slots_per_expert_E.tolist() == [1, 2, 3, 1]
+    assert routing.perm.row_TK.tolist() == [[0, -1], [2, 1], [-1, 3], [-1, -1], [4, -1]]  # each pair's first slot
+    routing.weight_NK.sum().backward()  # each kept slot's weight travels in exactly one row
+    assert w_TK.grad.tolist() == [[1.0, 1.0], [1.0, 1.0], [0.0, 1.0], [0.0, 0.0], [1.0, 1.0]]
+
+
+def test_sum_tokens_adds_each_tokens_rows():
+    perm = make_permutation(torch.tensor([[0, 1], [-1, 1], [-1, -1]]), num_experts=2)
+    y_ND = torch.tensor([[1.0], [2.0], [4.0], [float("nan")], [float("nan")], [float("nan")]])
+    out = sum_tokens(y_ND[:3], perm, num_tokens=3)  # rows: token 0 (expert 0), tokens 0 and 1 (expert 1)
+    assert out.tolist() == [[3.0], [4.0], [0.0]]

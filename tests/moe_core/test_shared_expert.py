@@ -7,6 +7,7 @@ import torch
 from moe_core.config import MoEConfig
 from moe_core.model_config import ModelConfig
 from moe_core.layer import MoELayer
+from moe_core.layers import SwiGLUMLP
 from moe_core.matryoshka import KSchedule
 
 D, E, F, FS, K, T = 12, 8, 6, 10, 2, 20
@@ -110,3 +111,58 @@ def test_gate_without_shared_expert_is_a_config_error_naming_the_key():
                                          "moe.shared_expert_ffn_hidden_size > 0"):
         MoEConfig(shared_expert_gate=True).validate(ModelConfig())
     MoEConfig(shared_expert_ffn_hidden_size=8, shared_expert_gate=True).validate(ModelConfig())
+
+
+def _hand_written_mone_shared(x_TD, w_gate_FD, w_up_FD, w_down_DF, keep_k, score):
+    """MoNE in a SwiGLU FFN, the plain way: per token rank the neurons by |silu(g)| (post_act) or |g| (pre_act),
+    larger first and the lower index first among equals, keep the first keep_k, zero the others' activations."""
+    g_TF, u_TF = x_TD @ w_gate_FD.T, x_TD @ w_up_FD.T
+    s_TF = (torch.nn.functional.silu(g_TF) if score == "post_act" else g_TF).abs()
+    rows = []
+    for t in range(x_TD.shape[0]):
+        order = sorted(range(g_TF.shape[1]), key=lambda f: (-float(s_TF[t, f]), f))[:keep_k]
+        keep = torch.zeros(g_TF.shape[1], dtype=torch.bool)
+        keep[order] = True
+        rows.append(torch.where(keep, torch.nn.functional.silu(g_TF[t]) * u_TF[t], 0.0))
+    return torch.stack(rows) @ w_down_DF.T
+
+
+@pytest.mark.parametrize("score", ["post_act", "pre_act"])
+def test_mone_in_the_shared_expert_keeps_each_tokens_top_neurons(score):
+    """moe.mone.shared_experts: the shared expert keeps round(keep_ratio * FS) neurons per token (4 of 10 here),
+    the routed experts' rule; output and gradients equal the hand-written reference, and the dropped neurons get
+    exactly zero gradient."""
+    from moe_core.config import MoNEConfig
+
+    layer = _layer(shared_expert_ffn_hidden_size=FS, mone=MoNEConfig(enabled=True, keep_ratio=0.4, score=score,
+                                                                      shared_experts=True)).train()
+    _randomise(layer, 3)
+    assert layer.shared_expert.keep_k == 4 and layer.experts.keep_k == 2  # round(0.4 * FS), round(0.4 * F)
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(4))
+    shared = layer.shared_expert
+    weights = [getattr(shared, p).weight for p in ("gate_proj", "up_proj", "down_proj")]
+    ref_weights = [w.detach().clone().requires_grad_(True) for w in weights]
+    y, y_ref = layer._shared_output(x), _hand_written_mone_shared(x, *ref_weights, 4, score)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(y, SwiGLUMLP.forward(shared, x), atol=1e-3)  # the selection changed the output
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(5))
+    (y * g).sum().backward()
+    (y_ref * g).sum().backward()
+    for w, w_ref in zip(weights, ref_weights):
+        torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-5, atol=1e-6)
+    shared.zero_grad()
+    shared(x[:1]).sum().backward()  # one token: exactly its 4 kept neurons' weights get a gradient
+    assert (shared.up_proj.weight.grad != 0).any(dim=1).sum() == 4
+
+
+def test_mone_shared_experts_needs_mone_and_a_shared_expert():
+    from moe_core.config import MoNEConfig
+
+    for cfg in (dict(mone=MoNEConfig(shared_experts=True), shared_expert_ffn_hidden_size=8),
+                dict(mone=MoNEConfig(enabled=True, shared_experts=True))):
+        with pytest.raises(ValueError, match=r"moe.mone.shared_experts=true needs moe.mone.enabled=true and a shared "
+                                             r"expert \(moe.shared_expert_ffn_hidden_size > 0\)"):
+            MoEConfig(**cfg).validate(ModelConfig())
+    MoEConfig(shared_expert_ffn_hidden_size=8, mone=MoNEConfig(enabled=True, shared_experts=True)).validate(
+        ModelConfig())
+    assert type(_layer(shared_expert_ffn_hidden_size=FS, mone=MoNEConfig(enabled=True)).shared_expert) is SwiGLUMLP

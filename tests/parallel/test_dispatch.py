@@ -1,4 +1,5 @@
-"""AllToAllDispatcher: EP / TP / TPxEP MoE, MoNE and M-MoE layers against the single-process MoELayer.
+"""AllToAllDispatcher: EP / TP / TPxEP MoE, MoNE, M-MoE and DeepSeek-V3-routed (sigmoid, groups, bias, shared
+expert; also through LLEP, rebalanced and not) layers against the single-process MoELayer.
 
 How the comparison works (float32, same seed and weights everywhere):
 - Every rank builds the full single-device layer from one seed, then ``shard_moe_layer`` keeps its EP rank's
@@ -24,18 +25,30 @@ from moe_core.dispatcher import dispatch_compute_combine
 from moe_core.layer import LocalDispatcher, MoELayer
 from moe_core.matryoshka import KSchedule
 from parallel.comm import SINGLE_PROCESS
+from parallel.config import LLEPConfig
 from parallel.dispatch import AllToAllDispatcher, shard_moe_layer
+from parallel.llep.dispatcher import LLEPDispatcher
 from tests.helpers.dist import run_distributed
+from tests.helpers.moe_reference import device_pairs
 
 SEED, H, FFN, E, T = 11, 16, 24, 8, 16  # T tokens per micro-batch (divisible by tp)
+DEEPSEEK = {"score_function": "sigmoid", "num_groups": 4, "group_topk": 2, "expert_bias": True, "top_k": 3,
+            "routed_scaling_factor": 2.5, "shared_expert_ffn_hidden_size": 12}
 CASES = {  # name -> (MoEConfig overrides, training steps; M-MoE draws k per step)
     "moe": ({}, (0,)),
     "skew": ({}, (0,)),  # most routing slots go to experts 0 and 1 (both on EP rank 0)
     "capacity": ({"capacity_factor": 0.5}, (0,)),  # each expert keeps ceil(0.5*T*2/E) = 2 slots: many drops
     "mone": ({"mone": MoNEConfig(enabled=True, keep_ratio=0.5)}, (0,)),
     "mmoe": ({"matryoshka": MatryoshkaConfig(enabled=True, k_min=1, k_max=4)}, (0, 1, 2)),
-    "e4": ({"num_experts": 4}, (0,)),  # at ep=4 one expert per rank: received rows need no regrouping
+    "e4": ({"num_experts": 4}, (0,)),  # at ep=4 one expert per rank: a token's slots all on distinct ranks
+    # DeepSeek-V3's router: sigmoid scores, 4 groups of 2 experts (one group per EP rank at ep=4), a token's 2 best
+    # groups, a selection bias, scaled gates, a shared expert; k=3 puts 2 slots of most tokens on one EP rank
+    "deepseek": (DEEPSEEK, (0,)),
+    "deepseek_llep": (DEEPSEEK, (0,)),  # the same through LLEPDispatcher, forced to rebalance (LLEP_CASES)
+    "deepseek_llep_plain": (DEEPSEEK, (0,)),  # LLEPDispatcher below its threshold: plain EP's deduplicated rows
 }
+LLEP_CASES = {"deepseek_llep": LLEPConfig(imbalance_threshold=1.0, capacity_factor=1.0, min_tokens_per_gemm=1),
+              "deepseek_llep_plain": LLEPConfig(imbalance_threshold=100.0)}
 LAYOUTS = {2: [(1, 2), (2, 1)], 4: [(1, 4), (2, 2), (1, 2)]}  # world -> [(tp, ep)]
 EXPERT_PARAMS = ("w_gate_EFD", "w_up_EFD", "w_down_EDF")
 
@@ -55,6 +68,8 @@ def build_layer(case: str) -> MoELayer:
         with torch.no_grad():
             layer.router.weight[0] += 4.0 * _skew_direction()
             layer.router.weight[1] += 3.0 * _skew_direction()
+    if cfg.expert_bias:  # a bias that changes the selection (it starts at zero)
+        layer.router.expert_bias.copy_(torch.linspace(-0.3, 0.3, E))
     return layer.train()
 
 
@@ -76,7 +91,9 @@ def _step(layer: MoELayer, x_TD: torch.Tensor, g_TD: torch.Tensor, step: int) ->
     (y * g_TD).sum().backward()
     params = [getattr(layer.experts, n) for n in EXPERT_PARAMS]
     stats = layer.last_stats
+    shared = [] if layer.shared_expert is None else [p.grad for p in layer.shared_expert.parameters()]
     return {"y": y.detach(), "x_grad": x.grad, "router_grad": layer.router.weight.grad, "k": stats.k,
+            "shared_grads": shared,
             "dropped": int(stats.dropped_slots), "tokens_per_expert": stats.tokens_per_expert_E,
             # an expert set that computed no rows may have no grad at all: that is a zero grad
             "expert_grads": [torch.zeros_like(p) if p.grad is None else p.grad for p in params]}
@@ -99,11 +116,15 @@ def _rank_main(rank: int, world: int) -> dict:
         ep_slices = [tuple(m) for m in comm.gather_dim0(me, groups.ep_group).tolist()]
         for case, (_, steps) in CASES.items():
             layer = shard_moe_layer(build_layer(case), groups)
+            if case in LLEP_CASES:
+                layer.dispatcher = LLEPDispatcher(groups.tp_group, groups.ep_group, E, LLEP_CASES[case])
             x, g = batches(case, groups.dp_size)
             for step in steps:
                 res = _step(layer, x[groups.dp_rank], g[groups.dp_rank], step)
                 res.update(dp_rank=groups.dp_rank, ep_slices=ep_slices, first=layer.experts.first_expert,
-                           num_local=layer.experts.num_local_experts)
+                           num_local=layer.experts.num_local_experts,
+                           rebalanced=getattr(layer.dispatcher, "last_stats", {}).get("rebalanced"),
+                           rows_sent=layer.dispatcher.last_counts.rows, slots_sent=layer.dispatcher.last_counts.slots)
                 out[(tp, ep, case, step)] = res
     return out
 
@@ -156,6 +177,8 @@ def test_matches_single_process_reference(world_results, world, tp, ep, case):
             _close(r["y"], want["y"], f"{where} output")
             _close(r["x_grad"], want["x_grad"], f"{where} input grad")
             _close(r["router_grad"], want["router_grad"], f"{where} router grad")
+            for i, (got, ref_grad) in enumerate(zip(r["shared_grads"], want["shared_grads"], strict=True)):
+                _close(got, ref_grad, f"{where} shared expert grad {i}")
             lo, hi = r["first"], r["first"] + r["num_local"]
             per_slice = [_reference_slice_expert_grads(case, dp, tp, step, d, j) for d, j in r["ep_slices"]]
             for name, got, *parts in zip(EXPERT_PARAMS, r["expert_grads"], *per_slice):
@@ -168,6 +191,24 @@ def test_cases_exercise_what_they_claim():
     assert skew[:2].sum() >= 0.75 * skew.sum() and (skew == 0).any()
     assert _reference("capacity", 1, 0)[0]["dropped"] >= T // 2
     assert len({_reference("mmoe", 1, s)[0]["k"] for s in CASES["mmoe"][1]}) > 1
+
+
+def test_deepseek_cases_send_one_row_per_token_and_group_and_llep_takes_both_paths(world_results):
+    """The DeepSeek case really is group-limited (a token's 3 experts in at most 2 of the 4 groups, so two of them
+    share a group, i.e. an EP rank at ep=4), plain EP sends one row per (token, group) pair (2 per token, not 3),
+    and the LLEP cases took the path they name."""
+    layer = build_layer("deepseek")
+    x, _ = batches("deepseek", 4)
+    for r in world_results(4):
+        d = r[(1, 4, "deepseek", 0)]["dp_rank"]
+        idx_TK = layer.router(x[d], 3).topk_idx_TK
+        assert max(len(set(row)) for row in (idx_TK // 2).tolist()) <= 2
+        for case in ("deepseek", "deepseek_llep_plain"):
+            assert r[(1, 4, case, 0)]["rows_sent"] == device_pairs(idx_TK, 2) <= 2 * T
+            assert r[(1, 4, case, 0)]["slots_sent"] == 3 * T
+        assert r[(1, 4, "deepseek_llep", 0)]["rows_sent"] == 3 * T  # rebalanced: one row per slot
+        assert r[(1, 4, "deepseek_llep", 0)]["rebalanced"] == 1.0
+        assert r[(1, 4, "deepseek_llep_plain", 0)]["rebalanced"] == 0.0
 
 
 def test_single_process_dispatcher_equals_local_dispatcher():

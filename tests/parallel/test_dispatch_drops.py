@@ -1,9 +1,12 @@
-"""Fuzz: plain EP (AllToAllDispatcher) and LLEP (forced to rebalance) with heavy capacity dropping, skew, tiny and
-empty batches, MoNE on and off (with its neuron balance loss), against the single-process reference.
+"""Fuzz: plain EP (AllToAllDispatcher, deduplicated) and LLEP (forced to rebalance) with heavy capacity dropping,
+skew, group-limited routing, tiny and empty batches, MoNE on and off (with its neuron balance loss), against the
+single-process reference.
 
 Each case draws (from a seed every rank shares) a capacity factor (down to 0.01: one slot per expert), a routing
-skew towards EP rank 0's experts, a batch size per DP rank (0 included) and sometimes drops every slot of one DP
-rank; the routing comes from a ``TopKRouter`` with that capacity factor on each micro-batch. Every rank compares
+skew towards EP rank 0's experts, softmax or sigmoid scores with or without group-limited routing (4 groups of 2
+experts, the best 1 or 2: a token's 2 slots then often share an EP rank), a batch size per DP rank (0 included)
+and sometimes drops every slot of one DP rank; the routing comes from a ``TopKRouter`` with those settings on each
+micro-batch. Plain EP must send exactly one row per (token, EP rank) pair with a kept slot. Every rank compares
 its output and its gradients (input, routing weights, its experts' weights) with
 ``tests.helpers.moe_reference.plain_ep_reference`` on the concatenation of its EP group's micro-batches (the
 comparison of tests/parallel/test_llep.py) and checks they are finite. The parent then checks the fuzz reached the
@@ -25,12 +28,14 @@ from parallel.dispatch import AllToAllDispatcher
 from parallel.groups import initialize
 from parallel.llep.dispatcher import LLEPDispatcher
 from tests.helpers.dist import run_distributed
-from tests.helpers.moe_reference import plain_ep_reference
+from tests.helpers.moe_reference import device_pairs, plain_ep_reference
 
 E, K, D, F = 8, 2, 8, 6
 CASES = 16  # per layout
 LAYOUTS = {2: [(1, 2)], 4: [(1, 4), (2, 2)]}  # world -> [(tp, ep)]
 CAPACITY_FACTORS = (0.01, 0.01, 0.1, 0.5, 1.0, None)
+GROUPS = ((1, 1), (4, 1), (4, 2))
+"""(moe.num_groups, moe.group_topk) drawn per case: off, or 4 groups of 2 experts with the best 1 or 2 of them."""
 LLEP_CFG = LLEPConfig(imbalance_threshold=1.0, capacity_factor=1.0, min_tokens_per_gemm=1, max_foreign_experts=4)
 """Every imbalance is >= 1.0, so every LLEP call takes the rebalanced path (and moves weights when a rank is over
 capacity)."""
@@ -47,6 +52,7 @@ def _draw(case: int, dp: int, tp: int) -> dict:
         tokens = [0] * dp  # an empty step everywhere
     drop_rank = pick(dp) if case % 3 == 1 else None  # every slot of that DP rank's micro-batch dropped
     return dict(tokens=tokens, capacity_factor=CAPACITY_FACTORS[pick(len(CAPACITY_FACTORS))],
+                score_function=("softmax", "sigmoid")[pick(2)], groups=GROUPS[pick(len(GROUPS))],
                 skew=float(pick(3)) * 2.0, mone=MONES[case % len(MONES)], drop_rank=drop_rank, seed=pick(10_000))
 
 
@@ -55,7 +61,9 @@ def _micro_batch(params: dict, d: int) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(params["seed"] * 31 + d)
     T = params["tokens"][d]
     x_TD, grad_TD = torch.randn(T, D, generator=gen), torch.randn(T, D, generator=gen)
-    cfg = MoEConfig(num_experts=E, top_k=K, expert_ffn_hidden_size=F, capacity_factor=params["capacity_factor"])
+    num_groups, group_topk = params["groups"]
+    cfg = MoEConfig(num_experts=E, top_k=K, expert_ffn_hidden_size=F, capacity_factor=params["capacity_factor"],
+                    score_function=params["score_function"], num_groups=num_groups, group_topk=group_topk)
     torch.manual_seed(params["seed"])
     router = TopKRouter(D, E, cfg)
     router.reset_parameters(std=0.3)
@@ -115,13 +123,17 @@ def _fuzz(rank: int, world: int) -> list[dict]:
             want = dict(y=ref["y"][mine], x=ref["x"][mine], w=ref["w"][mine],
                         experts=[g[first:first + L] for g in ref["experts"]])
             llep = LLEPDispatcher(groups.tp_group, groups.ep_group, E, LLEP_CFG)
-            for name, dispatcher in (("plain EP", AllToAllDispatcher(groups.tp_group, groups.ep_group, E)),
-                                     ("LLEP", llep)):
+            plain = AllToAllDispatcher(groups.tp_group, groups.ep_group, E)
+            for name, dispatcher in (("plain EP", plain), ("LLEP", llep)):
                 got = _run(dispatcher, weights, first, L, params["mone"], *batches[groups.dp_rank])
                 _check(got, want, f"case {case} {params} tp={tp} ep={ep} {name}")
             idx_TK = batches[groups.dp_rank][1]
             my_slice = idx_TK.chunk(tp)[groups.tp_rank] if idx_TK.shape[0] else idx_TK
-            seen.append(dict(tokens=idx_TK.shape[0] // tp, sent=int((my_slice >= 0).sum()),
+            sent = int((my_slice >= 0).sum())
+            counts = plain.last_counts
+            assert (counts.tokens, counts.slots, counts.rows) == (my_slice.shape[0], sent, device_pairs(my_slice, L)), \
+                f"case {case} tp={tp} ep={ep}: {counts}"
+            seen.append(dict(tokens=idx_TK.shape[0] // tp, sent=sent, rows=counts.rows,
                              received=int(((group_batch[1] >= first) & (group_batch[1] < first + L)).sum()),
                              weights_moved=llep.last_stats["weights_moved"], all_empty=sum(params["tokens"]) == 0,
                              balance=params["mone"].balance_loss_coeff > 0))
@@ -135,3 +147,4 @@ def test_dispatchers_with_heavy_drops_and_empty_batches_match_the_reference(worl
     assert any(s["received"] == 0 and not s["all_empty"] for s in seen), "no rank received zero rows"
     assert any(s["all_empty"] for s in seen) and any(s["weights_moved"] > 0 for s in seen)
     assert any(s["balance"] and s["sent"] == 0 for s in seen), "the balance loss never met an all-dropped rank"
+    assert any(s["rows"] < s["sent"] for s in seen), "no token had two slots on one EP rank (nothing deduplicated)"

@@ -15,6 +15,10 @@ S, MB, MICRO = 16, 2, 2
 SHARED = ("moe.shared_expert_ffn_hidden_size=40",)
 """A shared expert (TP-parallel like the dense FFN); with GATED also its replicated sigmoid gate (Qwen2-MoE)."""
 GATED = (*SHARED, "moe.shared_expert_gate=true")
+DEEPSEEK = ("moe.num_experts=8", "moe.top_k=3", "moe.score_function=sigmoid", "moe.num_groups=4", "moe.group_topk=2",
+            "moe.expert_bias=true", "moe.routed_scaling_factor=2.5", "moe.aux_loss_scope=sequence", *SHARED)
+"""DeepSeek-V3's MoE block: sigmoid router, group-limited routing, selection bias, scaled gates, sequence-wise
+balance loss, shared expert."""
 MLA = ("model.attention=mla", "model.kv_lora_rank=16", "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=4",
        "model.v_head_dim=6")
 
@@ -104,14 +108,21 @@ def _compare(rank, world_size, overrides):
      "model.rope_scaling.factor=4", "model.rope_scaling.original_max_position_embeddings=8",
      "model.rope_scaling.mscale_all_dim=1.0"),
     ("parallel.tp=2", "parallel.pp=2", *MLA),
-    ("parallel.tp=2", "parallel.ep=2", *GATED, "moe.mone.enabled=true", "moe.matryoshka.enabled=true",
-     "moe.matryoshka.k_min=1", "moe.matryoshka.k_max=3", "moe.capacity_factor=1.0"),
+    # MoNE in the shared expert too: its 20 of 40 kept neurons per token chosen over both TP ranks' halves
+    ("parallel.tp=2", "parallel.ep=2", *GATED, "moe.mone.enabled=true", "moe.mone.shared_experts=true",
+     "moe.matryoshka.enabled=true", "moe.matryoshka.k_min=1", "moe.matryoshka.k_max=3", "moe.capacity_factor=1.0"),
     # LLEP forced onto its rebalancing path (every imbalance >= 1.0 triggers it)
     ("parallel.tp=2", "parallel.ep=2", *SHARED, "moe.dispatcher=llep", "moe.llep.imbalance_threshold=1.0",
      "moe.llep.min_tokens_per_gemm=1"),
     ("parallel.pp=2", "parallel.ep=2", "train.global_batch_size=8", *GATED),
+    # DeepSeek-V3 routing at EP=4: 8 experts in 4 groups (one per EP rank), top-3 in the best 2 groups, so most
+    # tokens send one row for two experts (deduplicated dispatch); plain EP and LLEP forced to rebalance
+    ("parallel.ep=4", "train.global_batch_size=16", *DEEPSEEK),
+    ("parallel.ep=4", "train.global_batch_size=16", *DEEPSEEK, "moe.dispatcher=llep",
+     "moe.llep.imbalance_threshold=1.0", "moe.llep.min_tokens_per_gemm=1"),
 ], ids=["tp2-ep2", "pp2-ep2", "tp2-pp2", "tp2-ep2-mone-mmoe", "tp2-ep2-mla-q-lora-yarn", "tp2-pp2-mla",
-        "tp2-ep2-shared-gate-mone-mmoe-capacity", "tp2-ep2-llep-shared", "pp2-ep2-dp2-shared-gate"])
+        "tp2-ep2-shared-gate-mone-shared-mmoe-capacity", "tp2-ep2-llep-shared", "pp2-ep2-dp2-shared-gate", "ep4-deepseek",
+        "ep4-deepseek-llep"])
 def test_model_parallel_matches_single_process(overrides):
     results = run_distributed(_compare, 4, overrides)
     assert any(r["last"] for r in results)

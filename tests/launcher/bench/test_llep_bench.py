@@ -80,3 +80,18 @@ def test_simulation_with_free_communication_predicts_the_load_ratio():
     assert skewed["ms_llep"] == pytest.approx(skewed["gemm_llep"] + skewed["planner_ms"], rel=1e-6, abs=1e-6)
     uniform = simulate(layer, "uniform", LLEPConfig(), linear, free)
     assert uniform["transfers"] == 0 and uniform["gemm_llep"] == uniform["gemm_plain"]
+
+
+def test_simulated_plain_ep_sends_the_deduplicated_rows():
+    """The simulator's plain EP traffic is what AllToAllDispatcher sends: one row per (token, EP rank) pair."""
+    from launcher.bench.llep_sim import Layer, _counts
+    from moe_core.permute import group_by_device
+
+    layer = Layer(16, 4, 200, 4, 0, 0, 0)  # E=16 over P=4, 200 tokens per rank, top-4
+    counts_PE, rows_PP = _counts(layer, "zipf", 1.2, 3)
+    for r in range(4):
+        idx_TK = routing("zipf", 200, 16, 4, 1.2, torch.Generator().manual_seed(3000 + r))
+        routed = group_by_device(idx_TK, torch.ones(idx_TK.shape), 4, 4)
+        assert rows_PP[r].tolist() == routed.perm.tokens_per_expert_E.tolist()
+        assert counts_PE[r].tolist() == routed.slots_per_expert_E.tolist()
+    assert rows_PP.sum() < counts_PE.sum()

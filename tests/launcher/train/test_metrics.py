@@ -169,3 +169,21 @@ def test_progress_line_survives_nan_loss():
     stats = StepStats(step=1, loss=math.nan, lr=1e-3, grad_norm=math.inf, step_time_s=1.0, tokens=10, flops=1e9)
     text = ProgressLine(5).format(stats, throughput(stats, 1, 1e12))
     assert "loss nan" in text and "gnorm inf" in text
+
+
+def test_dispatcher_scalars_log_rows_and_slots_per_token_and_llep_stats():
+    """EP layers log kept slots and dispatched rows per token (deduplicated dispatch: rows <= slots); a layer whose
+    dispatcher has sent nothing yet (or the single-device one) logs none."""
+    from types import SimpleNamespace
+
+    from launcher.train.trainer import Trainer
+    from parallel.dispatch import DispatchCounts
+
+    layers = {1: SimpleNamespace(dispatcher=SimpleNamespace(last_counts=DispatchCounts(tokens=8, slots=16, rows=10),
+                                                            last_stats={"rebalanced": 1.0})),
+              3: SimpleNamespace(dispatcher=SimpleNamespace(last_counts=None)),
+              5: SimpleNamespace(dispatcher=SimpleNamespace())}
+    fake = SimpleNamespace(model=SimpleNamespace(moe_layers=lambda: layers))
+    assert Trainer._dispatcher_scalars(fake) == {"train_moe/layer01/dispatch_slots_per_token": 2.0,
+                                                 "train_moe/layer01/dispatch_rows_per_token": 1.25,
+                                                 "train_moe/layer01/llep_rebalanced": 1.0}
