@@ -30,8 +30,8 @@ Two expert counts, which differ only with MoNE:
 - ``executed``: what the hardware does. The torch MoNE path computes gate, up and down for all F neurons and masks,
   so a MoNE expert costs exactly what a dense expert costs. Throughput and MFU use this number.
 - ``useful``: what the MoNE math needs: the full gate (to score neurons) plus up/down for the ``k_n =
-  round(keep_ratio * F)`` kept neurons only (halves round up, as moe_core.mone.keep_count). This is what a
-  gathered-weights kernel would execute.
+  round(keep_ratio * F)`` kept neurons only (halves round up, as moe_core.mone.keep_count); the same for the
+  shared expert with ``moe.mone.shared_experts``. This is what a gathered-weights kernel would execute.
 
 Matryoshka MoE draws k per layer per step; pass the drawn values (``k_per_layer``, one per MoE layer, possibly
 fractional when averaged or when capacity dropping removed slots, see :func:`executed_k_per_layer`). Without it
@@ -70,6 +70,8 @@ class ForwardFlops:
     """The MTP modules' ``eh_proj`` (0 without MTP or in evaluation); their blocks and heads are counted above."""
     experts_useful: float
     """Expert FLOPs the MoNE math needs (equals ``experts`` when MoNE is off)."""
+    shared_experts_useful: float
+    """Shared-expert FLOPs the MoNE math needs (equals ``shared_experts`` unless ``moe.mone.shared_experts``)."""
 
     @property
     def executed(self) -> float:
@@ -78,7 +80,8 @@ class ForwardFlops:
 
     @property
     def useful(self) -> float:
-        return self.executed - self.experts + self.experts_useful
+        return (self.executed - self.experts - self.shared_experts + self.experts_useful
+                + self.shared_experts_useful)
 
     def as_dict(self) -> dict[str, float]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -179,19 +182,25 @@ def _check_k(cfg: Config, k_per_layer: Sequence[float], training: bool) -> list[
     return [float(k) for k in k_per_layer]
 
 
+def _swiglu_macs(cfg: Config, ffn: int, mone: bool) -> tuple[int, int]:
+    """(executed, useful) MACs of one SwiGLU FFN of width ``ffn`` on one token; ``mone``: it keeps MoNE's top
+    neurons (the full gate scores them, up/down run on the kept ones in the useful count)."""
+    d = cfg.model.hidden_size
+    dense = 3 * d * ffn
+    return dense, (d * ffn + 2 * d * keep_count(cfg.moe.mone.keep_ratio, ffn) if mone else dense)
+
+
 def _expert_macs(cfg: Config) -> tuple[int, int]:
     """(executed, useful) MACs of one routed expert on one token."""
-    d, f = cfg.model.hidden_size, cfg.moe.expert_ffn_hidden_size
-    dense = 3 * d * f
-    if not cfg.moe.mone.enabled:
-        return dense, dense
-    return dense, d * f + 2 * d * keep_count(cfg.moe.mone.keep_ratio, f)
+    return _swiglu_macs(cfg, cfg.moe.expert_ffn_hidden_size, cfg.moe.mone.enabled)
 
 
-def _shared_expert_macs(cfg: Config) -> int:
-    """MACs (= weights) of one MoE layer's shared expert and its gate on one token (0 without a shared expert)."""
-    ffn = cfg.moe.shared_expert_ffn_hidden_size
-    return cfg.model.hidden_size * (3 * ffn + (1 if cfg.moe.shared_expert_gate else 0))
+def _shared_expert_macs(cfg: Config) -> tuple[int, int]:
+    """(executed, useful) MACs of one MoE layer's shared expert and its gate on one token (0 without a shared
+    expert); executed MACs equal its weights."""
+    gate = cfg.model.hidden_size if cfg.moe.shared_expert_gate else 0
+    executed, useful = _swiglu_macs(cfg, cfg.moe.shared_expert_ffn_hidden_size, cfg.moe.mone.shared_experts)
+    return executed + gate, useful + gate
 
 
 def forward_flops_per_token(cfg: Config, k_per_layer: Optional[Sequence[float]] = None, training: bool = True,
@@ -205,16 +214,18 @@ def forward_flops_per_token(cfg: Config, k_per_layer: Optional[Sequence[float]] 
     n_dense = n_layers - n_moe
     attn = attention_count(cfg, seq_length or m.seq_length)
     expert_exec, expert_useful = _expert_macs(cfg)
+    shared_exec, shared_useful = _shared_expert_macs(cfg)
     return ForwardFlops(
         attn_proj=2.0 * n_layers * attn.proj_macs,
         attn_scores=2.0 * n_layers * attn.score_macs,
         router=2.0 * n_moe * d * cfg.moe.num_experts,
-        shared_experts=2.0 * n_moe * _shared_expert_macs(cfg),
+        shared_experts=2.0 * n_moe * shared_exec,
         experts=2.0 * sum(ks) * expert_exec,
         dense_ffn=2.0 * n_dense * 3 * d * m.dense_ffn_hidden_size,
         lm_head=2.0 * (1 + mtp) * d * m.vocab_size,
         mtp_proj=2.0 * mtp * 2 * d * d,
         experts_useful=2.0 * sum(ks) * expert_useful,
+        shared_experts_useful=2.0 * n_moe * shared_useful,
     )
 
 
@@ -240,12 +251,14 @@ def param_counts(cfg: Config, k_per_layer: Optional[Sequence[float]] = None, tra
     mtp_extra = 3 * d + 2 * d * d  # enorm, hnorm, norm, eh_proj
     common = 2 * m.vocab_size * d + d + m.num_layers * per_layer  # embed, head, final norm, layers
     dense_ffn = n_dense * 3 * d * m.dense_ffn_hidden_size
-    moe_always = e * d + _shared_expert_macs(cfg)  # router and shared expert of one MoE layer
-    expert_exec, expert_useful = _expert_macs(cfg)  # one MAC per weight per token
-    always = common + dense_ffn + len(m.moe_layer_indices) * moe_always
-    mtp_module = per_layer + mtp_extra + moe_always
-    return ParamCount(total=always + mtp_all * mtp_module + (len(m.moe_layer_indices) + mtp_all) * e * expert_exec,
-                      activated=always + mtp_run * mtp_module + sum(ks) * expert_useful)
+    shared_exec, shared_useful = _shared_expert_macs(cfg)  # one MAC per weight per token
+    expert_exec, expert_useful = _expert_macs(cfg)
+    n_main, mtp_module = len(m.moe_layer_indices), per_layer + mtp_extra
+    total = (common + dense_ffn + mtp_all * mtp_module
+             + (n_main + mtp_all) * (e * d + shared_exec + e * expert_exec))  # router, shared and routed experts
+    activated = (common + dense_ffn + mtp_run * mtp_module + (n_main + mtp_run) * (e * d + shared_useful)
+                 + sum(ks) * expert_useful)
+    return ParamCount(total=total, activated=activated)
 
 
 def executed_k_per_layer(stats_per_layer: Mapping[int, Union[LayerStepStats, MoELayerStats]]) -> list[float]:

@@ -37,7 +37,8 @@ def test_hand_count_tiny_config():
     cfg = tiny_cfg()
     fwd = forward_flops_per_token(cfg)
     assert fwd.as_dict() == dict(attn_proj=192.0, attn_scores=96.0, router=32.0, shared_experts=0.0, experts=240.0,
-                                 dense_ffn=144.0, lm_head=80.0, mtp_proj=0.0, experts_useful=240.0)
+                                 dense_ffn=144.0, lm_head=80.0, mtp_proj=0.0, experts_useful=240.0,
+                                 shared_experts_useful=0.0)
     assert fwd.executed == fwd.useful == 784.0
     count = training_flops(cfg)
     assert count.tokens_per_step == 8 * 3
@@ -62,7 +63,8 @@ def test_hand_count_mla():
     # (two layers 84). The rest as in test_hand_count_tiny_config.
     fwd = forward_flops_per_token(tiny_cfg(*MLA))
     assert fwd.as_dict() == dict(attn_proj=496.0, attn_scores=168.0, router=32.0, shared_experts=0.0, experts=240.0,
-                                 dense_ffn=144.0, lm_head=80.0, mtp_proj=0.0, experts_useful=240.0)
+                                 dense_ffn=144.0, lm_head=80.0, mtp_proj=0.0, experts_useful=240.0,
+                                 shared_experts_useful=0.0)
     no_lora = forward_flops_per_token(tiny_cfg(*MLA, "model.q_lora_rank=null"))
     assert no_lora.attn_proj == 496.0 - 2 * 2 * (36 - 4 * 2 * 4)  # one q_proj 4 x 2*(2+2) = 32 MACs instead
     # params: attention 124 + latent norms (4 + 3) = 131 per layer instead of GQA's 52
@@ -77,7 +79,8 @@ def test_hand_count_mtp():
     fwd = forward_flops_per_token(cfg)
     assert fwd.as_dict() == dict(attn_proj=2 * 4 * 48.0, attn_scores=2 * 4 * 24.0, router=2 * 3 * 16.0,
                                  shared_experts=0.0, experts=2 * 3 * 2 * 60.0, dense_ffn=144.0, lm_head=2 * 3 * 40.0,
-                                 mtp_proj=2 * 2 * 32.0, experts_useful=2 * 3 * 2 * 60.0)
+                                 mtp_proj=2 * 2 * 32.0, experts_useful=2 * 3 * 2 * 60.0,
+                                 shared_experts_useful=0.0)
     assert fwd.executed == 784.0 + 2 * 560
     assert forward_flops_per_token(cfg, k_per_layer=[2, 1, 3]).experts == 2 * 6 * 60.0  # MTP blocks last
     # evaluation runs the main model only
@@ -101,6 +104,19 @@ def test_mone_executed_vs_useful():
     assert param_counts(cfg).activated == 412.0 - 120 + 72
     # 0.5 * 5 = 2.5 rounds half up to 3 kept neurons (as the model does): 4*5 + 2*4*3 = 44 MACs per expert
     assert forward_flops_per_token(tiny_cfg("moe.mone.enabled=true")).experts_useful == 2 * 2 * 44
+
+
+def test_mone_shared_expert_useful():
+    # A shared expert of width 5 (60 MACs on the one MoE layer) with MoNE's keep 0.4: 36 useful MACs, as a routed one.
+    base = ("moe.shared_expert_ffn_hidden_size=5", "moe.mone.enabled=true", "moe.mone.keep_ratio=0.4")
+    plain = forward_flops_per_token(tiny_cfg(*base))
+    assert plain.shared_experts == plain.shared_experts_useful == 2 * 60.0
+    fwd = forward_flops_per_token(tiny_cfg(*base, "moe.mone.shared_experts=true"))
+    assert (fwd.shared_experts, fwd.shared_experts_useful) == (2 * 60.0, 2 * 36.0)
+    assert fwd.executed == plain.executed and fwd.useful == plain.useful - 2 * (60 - 36)
+    with_shared = param_counts(tiny_cfg(*base, "moe.mone.shared_experts=true"))
+    assert (with_shared.total, with_shared.activated) == (param_counts(tiny_cfg(*base)).total,
+                                                          param_counts(tiny_cfg(*base)).activated - (60 - 36))
 
 
 def test_shared_expert_hand_count():
