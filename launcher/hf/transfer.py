@@ -1,0 +1,99 @@
+"""Tensors between a moetron model (tp=pp=ep=1) and a Hugging Face directory, one tensor at a time, through a
+family's names (launcher/hf/family.py) and the streaming safetensors reader/writer (launcher/hf/safetensors_io.py).
+
+from-hf: :func:`check_hf_tensors` compares the directory's validated headers with the model's expected names and
+shapes (a meta-device model: nothing allocated) BEFORE any tensor is read; :func:`load_hf` then copies one HF
+tensor at a time into the model (an expert's [F, D] straight into its row of the [E, F, D] stack).
+to-hf: :func:`export_plan` lists every HF tensor with its shape and dtype and a function producing it from the
+model (an expert row, converted to the export dtype only when written).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+
+from launcher.config import Config
+from launcher.hf.family import Family
+from launcher.hf.safetensors_io import FLOAT_DTYPES, HFDirError, HFWeights, PlannedTensor
+
+TIED_HEAD, EMBED = "lm_head.weight", "model.embed_tokens.weight"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One moetron tensor and its HF key(s): one key, or one per expert (``stacked``: key e is row e)."""
+
+    name: str
+    keys: list[str]
+    shape: tuple[int, ...]
+    stacked: bool
+
+    @property
+    def key_shape(self) -> tuple[int, ...]:
+        return self.shape[1:] if self.stacked else self.shape
+
+
+def targets(family: Family, cfg: Config, state: Mapping[str, torch.Tensor]) -> list[Target]:
+    """The family's HF counterparts of ``state`` (a full moetron state dict, real or on the meta device)."""
+    out = []
+    for name, tensor in state.items():
+        if family.writes(name, cfg):
+            keys = family.hf_keys(name, cfg.moe.num_experts)
+            out.append(Target(name, keys, tuple(tensor.shape), name.rpartition(".")[2] in family.expert_names))
+    return out
+
+
+def check_hf_tensors(family: Family, hf: Mapping, plan: list[Target], weights: HFWeights) -> tuple[dict, list]:
+    """Validate the directory against ``plan`` before reading: every expected tensor present (a tied ``lm_head``
+    reads the embedding), a float dtype, the expected shape; nothing left over except the family's skipped layers.
+    Returns ({HF key: key to read it from}, skipped keys)."""
+    source = {key: key for t in plan for key in t.keys}
+    if hf.get("tie_word_embeddings") and TIED_HEAD in source and TIED_HEAD not in weights.info:
+        source[TIED_HEAD] = EMBED  # tied embeddings: lm_head is a copy (the logits are unchanged)
+    for t in plan:
+        for key in t.keys:
+            info = weights.info.get(source[key])
+            if info is None:
+                raise HFDirError(f"tensor '{source[key]}' is missing from '{weights.hf_dir}' ({family.model_type} "
+                                 "with this config.json needs it)")
+            if info.dtype not in FLOAT_DTYPES:
+                raise HFDirError(f"tensor '{source[key]}' is stored as {info.dtype}; from-hf converts float16/"
+                                 "bfloat16/float32 weights: dequantize the checkpoint first")
+            if info.shape != t.key_shape:
+                raise HFDirError(f"tensor '{source[key]}' has shape {list(info.shape)} but config.json implies "
+                                 f"{list(t.key_shape)} (config.json and weights disagree)")
+    prefixes = family.skip_prefixes(hf)
+    skipped = sorted(k for k in weights.info if k.startswith(prefixes) and k not in source) if prefixes else []
+    unused = sorted(set(weights.info) - set(source.values()) - set(skipped))
+    if unused:
+        raise HFDirError(f"{len(unused)} HF tensors have no moetron counterpart, e.g. {unused[:3]}; this is not a "
+                         f"plain {family.model_type} checkpoint moetron can represent")
+    return source, skipped
+
+
+def load_hf(model: torch.nn.Module, plan: list[Target], source: dict, weights: HFWeights) -> None:
+    """Copy the HF tensors into ``model`` (whose state has ``plan``'s names), one tensor in memory at a time."""
+    from launcher.progress import progress
+
+    state = model.state_dict()
+    with torch.no_grad(), progress(len(plan), "read weights", unit="tensor") as bar:
+        for t in plan:
+            target = state[t.name]
+            for e, key in enumerate(t.keys):
+                (target[e] if t.stacked else target).copy_(weights.read(source[key]))
+            bar.update(1)
+
+
+def export_plan(family: Family, cfg: Config, state: Mapping[str, torch.Tensor],
+                dtype: torch.dtype) -> list[PlannedTensor]:
+    """Every HF tensor of ``state`` in the family's names, in ``dtype`` (fp32 for the family's fp32 keys)."""
+    items = []
+    for t in targets(family, cfg, state):
+        tensor = state[t.name]
+        for e, key in enumerate(t.keys):
+            key_dtype = torch.float32 if key.endswith(family.fp32_keys) else dtype
+            produce = (lambda tensor=tensor, e=e: tensor[e]) if t.stacked else (lambda tensor=tensor: tensor)
+            items.append(PlannedTensor(key, t.key_shape, key_dtype, produce))
+    return items

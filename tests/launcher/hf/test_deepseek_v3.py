@@ -1,0 +1,146 @@
+"""DeepSeek-V3 both ways: a tiny random stock DeepseekV3ForCausalLM (fp32; groups, nonzero expert bias, shared
+experts, q_lora, a dense first layer, YaRN) -> from-hf -> moetron gives transformers' logits and routes every token
+to the same experts in every layer; to-hf of that gives bit-identical tensors that load in stock transformers."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+
+from launcher.hf import convert
+from launcher.hf.safetensors_io import INDEX_NAME, PlannedTensor, write_json, write_weights
+from tests.helpers.dist import run_distributed
+from tests.launcher.hf.test_from_hf import read_all
+
+DEEPSEEK = dict(vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=4, n_shared_experts=2, n_routed_experts=8,
+                routed_scaling_factor=2.5, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, v_head_dim=12,
+                qk_nope_head_dim=8, n_group=4, topk_group=2, num_experts_per_tok=3, first_k_dense_replace=1,
+                norm_topk_prob=True, max_position_embeddings=64, rms_norm_eps=1e-5, rope_interleave=True,
+                num_nextn_predict_layers=0,
+                rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                 "original_max_position_embeddings": 16, "beta_fast": 32.0, "beta_slow": 1.0,
+                                 "mscale": 1.0, "mscale_all_dim": 1.0})
+TOKENS = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(5))
+
+
+def _hf_model():
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(DeepseekV3Config(**DEEPSEEK)).eval()
+    with torch.no_grad():
+        for layer in model.model.layers[DEEPSEEK["first_k_dense_replace"]:]:
+            layer.mlp.gate.weight.normal_(0.0, 0.5)  # routing that depends on the token, not only on the bias
+            layer.mlp.gate.e_score_correction_bias.uniform_(-0.05, 0.05)
+    return model
+
+
+def _routes(model, routers: dict, read) -> dict[int, torch.Tensor]:
+    """{layer: per-token sorted expert ids} of one forward of TOKENS, from forward hooks on the routers."""
+    got = {}
+    hooks = [r.register_forward_hook(lambda m, i, out, idx=idx: got.__setitem__(idx, read(out).sort(-1).values))
+             for idx, r in routers.items()]
+    with torch.no_grad():
+        logits = model(TOKENS)
+    for h in hooks:
+        h.remove()
+    return got, logits if torch.is_tensor(logits) else logits.logits
+
+
+def _convert_and_evaluate(rank, world_size, root):
+    """from-hf, the converted model's logits and routes, then to-hf of the step-0 checkpoint."""
+    from launcher.train.checkpoint import find_latest
+
+    rc_from = convert.main(["from-hf", "--hf", f"{root}/hf", "--output", f"{root}/ckpt", "data.source=synthetic",
+                            "logging.tensorboard=false"])
+    with convert.single_process_groups() as groups:
+        _, model = convert.load_moetron(find_latest(f"{root}/ckpt"), groups)
+    model.eval()
+    routers = {idx: layer.router for idx, layer in model.moe_layers().items()}
+    routes, logits = _routes(model, routers, lambda out: out.topk_idx_TK)
+    rc_to = convert.main(["to-hf", "--checkpoint", f"{root}/ckpt", "--output", f"{root}/hf2"])
+    return rc_from, rc_to, routes, logits
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deepseek")
+    hf = _hf_model()
+    hf.save_pretrained(root / "hf")
+    routers = {i: layer.mlp.gate for i, layer in enumerate(hf.model.layers) if i >= DEEPSEEK["first_k_dense_replace"]}
+    routes, logits = _routes(hf, routers, lambda out: out[2])
+    rc_from, rc_to, moetron_routes, moetron_logits = run_distributed(_convert_and_evaluate, 1, str(root))[0]
+    assert (rc_from, rc_to) == (0, 0)
+    return {"root": root, "routes": routes, "logits": logits, "moetron_routes": moetron_routes,
+            "moetron_logits": moetron_logits}
+
+
+def test_from_hf_gives_transformers_logits_and_routes(converted):
+    torch.testing.assert_close(converted["moetron_logits"], converted["logits"], rtol=0, atol=1e-5)
+    assert converted["routes"].keys() == converted["moetron_routes"].keys() == {1, 2}
+    for idx, want in converted["routes"].items():
+        assert torch.equal(converted["moetron_routes"][idx].view_as(want), want), idx
+    recipe = yaml.safe_load((converted["root"] / "ckpt" / "config.yaml").read_text())
+    m, moe = recipe["model"], recipe["moe"]
+    assert (m["attention"], m["q_lora_rank"], m["dense_layers"], m["rope_scaling"]["type"]) == ("mla", 24, [0], "yarn")
+    assert (moe["score_function"], moe["num_groups"], moe["group_topk"], moe["routed_scaling_factor"],
+            moe["expert_bias"], moe["shared_expert_ffn_hidden_size"]) == ("sigmoid", 4, 2, 2.5, True, 32)
+
+
+def test_to_hf_is_bit_identical_and_loads_in_stock_transformers(converted):
+    from transformers import AutoConfig, AutoModelForCausalLM, DeepseekV3ForCausalLM
+
+    root = converted["root"]
+    original, back = read_all(root / "hf"), read_all(root / "hf2")
+    assert original.keys() == back.keys()
+    for key, tensor in original.items():
+        assert tensor.dtype == back[key].dtype and torch.equal(tensor, back[key]), key
+    assert back["model.layers.1.mlp.gate.e_score_correction_bias"].abs().min() > 0
+    assert not list((root / "hf2").glob("*.py"))
+    model = AutoModelForCausalLM.from_pretrained(root / "hf2").eval()
+    assert type(model) is DeepseekV3ForCausalLM
+    with torch.no_grad():
+        assert torch.equal(model(TOKENS).logits, converted["logits"])
+    a = AutoConfig.from_pretrained(root / "hf").to_dict()
+    b = AutoConfig.from_pretrained(root / "hf2").to_dict()
+    ignore = {"transformers_version", "dtype", "_name_or_path", "architectures", "bos_token_id", "eos_token_id"}
+    assert {k: v for k, v in a.items() if k not in ignore} == {k: v for k, v in b.items() if k not in ignore}
+
+
+def _from_hf(rank, world_size, root, out):
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = convert.main(["from-hf", "--hf", f"{root}/hf_mtp", "--output", f"{root}/{out}", "data.source=synthetic"])
+    return rc, err.getvalue()
+
+
+def test_mtp_layers_are_skipped_with_one_line(converted):
+    """An official-layout checkpoint keeps MTP module i at model.layers.{num_hidden_layers + i}: until moetron has
+    MTP, from-hf converts the main model and says in one line that it skipped them."""
+    root = converted["root"]
+    shutil.copytree(root / "hf", root / "hf_mtp")
+    config = json.loads((root / "hf_mtp" / "config.json").read_text())
+    write_json(root / "hf_mtp" / "config.json", dict(config, num_nextn_predict_layers=1))
+    extra = root / "mtp_shard"
+    extra.mkdir()
+    mtp = {f"model.layers.3.{name}": torch.ones(32) for name in ("enorm.weight", "hnorm.weight",
+                                                                  "shared_head.norm.weight")}
+    write_weights(extra, [PlannedTensor(k, (32,), torch.float32, lambda v=v: v) for k, v in mtp.items()], 1 << 20)
+    shutil.copy(extra / "model-00001-of-00001.safetensors", root / "hf_mtp" / "mtp.safetensors")
+    index_path = root / "hf_mtp" / INDEX_NAME
+    if not index_path.exists():
+        write_json(index_path, {"weight_map": dict.fromkeys(read_all(root / "hf"), "model.safetensors")})
+    index = json.loads(index_path.read_text())
+    index["weight_map"].update(dict.fromkeys(mtp, "mtp.safetensors"))
+    write_json(index_path, index)
+    rc, err = run_distributed(_from_hf, 1, str(root), "ckpt_mtp")[0]
+    assert rc == 0, err
+    lines = [line for line in err.splitlines() if "MTP" in line]
+    assert len(lines) == 1 and "skipped 3 tensors under ['model.layers.3']" in lines[0], err
