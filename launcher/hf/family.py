@@ -259,7 +259,8 @@ def rope_from_hf(hf: Mapping[str, Any], yarn: bool) -> dict[str, Any]:
 
 
 def rope_to_hf(cfg: Config) -> dict[str, Any]:
-    """``rope_parameters`` for ``cfg``; an automatic YaRN attention factor is left out (transformers derives it)."""
+    """``rope_parameters`` for ``cfg``; an automatic YaRN attention factor and ``truncate: true`` are left out
+    (transformers' defaults)."""
     rs = cfg.model.rope_scaling
     params: dict[str, Any] = {"rope_type": rs.type, "rope_theta": cfg.model.rope_theta}
     if rs.type == "yarn":
@@ -267,4 +268,6 @@ def rope_to_hf(cfg: Config) -> dict[str, Any]:
         params.update({name: getattr(rs, name) for name in _YARN_KEYS if getattr(rs, name) is not None})
         if rs.attention_factor == auto:
             params.pop("attention_factor")
+        if rs.truncate:
+            params.pop("truncate")
     return {"rope_parameters": params}
