@@ -37,6 +37,9 @@ from launcher.progress import progress
 from parallel.model import build_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+READ_BATCH_BYTES = 64 << 20
+"""to-hf reads the checkpoint in batches of about this many bytes, or of the largest HF tensor when that is larger:
+few reads, memory bounded by about twice the largest tensor."""
 log = logging.getLogger(__name__)
 
 
@@ -124,15 +127,12 @@ def resolve_checkpoint(path: str) -> Path:
     return latest
 
 
-def load_moetron(ckpt_dir: Path, groups) -> tuple[Config, torch.nn.Module]:
-    """The checkpoint's full model on CPU (any saved layout, resharded to tp=pp=ep=1)."""
+def checkpoint_config(ckpt_dir: Path) -> Config:
+    """The config stored in a checkpoint, at tp=pp=ep=1."""
     common = checkpoint.load_common(ckpt_dir)
     if "config" not in common:
         raise ConvertError(f"'{ckpt_dir}' has no config in its common state; was it written by moetron?")
-    cfg = one_rank_config(common["config"], keep_data=False)
-    model = build_model(cfg, groups, torch.device("cpu"))
-    checkpoint.load(ckpt_dir, model, None, groups)
-    return cfg, model
+    return one_rank_config(common["config"], keep_data=False)
 
 
 def _check_empty(out: Path) -> None:
@@ -140,17 +140,20 @@ def _check_empty(out: Path) -> None:
         raise ConvertError(f"output '{out}' exists and is not an empty directory; pass a new directory")
 
 
-def export_hf(cfg: Config, model: torch.nn.Module, out: Path, tokenizer: hf_dir.TokenizerInfo | None,
-              dtype: torch.dtype, max_shard_bytes: int, model_type: str | None = None) -> dict:
-    """Write the HF directory for ``model`` (tensor by tensor, through a staging directory); returns the written
-    config.json dict. ``model_type``: the family to write (None: the first that represents ``cfg``)."""
+def export_hf(cfg: Config, source: transfer.ModelTensors | transfer.CheckpointTensors, out: Path,
+              tokenizer: hf_dir.TokenizerInfo | None, dtype: torch.dtype, max_shard_bytes: int,
+              model_type: str | None = None) -> dict:
+    """Write the HF directory of the model whose tensors ``source`` holds (tensor by tensor, through a staging
+    directory); returns the written config.json dict. ``model_type``: the family to write (None: the first that
+    represents ``cfg``)."""
     _check_empty(out)
     family = families.for_export(cfg, model_type)
     tokens = {"eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.eos_id} if tokenizer else {}
     config = dict(family.hf_config(cfg, tokens), dtype=str(dtype).removeprefix("torch."))
-    plan = transfer.export_plan(family, cfg, model.state_dict(), dtype)
+    plan = transfer.targets(family, cfg, source.state)
+    items = transfer.export_plan(family, plan, source.fetcher(plan), dtype)
     with staging(out) as tmp:
-        write_weights(tmp, plan, max_shard_bytes)
+        write_weights(tmp, items, max_shard_bytes)
         write_json(tmp / "config.json", config)
         write_json(tmp / "generation_config.json", dict(tokens))
         if family.custom_code(cfg):
@@ -166,16 +169,18 @@ def to_hf(args: argparse.Namespace) -> None:
     tokenizer = hf_dir.find_tokenizer(args.tokenizer, args.eos_token) if args.tokenizer else None
     max_shard = hf_dir.parse_size(args.max_shard_size)
     with single_process_groups() as groups:
-        cfg, model = load_moetron(ckpt_dir, groups)
+        cfg = checkpoint_config(ckpt_dir)
+        meta = build_model(cfg, groups, torch.device("meta"))
     if tokenizer and tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConvertError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                            f"{cfg.model.vocab_size}; pass the tokenizer the model was trained with")
     if cfg.moe.capacity_factor is not None:
         log.warning(f"the model trained with moe.capacity_factor={cfg.moe.capacity_factor}; the exported model is "
                     "dropless (docs/convert.md)")
-    config = export_hf(cfg, model, Path(args.output), tokenizer, DTYPES[args.dtype], max_shard, args.model_type)
+    source = transfer.CheckpointTensors(ckpt_dir, meta, READ_BATCH_BYTES)
+    config = export_hf(cfg, source, Path(args.output), tokenizer, DTYPES[args.dtype], max_shard, args.model_type)
     log.log(console.RESULT, f"{ckpt_dir} -> {args.output} ({config['architectures'][0]}, "
-            f"{sum(p.numel() for p in model.parameters()):,} parameters, {args.dtype})")
+            f"{sum(p.numel() for p in meta.parameters()):,} parameters, {args.dtype})")
 
 
 # ---------------------------------------------------------------- from-hf

@@ -4,19 +4,23 @@ family's names (launcher/hf/family.py) and the streaming safetensors reader/writ
 from-hf: :func:`check_hf_tensors` compares the directory's validated headers with the model's expected names and
 shapes (a meta-device model: nothing allocated) BEFORE any tensor is read; :func:`load_hf` then copies one HF
 tensor at a time into the model (an expert's [F, D] straight into its row of the [E, F, D] stack).
-to-hf: :func:`export_plan` lists every HF tensor with its shape and dtype and a function producing it from the
-model (an expert row, converted to the export dtype only when written).
+to-hf: :func:`export_plan` lists every HF tensor with its shape and dtype and a function producing it, from a model
+in memory (:class:`ModelTensors`) or read from the checkpoint in bounded batches (:class:`CheckpointTensors`), converted
+to the export dtype only when written.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Mapping
+from pathlib import Path
+from typing import Callable, Mapping, Optional
 
 import torch
 
 from launcher.config import Config
 from launcher.hf.family import Family
 from launcher.hf.safetensors_io import FLOAT_DTYPES, HFDirError, HFWeights, PlannedTensor
+from launcher.train import checkpoint
 
 TIED_HEAD, EMBED = "lm_head.weight", "model.embed_tokens.weight"
 
@@ -86,14 +90,62 @@ def load_hf(model: torch.nn.Module, plan: list[Target], source: dict, weights: H
             bar.update(1)
 
 
-def export_plan(family: Family, cfg: Config, state: Mapping[str, torch.Tensor],
-                dtype: torch.dtype) -> list[PlannedTensor]:
-    """Every HF tensor of ``state`` in the family's names, in ``dtype`` (fp32 for the family's fp32 keys)."""
+Fetch = Callable[[str, Optional[int]], torch.Tensor]
+"""(moetron name, expert row or None) -> that tensor; called in plan order, once per HF tensor."""
+
+
+class ModelTensors:
+    """The tensors of a model in memory: ``state`` (names, shapes) and :meth:`fetcher`."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.state = model.state_dict()
+
+    def fetcher(self, plan: list[Target]) -> Fetch:
+        return lambda name, row: self.state[name] if row is None else self.state[name][row]
+
+
+class CheckpointTensors:
+    """The tensors of a moetron checkpoint, without loading the model: ``state`` comes from a meta-device model of
+    its config; the fetcher reads the plan's tensors in order, in batches of about ``batch_bytes`` (at least one
+    tensor; an expert stack one expert row at a time), so memory holds one batch, not the model. A batch is
+    ``min_batch_bytes`` or the plan's largest HF tensor, whichever is larger."""
+
+    def __init__(self, ckpt_dir: Path, meta_model: torch.nn.Module, min_batch_bytes: int):
+        self.ckpt_dir, self.batch_bytes = ckpt_dir, min_batch_bytes
+        self.state, self.buffers = meta_model.state_dict(), checkpoint.persistent_buffer_names(meta_model)
+        self.pending: list[tuple[Target, Optional[int]]] = []
+        self.cache: dict = {}
+        self.next = 0
+
+    def fetcher(self, plan: list[Target]) -> Fetch:
+        self.pending = [(t, e if t.stacked else None) for t in plan for e in range(len(t.keys))]
+        self.batch_bytes = max([self.batch_bytes] + [math.prod(t.key_shape) * 4 for t in plan])
+        return self.fetch
+
+    def _read_batch(self) -> None:
+        wanted, size = {}, 0
+        while self.next < len(self.pending) and (not wanted or size < self.batch_bytes):
+            t, row = self.pending[self.next]
+            prefix = "buffer." if t.name in self.buffers else "model."
+            wanted[(t.name, row)] = (prefix + t.name, row, t.shape)
+            size += math.prod(t.key_shape) * 4
+            self.next += 1
+        loaded = checkpoint.load_slices(self.ckpt_dir, wanted)
+        self.cache = {(name, row): loaded[(name, row)] if row is None else loaded[(name, row)][0]
+                      for name, row in wanted}
+
+    def fetch(self, name: str, row: Optional[int]) -> torch.Tensor:
+        if (name, row) not in self.cache:
+            self._read_batch()
+        return self.cache.pop((name, row))
+
+
+def export_plan(family: Family, plan: list[Target], fetch: Fetch, dtype: torch.dtype) -> list[PlannedTensor]:
+    """Every HF tensor of ``plan`` in ``dtype`` (fp32 for the family's fp32 keys), produced by ``fetch``."""
     items = []
-    for t in targets(family, cfg, state):
-        tensor = state[t.name]
+    for t in plan:
         for e, key in enumerate(t.keys):
             key_dtype = torch.float32 if key.endswith(family.fp32_keys) else dtype
-            produce = (lambda tensor=tensor, e=e: tensor[e]) if t.stacked else (lambda tensor=tensor: tensor)
-            items.append(PlannedTensor(key, t.key_shape, key_dtype, produce))
+            row = e if t.stacked else None
+            items.append(PlannedTensor(key, t.key_shape, key_dtype, lambda name=t.name, row=row: fetch(name, row)))
     return items

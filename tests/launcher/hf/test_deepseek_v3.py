@@ -53,12 +53,15 @@ def _routes(model, routers: dict, read) -> dict[int, torch.Tensor]:
 
 def _convert_and_evaluate(rank, world_size, root):
     """from-hf, the converted model's logits and routes, then to-hf of the step-0 checkpoint."""
-    from launcher.train.checkpoint import find_latest
+    from launcher.train import checkpoint
+    from parallel.model import build_model
 
     rc_from = convert.main(["from-hf", "--hf", f"{root}/hf", "--output", f"{root}/ckpt", "data.source=synthetic",
                             "logging.tensorboard=false"])
+    ckpt = checkpoint.find_latest(f"{root}/ckpt")
     with convert.single_process_groups() as groups:
-        _, model = convert.load_moetron(find_latest(f"{root}/ckpt"), groups)
+        model = build_model(convert.checkpoint_config(ckpt), groups, torch.device("cpu"))
+        checkpoint.load(ckpt, model, None, groups)
     model.eval()
     routers = {idx: layer.router for idx, layer in model.moe_layers().items()}
     routes, logits = _routes(model, routers, lambda out: out.topk_idx_TK)

@@ -96,7 +96,7 @@ def _export_biased_bf16(rank, world_size, root):
     """A MoNE + expert-bias model whose biases sit near 4 with gaps far below bf16's spacing there (1/32), exported
     with --dtype bfloat16; returns per MoE layer the probe input and moetron's routing of it."""
     from launcher.config import load_config
-    from launcher.hf import convert
+    from launcher.hf import convert, transfer
     from parallel import groups as pgroups
     from parallel.model import build_model
     from tests.launcher.hf.conftest import BASE
@@ -113,7 +113,7 @@ def _export_biased_bf16(rank, world_size, root):
         rounded = layer.router.expert_bias.bfloat16().float()  # what a bf16 export used to keep of the bias
         probs = torch.softmax(x.float() @ layer.router.weight.detach().float().T, dim=-1)
         assert not torch.equal(torch.topk(probs + rounded, cfg.moe.top_k).indices, routes[idx])  # it matters
-    convert.export_hf(cfg, model, Path(root) / "hf", None, torch.bfloat16, 10**9)
+    convert.export_hf(cfg, transfer.ModelTensors(model), Path(root) / "hf", None, torch.bfloat16, 10**9)
     return x, routes
 
 
