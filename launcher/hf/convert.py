@@ -168,17 +168,18 @@ def to_hf(args: argparse.Namespace) -> None:
     ckpt_dir = resolve_checkpoint(args.checkpoint)
     tokenizer = hf_dir.find_tokenizer(args.tokenizer, args.eos_token) if args.tokenizer else None
     max_shard = hf_dir.parse_size(args.max_shard_size)
-    with single_process_groups() as groups:
+    with single_process_groups() as groups:  # megatron-core's checkpoint reads need the (1-rank) process group
         cfg = checkpoint_config(ckpt_dir)
         meta = build_model(cfg, groups, torch.device("meta"))
-    if tokenizer and tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ConvertError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
-                           f"{cfg.model.vocab_size}; pass the tokenizer the model was trained with")
-    if cfg.moe.capacity_factor is not None:
-        log.warning(f"the model trained with moe.capacity_factor={cfg.moe.capacity_factor}; the exported model is "
-                    "dropless (docs/convert.md)")
-    source = transfer.CheckpointTensors(ckpt_dir, meta, READ_BATCH_BYTES)
-    config = export_hf(cfg, source, Path(args.output), tokenizer, DTYPES[args.dtype], max_shard, args.model_type)
+        if tokenizer and tokenizer.vocab_size > cfg.model.vocab_size:
+            raise ConvertError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                               f"{cfg.model.vocab_size}; pass the tokenizer the model was trained with")
+        if cfg.moe.capacity_factor is not None:
+            log.warning(f"the model trained with moe.capacity_factor={cfg.moe.capacity_factor}; the exported model "
+                        "is dropless (docs/convert.md)")
+        source = transfer.CheckpointTensors(ckpt_dir, meta, READ_BATCH_BYTES)
+        config = export_hf(cfg, source, Path(args.output), tokenizer, DTYPES[args.dtype], max_shard,
+                           args.model_type)
     log.log(console.RESULT, f"{ckpt_dir} -> {args.output} ({config['architectures'][0]}, "
             f"{sum(p.numel() for p in meta.parameters()):,} parameters, {args.dtype})")
 

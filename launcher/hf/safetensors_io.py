@@ -6,12 +6,14 @@ names; each named file must be a regular file inside the directory once symlinks
 absolute paths, no directories, nothing missing); each file's header (8-byte little-endian length + UTF-8 JSON) must
 fit the file, name known dtypes and non-negative int shapes, and its data offsets must tile the data region exactly
 (a header that lies about lengths/offsets, or a truncated file, is refused). Tensors are then read one at a time
-(``safetensors.safe_open``), so memory holds one tensor at a time, not the model.
+with plain reads at those validated offsets, so memory holds one tensor, not the model (``safetensors.safe_open``
+memory-maps the whole file, and every page it touches stays in the resident set until the file is closed).
 
 Writing (:func:`write_weights`): shards of at most ``max_shard_bytes`` (a larger tensor gets its own shard) plus
 the index; each shard's header is computed from the planned shapes and dtypes first, then every tensor is produced,
 written and dropped in turn: peak memory is the largest tensor, not a shard. The files are standard safetensors
-(``{"format": "pt"}`` metadata, 8-byte aligned header) that ``safe_open`` and transformers read.
+(``{"format": "pt"}`` metadata, 8-byte aligned header) that ``safe_open`` and transformers read (the tests read
+them back with ``safe_open``); the safetensors library itself writes a file from tensors all in memory at once.
 """
 from __future__ import annotations
 
@@ -101,6 +103,12 @@ class TensorInfo:
     file: Path
     dtype: torch.dtype
     shape: tuple[int, ...]
+    offset: int
+    """Where its bytes start in the file."""
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def _header(path: Path) -> dict[str, TensorInfo]:
@@ -121,7 +129,7 @@ def _header(path: Path) -> dict[str, TensorInfo]:
     for key, entry in header.items():
         if key == "__metadata__":
             continue
-        info, span = _entry(path, key, entry)
+        info, span = _entry(path, key, entry, 8 + length)
         out[key] = info
         spans.append((*span, key))
     end = 0
@@ -136,7 +144,7 @@ def _header(path: Path) -> dict[str, TensorInfo]:
     return out
 
 
-def _entry(path: Path, key: str, entry: Any) -> tuple[TensorInfo, tuple[int, int]]:
+def _entry(path: Path, key: str, entry: Any, data_start: int) -> tuple[TensorInfo, tuple[int, int]]:
     where = f"'{path}': tensor '{key}'"
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise HFDirError(f"{where}: the header entry is not {{dtype, shape, data_offsets}}")
@@ -152,7 +160,7 @@ def _entry(path: Path, key: str, entry: Any) -> tuple[TensorInfo, tuple[int, int
     if offsets[1] - offsets[0] != nbytes:
         raise HFDirError(f"{where}: data_offsets span {offsets[1] - offsets[0]:,} bytes but {dtype} {shape} needs "
                          f"{nbytes:,} (the header lies)")
-    return TensorInfo(path, DTYPES[dtype], tuple(shape)), (offsets[0], offsets[1])
+    return TensorInfo(path, DTYPES[dtype], tuple(shape), data_start + offsets[0]), (offsets[0], offsets[1])
 
 
 def _weight_files(hf_dir: Path) -> tuple[dict[str, Path], Optional[dict[str, str]]]:
@@ -188,15 +196,19 @@ class HFWeights:
                     raise HFDirError(f"{INDEX_NAME} says tensor '{key}' is in '{name}', but that file does not hold "
                                      "it (damaged or mixed-up shards)")
                 self.info[key] = headers[name][key]
-        self._handles: dict[Path, Any] = {}
 
     def read(self, key: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        file = self.info[key].file
-        if file not in self._handles:
-            self._handles[file] = safe_open(str(file), framework="pt")
-        return self._handles[file].get_tensor(key)
+        """Tensor ``key`` (CPU, its stored dtype), read from its validated offsets with plain file reads: memory
+        holds this tensor only (a memory map would keep every page read in the process's resident set)."""
+        info = self.info[key]
+        out = torch.empty(info.shape, dtype=info.dtype)
+        with open(info.file, "rb") as f:
+            f.seek(info.offset)
+            got = f.readinto(out.reshape(-1).view(torch.uint8).numpy())
+        if got != info.nbytes:
+            raise HFDirError(f"'{info.file}' changed while it was read (tensor '{key}' got {got} of {info.nbytes} "
+                             "bytes)")
+        return out
 
 
 # ---------------------------------------------------------------- writing

@@ -124,11 +124,14 @@ class CheckpointTensors:
 
     def _read_batch(self) -> None:
         wanted, size = {}, 0
-        while self.next < len(self.pending) and (not wanted or size < self.batch_bytes):
+        while self.next < len(self.pending):
             t, row = self.pending[self.next]
+            nbytes = math.prod(t.key_shape) * 4
+            if wanted and size + nbytes > self.batch_bytes:
+                break
             prefix = "buffer." if t.name in self.buffers else "model."
             wanted[(t.name, row)] = (prefix + t.name, row, t.shape)
-            size += math.prod(t.key_shape) * 4
+            size += nbytes
             self.next += 1
         loaded = checkpoint.load_slices(self.ckpt_dir, wanted)
         self.cache = {(name, row): loaded[(name, row)] if row is None else loaded[(name, row)][0]

@@ -42,8 +42,20 @@ def _merge(raw: dict, hf: dict) -> dict:
 
 
 def read_all(path) -> dict[str, torch.Tensor]:
+    """Every tensor of an HF directory, read with the safetensors library itself (independent of moetron's reader),
+    and equal to what moetron's streaming reader reads."""
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else \
+        ["model.safetensors"]
+    out = {}
+    for name in files:
+        with safe_open(str(path / name), framework="pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
     weights = HFWeights(path)
-    return {k: weights.read(k) for k in weights.info}
+    assert weights.info.keys() == out.keys() and all(torch.equal(weights.read(k), v) for k, v in out.items())
+    return out
 
 
 def test_round_trip_is_identical_and_pretraining_resumes(tmp_path):
