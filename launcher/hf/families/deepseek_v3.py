@@ -76,7 +76,8 @@ def _mtp_layers(hf: Mapping[str, Any]) -> tuple[str, ...]:
 FAMILY = Family(
     model_type="deepseek_v3", architecture="DeepseekV3ForCausalLM",
     fields={**BASE_FIELDS, "model.dense_ffn_hidden_size": Key("intermediate_size"),
-            "model.q_lora_rank": Key("q_lora_rank", int, 1536, nullable=True), "model.kv_lora_rank": Key("kv_lora_rank"),
+            "model.q_lora_rank": Key("q_lora_rank", int, 1536, nullable=True),
+            "model.kv_lora_rank": Key("kv_lora_rank"),
             "model.qk_nope_head_dim": Key("qk_nope_head_dim"), "model.qk_rope_head_dim": Key("qk_rope_head_dim"),
             "model.v_head_dim": Key("v_head_dim"), "model.rope_interleave": Key("rope_interleave", bool, True),
             "moe.num_experts": Key("n_routed_experts"), "moe.expert_ffn_hidden_size": Key("moe_intermediate_size"),
