@@ -33,7 +33,6 @@ from launcher.config import (Config, apply_override, config_from_dict, read_reci
                              to_dict)
 from launcher.hf import families, hf_dir, transfer
 from launcher.hf.safetensors_io import HFWeights, read_config, write_json, write_weights
-from launcher.progress import progress
 from parallel.model import build_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -206,6 +205,7 @@ def from_hf(args: argparse.Namespace) -> None:
     _check_empty(root)  # never write into a run directory that holds anything (its config, its checkpoints)
     tokenizer = hf_dir.hf_tokenizer(hf_path)
     weights = HFWeights(hf_path)  # every header validated; no tensor read yet
+    transfer.check_counts(cfg, weights)
     with single_process_groups() as groups:
         meta = build_model(one_rank_config(to_dict(cfg), keep_data=False), groups, torch.device("meta"))
         plan = transfer.targets(family, cfg, meta.state_dict())
@@ -219,7 +219,7 @@ def from_hf(args: argparse.Namespace) -> None:
             recipe = save_resolved(cfg, tmp).name
     if skipped:
         log.warning(f"skipped {len(skipped)} tensors under {sorted({'.'.join(k.split('.')[:3]) for k in skipped})} "
-                    f"(the {family.model_type} MTP layers: moetron converts the main model only)")
+                    f"({family.skip_reason})")
     log.log(console.RESULT, f"{hf_path} -> {saved}")
     log.log(console.RESULT, "\n".join(follow_up_commands(cfg, hf_path, tokenizer, root / recipe, root)))
 

@@ -106,6 +106,8 @@ class Family:
     """Whether the export needs moetron's modeling code (Qwen3-MoE flavour ``moetron``)."""
     skip_prefixes: Callable[[Mapping[str, Any]], tuple[str, ...]] = lambda hf: ()
     """HF key prefixes from-hf leaves unread (DeepSeek's MTP layers, until moetron has MTP), reported in one line."""
+    skip_reason: str = ""
+    """What the skipped tensors are, for that line."""
 
     # ------------------------------------------------------------ config: HF -> moetron
 

@@ -11,6 +11,7 @@ to the export dtype only when written.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Optional
@@ -47,6 +48,19 @@ def targets(family: Family, cfg: Config, state: Mapping[str, torch.Tensor]) -> l
             keys = family.hf_keys(name, cfg.moe.num_experts)
             out.append(Target(name, keys, tuple(tensor.shape), name.rpartition(".")[2] in family.expert_names))
     return out
+
+
+def check_counts(cfg: Config, weights: HFWeights) -> None:
+    """config.json's layer and expert counts against the tensors the directory holds (``model.layers.{i}.`` and
+    ``.experts.{e}.`` keys), before a model of that many layers/experts is even built on the meta device."""
+    layers = {m[1] for k in weights.info if (m := re.match(r"model\.layers\.(\d+)\.", k))}
+    experts = {m[1] for k in weights.info if (m := re.search(r"\.experts\.(\d+)\.", k))}
+    if cfg.model.num_layers > len(layers):
+        raise HFDirError(f"config.json says {cfg.model.num_layers} layers but the weights in '{weights.hf_dir}' hold "
+                         f"{len(layers)}; config.json does not describe these weights")
+    if cfg.model.moe_layer_indices and cfg.moe.num_experts > len(experts):
+        raise HFDirError(f"config.json says {cfg.moe.num_experts} experts but the weights in '{weights.hf_dir}' "
+                         f"hold {len(experts)} per layer at most; config.json does not describe these weights")
 
 
 def check_hf_tensors(family: Family, hf: Mapping, plan: list[Target], weights: HFWeights) -> tuple[dict, list]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -157,3 +158,39 @@ def test_mtp_layers_are_skipped_with_one_line(converted):
     assert rc == 0, err
     lines = [line for line in err.splitlines() if "MTP" in line]
     assert len(lines) == 1 and "skipped 3 tensors under ['model.layers.3']" in lines[0], err
+
+
+def _hf_config(**changes) -> dict:
+    return {"model_type": "deepseek_v3", **DEEPSEEK, **changes}
+
+
+@pytest.mark.parametrize("changes, named", [
+    ({"scoring_func": "softmax", "topk_method": "greedy"},
+     "deepseek_v3 options moetron cannot represent: scoring_func='softmax' (moetron: 'sigmoid'), topk_method='greedy'"),
+    ({"num_key_value_heads": 2}, "num_key_value_heads=2 != num_attention_heads=4"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0, "partial_rotary_factor": 0.5}},
+     "rope_parameters ['partial_rotary_factor'] cannot be represented"),
+    ({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4}}, "rope type 'dynamic' is not supported"),
+    ({"q_lora_rank": "16"}, "q_lora_rank is '16' (str); it must be an integer or null"),
+    ({"first_k_dense_replace": 5}, "first_k_dense_replace=5 exceeds num_hidden_layers=3")])
+def test_from_hf_refuses_what_moetron_cannot_represent(changes, named):
+    from launcher.config import ConfigError
+    from launcher.hf.families import for_hf
+
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        for_hf(_hf_config(**changes)).merge_into_raw({}, _hf_config(**changes))
+
+
+def test_official_config_layout_reads():
+    """DeepSeek's own config.json: rope_scaling + a top-level rope_theta, the routing method keys, no q compression."""
+    from launcher.config import config_from_dict
+    from launcher.hf.families import for_hf
+
+    official = _hf_config(q_lora_rank=None, rope_theta=10000, scoring_func="sigmoid", topk_method="noaux_tc",
+                          moe_layer_freq=1, rope_parameters=None,
+                          rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 4,
+                                        "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0})
+    raw = for_hf(official).merge_into_raw({"data": {"source": "synthetic"}}, official)
+    cfg = config_from_dict(raw)
+    assert cfg.model.q_lora_rank is None and cfg.model.rope_scaling.factor == 40.0 and cfg.model.rope_theta == 1e4
+    assert (cfg.moe.num_groups, cfg.moe.group_topk, cfg.moe.top_k, cfg.moe.expert_bias) == (4, 2, 3, True)

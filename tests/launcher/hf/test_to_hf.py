@@ -181,3 +181,17 @@ def test_to_hf_picks_the_family_that_represents_the_model_or_names_every_reason(
     with pytest.raises(ConfigError, match=r"qwen3_moe: model.attention='mla' \(needs 'gqa'\).* \| deepseek_v3: "
                                           r"model.dense_layers=\[1\]"):
         families.for_export(load_config(None, mla + ["model.dense_layers=[1]"]))
+
+
+def test_a_failed_write_leaves_the_output_as_it_was(tmp_path):
+    """Everything is written into a temporary sibling that is renamed only when complete."""
+    from launcher.hf.convert import staging
+
+    with staging(tmp_path / "out") as tmp:
+        (tmp / "a").write_text("1")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (tmp_path / "out" / "a").read_text() == "1"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(OSError), staging(tmp_path / "empty") as tmp:
+        (tmp / "a").write_text("1")
+        raise OSError("disk full")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "out"] and not any((tmp_path / "empty").iterdir())
