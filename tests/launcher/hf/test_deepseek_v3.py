@@ -29,16 +29,20 @@ DEEPSEEK = dict(vocab_size=96, hidden_size=32, intermediate_size=48, moe_interme
                 rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                  "original_max_position_embeddings": 16, "beta_fast": 32.0, "beta_slow": 1.0,
                                  "mscale": 1.0, "mscale_all_dim": 1.0})
+VARIANTS = {"full": DEEPSEEK,  # every option on
+            "plain": dict(DEEPSEEK, q_lora_rank=None, rope_interleave=False, n_group=1, topk_group=1,
+                          norm_topk_prob=False, n_shared_experts=1, first_k_dense_replace=0,
+                          rope_parameters={"rope_type": "default", "rope_theta": 5000.0})}
 TOKENS = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(5))
 
 
-def _hf_model():
+def _hf_model(config: dict):
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
     torch.manual_seed(0)
-    model = DeepseekV3ForCausalLM(DeepseekV3Config(**DEEPSEEK)).eval()
+    model = DeepseekV3ForCausalLM(DeepseekV3Config(**config)).eval()
     with torch.no_grad():
-        for layer in model.model.layers[DEEPSEEK["first_k_dense_replace"]:]:
+        for layer in model.model.layers[config["first_k_dense_replace"]:]:
             layer.mlp.gate.weight.normal_(0.0, 0.5)  # routing that depends on the token, not only on the bias
             layer.mlp.gate.e_score_correction_bias.uniform_(-0.05, 0.05)
     return model
@@ -73,12 +77,10 @@ def _convert_and_evaluate(rank, world_size, root):
     return rc_from, routes, logits
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    root = tmp_path_factory.mktemp("deepseek")
-    hf = _hf_model()
+def _convert(root: Path, config: dict) -> dict:
+    hf = _hf_model(config)
     hf.save_pretrained(root / "hf")
-    routers = {i: layer.mlp.gate for i, layer in enumerate(hf.model.layers) if i >= DEEPSEEK["first_k_dense_replace"]}
+    routers = {i: layer.mlp.gate for i, layer in enumerate(hf.model.layers) if i >= config["first_k_dense_replace"]}
     routes, logits = _routes(hf, routers, lambda out: out[2])
     rc_from, moetron_routes, moetron_logits = run_distributed(_convert_and_evaluate, 1, str(root))[0]
     assert rc_from == 0
@@ -91,11 +93,31 @@ def converted(tmp_path_factory):
             "moetron_logits": moetron_logits}
 
 
-def test_from_hf_gives_transformers_logits_and_routes(converted):
+@pytest.fixture(scope="module")
+def conversions(tmp_path_factory):
+    """variant -> its conversion, made on first use."""
+    done = {}
+
+    def get(variant: str) -> dict:
+        if variant not in done:
+            done[variant] = _convert(tmp_path_factory.mktemp(f"deepseek_{variant}"), VARIANTS[variant])
+        return done[variant]
+
+    return get
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_from_hf_gives_transformers_logits_and_routes(conversions, variant):
+    converted = conversions(variant)
     torch.testing.assert_close(converted["moetron_logits"], converted["logits"], rtol=0, atol=1e-5)
-    assert converted["routes"].keys() == converted["moetron_routes"].keys() == {1, 2}
+    moe_layers = set(range(VARIANTS[variant]["first_k_dense_replace"], 3))
+    assert converted["routes"].keys() == converted["moetron_routes"].keys() == moe_layers
     for idx, want in converted["routes"].items():
         assert torch.equal(converted["moetron_routes"][idx].view_as(want), want), idx
+
+
+def test_converted_settings(conversions):
+    converted = conversions("full")
     recipe = yaml.safe_load((converted["root"] / "ckpt" / "config.yaml").read_text())
     m, moe = recipe["model"], recipe["moe"]
     assert (m["attention"], m["q_lora_rank"], m["dense_layers"], m["rope_scaling"]["type"]) == ("mla", 24, [0], "yarn")
@@ -103,9 +125,11 @@ def test_from_hf_gives_transformers_logits_and_routes(converted):
             moe["expert_bias"], moe["shared_expert_ffn_hidden_size"]) == ("sigmoid", 4, 2, 2.5, True, 32)
 
 
-def test_to_hf_is_bit_identical_and_loads_in_stock_transformers(converted):
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_to_hf_is_bit_identical_and_loads_in_stock_transformers(conversions, variant):
     from transformers import AutoConfig, AutoModelForCausalLM, DeepseekV3ForCausalLM
 
+    converted = conversions(variant)
     root = converted["root"]
     original, back = read_all(root / "hf"), read_all(root / "hf2")
     assert original.keys() == back.keys()
@@ -135,10 +159,10 @@ def _from_hf(rank, world_size, root, out):
     return rc, err.getvalue()
 
 
-def test_mtp_layers_are_skipped_with_one_line(converted):
+def test_mtp_layers_are_skipped_with_one_line(conversions):
     """An official-layout checkpoint keeps MTP module i at model.layers.{num_hidden_layers + i}: until moetron has
     MTP, from-hf converts the main model and says in one line that it skipped them."""
-    root = converted["root"]
+    root = conversions("full")["root"]
     shutil.copytree(root / "hf", root / "hf_mtp")
     config = json.loads((root / "hf_mtp" / "config.json").read_text())
     write_json(root / "hf_mtp" / "config.json", dict(config, num_nextn_predict_layers=1))
