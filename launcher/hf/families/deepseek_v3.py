@@ -14,9 +14,10 @@ HF ``e_score_correction_bias``; used for selection only), group-limited routing 
 
 MTP (official checkpoints, ``num_nextn_predict_layers`` > 0): module i lives at ``model.layers.{N + i}`` (N =
 ``num_hidden_layers``): ``enorm``, ``hnorm``, ``eh_proj``, ``shared_head.norm``, the block's own names, plus copies
-of the embedding (``embed_tokens``) and head (``shared_head.head``). Until moetron has MTP, from-hf skips those
-layers (one line says so) and to-hf writes ``num_nextn_predict_layers: 0``. Official FP8 checkpoints
-(``weight_scale_inv`` tensors) must be dequantized to bf16 first.
+of the embedding (``embed_tokens``) and head (``shared_head.head``). moetron's ``mtp.{i}.{enorm, hnorm, eh_proj,
+block.*, norm}`` (``model.mtp_num_layers``) are not mapped yet (a rename needing N + i, plus the two copies):
+from-hf skips those layers (one line says so) and converts with ``model.mtp_num_layers: 0``; to-hf refuses MTP
+models. Official FP8 checkpoints (``weight_scale_inv`` tensors) must be dequantized to bf16 first.
 
 Deepseek-V2 (``deepseek_v2``) is not served by this file: its router is softmax (no bias) and its group-limited
 greedy routing scores a group by its best expert, not the sum of its top two.
@@ -83,7 +84,8 @@ FAMILY = Family(
             "moe.num_experts": Key("n_routed_experts"), "moe.expert_ffn_hidden_size": Key("moe_intermediate_size"),
             "moe.routed_scaling_factor": Key("routed_scaling_factor", float, 2.5)},
     soft=BASE_SOFT,
-    sets={"model.attention": "mla", "moe.score_function": "sigmoid", "moe.expert_bias": True},
+    sets={"model.attention": "mla", "moe.score_function": "sigmoid", "moe.expert_bias": True,
+          "model.mtp_num_layers": 0},
     export_requires={"model.attention": "mla", "moe.score_function": "sigmoid", "moe.shared_expert_gate": False,
                      "moe.mone.enabled": False, "moe.matryoshka.enabled": False, "model.mtp_num_layers": 0},
     unsupported={"hidden_act": "silu", "attention_bias": False, "scoring_func": "sigmoid",
@@ -92,5 +94,6 @@ FAMILY = Family(
              (r"\.mlp\.shared_expert\.", ".mlp.shared_experts.")),
     fp32_keys=(".mlp.gate.weight", ".mlp.gate.e_score_correction_bias"),
     read=read, write=write, check_export=check_export, skip_prefixes=_mtp_layers,
-    skip_reason="the multi-token-prediction (MTP) layers: moetron has no MTP yet and converted the main model",
+    skip_reason="the multi-token-prediction (MTP) layers: their mapping to moetron's model.mtp_num_layers modules is "
+                "not written yet; converted the main model",
 )

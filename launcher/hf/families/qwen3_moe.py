@@ -81,6 +81,7 @@ FAMILY = Family(
     fields={**BASE_FIELDS, "model.dense_ffn_hidden_size": Key("intermediate_size"),
             "moe.num_experts": EXPERTS, "moe.expert_ffn_hidden_size": Key("moe_intermediate_size")},
     soft={**BASE_SOFT, "moe.aux_loss_coeff": Key("router_aux_loss_coef", float)},
+    sets={"model.mtp_num_layers": 0},
     export_requires={"model.attention": "gqa", "model.rope_scaling.type": "default", "moe.score_function": "softmax",
                      "moe.num_groups": 1, "moe.routed_scaling_factor": 1.0, "moe.shared_expert_ffn_hidden_size": 0,
                      "model.mtp_num_layers": 0},

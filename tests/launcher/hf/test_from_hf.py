@@ -84,6 +84,8 @@ def test_from_hf_rejects_what_moetron_cannot_represent():
         _merge({}, _qwen3_config(rope_parameters={"rope_type": "yarn", "rope_theta": 1.0}))
     with pytest.raises(ConfigError, match="model.hidden_size=128 but the HF model has 32"):
         _merge({"model": {"hidden_size": 128}}, _qwen3_config())
+    with pytest.raises(ConfigError, match="model.mtp_num_layers=1 but the HF model has 0"):  # no MTP weights to read
+        _merge({"model": {"mtp_num_layers": 1}}, _qwen3_config())
 
 
 @pytest.mark.parametrize("norm", [True, False])
