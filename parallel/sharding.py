@@ -129,6 +129,8 @@ def init_parameters(model: nn.Module, seed: int, std: float, num_layers: int, gr
     scaled = std / math.sqrt(2.0 * num_layers)
     with torch.no_grad():
         for name, p in model.named_parameters():
+            if p.is_meta:  # a model built for its names and shapes only (moetron convert): no values to draw
+                continue
             spec = get_spec(p)
             value = _draw(spec, name, seed, scaled if spec.init == "scaled_normal" else std,
                           local_slices(spec, groups))

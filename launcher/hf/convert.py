@@ -1,13 +1,16 @@
 """`moetron convert`: moetron checkpoints <-> Hugging Face model directories (docs/convert.md).
 
     moetron convert to-hf --checkpoint RUN/checkpoints --output hf_model [--tokenizer data/shards]
-    moetron convert from-hf --hf Qwen3-MoE-dir --output ckpts [--recipe recipes/x.yaml] [key.path=value ...]
+    moetron convert from-hf --hf HF_DIR --output ckpts [--recipe recipes/x.yaml] [key.path=value ...]
 
-to-hf loads a checkpoint saved at ANY TP/PP/EP layout in one process (a 1-rank world: megatron-core's
-dist_checkpointing reshards it to tp=pp=ep=1) and writes config.json, safetensors shards + index, the tokenizer and
-generation config; baseline models as stock Qwen3-MoE, MoNE / Matryoshka / expert-bias models with moetron's own
+Families (config.json model_type): qwen3_moe, deepseek_v3 (launcher/hf/families/). to-hf loads a checkpoint saved
+at ANY TP/PP/EP layout in one process (a 1-rank world: megatron-core's dist_checkpointing reshards it to
+tp=pp=ep=1) and writes config.json, safetensors shards + index, the tokenizer and generation config, as the first
+family that represents the model (or --model-type); MoNE / Matryoshka / expert-bias GQA models with moetron's own
 modeling code (trust_remote_code=True). from-hf writes a step-0 moetron checkpoint (weights, zero AdamW moments)
 plus ``<output>/config.yaml``: `moetron pretrain --recipe <output>/config.yaml` continues pretraining from it.
+Both validate everything before reading a tensor, stream tensor by tensor, and write into a temporary sibling of
+the output that is renamed when complete: a failure leaves the output as it was.
 """
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ import argparse
 import contextlib
 import copy
 import logging
+import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -26,11 +31,14 @@ from launcher.errors import ArgumentParser, MoetronError, report
 from launcher.train import checkpoint
 from launcher.config import (Config, apply_override, config_from_dict, read_recipe, save_resolved,
                              to_dict)
-from launcher.hf import hf_dir, mapping
-from launcher.progress import progress
+from launcher.hf import families, hf_dir, transfer
+from launcher.hf.safetensors_io import HFWeights, read_config, write_json, write_weights
 from parallel.model import build_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+READ_BATCH_BYTES = 64 << 20
+"""to-hf reads the checkpoint in batches of about this many bytes, or of the largest HF tensor when that is larger:
+few reads, memory bounded by about twice the largest tensor."""
 log = logging.getLogger(__name__)
 
 
@@ -51,7 +59,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     to.add_argument("--eos-token", help="EOS token text (default: from the preprocess index, else auto-detected)")
     to.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the written weights")
     to.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (e.g. 5GB, 500MB)")
-    fr = sub.add_parser("from-hf", help="Hugging Face Qwen3-MoE directory -> moetron checkpoint (step 0)")
+    to.add_argument("--model-type", choices=sorted(families.FAMILIES),
+                    help="Hugging Face family to write (default: the first that represents the model)")
+    fr = sub.add_parser("from-hf", help="Hugging Face directory (qwen3_moe, deepseek_v3) -> moetron checkpoint")
     fr.add_argument("--hf", required=True, help="Hugging Face model directory (config.json + safetensors)")
     fr.add_argument("--output", required=True, help="checkpoint root to create (becomes checkpoint.dir)")
     fr.add_argument("--recipe", help="YAML recipe with the training settings; the architecture comes from HF")
@@ -85,10 +95,20 @@ def one_rank_config(raw: dict, keep_data: bool) -> Config:
     return config_from_dict(raw)
 
 
-def _exported_state(model, cfg: Config) -> dict[str, torch.Tensor]:
-    """Parameters + the router expert bias (only when it is used)."""
-    return {name: t for name, t in model.state_dict().items()
-            if not name.endswith(".expert_bias") or cfg.moe.expert_bias}
+@contextlib.contextmanager
+def staging(out: Path) -> Iterator[Path]:
+    """A fresh temporary sibling of ``out`` to write into, renamed to ``out`` (new or empty) when the block ends
+    without an error, removed otherwise: ``out`` is never left half-written."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)  # this process's own leftover, if any
+    tmp.mkdir()
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 # ---------------------------------------------------------------- to-hf
@@ -106,15 +126,12 @@ def resolve_checkpoint(path: str) -> Path:
     return latest
 
 
-def load_moetron(ckpt_dir: Path, groups) -> tuple[Config, torch.nn.Module]:
-    """The checkpoint's full model on CPU (any saved layout, resharded to tp=pp=ep=1)."""
+def checkpoint_config(ckpt_dir: Path) -> Config:
+    """The config stored in a checkpoint, at tp=pp=ep=1."""
     common = checkpoint.load_common(ckpt_dir)
     if "config" not in common:
         raise ConvertError(f"'{ckpt_dir}' has no config in its common state; was it written by moetron?")
-    cfg = one_rank_config(common["config"], keep_data=False)
-    model = build_model(cfg, groups, torch.device("cpu"))
-    checkpoint.load(ckpt_dir, model, None, groups)
-    return cfg, model
+    return one_rank_config(common["config"], keep_data=False)
 
 
 def _check_empty(out: Path) -> None:
@@ -122,21 +139,26 @@ def _check_empty(out: Path) -> None:
         raise ConvertError(f"output '{out}' exists and is not an empty directory; pass a new directory")
 
 
-def export_hf(cfg: Config, model: torch.nn.Module, out: Path, tokenizer: hf_dir.TokenizerInfo | None,
-              dtype: torch.dtype, max_shard_bytes: int) -> dict:
-    """Write the HF directory for ``model``; returns the written config.json dict."""
+def export_hf(cfg: Config, source: transfer.ModelTensors | transfer.CheckpointTensors, out: Path,
+              tokenizer: hf_dir.TokenizerInfo | None, dtype: torch.dtype, max_shard_bytes: int,
+              model_type: str | None = None) -> dict:
+    """Write the HF directory of the model whose tensors ``source`` holds (tensor by tensor, through a staging
+    directory); returns the written config.json dict. ``model_type``: the family to write (None: the first that
+    represents ``cfg``)."""
     _check_empty(out)
-    out.mkdir(parents=True, exist_ok=True)
+    family = families.for_export(cfg, model_type)
     tokens = {"eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.eos_id} if tokenizer else {}
-    config = dict(mapping.hf_config(cfg, tokens), dtype=str(dtype).removeprefix("torch."))
-    hf_dir.write_weights(out, mapping.to_hf(_exported_state(model, cfg), cfg.moe.num_experts), max_shard_bytes,
-                         dtype)
-    hf_dir.write_json(out / "config.json", config)
-    hf_dir.write_json(out / "generation_config.json", dict(tokens))
-    if mapping.needs_custom_code(cfg):
-        hf_dir.copy_custom_code(out)
-    if tokenizer:
-        hf_dir.write_tokenizer(out, tokenizer, cfg.model.seq_length)
+    config = dict(family.hf_config(cfg, tokens), dtype=str(dtype).removeprefix("torch."))
+    plan = transfer.targets(family, cfg, source.state)
+    items = transfer.export_plan(family, plan, source.fetcher(plan), dtype)
+    with staging(out) as tmp:
+        write_weights(tmp, items, max_shard_bytes)
+        write_json(tmp / "config.json", config)
+        write_json(tmp / "generation_config.json", dict(tokens))
+        if family.custom_code(cfg):
+            hf_dir.copy_custom_code(tmp)
+        if tokenizer:
+            hf_dir.write_tokenizer(tmp, tokenizer, cfg.model.seq_length)
     return config
 
 
@@ -145,17 +167,20 @@ def to_hf(args: argparse.Namespace) -> None:
     ckpt_dir = resolve_checkpoint(args.checkpoint)
     tokenizer = hf_dir.find_tokenizer(args.tokenizer, args.eos_token) if args.tokenizer else None
     max_shard = hf_dir.parse_size(args.max_shard_size)
-    with single_process_groups() as groups:
-        cfg, model = load_moetron(ckpt_dir, groups)
-    if tokenizer and tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ConvertError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
-                           f"{cfg.model.vocab_size}; pass the tokenizer the model was trained with")
-    if cfg.moe.capacity_factor is not None:
-        log.warning(f"the model trained with moe.capacity_factor={cfg.moe.capacity_factor}; the exported model is "
-                    "dropless (docs/convert.md)")
-    config = export_hf(cfg, model, Path(args.output), tokenizer, DTYPES[args.dtype], max_shard)
+    with single_process_groups() as groups:  # megatron-core's checkpoint reads need the (1-rank) process group
+        cfg = checkpoint_config(ckpt_dir)
+        meta = build_model(cfg, groups, torch.device("meta"))
+        if tokenizer and tokenizer.vocab_size > cfg.model.vocab_size:
+            raise ConvertError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                               f"{cfg.model.vocab_size}; pass the tokenizer the model was trained with")
+        if cfg.moe.capacity_factor is not None:
+            log.warning(f"the model trained with moe.capacity_factor={cfg.moe.capacity_factor}; the exported model "
+                        "is dropless (docs/convert.md)")
+        source = transfer.CheckpointTensors(ckpt_dir, meta, READ_BATCH_BYTES)
+        config = export_hf(cfg, source, Path(args.output), tokenizer, DTYPES[args.dtype], max_shard,
+                           args.model_type)
     log.log(console.RESULT, f"{ckpt_dir} -> {args.output} ({config['architectures'][0]}, "
-            f"{sum(p.numel() for p in model.parameters()):,} parameters, {args.dtype})")
+            f"{sum(p.numel() for p in meta.parameters()):,} parameters, {args.dtype})")
 
 
 # ---------------------------------------------------------------- from-hf
@@ -167,62 +192,59 @@ def _recipe_raw(recipe: str | None, overrides: list[str]) -> dict:
     return raw
 
 
-def load_hf_weights(model: torch.nn.Module, cfg: Config, hf_path: Path, tied: bool) -> None:
-    """Fill ``model`` (tp=pp=ep=1) from the HF directory; every HF tensor must be used exactly once."""
-    keys, read = hf_dir.weight_reader(hf_path)
-    if tied and "lm_head.weight" not in keys:  # tied embeddings: lm_head is a copy (logits are unchanged)
-        keys, raw_read = keys | {"lm_head.weight"}, read
-        read = lambda key: raw_read("model.embed_tokens.weight" if key == "lm_head.weight" else key)  # noqa: E731
-    targets = _exported_state(model, cfg)
-    tensors = mapping.from_hf(list(targets), cfg.moe.num_experts, read)
-    used = {k for name in targets for k in mapping.hf_keys(name, cfg.moe.num_experts)}
-    if keys - used:
-        raise ConvertError(f"{len(keys - used)} HF tensors have no moetron counterpart, e.g. "
-                           f"{sorted(keys - used)[:3]}; this is not a plain Qwen3-MoE checkpoint")
-    with torch.no_grad(), progress(len(targets), "read weights", unit="tensor") as bar:
-        for name, target in targets.items():
-            if tensors[name].shape != target.shape:
-                raise ConvertError(f"{name}: HF tensor has shape {tuple(tensors[name].shape)}, moetron expects "
-                                   f"{tuple(target.shape)} (config.json and weights disagree)")
-            target.copy_(tensors[name])
-            bar.update(1)
-
-
 def from_hf(args: argparse.Namespace) -> None:
     from launcher.train.trainer import Trainer
 
     hf_path, root = Path(args.hf), Path(args.output)
-    hf = hf_dir.read_config(hf_path)
-    raw = mapping.merge_hf_into_raw(_recipe_raw(args.recipe, args.overrides), hf)
+    hf = read_config(hf_path)
+    family = families.for_hf(hf)
+    raw = family.merge_into_raw(_recipe_raw(args.recipe, args.overrides), hf)
     raw.setdefault("checkpoint", {})["dir"] = str(root)
     raw.setdefault("logging", {}).setdefault("run_dir", str(root))  # the continued run lives beside its checkpoints
     cfg = config_from_dict(raw)
     _check_empty(root)  # never write into a run directory that holds anything (its config, its checkpoints)
+    tokenizer = hf_dir.hf_tokenizer(hf_path)
+    weights = HFWeights(hf_path)  # every header validated; no tensor read yet
+    transfer.check_counts(cfg, weights)
     with single_process_groups() as groups:
-        # The trainer's own step-0 save: the checkpoint has exactly the structure (RNG and data-loader state
-        # included) that `moetron pretrain` resumes from, at any layout.
-        trainer = Trainer(one_rank_config(to_dict(cfg), keep_data=True), groups)
-        load_hf_weights(trainer.model, cfg, hf_path, bool(hf.get("tie_word_embeddings", False)))
-        saved = trainer.save()
-    recipe = save_resolved(cfg, root)
+        meta = build_model(one_rank_config(to_dict(cfg), keep_data=False), groups, torch.device("meta"))
+        plan = transfer.targets(family, cfg, meta.state_dict())
+        source, skipped = transfer.check_hf_tensors(family, hf, plan, weights)
+        with staging(root) as tmp:
+            # The trainer's own step-0 save: the checkpoint has exactly the structure (RNG and data-loader state
+            # included) that `moetron pretrain` resumes from, at any layout.
+            trainer = Trainer(one_rank_config(_staged(to_dict(cfg), root, tmp), keep_data=True), groups)
+            transfer.load_hf(trainer.model, plan, source, weights)
+            saved = root / trainer.save().name
+            recipe = save_resolved(cfg, tmp).name
+    if skipped:
+        log.warning(f"skipped {len(skipped)} tensors under {sorted({'.'.join(k.split('.')[:3]) for k in skipped})} "
+                    f"({family.skip_reason})")
     log.log(console.RESULT, f"{hf_path} -> {saved}")
-    log.log(console.RESULT, "\n".join(follow_up_commands(cfg, hf_path, recipe, root)))
+    log.log(console.RESULT, "\n".join(follow_up_commands(cfg, hf_path, tokenizer, root / recipe, root)))
 
 
-def follow_up_commands(cfg: Config, hf_path: Path, recipe: Path, root: Path) -> list[str]:
+def _staged(raw: dict, root: Path, tmp: Path) -> dict:
+    """``raw`` with every directory the trainer writes (checkpoints, a run directory at ``root``) in ``tmp``."""
+    raw["checkpoint"]["dir"] = str(tmp)
+    if Path(raw["logging"]["run_dir"]) == root:
+        raw["logging"]["run_dir"] = str(tmp)
+    return raw
+
+
+def follow_up_commands(cfg: Config, hf_path: Path, tokenizer: Path | None, recipe: Path, root: Path) -> list[str]:
     """What to run next to continue pretraining the converted model: tokenize text with the model's own tokenizer
     (unless the recipe already names shards), then pretrain from the step-0 checkpoint on those shards."""
     if cfg.data.source == "shards":
         return ["continue pretraining on the recipe's shards:", f"  moetron pretrain --recipe {recipe}"]
-    tokenizer = hf_path / "tokenizer.json"
     data = Path("data") / root.name
-    if not tokenizer.is_file():
+    if tokenizer is None:
         return [f"{hf_path} has no tokenizer.json: tokenize your text with the tokenizer this model was "
                 f"trained with (moetron preprocess --tokenizer PATH --output {data} "
                 f"--seq-length {cfg.model.seq_length}), then:",
                 f"  moetron pretrain --recipe {recipe} data.source=shards data.path={data}"]
     return ["continue pretraining on your text with the model's own tokenizer:",
-            f"  moetron preprocess --input YOUR_TEXT.jsonl --output {data} --tokenizer {tokenizer} "
+            f"  moetron preprocess --input YOUR_TEXT.jsonl --output {data} --tokenizer {hf_path / 'tokenizer.json'} "
             f"--seq-length {cfg.model.seq_length} --valid-fraction 0.05",
             f"  moetron pretrain --recipe {recipe} data.source=shards data.path={data}"]
 

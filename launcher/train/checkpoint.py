@@ -485,6 +485,28 @@ def load(ckpt_dir: str | Path, model: nn.Module, optimizer: Optional[TrainOptimi
     return common, {k: loaded[k] for k in targets}
 
 
+def load_slices(ckpt_dir: str | Path, wanted: dict[Any, tuple[str, Optional[int], tuple[int, ...]]]) -> dict:
+    """Read only some tensors of a checkpoint: ``wanted`` maps any key to (checkpoint key, row, shape): the whole
+    fp32 tensor when ``row`` is None, else row ``row`` (shape ``[1, ...]``) of a ``shape[0]``-row tensor (one expert
+    of a stack). Memory holds just these tensors (``moetron convert to-hf`` streams a checkpoint this way)."""
+    from megatron.core.dist_checkpointing import ShardedTensor, load as dcp_load
+
+    sd = {}
+    for handle, (key, row, shape) in wanted.items():
+        if row is None:
+            sd[handle] = ShardedTensor.from_rank_offsets(key, torch.empty(shape), replica_id=0)
+        else:
+            sd[handle] = ShardedTensor.from_rank_offsets(key, torch.empty(1, *shape[1:]), (0, row, shape[0]),
+                                                         replica_id=0)
+    with _loading(ckpt_dir):  # a subset: the rest of the checkpoint is deliberately not accessed
+        return dcp_load(sd, str(ckpt_dir), validate_access_integrity=False)
+
+
+def persistent_buffer_names(model: nn.Module) -> set[str]:
+    """Names of the buffers a checkpoint holds (under ``buffer.<name>``; parameters are under ``model.<name>``)."""
+    return set(_persistent_buffers(model))
+
+
 def _saved_dp(layout: dict) -> int:
     return layout["world"] // (layout["tp"] * layout["pp"])
 

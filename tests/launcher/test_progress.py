@@ -41,8 +41,8 @@ def test_on_a_terminal_it_is_a_tqdm_bar():
 def test_convert_reports_weights_written(tmp_path, capsys):
     import torch
 
-    from launcher.hf import hf_dir
+    from launcher.hf.safetensors_io import PlannedTensor, write_weights
 
-    hf_dir.write_weights(tmp_path, [(f"model.layers.{i}.input_layernorm.weight", torch.ones(4)) for i in range(3)],
-                         1 << 20, torch.float32)
+    write_weights(tmp_path, [PlannedTensor(f"model.layers.{i}.input_layernorm.weight", (4,), torch.float32,
+                                           lambda: torch.ones(4)) for i in range(3)], 1 << 20)
     assert capsys.readouterr().err.splitlines() == ["write weights: 100% (3/3 tensor)"]

@@ -6,9 +6,10 @@ import json
 import pytest
 import torch
 
-from launcher.hf import convert
 from launcher.config import ConfigError
-from launcher.hf import hf_dir, mapping
+from launcher.hf import convert, families, hf_dir
+from launcher.hf.families.qwen3_moe import FAMILY as QWEN3
+from launcher.hf.safetensors_io import HFDirError, HFWeights, write_json
 from tests.helpers.dist import run_distributed
 
 
@@ -36,9 +37,25 @@ def _round_trip(rank, world_size, root):
     return rc_from, rc_to, result.final_step, result.losses
 
 
-def _read_all(path) -> dict[str, torch.Tensor]:
-    keys, read = hf_dir.weight_reader(path)
-    return {k: read(k) for k in keys}
+def _merge(raw: dict, hf: dict) -> dict:
+    return families.for_hf(hf).merge_into_raw(raw, hf)
+
+
+def read_all(path) -> dict[str, torch.Tensor]:
+    """Every tensor of an HF directory, read with the safetensors library itself (independent of moetron's reader),
+    and equal to what moetron's streaming reader reads."""
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else \
+        ["model.safetensors"]
+    out = {}
+    for name in files:
+        with safe_open(str(path / name), framework="pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    weights = HFWeights(path)
+    assert weights.info.keys() == out.keys() and all(torch.equal(weights.read(k), v) for k, v in out.items())
+    return out
 
 
 def test_round_trip_is_identical_and_pretraining_resumes(tmp_path):
@@ -49,7 +66,7 @@ def test_round_trip_is_identical_and_pretraining_resumes(tmp_path):
         .save_pretrained(tmp_path / "hf")
     rc_from, rc_to, final_step, losses = run_distributed(_round_trip, 1, str(tmp_path))[0]
     assert (rc_from, rc_to) == (0, 0)
-    original, back = _read_all(tmp_path / "hf"), _read_all(tmp_path / "hf2")
+    original, back = read_all(tmp_path / "hf"), read_all(tmp_path / "hf2")
     assert original.keys() == back.keys()
     for key, tensor in original.items():
         assert torch.equal(tensor, back[key]), key
@@ -62,38 +79,40 @@ def test_round_trip_is_identical_and_pretraining_resumes(tmp_path):
 
 def test_from_hf_rejects_what_moetron_cannot_represent():
     with pytest.raises(ConfigError, match="model_type"):
-        mapping.merge_hf_into_raw({}, _qwen3_config(model_type="mixtral"))
+        _merge({}, _qwen3_config(model_type="mixtral"))
     with pytest.raises(ConfigError, match="rope type 'yarn'"):
-        mapping.merge_hf_into_raw({}, _qwen3_config(rope_parameters={"rope_type": "yarn", "rope_theta": 1.0}))
+        _merge({}, _qwen3_config(rope_parameters={"rope_type": "yarn", "rope_theta": 1.0}))
     with pytest.raises(ConfigError, match="model.hidden_size=128 but the HF model has 32"):
-        mapping.merge_hf_into_raw({"model": {"hidden_size": 128}}, _qwen3_config())
+        _merge({"model": {"hidden_size": 128}}, _qwen3_config())
+    with pytest.raises(ConfigError, match="model.mtp_num_layers=1 but the HF model has 0"):  # no MTP weights to read
+        _merge({"model": {"mtp_num_layers": 1}}, _qwen3_config())
 
 
 @pytest.mark.parametrize("norm", [True, False])
 def test_norm_topk_prob_is_carried_both_ways(norm):
     from launcher.config import config_from_dict
 
-    raw = mapping.merge_hf_into_raw({}, _qwen3_config(norm_topk_prob=norm))
+    raw = _merge({}, _qwen3_config(norm_topk_prob=norm))
     assert raw["moe"]["norm_topk_prob"] is norm
-    assert mapping.merge_hf_into_raw({}, _qwen3_config(norm_topk_prob=False, num_experts_per_tok=1))["moe"] == \
+    assert _merge({}, _qwen3_config(norm_topk_prob=False, num_experts_per_tok=1))["moe"] == \
         {**raw["moe"], "top_k": 1, "norm_topk_prob": False}  # raw top-1 gates are representable
     # HF's renormalised top-1 gate is 1.0: moetron's straight-through top-1 gate has that value
-    assert mapping.merge_hf_into_raw({}, _qwen3_config(norm_topk_prob=True, num_experts_per_tok=1))["moe"] == \
+    assert _merge({}, _qwen3_config(norm_topk_prob=True, num_experts_per_tok=1))["moe"] == \
         {**raw["moe"], "top_k": 1, "norm_topk_prob": True, "top1_gate": "straight_through"}
     raw["data"] = {"source": "synthetic"}
     cfg = config_from_dict(raw)
     assert cfg.moe.norm_topk_prob is norm
-    assert mapping.hf_config(cfg, {})["norm_topk_prob"] is norm
+    assert QWEN3.hf_config(cfg, {})["norm_topk_prob"] is norm
     cfg.moe.top_k = 1  # a Switch-gated top-1 model writes false: the same gate (raw probability) at every k
-    assert mapping.hf_config(cfg, {})["norm_topk_prob"] is False
+    assert QWEN3.hf_config(cfg, {})["norm_topk_prob"] is False
     cfg.moe.top1_gate = "straight_through"  # gate value 1.0: HF's renormalised top-1 gate
-    assert mapping.hf_config(cfg, {})["norm_topk_prob"] is norm
+    assert QWEN3.hf_config(cfg, {})["norm_topk_prob"] is norm
     cfg.moe.expert_bias = True  # moetron flavour: its modeling code applies the same rule
-    assert mapping.hf_config(cfg, {})["norm_topk_prob"] is norm
+    assert QWEN3.hf_config(cfg, {})["norm_topk_prob"] is norm
 
 
 def test_from_hf_fields():
-    raw = mapping.merge_hf_into_raw({"model": {"seq_length": 16}}, _qwen3_config(decoder_sparse_step=2,
+    raw = _merge({"model": {"seq_length": 16}}, _qwen3_config(decoder_sparse_step=2,
                                                                                    mlp_only_layers=[]))
     assert raw["model"]["dense_layers"] == [0, 2]  # Qwen3-MoE: layer i is sparse iff (i + 1) % step == 0
     assert raw["model"]["seq_length"] == 16  # the recipe wins for training-time fields
@@ -103,8 +122,8 @@ def test_from_hf_fields():
 def test_never_unpickles(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(_qwen3_config()))
     (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
-    with pytest.raises(hf_dir.HFDirError, match="pickle files can run code"):
-        hf_dir.weight_reader(tmp_path)
+    with pytest.raises(HFDirError, match="pickle files can run code"):
+        HFWeights(tmp_path)
 
 
 def test_cli_errors(tmp_path, capsys):
@@ -115,7 +134,7 @@ def test_cli_errors(tmp_path, capsys):
     assert convert.main(["to-hf", "--checkpoint", str(tmp_path / "none"), "--output", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert hf_dir.parse_size("2GiB") == 2 * 2**30 and hf_dir.parse_size("500MB") == 500 * 10**6
-    with pytest.raises(hf_dir.HFDirError, match="not understood"):
+    with pytest.raises(HFDirError, match="not understood"):
         hf_dir.parse_size("lots")
 
 
@@ -173,7 +192,7 @@ def test_from_hf_never_writes_into_a_used_directory(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text("model: {}\n")  # e.g. an existing run directory
     (tmp_path / "hf").mkdir()
-    hf_dir.write_json(tmp_path / "hf" / "config.json", _qwen3_config())
+    write_json(tmp_path / "hf" / "config.json", _qwen3_config())
     assert convert.main(["from-hf", "--hf", str(tmp_path / "hf"), "--output", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "exists and is not an empty directory" in err

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -95,7 +96,7 @@ def _export_biased_bf16(rank, world_size, root):
     """A MoNE + expert-bias model whose biases sit near 4 with gaps far below bf16's spacing there (1/32), exported
     with --dtype bfloat16; returns per MoE layer the probe input and moetron's routing of it."""
     from launcher.config import load_config
-    from launcher.hf import convert
+    from launcher.hf import convert, transfer
     from parallel import groups as pgroups
     from parallel.model import build_model
     from tests.launcher.hf.conftest import BASE
@@ -112,7 +113,7 @@ def _export_biased_bf16(rank, world_size, root):
         rounded = layer.router.expert_bias.bfloat16().float()  # what a bf16 export used to keep of the bias
         probs = torch.softmax(x.float() @ layer.router.weight.detach().float().T, dim=-1)
         assert not torch.equal(torch.topk(probs + rounded, cfg.moe.top_k).indices, routes[idx])  # it matters
-    convert.export_hf(cfg, model, Path(root) / "hf", None, torch.bfloat16, 10**9)
+    convert.export_hf(cfg, transfer.ModelTensors(model), Path(root) / "hf", None, torch.bfloat16, 10**9)
     return x, routes
 
 
@@ -141,53 +142,56 @@ def test_bf16_export_keeps_fp32_router_and_routes_exactly_like_moetron(tmp_path,
 def test_exported_files_follow_the_umask(tmp_path):
     import os
 
-    import torch
-
-    from launcher.hf import hf_dir
+    from launcher.hf.safetensors_io import PlannedTensor, write_weights
 
     old = os.umask(0o027)
     try:
-        hf_dir.write_weights(tmp_path, [("model.norm.weight", torch.ones(4))], 1 << 20, torch.float32)
+        write_weights(tmp_path, [PlannedTensor("model.norm.weight", (4,), torch.float32, lambda: torch.ones(4))],
+                      1 << 20)
     finally:
         os.umask(old)
     modes = {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()}
     assert modes == {"model-00001-of-00001.safetensors": "0o640", "model.safetensors.index.json": "0o640"}
 
 
-@pytest.mark.parametrize("overrides", [["model.attention=mla"], ["model.rope_scaling.type=yarn"]])
-def test_mla_and_yarn_are_refused_with_one_line(overrides):
+@pytest.mark.parametrize("overrides, named", [
+    (["model.attention=mla"], "model.attention='mla' (needs 'gqa')"),
+    (["model.rope_scaling.type=yarn"], "model.rope_scaling.type='yarn' (needs 'default')"),
+    (["moe.score_function=sigmoid"], "moe.score_function='sigmoid' (needs 'softmax')"),
+    (["moe.num_groups=2", "moe.group_topk=1"], "moe.num_groups=2 (needs 1)"),
+    (["moe.routed_scaling_factor=2.5"], "moe.routed_scaling_factor=2.5 (needs 1.0)"),
+    (["moe.shared_expert_ffn_hidden_size=64"], "moe.shared_expert_ffn_hidden_size=64 (needs 0)"),
+    (["model.mtp_num_layers=1"], "model.mtp_num_layers=1 (needs 0)")])
+def test_qwen3_moe_refuses_what_it_cannot_represent_in_one_line(overrides, named):
+    """Qwen3-MoE would compute such a model differently: refuse instead of exporting it wrong."""
     from launcher.config import ConfigError, load_config
-    from launcher.hf.mapping import hf_config
+    from launcher.hf.families.qwen3_moe import FAMILY
 
-    with pytest.raises(ConfigError, match="HF export supports model.attention=gqa with plain RoPE only"):
-        hf_config(load_config(None, overrides), {})
+    with pytest.raises(ConfigError, match="HF export as qwen3_moe cannot represent: .*" + re.escape(named)):
+        FAMILY.hf_config(load_config(None, overrides), {})
 
 
-@pytest.mark.parametrize("overrides", [["moe.score_function=sigmoid"], ["moe.num_groups=2", "moe.group_topk=1"],
-                                       ["moe.routed_scaling_factor=2.5"]])
-def test_deepseek_routing_is_refused_with_one_line(overrides):
-    """A softmax-only HF model would route such a checkpoint differently: refuse instead of exporting it wrong."""
+def test_to_hf_picks_the_family_that_represents_the_model_or_names_every_reason():
     from launcher.config import ConfigError, load_config
-    from launcher.hf.mapping import hf_config
+    from launcher.hf import families
 
-    with pytest.raises(ConfigError, match="HF export supports softmax routing only"):
-        hf_config(load_config(None, overrides), {})
-
-
-def test_shared_experts_are_refused_with_one_line():
-    from launcher.config import ConfigError, load_config
-    from launcher.hf.mapping import hf_config
-
-    with pytest.raises(ConfigError, match="HF export has no layout for shared experts yet .*"
-                                          "moe.shared_expert_ffn_hidden_size=64"):
-        hf_config(load_config(None, ["moe.shared_expert_ffn_hidden_size=64"]), {})
+    mla = ["model.attention=mla", "moe.score_function=sigmoid"]
+    assert families.for_export(load_config(None, [])).model_type == "qwen3_moe"
+    assert families.for_export(load_config(None, mla)).model_type == "deepseek_v3"
+    with pytest.raises(ConfigError, match=r"qwen3_moe: model.attention='mla' \(needs 'gqa'\).* \| deepseek_v3: "
+                                          r"model.dense_layers=\[1\]"):
+        families.for_export(load_config(None, mla + ["model.dense_layers=[1]"]))
 
 
-def test_mtp_modules_are_refused_with_one_line():
-    """A Qwen3-MoE export would carry the MTP weights under keys no HF model reads: refuse instead."""
-    from launcher.config import ConfigError, load_config
-    from launcher.hf.mapping import hf_config
+def test_a_failed_write_leaves_the_output_as_it_was(tmp_path):
+    """Everything is written into a temporary sibling that is renamed only when complete."""
+    from launcher.hf.convert import staging
 
-    with pytest.raises(ConfigError, match="HF export has no layout for multi-token prediction modules .*"
-                                          "model.mtp_num_layers=1"):
-        hf_config(load_config(None, ["model.mtp_num_layers=1"]), {})
+    with staging(tmp_path / "out") as tmp:
+        (tmp / "a").write_text("1")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (tmp_path / "out" / "a").read_text() == "1"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(OSError), staging(tmp_path / "empty") as tmp:
+        (tmp / "a").write_text("1")
+        raise OSError("disk full")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "out"] and not any((tmp_path / "empty").iterdir())
