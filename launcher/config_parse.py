@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Annotated, Any, Literal, Union
 
 import yaml
 
+from launcher import config_yaml
 from launcher.errors import MoetronError
 from moe_core.config_fields import Range
 
@@ -27,6 +29,15 @@ _INT64 = Range(ge=-(1 << 63), lt=1 << 63)  # every config integer ends up in a C
 _FLOAT_TEXT = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?(?:inf|infinity|nan)", re.IGNORECASE)
 """Float spellings YAML 1.1 leaves as strings (1e-4, 1E-4, +1e3, 1.0e4, nan): read as numbers, so every float
 field takes what people write. Ranges then reject nan/inf (:mod:`moe_core.config_fields`)."""
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict, _REPR.maxlevel = 80, 80, 8, 8, 3
+
+
+def _show(value: Any) -> str:
+    """``repr(value)`` cut to a readable length: an error line quotes what was given, never a whole huge value."""
+    return _REPR.repr(value)
 
 
 class _RangeError(ConfigError):
@@ -52,7 +63,7 @@ def _number(value: Any, path: str) -> float:
     if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
         value = float(value)
     if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise ConfigError(f"{path}: expected a number, got {value!r}")
+        raise ConfigError(f"{path}: expected a number, got {_show(value)}")
     try:
         return float(value)
     except OverflowError:
@@ -68,7 +79,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         value = _coerce(value, inner, path)
         for allowed in metadata:
             if isinstance(allowed, Range) and not allowed.contains(value):
-                raise _RangeError(f"{path}: {value!r} is outside the allowed range {allowed}")
+                raise _RangeError(f"{path}: {_show(value)} is outside the allowed range {allowed}")
         return value
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
@@ -83,37 +94,37 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
                 raise  # the value has this member's type but not its range: that is what to report
             except ConfigError:
                 continue
-        raise ConfigError(f"{path}: expected {' or '.join(map(_type_name, args))}, got {value!r}")
+        raise ConfigError(f"{path}: expected {' or '.join(map(_type_name, args))}, got {_show(value)}")
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            raise ConfigError(f"{path}: must be one of {list(choices)}, got {value!r}")
+            raise ConfigError(f"{path}: must be one of {list(choices)}, got {_show(value)}")
         return value
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
+            raise ConfigError(f"{path}: expected a list, got {_show(value)}")
         return [_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping of {tp.__name__} fields, got {value!r}")
+            raise ConfigError(f"{path}: expected a mapping of {tp.__name__} fields, got {_show(value)}")
         return from_dict(tp, value, path)
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{path}: expected true/false, got {value!r}")
+        raise ConfigError(f"{path}: expected true/false, got {_show(value)}")
     if tp is int:
         if not isinstance(value, int) or isinstance(value, bool):
-            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+            raise ConfigError(f"{path}: expected an integer, got {_show(value)}")
         if not _INT64.contains(value):
-            raise _RangeError(f"{path}: {value} does not fit in 64 bits")
+            raise _RangeError(f"{path}: {_show(value)} does not fit in 64 bits")
         return value
     if tp is float:
         return _number(value, path)
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{path}: expected a string, got {value!r}")
+        raise ConfigError(f"{path}: expected a string, got {_show(value)}")
     raise ConfigError(f"{path}: unsupported field type {_type_name(tp)}")  # a bug in this file, not in the recipe
 
 
@@ -136,47 +147,50 @@ def from_dict(cls: type, data: dict, path: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _parse_scalar(text: str) -> Any:
-    """CLI values are YAML scalars/lists: 8, 0.5, 1e-4, true, null, [1,2], 'abc'."""
+def _parse_scalar(text: str, key: str) -> Any:
+    """CLI values are plain YAML (``launcher/config_yaml.py``): 8, 0.5, 1e-4, true, null, [1,2], {a: 1}, 'abc'.
+    Text that is not YAML at all is taken as a string; what plain YAML refuses (a tag, an alias bomb, a list as a
+    key) is an error."""
     try:
-        return yaml.safe_load(text)
+        return config_yaml.load(text)
+    except config_yaml.PlainYAMLError as e:
+        raise ConfigError(f"override '{key}': {_yaml_problem(e)}") from None
     except (yaml.YAMLError, RecursionError):
         return text
 
 
+def _merge(node: dict, key: str, value: Any) -> None:
+    """Set ``node[key] = value``, except that a mapping given for a section merges into it key by key (recursively):
+    ``model={hidden_size: 64}`` changes one field and keeps the recipe's others."""
+    if isinstance(value, dict) and isinstance(node.get(key), dict):
+        for sub_key, sub_value in value.items():
+            _merge(node[key], sub_key, sub_value)
+    else:
+        node[key] = value
+
+
 def apply_override(raw: dict, override: str) -> None:
-    """Apply one ``a.b.c=value`` override to the raw (dict) tree in place."""
+    """Apply one ``a.b.c=value`` override to the raw (dict) tree in place; a mapping value merges into the section
+    it names (:func:`_merge`)."""
     if "=" not in override:
         raise ConfigError(f"override '{override}' must look like key.path=value (e.g. moe.num_experts=8)")
     key, text = override.split("=", 1)
-    parts = key.strip().split(".")
+    key = key.strip()
+    parts = key.split(".")
+    if not all(parts):
+        raise ConfigError(f"override '{override}': '{key}' is not a key path (e.g. moe.num_experts=8)")
     node = raw
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override '{key}': '{part}' is not a section")
-    node[parts[-1]] = _parse_scalar(text)
+    _merge(node, parts[-1], _parse_scalar(text, key))
 
 
 def _yaml_problem(e: yaml.YAMLError) -> str:
     mark = getattr(e, "problem_mark", None)
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
     return f"{getattr(e, 'problem', None) or str(e).splitlines()[0]}{where}"
-
-
-class _RecipeLoader(yaml.SafeLoader):
-    """yaml.safe_load, except that a key given twice in one mapping is an error: YAML would silently keep the last
-    one (a repeated ``model:`` section would drop the first one's fields)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' is given twice",
-                                                        key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
 
 
 def read_recipe(recipe: str | Path) -> dict:
@@ -186,7 +200,7 @@ def read_recipe(recipe: str | Path) -> dict:
         raise ConfigError(f"recipe '{path}' not found (pass a YAML file, e.g. recipes/smoke_cpu.yaml)")
     try:
         text = path.read_bytes().decode("utf-8")
-        raw = yaml.load(text, Loader=_RecipeLoader)
+        raw = config_yaml.load(text)
     except OSError as e:
         raise ConfigError(f"recipe '{path}' cannot be read ({e.strerror})") from None
     except UnicodeDecodeError as e:
