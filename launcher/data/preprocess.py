@@ -10,7 +10,8 @@ order so the output is a pure function of the inputs. Tokenizer: a local Hugging
 
 This module runs the job: the inputs are read by :mod:`launcher.data.inputs` (bad input never stops silently),
 tokenized by :mod:`launcher.data.tokenizer` and written by :mod:`launcher.data.writer` in the format that
-:mod:`launcher.data.format` defines. ``--verify DIR`` re-hashes every shard of an output; the loader
+:mod:`launcher.data.format` defines. The output is written into a fresh staging directory and moved in only when complete;
+files preprocess did not write are never replaced or deleted (:mod:`launcher.data.output`). ``--verify DIR`` re-hashes every shard of an output; the loader
 verifies each shard's sha256 once per process, when it first opens it. This module does not import torch (fast
 CLI, cheap worker processes).
 """
@@ -32,6 +33,7 @@ from launcher.data.format import FORMAT, INDEX_NAME, SPLITS, TOKENIZER_NAME, Dat
 from launcher.data.inputs import InputStats, find_inputs, iter_documents
 from launcher.data.tokenizer import EOS_CANDIDATES, encode_documents, find_eos, load_tokenizer, tokenizer_id, \
     train_tokenizer
+from launcher.data import output
 from launcher.data.writer import Packer, ShardSink, is_valid_document
 from launcher import log as console
 from launcher.errors import ArgumentParser, MoetronError, report
@@ -62,27 +64,34 @@ def build_record(args: argparse.Namespace, files: list[Path]) -> dict:
 
 def _up_to_date(out_dir: Path, build: dict) -> Optional[dict]:
     """The index of ``out_dir`` when it is a complete output of exactly ``build`` (same inputs and settings; its
-    tokenizer and every listed shard present at the recorded size; no other shard files), else None."""
+    tokenizer and every listed shard present at the recorded size; no other file that looks like output), else
+    None."""
     try:
         index = read_index(out_dir)
     except DataError:
         return None
     shards = {s["name"]: s["bytes"] for split in SPLITS for s in index["splits"][split]["shards"]}
-    on_disk = {p.name for p in [*out_dir.glob("train-*.tar*"), *out_dir.glob("valid-*.tar*")]}
-    if index.get("build") != build or on_disk != set(shards) or not (out_dir / TOKENIZER_NAME).is_file():
+    looks_like = {p.name for p in out_dir.iterdir() if output.looks_like_output(p.name)}
+    if index.get("build") != build or looks_like != {*shards, INDEX_NAME, TOKENIZER_NAME}:
         return None
     return index if all((out_dir / name).stat().st_size == size for name, size in shards.items()) else None
 
 
-def _prepare_output(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DataError(f"--output '{out_dir}' is a file; pass a directory")
-    if (out_dir / INDEX_NAME).exists() and not overwrite:
-        raise DataError(f"output '{out_dir}' already holds a preprocess result of other inputs or "
-                        "settings (or an incomplete one); pass --overwrite to replace it")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in [*out_dir.glob("train-*.tar*"), *out_dir.glob("valid-*.tar*"), out_dir / INDEX_NAME]:
-        stale.unlink(missing_ok=True)
+LIMITS = {"seq_length": (1, 1 << 20), "samples_per_shard": (1, 1 << 20), "vocab_size": (1, 1 << 22),
+          "workers": (1, 1024)}
+"""Allowed ranges of the integer options: the longest sample any model here trains on (2^20 tokens), a shard of at
+most 2^20 samples, a vocabulary of at most 2^22 tokens (the lower bound of a trained one is the tokenizer's:
+258), and tokenizer processes."""
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """One DataError naming the first option outside its range (:data:`LIMITS`, and --valid-fraction in [0, 1))."""
+    for name, (low, high) in LIMITS.items():
+        value = getattr(args, name)
+        if not low <= value <= high:
+            raise DataError(f"--{name.replace('_', '-')} must be in [{low:,}, {high:,}], got {value:,}")
+    if not 0.0 <= args.valid_fraction < 1.0:
+        raise DataError(f"--valid-fraction must be in [0, 1), got {args.valid_fraction}")
 
 
 def _progress(files: list[Path], desc: str):
@@ -94,12 +103,7 @@ def _progress(files: list[Path], desc: str):
 def run(args: argparse.Namespace) -> dict:
     """Preprocess as the CLI arguments say; returns the index that was written, or the existing one when the output
     is already up to date (see :func:`build_record`)."""
-    if args.seq_length < 1:
-        raise DataError(f"--seq-length must be >= 1, got {args.seq_length}")
-    if not 0.0 <= args.valid_fraction < 1.0:
-        raise DataError(f"--valid-fraction must be in [0, 1), got {args.valid_fraction}")
-    if args.samples_per_shard < 1:
-        raise DataError(f"--samples-per-shard must be >= 1, got {args.samples_per_shard}")
+    check_arguments(args)
     files = find_inputs(args.input)
     log.debug(f"{len(files)} input file(s), {sum(p.stat().st_size for p in files):,} bytes: "
               + ", ".join(map(str, files[:5])) + (", ..." if len(files) > 5 else ""))
@@ -112,7 +116,17 @@ def run(args: argparse.Namespace) -> dict:
                 f"{done['splits']['train']['num_samples']} / valid {done['splits']['valid']['num_samples']} samples "
                 "from the same inputs and settings); nothing to do")
         return done
-    _prepare_output(out_dir, args.overwrite)
+    staging = output.Staging(out_dir, output.check_output(out_dir, args.overwrite))
+    with staging as tmp:
+        index, summary = _write(args, files, tok, build, tmp)
+        staging.commit()
+    log.log(console.RESULT, f"{summary} -> {out_dir}")
+    return index
+
+
+def _write(args: argparse.Namespace, files: list[Path], tok, build: dict, out_dir: Path) -> tuple[dict, str]:
+    """Tokenize ``files`` (training the tokenizer when ``tok`` is None) and write a complete output into the
+    fresh directory ``out_dir``; returns its index and the summary line."""
     start = time.perf_counter()
     if tok is None:
         with _progress(files, "train tokenizer") as bar:
@@ -158,7 +172,7 @@ def run(args: argparse.Namespace) -> dict:
     _write_json_atomic(out_dir / INDEX_NAME, index)
     tokens = sum(p.stream_tokens for p in packers.values())
     tok_elapsed = time.perf_counter() - tok_start
-    log.log(console.RESULT, f"preprocessed {stats.documents} documents ({stats.text_bytes / 1e6:.2f} MB) -> {tokens:,} tokens, "
+    return index, (f"preprocessed {stats.documents} documents ({stats.text_bytes / 1e6:.2f} MB) -> {tokens:,} tokens, "
           f"vocab {vocab_size}, train {index['splits']['train']['num_samples']} / valid "
           f"{index['splits']['valid']['num_samples']} samples of {args.seq_length}+1 tokens in "
           f"{sum(len(p.sink.shards) for p in packers.values())} shards; {elapsed:.1f} s total, tokenize+pack "
@@ -166,8 +180,7 @@ def run(args: argparse.Namespace) -> dict:
           f"{args.workers} worker(s); skipped: {stats.empty_files} empty files, {stats.empty_documents} empty "
           f"documents, {stats.bad_json_lines} bad JSON lines, {stats.records_without_text} records without text, "
           f"{stats.invalid_unicode_records} records with invalid Unicode; "
-          f"{stats.invalid_utf8_documents} documents had invalid UTF-8 -> {out_dir}")
-    return index
+          f"{stats.invalid_utf8_documents} documents had invalid UTF-8")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -123,8 +123,8 @@ def _mtimes(out: Path) -> dict:
 
 
 def test_same_command_twice_is_up_to_date_anything_else_refuses_without_overwrite(tmp_path, capsys, docs):
-    """Re-running the same command is a no-op that exits 0 (a quick start can be repeated); other settings, other
-    inputs or files preprocess did not write keep the refusal until --overwrite."""
+    """Re-running the same command is a no-op that exits 0 (a quick start can be repeated); other settings or other
+    inputs keep the refusal until --overwrite; shard files preprocess did not write, even with --overwrite."""
     src = write_jsonl(tmp_path / "d.jsonl", docs[:4])
     out = tmp_path / "out"
     first = preprocess([src], out)
@@ -141,11 +141,14 @@ def test_same_command_twice_is_up_to_date_anything_else_refuses_without_overwrit
     with pytest.raises(AssertionError):
         preprocess([src], out)
     write_jsonl(src, docs[:4])
-    (out / "train-000099.tar").write_bytes(b"")  # a shard file it did not write
-    with pytest.raises(AssertionError):
-        preprocess([src], out)
+    (out / "train-000099.tar").write_bytes(b"")  # a shard file it did not write: refused even with --overwrite
+    for extra in [(), ("--overwrite",)]:
+        with pytest.raises(AssertionError):
+            preprocess([src], out, *extra)
+        assert "train-000099.tar, which no preprocess index there accounts for" in capsys.readouterr().err
+    assert (out / "train-000099.tar").exists()
+    (out / "train-000099.tar").unlink()
     assert preprocess([src], out, "--overwrite")["splits"] == first["splits"]
-    assert not (out / "train-000099.tar").exists()
 
 
 def test_smoke_corpus_command_is_fast_and_complete(tmp_path):
