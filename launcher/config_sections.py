@@ -46,6 +46,14 @@ class TrainConfig:
     (LOCAL_WORLD_SIZE), at least 1; stays null on CUDA. More threads than cores make a loaded machine spin. The run
     block prints it."""
 
+    hang_timeout_s: Annotated[float, Range(ge=0, le=86_400)] = 300.0
+    """Hang detection (launcher/train/watchdog.py; 0 = off): when one phase of a step (data, forward_backward,
+    optimizer, step_reduce) stays unfinished this many seconds on any rank (4x for the first step of a process,
+    validation and checkpoint saves, which may compile or write for long), every rank writes its Python stacks to
+    <logging.run_dir>/hang/rank_N.txt, rank 0 prints one line naming the ranks that stopped and their phase, writes
+    <logging.run_dir>/HUNG and the job exits with code 75 (slurm/pretrain.sbatch requeues it). Keep it above the
+    slowest step and below MOETRON_DIST_TIMEOUT_MINUTES (10 min), after which a hung collective fails on its own."""
+
     def validate(self) -> None:
         if self.compile and self.precision == "fp32":
             raise ValueError("train.compile=true needs train.precision=bf16 or fp8 (torch.compile's grouped expert "

@@ -32,6 +32,7 @@ from launcher.log import BARE, RESULT
 from launcher.train.metrics import (IntervalTimes, MetricsWriter, ProgressLine, StepStats, moe_layer_tag,
                                     peak_flops_per_device, throughput, training_scalars, moe_layer_scalars)
 from launcher.train.step_reduce import LayerStepStats, PackedSum, StepReduction, pack_token_loss, token_mean
+from launcher.train.watchdog import Unwatched, Watchdog
 from moe_core.matryoshka import EvalK
 from moe_core.profiling import phase
 from parallel.groups import ParallelGroups
@@ -103,10 +104,13 @@ class TrainResult:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, groups: ParallelGroups):
-        """``cfg`` as parsed or already resolved: the trainer runs (and records) ``resolve(cfg, world size)``."""
+    def __init__(self, cfg: Config, groups: ParallelGroups, watchdog: Optional[Watchdog] = None):
+        """``cfg`` as parsed or already resolved: the trainer runs (and records) ``resolve(cfg, world size)``.
+        ``watchdog``: told each phase of the run (``launcher/train/watchdog.py``); None = unwatched."""
         cfg = resolve(cfg, groups.world_size)
         self.cfg, self.groups = cfg, groups
+        self.watchdog = watchdog or Unwatched()
+        self._first_step: Optional[int] = None
         self.run_dir = Path(cfg.logging.run_dir)
         self.ckpt_root = Path(cfg.checkpoint.dir)
         self.model = build_model(cfg, groups)
@@ -153,7 +157,15 @@ class Trainer:
         if "dp.data" in state:
             self.loader.load_state_dict(state["dp.data"])
 
+    def _mark(self, name: str, slow: bool = False) -> None:
+        """Tell the watchdog that this rank starts phase ``name`` of the current step (``slow``, and every phase
+        of the process's first step, get the watchdog's longer allowance)."""
+        if self._first_step is None:
+            self._first_step = self.step
+        self.watchdog.enter(name, self.step, slow=slow or self.step == self._first_step)
+
     def save(self) -> Path:
+        self._mark("checkpoint save", slow=True)
         start = time.perf_counter()
         common = {"step": self.step, "skipped_steps": self.skipped, "config": to_dict(self.cfg),
                   "nonfinite_streak": self.nonfinite_streak, "last_good": self.last_good}
@@ -255,22 +267,27 @@ class Trainer:
         self.model.set_step(self.step)
         self.optimizer.set_lr(lr_at(cfg, self.step))
         self.optimizer.zero_grad()
+        self._mark("data")
         batches = [next(self.loader) for _ in range(self.num_micro)]
         tokens = self._label_tokens(batches)  # counted on the CPU batches, before they go to the device
         mtp_tokens = self._mtp_label_tokens(batches)
         micro = [self._to_device(mb) for mb in batches]
+        self._mark("forward_backward")
         loss_sums = forward_backward(self.model, micro, self._forward, self.groups, self.hidden_shape,
                                      loss_scale=token_loss.gradient_scale(tokens, self.groups, self.device),
                                      no_sync=self.optimizer.no_sync)
+        self._mark("optimizer")
         with phase("optimizer"):
             self.optimizer.reduce_grads()
             norm_sq = self.optimizer.grad_norm_sq()
         stop_requested = preemption is not None and preemption.requested
+        self._mark("step_reduce")
         step = self._reduction.reduce(loss_sums, tokens, norm_sq, stop_requested, self.model.moe_layers(),
                                       self._mtp_sums, mtp_tokens)
         self._mtp_sums, self.mtp_loss = [], step.mtp_loss
         if not (math.isfinite(step.loss) and math.isfinite(step.grad_norm)):
             return step.loss, step.grad_norm, step.layers, step.stop
+        self._mark("optimizer")
         with phase("optimizer"):
             self.optimizer.step(step.grad_norm)
         if cfg.moe.expert_bias:
@@ -312,6 +329,7 @@ class Trainer:
     def _validate(self) -> None:
         """Periodic validation: ``valid/loss`` at the eval k and, for M-MoE, ``valid/loss_k{k}`` for every k in
         [k_min, k_max] (the eval k's loss is reused from the sweep when it is one of them)."""
+        self._mark("validation", slow=True)
         mm = self.cfg.moe.matryoshka
         sweep = {k: self.evaluate(k) for k in range(mm.k_min, mm.k_max + 1)} if mm.enabled else {}
         default_k = self.cfg.moe.default_eval_k
