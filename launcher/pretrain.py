@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         return report(e, every_rank=False)
     if args.dry_run:
         return dry_run(cfg, env.world_size())
-    from launcher.train import summary, watchdog
+    from launcher.train import run_lock, summary, watchdog
     from launcher.train.trainer import Preemption, Trainer
 
     started = time.perf_counter()
@@ -52,9 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     par = cfg.parallel
     with env.parallel_session(par.tp, par.pp, par.ep, par.backend, cfg.train.cpu_threads) as groups:
         try:
-            with watchdog.watching(cfg.logging.run_dir, cfg.train.hang_timeout_s, groups.rank,
-                                   groups.world_size) as dog:
+            with run_lock.holding(run_lock.directories(cfg.logging.run_dir, cfg.checkpoint.dir)), \
+                    watchdog.watching(cfg.logging.run_dir, cfg.train.hang_timeout_s, groups.rank,
+                                      groups.world_size) as dog:
                 result = Trainer(cfg, groups, dog).fit(preemption)
+        except run_lock.RunDirLocked as e:  # found by rank 0 or one node: the others stop silently
+            return report(e) if e.prints_here else e.exit_code
         except MoetronError as e:  # bad data, config or checkpoint found once they are opened; a failed run
             return report(e)
         except KeyboardInterrupt:
