@@ -14,6 +14,7 @@ import time
 from launcher import env, log as console
 from launcher.errors import ArgumentParser, MoetronError, report
 from launcher.config import ConfigError, check_data_dirs, load_config, validate_world
+from launcher.train import memory
 
 log = logging.getLogger("launcher.pretrain")  # by name: run as `python -m`, __name__ is "__main__"
 
@@ -38,12 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.recipe, args.overrides)
         validate_world(cfg, env.world_size())  # before any process group exists
-        if not args.dry_run:  # a dry run reads no data
-            check_data_dirs(cfg.data)
+        if args.dry_run:
+            return dry_run(cfg, env.world_size())
+        check_data_dirs(cfg.data)  # a dry run reads no data
+        memory.check_fits(cfg, env.world_size())  # before anything is built
     except ConfigError as e:  # every rank reads the same config: one line for the whole job, not one per rank
         return report(e, every_rank=False)
-    if args.dry_run:
-        return dry_run(cfg, env.world_size())
     from launcher.train import run_lock, summary, watchdog
     from launcher.train.trainer import Preemption, Trainer
 
@@ -72,16 +73,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def dry_run(cfg, world_size: int) -> int:
-    """Parameter counts and the busiest rank's memory estimate (launcher/train/memory.py); nothing is built."""
+    """Parameter counts and the busiest rank's memory estimate (launcher/train/memory.py); nothing is built. A
+    layout that does not fit this machine then fails with :func:`memory.check_fits`' line (ConfigError)."""
     from launcher.train import flops
-    from launcher.train.memory import estimate
 
     counts = flops.param_counts(cfg)
     par = cfg.parallel
     log.log(console.RESULT, f"dry run: {world_size} rank(s) = TP {par.tp} x PP {par.pp} x DP "
             f"{par.data_parallel_size(world_size)}, EP {par.ep}; {counts.total:,} parameters, "
             f"{int(counts.activated):,} activated per token; busiest rank:\n"
-            + "\n".join(estimate(cfg, world_size).lines()))
+            + "\n".join(memory.estimate(cfg, world_size).lines()))
+    memory.check_fits(cfg, world_size)
     return 0
 
 

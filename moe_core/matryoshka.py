@@ -59,6 +59,8 @@ class KSchedule:
     def __init__(self, moe_cfg: MoEConfig, seed: int, moe_layers: Optional[Sequence[int]] = None):
         self.cfg, self.seed = moe_cfg, seed
         self.moe_layers = list(moe_layers) if moe_layers is not None else None
+        self._positions = {idx: pos for pos, idx in enumerate(self.moe_layers or ())}
+        """MoE-layer position of each MoE layer index (a dict: a list's index() is O(layers) per call)."""
         mm = moe_cfg.matryoshka
         mm.validate(moe_cfg.num_experts)
         if mm.enabled:
@@ -91,9 +93,9 @@ class KSchedule:
     def _position(self, layer_idx: int) -> int:
         if self.moe_layers is None:
             return layer_idx
-        if layer_idx not in self.moe_layers:
+        if layer_idx not in self._positions:
             raise ValueError(f"layer {layer_idx} is not among the MoE layers {self.moe_layers}")
-        return self.moe_layers.index(layer_idx)
+        return self._positions[layer_idx]
 
     def _check_eval_k(self, k: EvalK, name: str) -> None:
         check_eval_k(k, self.cfg.num_experts, None if self.moe_layers is None else len(self.moe_layers), name)

@@ -27,15 +27,20 @@ head: whichever is larger), by kind:
   block, norm each; with PP > 1 also a copy of the embedding) and adds per token, per depth, an MoE layer's
   activations plus ``b * 5 D`` (the two norm inputs, eh_proj's ``2 D`` input, the final norm's) and the logits'
   ``4 V / tp + 12 D``.
-The estimate is checked against a measured CPU step in tests/launcher/train/test_memory_estimate.py.
+The estimate is checked against a measured CPU step in tests/launcher/train/test_memory_estimate.py. It costs the
+same at any model.num_layers (one layer of each kind is counted, on the meta device). ``moetron pretrain`` runs
+:func:`check_fits` before it builds anything: a layout whose estimate (a lower bound: no slack) exceeds the device's
+free memory, or on CPU the host's available RAM divided by the node's ranks, is one line with the estimate and what
+to change.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 
-from launcher.config import Config, resolve
+from launcher.config import Config, ConfigError, resolve
 
 MiB, GiB = 1 << 20, 1 << 30
 
@@ -68,31 +73,48 @@ class MemoryEstimate:
 
 
 def _stage_params(cfg: Config, tp: int, ep: int, pp: int) -> list[dict[str, int]]:
-    """Per pipeline stage: parameter counts on one rank by kind (dense, router, expert)."""
+    """Per pipeline stage: parameter counts on one rank by kind (dense, router, expert). Counted on a meta-device
+    model of one layer of each kind (dense, MoE) plus the embedding, final norm, LM head and MTP modules, then
+    multiplied out per stage: the cost does not grow with model.num_layers."""
     from torch import nn
 
     from moe_core.layers import ReplicatedLinear
     from moe_core.transformer import MoETransformer
 
+    m = cfg.model
+    dense = sorted(set(m.dense_layers))
+    first_moe = next((i for i in range(m.num_layers) if i not in dense), None)  # <= len(dense) + 1 steps
+    samples = sorted({*dense[:1], *([first_moe] if first_moe is not None else [])})
     with torch.device("meta"):
-        model = MoETransformer(cfg.model, cfg.moe, cfg.train.seed)
-    split_by_tp = {id(p) for m in model.modules()
-                   if isinstance(m, (nn.Linear, nn.Embedding)) and not isinstance(m, ReplicatedLinear)
-                   for p in m.parameters()}
-    per_stage = cfg.model.num_layers // pp
-    stages = [dict(dense=0, router=0, expert=0) for _ in range(pp)]
+        model = MoETransformer(m, cfg.moe, cfg.train.seed, layer_range=samples)
+    split_by_tp = {id(p) for mod in model.modules()
+                   if isinstance(mod, (nn.Linear, nn.Embedding)) and not isinstance(mod, ReplicatedLinear)
+                   for p in mod.parameters()}
+    per_layer = {i: dict(dense=0, router=0, expert=0) for i in samples}
+    outside = {"first": dict(dense=0, router=0, expert=0), "last": dict(dense=0, router=0, expert=0)}
     for name, p in model.named_parameters():
         parts = name.split(".")
-        if parts[0] == "layers":
-            owners = [int(parts[1]) // per_stage]
-        elif parts[0] == "embed_tokens":  # the first stage's; MTP on the last stage needs its own copy
-            owners = sorted({0, pp - 1}) if cfg.model.mtp_num_layers else [0]
-        else:  # final norm, LM head and the MTP modules on the last stage
-            owners = [pp - 1]
         kind = "expert" if "experts" in parts else "router" if "router" in parts else "dense"
         n = p.numel() // (tp if id(p) in split_by_tp else 1) // (ep if kind == "expert" else 1)
-        for s in owners:
-            stages[s][kind] += n
+        # the embedding on the first stage (MTP on the last stage needs its own copy); final norm, LM head and the
+        # MTP modules on the last
+        if parts[0] == "layers":
+            per_layer[int(parts[1])][kind] += n
+        elif parts[0] == "embed_tokens":
+            outside["first"][kind] += n
+            outside["last"][kind] += n if cfg.model.mtp_num_layers and pp > 1 else 0
+        else:
+            outside["last"][kind] += n
+    per_stage = m.num_layers // pp
+    stages = []
+    for s in range(pp):
+        n_dense = sum(1 for i in dense if s * per_stage <= i < (s + 1) * per_stage)
+        counts = {kind: n_dense * (per_layer[dense[0]][kind] if n_dense else 0)
+                  + (per_stage - n_dense) * (per_layer[first_moe][kind] if first_moe is not None else 0)
+                  for kind in ("dense", "router", "expert")}
+        for kind in counts:
+            counts[kind] += outside["first"][kind] * (s == 0) + outside["last"][kind] * (s == pp - 1)
+        stages.append(counts)
     return stages
 
 
@@ -147,3 +169,47 @@ def estimate(cfg: Config, world_size: int) -> MemoryEstimate:
         est = MemoryEstimate(params, int(weights), 4 * params, int(optimizer), activations)
         best = est if best is None or est.total > best.total else best
     return best
+
+
+def device_budget() -> tuple[int, str]:
+    """(bytes one rank may use, what they are): the free memory of this rank's GPU (``LOCAL_RANK``), or on CPU the
+    host's available RAM divided by the ranks on this node (``LOCAL_WORLD_SIZE``)."""
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if torch.cuda.is_available():
+        device = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+        free, _ = torch.cuda.mem_get_info(device)
+        return free, f"{format_bytes(free).strip()} free on its {torch.cuda.get_device_name(device)}"
+    import psutil
+
+    ram = psutil.virtual_memory().available
+    share = f" / {local_ranks} ranks on this node" if local_ranks > 1 else ""
+    return ram // local_ranks, f"{format_bytes(ram).strip()} of available host RAM{share}"
+
+
+def _what_to_change(cfg: Config, est: MemoryEstimate) -> str:
+    """The settings that shrink the largest part of ``est``."""
+    m, tr, par = cfg.model, cfg.train, cfg.parallel
+    if est.activations >= est.total / 2:
+        return (f"lower train.micro_batch_size ({tr.micro_batch_size}), model.seq_length ({m.seq_length}) or "
+                f"model.num_layers ({m.num_layers}), or raise parallel.tp ({par.tp}) / parallel.pp ({par.pp})")
+    moe = cfg.moe
+    expert_weights = 3 * moe.num_experts * moe.expert_ffn_hidden_size * m.hidden_size / par.ep
+    if expert_weights >= est.params / 2:
+        return (f"lower moe.num_experts ({moe.num_experts}) or moe.expert_ffn_hidden_size "
+                f"({moe.expert_ffn_hidden_size}), or raise parallel.ep ({par.ep})")
+    return (f"lower model.hidden_size ({m.hidden_size}), model.num_layers ({m.num_layers}) or model.vocab_size "
+            f"({m.vocab_size}), or raise parallel.tp ({par.tp}) / parallel.pp ({par.pp})")
+
+
+def check_fits(cfg: Config, world_size: int) -> MemoryEstimate:
+    """The busiest rank's estimate, or ConfigError (one line: the estimate, the budget, what to change) when it
+    exceeds :func:`device_budget`."""
+    est = estimate(cfg, world_size)
+    budget, what = device_budget()
+    if est.total > budget:
+        raise ConfigError(
+            f"this layout needs at least {format_bytes(est.total).strip()} per rank (weights "
+            f"{format_bytes(est.weights).strip()}, gradients {format_bytes(est.gradients).strip()}, optimizer "
+            f"{format_bytes(est.optimizer).strip()}, activations {format_bytes(est.activations).strip()}; "
+            f"pretrain --dry-run) but a rank has {what}: {_what_to_change(resolve(cfg, world_size), est)}")
+    return est
