@@ -168,6 +168,12 @@ class ModelConfig:
         main model's only)."""
         return self.moe_layer_indices + self.mtp_layer_indices
 
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Whether block ``layer_idx`` (in [0, num_layers + mtp_num_layers)) is in :attr:`trained_moe_layer_indices`
+        (MTP blocks are MoE blocks), without building that list: a per-block check over it would make a deep
+        model's build quadratic in its depth."""
+        return layer_idx not in self.dense_layers
+
     def validate(self) -> None:
         """Raise ValueError naming the ``model.*`` key when the section's fields do not fit together."""
         self.validate_attention()

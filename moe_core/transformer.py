@@ -69,7 +69,7 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(m.hidden_size, m.norm_eps)
         self.self_attn: nn.Module = MLAttention(m, factory) if m.attention == "mla" else Attention(m, factory)
         self.post_attention_layernorm = RMSNorm(m.hidden_size, m.norm_eps)
-        if layer_idx not in m.dense_layers:  # = in m.trained_moe_layer_indices (MTP blocks are MoE blocks), in O(1)
+        if m.is_moe_layer(layer_idx):  # MTP blocks (index >= num_layers) are MoE blocks
             self.mlp: nn.Module = MoELayer(m.hidden_size, moe, layer_idx, k_schedule, factory=factory)
         else:
             self.mlp = SwiGLUMLP(m.hidden_size, m.dense_ffn_hidden_size, factory)

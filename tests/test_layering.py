@@ -15,7 +15,7 @@ LAYERS = ("kernels", "moe_core", "parallel", "launcher")  # a package may import
 RANK = {name: i for i, name in enumerate(LAYERS)}
 NO_DISTRIBUTED = ("kernels", "moe_core")  # single-device math never touches torch.distributed
 DATA_SIDES = {  # launcher/data/: each module is on one side, or shared by both (SHARED); no import crosses sides
-    "writing": ("preprocess", "inputs", "tokenizer", "writer"),
+    "writing": ("preprocess", "inputs", "tokenizer", "writer", "output"),
     "reading": ("build", "loader", "reader", "mixture", "synthetic", "batch"),
 }
 DATA_SHARED = ("__init__", "format")

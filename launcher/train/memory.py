@@ -83,7 +83,7 @@ def _stage_params(cfg: Config, tp: int, ep: int, pp: int) -> list[dict[str, int]
 
     m = cfg.model
     dense = sorted(set(m.dense_layers))
-    first_moe = next((i for i in range(m.num_layers) if i not in dense), None)  # <= len(dense) + 1 steps
+    first_moe = next((i for i in range(m.num_layers) if m.is_moe_layer(i)), None)  # <= len(dense) + 1 steps
     samples = sorted({*dense[:1], *([first_moe] if first_moe is not None else [])})
     with torch.device("meta"):
         model = MoETransformer(m, cfg.moe, cfg.train.seed, layer_range=samples)
