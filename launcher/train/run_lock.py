@@ -113,8 +113,12 @@ class RunLock:
 
     def __init__(self, directory: Path, job: str):
         self.directory, self.path = directory, directory / LOCK_NAME
-        directory.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise RunDirLocked(f"cannot create the lock file '{self.path}' ({e.strerror}): logging.run_dir and "
+                               "checkpoint.dir must be writable directories") from None
         self._stop = threading.Event()
         try:
             self._take(job)

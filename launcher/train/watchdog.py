@@ -167,7 +167,7 @@ class Watchdog:
         parts = []
         for rank in silent:
             last = self._read(f"beat/{rank}")
-            where = (f"last heartbeat {now - last['at']:.1f} s ago, in {Beat(**last).describe(last['at'])}"
+            where = (f"last heartbeat {now - last['at']:.1f} s ago, in step {last['step']} '{last['phase']}'"
                      if last else "no heartbeat at all")
             parts.append(f"rank {rank} did not answer (stopped, dead or stuck outside Python; {where})")
         groups: dict[tuple[int, str], list[int]] = {}
@@ -207,13 +207,13 @@ class Unwatched:
 def watching(run_dir: Path, timeout_s: float, rank: int, world_size: int):
     """The run's watchdog (``train.hang_timeout_s`` = ``timeout_s``; 0: one that does nothing) for the lifetime of
     the block; rank 0 removes a previous attempt's ``HUNG`` marker. Needs the default process group."""
+    if rank == 0:
+        (Path(run_dir) / HUNG_MARKER).unlink(missing_ok=True)
     if timeout_s <= 0:
         yield Unwatched()
         return
     import torch.distributed as dist
 
-    if rank == 0:
-        (Path(run_dir) / HUNG_MARKER).unlink(missing_ok=True)
     store = dist.distributed_c10d._get_default_store()  # the rendezvous store: up while any worker is stopped
     dog = Watchdog(run_dir, rank, world_size, timeout_s, store).start()
     try:

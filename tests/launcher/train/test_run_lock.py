@@ -119,6 +119,13 @@ def test_every_other_node_checks_its_view(tmp_path):
     lock.release()
 
 
+def test_run_dir_that_cannot_be_created_is_one_line(run_pretrain, tmp_path):  # noqa: F811
+    (tmp_path / "a_file").write_text("")
+    line = run_pretrain(f"logging.run_dir={tmp_path / 'a_file' / 'run'}")
+    assert line == (f"moetron: run error: cannot create the lock file '{tmp_path / 'a_file' / 'run' / LOCK_NAME}' (Not "
+                    "a directory): logging.run_dir and checkpoint.dir must be writable directories"), line
+
+
 def test_checkpoint_dir_outside_the_run_dir_is_locked_too(tmp_path):
     assert run_lock.directories(str(tmp_path / "run"), str(tmp_path / "run" / "checkpoints")) == [tmp_path / "run"]
     assert run_lock.directories(str(tmp_path / "run"), str(tmp_path / "ckpt")) == [tmp_path / "run", tmp_path / "ckpt"]
