@@ -12,14 +12,16 @@ from torch import nn
 
 
 class LayerFactory:
-    """Builds the projections. ``column`` layers split their output over TP (``gather_output``: all-gathered back
-    to the whole output on every rank, for a replicated consumer), ``row`` layers their input; ``tp_copy`` marks a
-    TP-replicated tensor that each TP rank uses for its own heads only."""
+    """Builds the projections. ``column`` layers split their output (and their bias) over TP (``gather_output``:
+    all-gathered back to the whole output on every rank, for a replicated consumer), ``row`` layers their input;
+    ``tp_copy`` marks a TP-replicated tensor that each TP rank uses for its own heads only; ``tp_sum`` adds up a
+    per-rank partial result over TP (a norm over a TP-split projection)."""
 
     tp_size = 1
 
-    def column(self, in_features: int, out_features: int, gather_output: bool = False) -> nn.Module:
-        return nn.Linear(in_features, out_features, bias=False)
+    def column(self, in_features: int, out_features: int, gather_output: bool = False,
+               bias: bool = False) -> nn.Module:
+        return nn.Linear(in_features, out_features, bias=bias)
 
     def row(self, in_features: int, out_features: int) -> nn.Module:
         return nn.Linear(in_features, out_features, bias=False)
@@ -38,6 +40,11 @@ class LayerFactory:
         first output in it; no gradient (for decisions such as MoNE's neuron selection). Single device:
         ``(x, 0)``."""
         return x.detach(), 0
+
+    def tp_sum(self) -> nn.Module:
+        """Sum over the TP ranks in the forward, and of the gradient in the backward (every rank's result depends
+        on every rank's input). Single device: identity."""
+        return nn.Identity()
 
 
 class ReplicatedLinear(nn.Linear):
@@ -75,3 +82,25 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
+
+
+class ProjectionRMSNorm(nn.Module):
+    """RMSNorm over a whole projection's output (OLMoE's q/k norm: ``width`` = heads * head_dim channels), fp32
+    and cast back like :class:`RMSNorm`; ``[..., width / tp] -> [..., width / tp]``.
+
+    With TP the projection is column-parallel, so each rank holds ``width / tp`` of the channels (its heads): the
+    weight is split the same way (``tp_axis = 0``: parallel/sharding.py reads it) and the mean of squares is the
+    sum of every rank's sum of squares (``factory.tp_sum``, an all-reduce) divided by ``width``."""
+
+    tp_axis = 0
+
+    def __init__(self, width: int, eps: float, factory: LayerFactory):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width // factory.tp_size))
+        self.width, self.eps = width, eps
+        self.tp_sum = factory.tp_sum()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        mean_sq = self.tp_sum(x32.pow(2).sum(-1, keepdim=True)) / self.width
+        return self.weight * (x32 * torch.rsqrt(mean_sq + self.eps)).to(x.dtype)

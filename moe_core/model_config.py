@@ -61,6 +61,8 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
 
 MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "rope_interleave")
 """The ``model`` fields only Multi-head Latent Attention reads."""
+GQA_FIELDS = ("qk_norm", "qkv_bias", "partial_rotary_factor")
+"""The ``model`` fields only grouped-query attention reads (besides head_dim, resolved automatically)."""
 
 
 @dataclass
@@ -123,19 +125,33 @@ class ModelConfig:
     mtp_loss_coeff: NonNegativeFloat = 0.1
     """lambda: the training objective adds lambda times the mean over the K depths of each depth's token-weighted
     cross-entropy (DeepSeek-V3: 0.3 for the first 10T tokens, then 0.1). >= 0; unused when mtp_num_layers = 0."""
+    qk_norm: Literal["head", "projection", "none"] = "head"
+    """GQA: RMSNorm of queries and keys before RoPE. head = over each head's head_dim channels with one [head_dim]
+    weight shared by the heads (Qwen3, Qwen3-MoE, GLM-4.5 with use_qk_norm); projection = over the whole q
+    projection (num_attention_heads * head_dim channels) and k projection (num_query_groups * head_dim), weights of
+    those widths (OLMoE; with tensor parallelism the sum of squares is added up over the TP ranks and the weights
+    are split like the projections); none = no q/k norm (Mixtral, Qwen2-MoE, Llama, GLM-4.5 without
+    use_qk_norm). Unused (stays head) with attention=mla."""
+    qkv_bias: bool = False
+    """GQA: a bias on the q, k and v projections, not on o_proj (Qwen2-MoE's qkv_bias, GLM-4.5's attention_bias);
+    starts at 0 and is split over TP like its projection. Unused (stays false) with attention=mla."""
+    partial_rotary_factor: Annotated[float, Range(gt=0, le=1)] = 1.0
+    """GQA: RoPE rotates the first rotary_dim = int(head_dim * partial_rotary_factor) channels of each query/key
+    head (rotate-half within them) and passes the others through unchanged (GLM-4.5: 0.5; Hugging Face's
+    layout). rotary_dim must be even and >= 2. 1.0 = every channel. Unused (stays 1.0) with attention=mla."""
 
     def validate_attention(self) -> None:
         """Raise ValueError naming the ``model.*`` key when the attention / RoPE fields do not fit together."""
-        if self.attention == "gqa":
-            defaults = ModelConfig()
-            for name in MLA_FIELDS:
-                if getattr(self, name) != getattr(defaults, name):
-                    raise ValueError(f"model.{name} is used by model.attention=mla only: set model.attention=mla "
-                                     f"or leave model.{name} unset")
-        elif self.qk_rope_head_dim % 2:
+        defaults = ModelConfig()
+        other = "gqa" if self.attention == "mla" else "mla"
+        for name in MLA_FIELDS if self.attention == "gqa" else GQA_FIELDS:
+            if getattr(self, name) != getattr(defaults, name):
+                raise ValueError(f"model.{name} is used by model.attention={other} only: set "
+                                 f"model.attention={other} or leave model.{name} unset")
+        if self.attention == "mla" and self.qk_rope_head_dim % 2:
             raise ValueError(f"model.qk_rope_head_dim ({self.qk_rope_head_dim}) must be even: RoPE rotates pairs "
                              "of channels")
-        elif self.head_dim is not None:
+        elif self.attention == "mla" and self.head_dim is not None:
             raise ValueError("model.head_dim is used by model.attention=gqa only (MLA's head widths are "
                              "model.qk_nope_head_dim, model.qk_rope_head_dim and model.v_head_dim): leave it unset")
         rs = self.rope_scaling
@@ -150,6 +166,14 @@ class ModelConfig:
     def head_width(self) -> int:
         """The per-head width: ``head_dim``, or ``hidden_size // num_attention_heads`` when it is null."""
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """Channels of each query/key head that RoPE rotates: ``int(head_width * partial_rotary_factor)`` (GQA,
+        Hugging Face's rounding) or ``qk_rope_head_dim`` (MLA)."""
+        if self.attention == "mla":
+            return self.qk_rope_head_dim
+        return int(self.head_width * self.partial_rotary_factor)
 
     @property
     def moe_layer_indices(self) -> list[int]:
@@ -183,9 +207,11 @@ class ModelConfig:
         if self.attention == "gqa" and self.head_dim is None and self.hidden_size % self.num_attention_heads:
             raise ValueError(f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_attention_heads "
                              f"({self.num_attention_heads}), or set model.head_dim")
-        if self.attention == "gqa" and self.head_width % 2:
-            raise ValueError(f"the head width ({self.head_width}: model.head_dim, or model.hidden_size / "
-                             "model.num_attention_heads) must be even: RoPE rotates pairs of channels")
+        if self.attention == "gqa" and (self.rotary_dim % 2 or self.rotary_dim < 2):
+            raise ValueError(f"the rotary width ({self.rotary_dim} = int(head width {self.head_width} * "
+                             f"model.partial_rotary_factor {self.partial_rotary_factor}); the head width is "
+                             "model.head_dim, or model.hidden_size / model.num_attention_heads) must be even and "
+                             ">= 2: RoPE rotates pairs of channels")
         for i in self.dense_layers:
             if i >= self.num_layers:
                 raise ValueError(f"model.dense_layers: layer {i} is outside [0, {self.num_layers})")

@@ -65,7 +65,12 @@ def rope_cos_sin(seq_len: int, dim: int, theta: float, scaling: RopeScalingConfi
 
 
 def apply_rope(x_BHSd: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE: channel i pairs with channel i + d/2 (Qwen3, Llama)."""
+    """Rotate-half RoPE: channel i pairs with channel i + r/2 (Qwen3, Llama), r = the tables' width. Partial
+    rotary (r < the head width, GLM-4.5): the first r channels are rotated that way and the rest pass through
+    unchanged (Hugging Face's layout)."""
+    rotary = cos_SD.shape[-1]
+    if rotary < x_BHSd.shape[-1]:
+        return torch.cat([apply_rope(x_BHSd[..., :rotary], cos_SD, sin_SD), x_BHSd[..., rotary:]], dim=-1)
     half = x_BHSd.shape[-1] // 2
     rotated = torch.cat([-x_BHSd[..., half:], x_BHSd[..., :half]], dim=-1)
     return (x_BHSd * cos_SD.to(x_BHSd.dtype)) + (rotated * sin_SD.to(x_BHSd.dtype))

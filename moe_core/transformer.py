@@ -5,9 +5,12 @@
     logits = lm_head(RMSNorm(x))
     with model.mtp_num_layers = K > 0, in training: K multi-token-prediction modules on RMSNorm(x) (moe_core/mtp.py)
 
-Attention (``model.attention``): gqa = GQA, per-head RMSNorm on q and k (before RoPE), rotate-half RoPE, causal
-SDPA, no biases; mla = DeepSeek-V3's Multi-head Latent Attention (moe_core/mla.py). The RoPE tables
-(moe_core/rope.py, YaRN with ``model.rope_scaling``) span the head width (gqa) or ``qk_rope_head_dim`` (mla).
+Attention (``model.attention``): gqa = GQA, q/k RMSNorm before RoPE (per head by default, over the whole
+projection or none: ``model.qk_norm``), rotate-half RoPE (on the first ``model.rotary_dim`` channels of each head:
+``model.partial_rotary_factor``), causal SDPA, biases on q/k/v only with ``model.qkv_bias``; mla = DeepSeek-V3's
+Multi-head Latent Attention (moe_core/mla.py). The RoPE tables (moe_core/rope.py, YaRN with
+``model.rope_scaling``) span ``model.rotary_dim`` (gqa) or ``qk_rope_head_dim`` (mla). A model may have no MoE
+layer at all (``model.dense_layers`` = every layer: dense Llama / Qwen3).
 Parallelism is not this file's business: the linear/embedding constructors come from a :class:`LayerFactory`
 (moe_core/layers.py: plain ``nn.Linear``; ``parallel/model.py`` passes tensor-parallel ones) and the MoE
 dispatcher is set on each MoE layer from outside. ``layer_range`` / ``pre_process`` / ``post_process`` build one
@@ -27,7 +30,7 @@ from torch import nn
 from moe_core.config import MoEConfig
 from moe_core.model_config import ModelConfig
 from moe_core.layer import MoELayer
-from moe_core.layers import LayerFactory, RMSNorm, SwiGLUMLP
+from moe_core.layers import LayerFactory, ProjectionRMSNorm, RMSNorm, SwiGLUMLP
 from moe_core.matryoshka import KSchedule
 from moe_core.mla import MLAttention
 from moe_core.mtp import MultiTokenPrediction
@@ -35,26 +38,50 @@ from moe_core.profiling import phase
 from moe_core.rope import apply_rope, rope_cos_sin
 
 
+def qk_norms(m: ModelConfig, factory: LayerFactory) -> tuple[nn.Module, nn.Module, bool]:
+    """``(q_norm, k_norm, per_head)`` of ``model.qk_norm``: per-head :class:`RMSNorm` s (``per_head`` true: applied
+    to [..., heads, Hd]), :class:`ProjectionRMSNorm` s over the whole q / k projections (applied to [..., H*Hd],
+    TP-split), or identities (none)."""
+    hd = m.head_width
+    if m.qk_norm == "head":
+        q_norm, k_norm = RMSNorm(hd, m.norm_eps), RMSNorm(hd, m.norm_eps)
+        # Applied to every head: with TP each rank sees only its heads, so these weights' gradients are partial
+        # sums over heads there (parallel/sharding.py marks them to be summed over TP).
+        q_norm.per_head = k_norm.per_head = True
+        return q_norm, k_norm, True
+    if m.qk_norm == "projection":
+        return (ProjectionRMSNorm(m.num_attention_heads * hd, m.norm_eps, factory),
+                ProjectionRMSNorm(m.num_query_groups * hd, m.norm_eps, factory), False)
+    return nn.Identity(), nn.Identity(), False
+
+
 class Attention(nn.Module):
+    """GQA (``forward(x_BSD, cos, sin) -> [B, S, D]``): q/k/v projections (bias with ``model.qkv_bias``), q/k
+    RMSNorm per ``model.qk_norm``, RoPE on the first ``model.rotary_dim`` channels of each head (the tables'
+    width), causal SDPA, o_proj. The ``none`` norms are identities without parameters (no ``q_norm`` weights)."""
+
     def __init__(self, m: ModelConfig, factory: LayerFactory):
         super().__init__()
         self.head_dim = m.head_width
         self.local_heads = m.num_attention_heads // factory.tp_size
         self.local_kv_heads = m.num_query_groups // factory.tp_size
-        self.q_proj = factory.column(m.hidden_size, m.num_attention_heads * self.head_dim)
-        self.k_proj = factory.column(m.hidden_size, m.num_query_groups * self.head_dim)
-        self.v_proj = factory.column(m.hidden_size, m.num_query_groups * self.head_dim)
+        self.q_proj = factory.column(m.hidden_size, m.num_attention_heads * self.head_dim, bias=m.qkv_bias)
+        self.k_proj = factory.column(m.hidden_size, m.num_query_groups * self.head_dim, bias=m.qkv_bias)
+        self.v_proj = factory.column(m.hidden_size, m.num_query_groups * self.head_dim, bias=m.qkv_bias)
         self.o_proj = factory.row(m.num_attention_heads * self.head_dim, m.hidden_size)
-        self.q_norm = RMSNorm(self.head_dim, m.norm_eps)
-        self.k_norm = RMSNorm(self.head_dim, m.norm_eps)
-        # Applied to every head: with TP each rank sees only its heads, so these weights' gradients are partial
-        # sums over heads there (parallel/sharding.py marks them to be summed over TP).
-        self.q_norm.per_head = self.k_norm.per_head = True
+        self.q_norm, self.k_norm, self.norm_per_head = qk_norms(m, factory)
+
+    def _heads(self, x_BSW: torch.Tensor, norm: nn.Module, heads: int) -> torch.Tensor:
+        """[B, S, heads * Hd] projection output -> normed [B, heads, S, Hd]."""
+        B, S, _ = x_BSW.shape
+        if self.norm_per_head:
+            return norm(x_BSW.view(B, S, heads, self.head_dim)).transpose(1, 2)
+        return norm(x_BSW).view(B, S, heads, self.head_dim).transpose(1, 2)
 
     def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, S, _ = x_BSD.shape
-        q = self.q_norm(self.q_proj(x_BSD).view(B, S, self.local_heads, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x_BSD).view(B, S, self.local_kv_heads, self.head_dim)).transpose(1, 2)
+        q = self._heads(self.q_proj(x_BSD), self.q_norm, self.local_heads)
+        k = self._heads(self.k_proj(x_BSD), self.k_norm, self.local_kv_heads)
         v = self.v_proj(x_BSD).view(B, S, self.local_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out_BHSd = F.scaled_dot_product_attention(q, k, v, is_causal=True,
@@ -97,7 +124,7 @@ class MoETransformer(nn.Module):
         factory = factory or LayerFactory()
         self.model_cfg = m
         self.pre_process, self.post_process = pre_process, post_process
-        self.rope_dim = m.qk_rope_head_dim if m.attention == "mla" else m.head_width
+        self.rope_dim = m.rotary_dim
         self.k_schedule = KSchedule(moe, seed, m.moe_layer_indices)
         layer_range = layer_range if layer_range is not None else range(m.num_layers)
         if pre_process or (post_process and m.mtp_num_layers):  # MTP embeds the shifted tokens on the last stage

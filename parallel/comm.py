@@ -12,6 +12,8 @@ world, which silently turned a forgotten TP group into a TP group of every rank 
   Use it on a tensor that is replicated across the group, whose every slice feeds a different rank.
 - ``gather_dim0(x, group)``: all-gather along dim 0; backward keeps this rank's slice of the grad with NO
   reduction, because the loss downstream is computed identically on every rank (the incoming grad is replicated).
+- ``all_reduce_sum(x, group)``: sum over the group; backward sums the gradients over the group too, because each
+  rank feeds the sum into its OWN computation (a norm over a TP-split projection), not a replicated one.
 - ``all_reduce_counts(counts, group)``: summed copy of an integer tensor (no autograd).
 
 Numerics: these move bytes; nothing is added except integer counts, so results are exact. Uneven all-gather and
@@ -158,6 +160,28 @@ def gather_dim0(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     """Concatenate every rank's ``x`` along dim 0 in rank order (backward: keep own slice, no reduction).
     Every rank must pass the same shape."""
     return x if group_size(group) == 1 else _GatherDim0.apply(x, group)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        out = x.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        # Every rank's loss term depends on every rank's x through the sum: d/dx_r = sum over ranks of grad_out.
+        grad = grad_out.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
+def all_reduce_sum(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """Sum of ``x`` over the group (every rank passes the same shape), differentiable: the backward sums the
+    gradients over the group as well (each rank uses the sum in its own, rank-specific computation)."""
+    return x if group_size(group) == 1 else _AllReduceSum.apply(x, group)
 
 
 def all_reduce_counts(counts: torch.Tensor, group: ProcessGroup) -> torch.Tensor:

@@ -16,7 +16,7 @@ from torch import nn
 from moe_core.experts import SwiGLUExperts
 from moe_core.layers import LayerFactory
 from moe_core.transformer import MoETransformer
-from parallel.comm import gather_dim0
+from parallel.comm import all_reduce_sum, gather_dim0
 from parallel.compile import compile_blocks
 from parallel.config import RunConfig
 from parallel.groups import ParallelGroups
@@ -24,7 +24,8 @@ from parallel.sharding import attach_specs, init_parameters, share_embedding
 
 
 def _tp_classes():
-    """megatron-core TP layers, returning only the output (bias is never used) and naming their split axis."""
+    """megatron-core TP layers, returning only the output (a column layer's bias, split over TP like its output,
+    is added inside; row layers have none) and naming their split axis."""
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
     class ColumnLinear(ColumnParallelLinear):
@@ -58,9 +59,10 @@ class TensorParallelFactory(LayerFactory):
                                              perform_initialization=False, params_dtype=torch.float32)
         self.column_cls, self.row_cls, self.embedding_cls = _tp_classes()
 
-    def column(self, in_features: int, out_features: int, gather_output: bool = False) -> nn.Module:
+    def column(self, in_features: int, out_features: int, gather_output: bool = False,
+               bias: bool = False) -> nn.Module:
         return self.column_cls(in_features, out_features, config=self.mp_config, init_method=_skip_init,
-                               bias=False, gather_output=gather_output, tp_group=self.tp_group)
+                               bias=bias, gather_output=gather_output, tp_group=self.tp_group)
 
     def row(self, in_features: int, out_features: int) -> nn.Module:
         return self.row_cls(in_features, out_features, config=self.mp_config, init_method=_skip_init, bias=False,
@@ -79,6 +81,20 @@ class TensorParallelFactory(LayerFactory):
         x_fT = x.detach().reshape(-1, f).t()  # gather along dim 0 = the outputs
         full = gather_dim0(x_fT, self.tp_group).t().reshape(*x.shape[:-1], f * self.tp_size)
         return full, self.tp_rank * f
+
+    def tp_sum(self) -> nn.Module:
+        return _TPSum(self.tp_group)
+
+
+class _TPSum(nn.Module):
+    """All-reduce (sum) over the TP group in the forward and in the backward (parallel.comm.all_reduce_sum)."""
+
+    def __init__(self, tp_group):
+        super().__init__()
+        self.tp_group = tp_group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(x, self.tp_group)
 
 
 class _TPCopy(nn.Module):

@@ -156,7 +156,9 @@ def attach_specs(model: nn.Module, groups: ParallelGroups) -> None:
             if expert_axis is not None:
                 shape[0] *= groups.ep_size  # stacked [E_local, ...] -> [E, ...]
             full = f"{mod_name}.{p_name}" if mod_name else p_name
-            if p.dim() == 1 and "norm" in full:
+            if p_name == "bias":  # q/k/v biases (model.qkv_bias) start at zero, as Hugging Face and megatron-core
+                init = "zeros"
+            elif p.dim() == 1 and "norm" in full:
                 init = "ones"
             elif any(tag in full for tag in _OUTPUT_PROJ):
                 init = "scaled_normal"

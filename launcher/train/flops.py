@@ -122,11 +122,12 @@ class ParamCount:
 @dataclass(frozen=True)
 class AttentionCount:
     """One attention layer, per token: projection MACs (= projection weights), score MACs at sequence length S,
-    and the weights of its norms (GQA: q_norm, k_norm; MLA: the latent norms)."""
+    and its other weights: norms (GQA: q_norm, k_norm per ``model.qk_norm``; MLA: the latent norms) and biases
+    (GQA's ``model.qkv_bias``)."""
 
     proj_macs: int
     score_macs: int
-    norm_params: int
+    other_params: int
 
 
 def attention_count(cfg: Config, seq_length: int) -> AttentionCount:
@@ -136,15 +137,17 @@ def attention_count(cfg: Config, seq_length: int) -> AttentionCount:
     if m.attention == "gqa":
         hd = m.head_width
         q_width, kv_width = h * hd, m.num_query_groups * hd
+        norms = {"head": 2 * hd, "projection": q_width + kv_width, "none": 0}[m.qk_norm]
+        biases = q_width + 2 * kv_width if m.qkv_bias else 0
         return AttentionCount(proj_macs=d * (2 * q_width + 2 * kv_width),   # q, o: D x H*hd; k, v: D x G*hd
                               score_macs=2 * seq_length * q_width,          # Q K^T and P V over the full S x S
-                              norm_params=2 * hd)
+                              other_params=norms + biases)
     qk = h * (m.qk_nope_head_dim + m.qk_rope_head_dim)
     q = d * qk if m.q_lora_rank is None else m.q_lora_rank * (d + qk)
     kv = d * (m.kv_lora_rank + m.qk_rope_head_dim) + m.kv_lora_rank * h * (m.qk_nope_head_dim + m.v_head_dim)
     return AttentionCount(proj_macs=q + kv + h * m.v_head_dim * d,
                           score_macs=seq_length * (qk + h * m.v_head_dim),
-                          norm_params=m.kv_lora_rank + (m.q_lora_rank or 0))
+                          other_params=m.kv_lora_rank + (m.q_lora_rank or 0))
 
 
 def expected_k(moe: MoEConfig) -> float:
@@ -236,8 +239,8 @@ def training_flops(cfg: Config, k_per_layer: Optional[Sequence[float]] = None) -
 
 
 def param_counts(cfg: Config, k_per_layer: Optional[Sequence[float]] = None, training: bool = True) -> ParamCount:
-    """Total and activated parameter counts of the block (no biases, untied embeddings; GQA's q/k norms or MLA's
-    latent norms). The MTP modules always count (the checkpoint holds them: per module enorm, hnorm, eh_proj,
+    """Total and activated parameter counts of the block (untied embeddings; GQA's q/k norms and q/k/v biases or
+    MLA's latent norms). The MTP modules always count (the checkpoint holds them: per module enorm, hnorm, eh_proj,
     one MoE block and its norm); their activated parameters count in training only (``k_per_layer`` as in
     :func:`forward_flops_per_token`)."""
     m = cfg.model
@@ -246,7 +249,7 @@ def param_counts(cfg: Config, k_per_layer: Optional[Sequence[float]] = None, tra
     mtp_all, mtp_run = m.mtp_num_layers, _mtp_depths(cfg, training)
     n_dense = m.num_layers - len(m.moe_layer_indices)
     attn_count = attention_count(cfg, m.seq_length)
-    attn = attn_count.proj_macs + attn_count.norm_params  # one weight per projection MAC
+    attn = attn_count.proj_macs + attn_count.other_params  # one weight per projection MAC
     per_layer = attn + 2 * d  # attention and the block's 2 norms
     mtp_extra = 3 * d + 2 * d * d  # enorm, hnorm, norm, eh_proj
     common = 2 * m.vocab_size * d + d + m.num_layers * per_layer  # embed, head, final norm, layers

@@ -78,7 +78,7 @@ def _stage_params(cfg: Config, tp: int, ep: int, pp: int) -> list[dict[str, int]
     multiplied out per stage: the cost does not grow with model.num_layers."""
     from torch import nn
 
-    from moe_core.layers import ReplicatedLinear
+    from moe_core.layers import ProjectionRMSNorm, ReplicatedLinear
     from moe_core.transformer import MoETransformer
 
     m = cfg.model
@@ -87,8 +87,8 @@ def _stage_params(cfg: Config, tp: int, ep: int, pp: int) -> list[dict[str, int]
     samples = sorted({*dense[:1], *([first_moe] if first_moe is not None else [])})
     with torch.device("meta"):
         model = MoETransformer(m, cfg.moe, cfg.train.seed, layer_range=samples)
-    split_by_tp = {id(p) for mod in model.modules()
-                   if isinstance(mod, (nn.Linear, nn.Embedding)) and not isinstance(mod, ReplicatedLinear)
+    split = (nn.Linear, nn.Embedding, ProjectionRMSNorm)  # ProjectionRMSNorm: OLMoE's q/k norm, split like q/k
+    split_by_tp = {id(p) for mod in model.modules() if isinstance(mod, split) and not isinstance(mod, ReplicatedLinear)
                    for p in mod.parameters()}
     per_layer = {i: dict(dense=0, router=0, expert=0) for i in samples}
     outside = {"first": dict(dense=0, router=0, expert=0), "last": dict(dense=0, router=0, expert=0)}

@@ -53,6 +53,19 @@ def test_param_counts_tiny_config():
     assert (p.total, p.activated) == (532, 412.0)
 
 
+@pytest.mark.parametrize("overrides", [("model.qk_norm=projection", "model.qkv_bias=true"), ("model.qk_norm=none",),
+                                       ("model.partial_rotary_factor=0.5", "model.head_dim=4"),
+                                       ("model.dense_layers=[0,1]",)])
+def test_param_counts_equal_the_model(overrides):
+    """q/k norms per model.qk_norm (per head: 2 hd; projection: (H + G) hd; none: 0), q/k/v biases, and a model
+    with no MoE layer: the count is the real model's."""
+    from moe_core.transformer import MoETransformer
+
+    cfg = tiny_cfg(*overrides)
+    model = MoETransformer(cfg.model, cfg.moe, seed=0)
+    assert param_counts(cfg).total == sum(p.numel() for p in model.parameters())
+
+
 MLA = ["model.attention=mla", "model.q_lora_rank=3", "model.kv_lora_rank=4", "model.qk_nope_head_dim=2",
        "model.qk_rope_head_dim=2", "model.v_head_dim=3"]
 
