@@ -67,9 +67,11 @@ GQA_FIELDS = ("qk_norm", "qkv_bias", "partial_rotary_factor")
 
 @dataclass
 class ModelConfig:
-    """Decoder-only transformer; the block matches Hugging Face Qwen3-MoE (RMSNorm, GQA with q/k RMSNorm, RoPE,
-    SwiGLU experts, softmax top-k router, no biases, untied embeddings), or with ``attention: mla`` uses
-    DeepSeek-V3's Multi-head Latent Attention (Hugging Face DeepseekV3Attention)."""
+    """Decoder-only transformer; by default the block matches Hugging Face Qwen3-MoE (RMSNorm, GQA with per-head
+    q/k RMSNorm, RoPE, SwiGLU experts, softmax top-k router, no biases, untied embeddings). ``qk_norm``,
+    ``qkv_bias`` and ``partial_rotary_factor`` express the GQA of Qwen2-MoE, Mixtral, OLMoE, GLM-4.5, Llama and
+    Qwen3; ``attention: mla`` uses DeepSeek-V3's Multi-head Latent Attention (Hugging Face DeepseekV3Attention);
+    ``dense_layers`` listing every layer makes a dense model (no MoE layer)."""
 
     vocab_size: PositiveInt = 512
     """Vocabulary size. Must be at least the tokenizer's when data comes from shards (checked at data load)."""
