@@ -210,10 +210,10 @@ class ModelConfig:
             raise ValueError(f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_attention_heads "
                              f"({self.num_attention_heads}), or set model.head_dim")
         if self.attention == "gqa" and (self.rotary_dim % 2 or self.rotary_dim < 2):
-            raise ValueError(f"the rotary width ({self.rotary_dim} = int(head width {self.head_width} * "
-                             f"model.partial_rotary_factor {self.partial_rotary_factor}); the head width is "
-                             "model.head_dim, or model.hidden_size / model.num_attention_heads) must be even and "
-                             ">= 2: RoPE rotates pairs of channels")
+            raise ValueError(f"the head width ({self.head_width}: model.head_dim, or model.hidden_size / "
+                             f"model.num_attention_heads) times model.partial_rotary_factor "
+                             f"({self.partial_rotary_factor}) gives {self.rotary_dim} rotary channels: they must be "
+                             "even and >= 2 (RoPE rotates pairs of channels)")
         for i in self.dense_layers:
             if i >= self.num_layers:
                 raise ValueError(f"model.dense_layers: layer {i} is outside [0, {self.num_layers})")

@@ -173,6 +173,10 @@ def test_each_declared_range_is_enforced(run_pretrain, override, path, rng):
     (["moe.matryoshka.enabled=true", "moe.matryoshka.k_min=2", "moe.matryoshka.k_max=1"],
      "moe.matryoshka needs 1 <= k_min (2) <= k_max (1)"),
     (["model.hidden_size=6"], "the head width (3: model.head_dim"),
+    (["model.head_dim=8", "model.partial_rotary_factor=0.2"], "gives 1 rotary channels: they must be even and >= 2"),
+    (["model.partial_rotary_factor=1.5"], "model.partial_rotary_factor: 1.5 is outside the allowed range (0, 1]"),
+    (["model.qk_norm=layer"], "model.qk_norm: must be one of ['head', 'projection', 'none'], got 'layer'"),
+    (["model.attention=mla", "model.qkv_bias=true"], "model.qkv_bias is used by model.attention=gqa only"),
     (["model.dense_layers=[1]"], "model.dense_layers: layer 1 is outside [0, 1)"),
     # attention: MLA fields and RoPE scaling (moe_core ModelConfig.validate_attention)
     (["model.attention=mha"], "model.attention: must be one of ['gqa', 'mla'], got 'mha'"),
