@@ -58,8 +58,13 @@ def _compare(extra, steps):
     return dict(counters["graph_break"]), counters["stats"]["unique_graphs"]
 
 
-def test_compiled_blocks_match_eager_without_graph_breaks():
-    breaks, graphs = _compare(["moe.capacity_factor=0.75"], steps=[0, 1, 2])
+@pytest.mark.parametrize("extra", [
+    ["moe.capacity_factor=0.75"],
+    # GLM-4.5 / OLMoE attention: whole-projection q/k norm, q/k/v biases, half the head rotated
+    ["model.qk_norm=projection", "model.qkv_bias=true", "model.head_dim=16", "model.partial_rotary_factor=0.5"],
+], ids=["capacity", "gqa-options"])
+def test_compiled_blocks_match_eager_without_graph_breaks(extra):
+    breaks, graphs = _compare(extra, steps=[0, 1, 2])
     assert not breaks, breaks
     assert graphs == 1, "both blocks and all steps must share one compiled graph"
 
