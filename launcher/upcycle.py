@@ -29,7 +29,8 @@ with ``gate_sum`` the sum of a token's k gate weights:
   ``round(rho F)`` neurons by ``|silu(W_g x)|`` inside each of its G slices of F neurons (the whole MLP at G = 1),
   zeroing the others; at rho = 1, the dense model.
 * shared expert (``shared_expert``): a copy of the dense MLP (width F_d) whose down projection is halved, and the
-  routed experts carry the other half (their scale halved): output ``= dense / 2 + dense / 2``. Not MoNE-selected.
+  routed experts carry the other half (their scale halved): output ``= dense / 2 + dense / 2``. Not MoNE-selected
+  (``moe.mone.shared_experts`` false).
 
 Capacity dropping would break the equality, so the result is dropless (``moe.capacity_factor`` null); the router
 uses softmax scores, no groups, no expert bias, ``routed_scaling_factor`` 1.
@@ -64,6 +65,9 @@ def upcycle_config(dense_cfg: Config, experts: int, top_k: int, granularity: int
     if sorted(set(m.dense_layers)) != list(range(m.num_layers)):
         raise UpcycleError(f"the model to upcycle must be dense (model.dense_layers = every layer), but layers "
                            f"{m.moe_layer_indices} are MoE layers")
+    if m.mtp_num_layers:
+        raise UpcycleError(f"model.mtp_num_layers is {m.mtp_num_layers}: the multi-token prediction modules hold MoE "
+                           "blocks a dense model does not have; upcycle with model.mtp_num_layers=0")
     if granularity < 1 or m.dense_ffn_hidden_size % granularity:
         raise UpcycleError(f"granularity {granularity} must be >= 1 and divide the dense MLP width "
                            f"{m.dense_ffn_hidden_size} (model.dense_ffn_hidden_size)")
@@ -82,7 +86,7 @@ def upcycle_config(dense_cfg: Config, experts: int, top_k: int, granularity: int
     moe.expert_bias = False
     moe.shared_expert_ffn_hidden_size = m.dense_ffn_hidden_size if shared_expert else 0
     moe.shared_expert_gate = False
-    moe.mone.enabled = mone_keep_ratio is not None
+    moe.mone.enabled, moe.mone.shared_experts = mone_keep_ratio is not None, False
     if mone_keep_ratio is not None:
         moe.mone.keep_ratio = mone_keep_ratio
     moe.matryoshka.enabled = matryoshka is not None

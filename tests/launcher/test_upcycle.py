@@ -128,7 +128,11 @@ def test_bad_arguments_are_one_line_errors(args, kwargs, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
-def test_refuses_a_model_with_moe_layers():
-    cfg = load_config(None, DENSE[:-3] + ["model.dense_layers=[0]", "data.source=synthetic"])
-    with pytest.raises(UpcycleError, match="must be dense"):
+@pytest.mark.parametrize("overrides, message", [
+    (["model.dense_layers=[0]"], "must be dense"),
+    (["model.mtp_num_layers=1"], "upcycle with model.mtp_num_layers=0"),
+])
+def test_refuses_a_model_with_moe_blocks(overrides, message):
+    cfg = load_config(None, DENSE + overrides)
+    with pytest.raises(UpcycleError, match=message):
         upcycle_state_dict(cfg, {}, 4, 2)
