@@ -1,6 +1,6 @@
 """moetron's model expresses each Hugging Face family exactly: a tiny random model built by transformers (CPU, fp32,
 every option the family has turned on) and moetron's MoETransformer with the same weights (mapped here by hand; the
-converter has its own tests) give the same logits within 1e-5.
+converter has its own tests) give the same logits within 1e-5 and route every token to the same experts.
 
 Each case gives the transformers config (``model_type`` + fields) and the moetron ``model`` / ``moe`` fields the
 family's options map to (what a converter writes: qk_norm, qkv_bias, partial_rotary_factor, dense layers, router).
@@ -121,17 +121,33 @@ def load_moetron(model_fields: dict, moe_fields: dict, state: dict[str, torch.Te
     return model
 
 
+def _record_routes(model, suffix: str, pick) -> dict[str, torch.Tensor]:
+    """Each router's chosen experts per token (sorted), keyed by layer, recorded by forward hooks."""
+    routes = {}
+    for name, module in model.named_modules():
+        if name.endswith(suffix):
+            layer = name.split("layers.")[1].split(".")[0]
+            module.register_forward_hook(
+                lambda mod, args, out, layer=layer: routes.__setitem__(layer, pick(out).sort(-1).values))
+    return routes
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_family_logits_match_transformers(case):
+def test_family_logits_and_routes_match_transformers(case):
     hf_fields, model_fields, moe_fields = CASES[case]
     hf = hf_model(case.split("-")[0], hf_fields)
     ours = load_moetron(model_fields, moe_fields, moetron_state(hf.state_dict()))
+    hf_routes = _record_routes(hf, ".mlp.gate", lambda out: out[2])  # (logits, weights, expert ids)
+    our_routes = _record_routes(ours, ".mlp.router", lambda out: out.topk_idx_TK)
     tokens = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected = hf(tokens).logits
         got = ours(tokens)
     assert expected.abs().max() > 1  # random weights, not a degenerate all-zero output
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert sorted(hf_routes) == sorted(our_routes) == [str(i) for i in ours.moe_layers()]
+    for layer, ids in hf_routes.items():
+        assert torch.equal(our_routes[layer], ids), f"layer {layer}: different experts"
 
 
 def test_family_options_change_the_output():
