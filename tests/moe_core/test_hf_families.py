@@ -60,8 +60,8 @@ CASES = {
                        dict(num_experts=4, top_k=2, expert_ffn_hidden_size=24, shared_expert_ffn_hidden_size=24,
                             score_function="sigmoid", norm_topk_prob=False, expert_bias=True)),
     # DeepSeek-V3: MLA, sigmoid group-limited routing, shared expert, first layer dense
-    "deepseek_v3": (dict(MLA_HF, num_key_value_heads=HEADS, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=24,
-                         n_shared_experts=1, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+    "deepseek_v3": (dict(MLA_HF, num_key_value_heads=HEADS, n_routed_experts=8, num_experts_per_tok=2,
+                         moe_intermediate_size=24, n_shared_experts=1, n_group=4, topk_group=2, routed_scaling_factor=2.5,
                          norm_topk_prob=True, first_k_dense_replace=1, rms_norm_eps=1e-6),
                     dict(MLA_HF, attention="mla", dense_layers=[0], norm_eps=1e-6),
                     dict(num_experts=8, top_k=2, expert_ffn_hidden_size=24, shared_expert_ffn_hidden_size=24,
