@@ -161,7 +161,11 @@ def test_exported_files_follow_the_umask(tmp_path):
     (["moe.num_groups=2", "moe.group_topk=1"], "moe.num_groups=2 (needs 1)"),
     (["moe.routed_scaling_factor=2.5"], "moe.routed_scaling_factor=2.5 (needs 1.0)"),
     (["moe.shared_expert_ffn_hidden_size=64"], "moe.shared_expert_ffn_hidden_size=64 (needs 0)"),
-    (["model.mtp_num_layers=1"], "model.mtp_num_layers=1 (needs 0)")])
+    (["model.mtp_num_layers=1"], "model.mtp_num_layers=1 (needs 0)"),
+    (["model.qk_norm=projection"], "model.qk_norm='projection' (needs 'head')"),
+    (["model.qk_norm=none"], "model.qk_norm='none' (needs 'head')"),
+    (["model.qkv_bias=true"], "model.qkv_bias=True (needs False)"),
+    (["model.partial_rotary_factor=0.5"], "model.partial_rotary_factor=0.5 (needs 1.0)")])
 def test_qwen3_moe_refuses_what_it_cannot_represent_in_one_line(overrides, named):
     """Qwen3-MoE would compute such a model differently: refuse instead of exporting it wrong."""
     from launcher.config import ConfigError, load_config
