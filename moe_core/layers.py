@@ -15,9 +15,15 @@ class LayerFactory:
     """Builds the projections. ``column`` layers split their output (and their bias) over TP (``gather_output``:
     all-gathered back to the whole output on every rank, for a replicated consumer), ``row`` layers their input;
     ``tp_copy`` marks a TP-replicated tensor that each TP rank uses for its own heads only; ``tp_sum`` adds up a
-    per-rank partial result over TP (a norm over a TP-split projection)."""
+    per-rank partial result over TP (a norm over a TP-split projection).
+
+    Sequence parallelism (``sequence_parallel``; ``parallel/model.py``): the residual stream, the norms and the MoE
+    layer hold this TP rank's shard of the micro-batch's tokens, ``[B*S/tp, D]`` (the tokens flattened batch-major,
+    split into ``tp`` contiguous pieces); the embedding returns that shard, ``sequence_gather`` makes the whole
+    ``[B*S, ...]`` before each block of column projections, and ``row`` layers return the shard again."""
 
     tp_size = 1
+    sequence_parallel = False
 
     def column(self, in_features: int, out_features: int, gather_output: bool = False,
                bias: bool = False) -> nn.Module:
@@ -31,7 +37,19 @@ class LayerFactory:
 
     def tp_copy(self) -> nn.Module:
         """Identity in the forward; with TP the backward sums the gradient over the TP ranks (each rank's heads
-        contribute their share of it). Single device: nothing to sum."""
+        contribute their share of it). Single device: nothing to sum; under sequence parallelism the tensor comes
+        from ``sequence_gather``, whose backward sums it, so this is the identity too."""
+        return nn.Identity()
+
+    def sequence_gather(self) -> nn.Module:
+        """Sequence parallelism: this rank's token shard ``[B*S/tp, ...]`` -> every token ``[B*S, ...]`` (all-gather;
+        the backward sums the gradient over TP and keeps this rank's shard). Without it the identity: the tokens
+        are whole already."""
+        return nn.Identity()
+
+    def sequence_scatter(self) -> nn.Module:
+        """Sequence parallelism: every token ``[B*S, ...]`` (replicated over TP) -> this rank's shard
+        ``[B*S/tp, ...]`` (the backward all-gathers the gradient). Without it the identity."""
         return nn.Identity()
 
     def tp_gather_columns(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -58,15 +76,18 @@ class ReplicatedLinear(nn.Linear):
 class SwiGLUMLP(nn.Module):
     """``down_proj(silu(gate_proj(x)) * up_proj(x))``, [..., D] -> [..., D] (HF Qwen3MoeMLP): the dense layers'
     FFN and the MoE layer's shared expert. gate/up are ``column`` and down is ``row`` layers of the factory, so with
-    TP each rank computes ``ffn / tp`` of the neurons and the down projection sums them over TP."""
+    TP each rank computes ``ffn / tp`` of the neurons and the down projection sums them over TP. Under sequence
+    parallelism it takes and returns the token shard (``factory.sequence_gather`` before gate/up)."""
 
     def __init__(self, hidden: int, ffn: int, factory: LayerFactory):
         super().__init__()
+        self.sequence_gather = factory.sequence_gather()
         self.gate_proj = factory.column(hidden, ffn)
         self.up_proj = factory.column(hidden, ffn)
         self.down_proj = factory.row(ffn, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.sequence_gather(x)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

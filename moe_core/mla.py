@@ -20,6 +20,12 @@ row-parallel; the down-projections q_a_proj, kv_a_proj_with_mqa and the latent n
 sum their input gradient over TP, and the shared RoPE key -- used by this rank's heads only -- goes through
 ``factory.tp_copy()``, which sums its gradient over TP.
 
+Sequence parallelism (megatron-core's placement): the down-projections run on this rank's token shard, and
+``factory.sequence_gather()`` gathers their outputs (the q latent, and the kv latent with the RoPE key: narrower
+than the hidden state) or, without a q latent, the input of ``q_proj``. The gathers' backward sums the gradients
+over TP (the column layers and ``tp_copy`` then sum nothing), so the replicated weights see only their shard's
+tokens: parallel/sharding.py marks them TP-summed.
+
 Shapes: B batch, S sequence, D hidden, Hl local heads (H / tp), R rope width.
 """
 from __future__ import annotations
@@ -37,7 +43,8 @@ LATENT_NORM_EPS = 1e-6
 
 
 class MLAttention(nn.Module):
-    """``forward(x_BSD, cos_SR, sin_SR) -> [B, S, D]`` (fp32 or bf16, as the input); cos/sin are the RoPE tables
+    """``forward(x_BSD, cos_SR, sin_SR) -> [B, S, D]`` (fp32 or bf16, as the input; token shards under sequence
+    parallelism); cos/sin are the RoPE tables
     of width ``qk_rope_head_dim`` (moe_core/rope.py)."""
 
     def __init__(self, m: ModelConfig, factory: LayerFactory):
@@ -59,20 +66,23 @@ class MLAttention(nn.Module):
         self.kv_b_proj = factory.column(self.kv_rank, heads * (self.nope + self.v_dim))
         self.o_proj = factory.row(heads * self.v_dim, d)
         self.k_rope_tp_copy = factory.tp_copy()
+        self.sequence_gather = factory.sequence_gather()
         self.apply_rope = apply_rope_interleaved if m.rope_interleave else apply_rope
         self.scale = qk ** -0.5 * softmax_mscale(m.rope_scaling)
 
-    def _query(self, x_BSD: torch.Tensor) -> torch.Tensor:
+    def _query(self, x: torch.Tensor) -> torch.Tensor:
         if self.q_lora:
-            return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BSD)))
-        return self.q_proj(x_BSD)
+            return self.q_b_proj(self.q_a_layernorm(self.sequence_gather(self.q_a_proj(x))))
+        return self.q_proj(self.sequence_gather(x))
 
-    def forward(self, x_BSD: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor) -> torch.Tensor:
-        B, S, _ = x_BSD.shape
-        Hl = self.local_heads
-        q = self._query(x_BSD).view(B, S, Hl, self.nope + self.rope).transpose(1, 2)
+    def forward(self, x: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor) -> torch.Tensor:
+        """``x`` [B, S, D] (or the token shard under sequence parallelism) -> like ``x``."""
+        S, Hl = cos_SR.shape[0], self.local_heads
+        q = self._query(x).view(-1, S, Hl, self.nope + self.rope).transpose(1, 2)
+        B = q.shape[0]
         q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
-        latent_BSC, k_rope_BSR = self.kv_a_proj_with_mqa(x_BSD).split([self.kv_rank, self.rope], dim=-1)
+        kv_a_BSK = self.sequence_gather(self.kv_a_proj_with_mqa(x)).view(B, S, -1)
+        latent_BSC, k_rope_BSR = kv_a_BSK.split([self.kv_rank, self.rope], dim=-1)
         kv = self.kv_b_proj(self.kv_a_layernorm(latent_BSC)).view(B, S, Hl, self.nope + self.v_dim).transpose(1, 2)
         k_nope, value = kv.split([self.nope, self.v_dim], dim=-1)
         k_rope = self.apply_rope(self.k_rope_tp_copy(k_rope_BSR).unsqueeze(1), cos_SR, sin_SR)  # [B, 1, S, R]

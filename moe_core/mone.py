@@ -165,6 +165,7 @@ class MoNESwiGLUMLP(SwiGLUMLP):
         self.keep_k = keep_count(mone.keep_ratio, ffn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.sequence_gather(x)
         pre_act, up = self.gate_proj(x), self.up_proj(x)
         pre_act_full, start = self.gather_columns(pre_act)
         keep_full = select_neurons(pre_act_full.reshape(-1, pre_act_full.shape[-1]), self.keep_k, self.score)

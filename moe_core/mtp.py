@@ -32,7 +32,8 @@ cross-entropy ``L_k = sum(mask_k * ce_k) / sum(mask_k)`` over the step's global 
 ``L_MTP = mtp_loss_coeff * mean_k L_k``.
 
 Shapes: B batch, S sequence, D hidden, V vocab. Parallelism is the caller's: ``eh_proj`` comes from the
-:class:`~moe_core.layers.LayerFactory` (column-parallel with its output gathered under TP, as megatron-core).
+:class:`~moe_core.layers.LayerFactory` (column-parallel with its output gathered under TP, as megatron-core; under
+sequence parallelism its input is the gathered sequence and its output is scattered back to the token shard).
 """
 from __future__ import annotations
 
@@ -72,13 +73,15 @@ class MTPModule(nn.Module):
         super().__init__()
         self.enorm = RMSNorm(m.hidden_size, m.norm_eps)
         self.hnorm = RMSNorm(m.hidden_size, m.norm_eps)
+        self.sequence_gather, self.sequence_scatter = factory.sequence_gather(), factory.sequence_scatter()
         self.eh_proj = factory.column(2 * m.hidden_size, m.hidden_size, gather_output=True)
         self.block = block_cls(m, moe, layer_idx, factory, k_schedule)
         self.norm = RMSNorm(m.hidden_size, m.norm_eps)
 
     def forward(self, h_BSD: torch.Tensor, emb_BSD: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor) -> torch.Tensor:
-        x = self.eh_proj(torch.cat([self.enorm(emb_BSD), self.hnorm(h_BSD)], dim=-1))
+        x = torch.cat([self.enorm(emb_BSD), self.hnorm(h_BSD)], dim=-1)
+        x = self.sequence_scatter(self.eh_proj(self.sequence_gather(x)))
         return self.norm(self.block(x, cos, sin))
 
 

@@ -30,6 +30,10 @@ experts and the renormalised weights are sensitive to bf16 rounding and decide w
   sequence's share of slots times ``E`` (``E / (K S)`` times its count) and ``P_e`` the sequence's mean of
   ``p``; averaged over the micro-batch's sequences (:func:`sequence_aux_loss`).
 - z-loss (ST-MoE): ``coeff * mean_t logsumexp(logits_t)^2``.
+- sequence parallelism (``TopKRouter.shard``, a :class:`SequenceShard` installed by parallel/): the router sees one
+  of ``count`` equal pieces of the micro-batch's tokens. Slot counts (per sequence for ``sequence``) are summed over
+  the pieces first, and every mean over tokens divides by the whole micro-batch's tokens, so each piece's aux and
+  z losses are its share: the pieces' losses and gradients add up to the whole micro-batch's.
 - no tokens (an empty micro-batch or pipeline chunk): aux and z losses are exactly 0 with zero gradient.
 - capacity factor: each expert keeps at most ``ceil(capacity_factor * T * K / E)`` slots, the ones with the highest
   router score (megatron-core's default drop policy); dropped slots get id -1 and weight 0 (the remaining
@@ -66,10 +70,30 @@ CountReducer = Callable[[torch.Tensor], torch.Tensor]
 """Sums a count vector over the ranks that share a global batch (collective-only); identity on one device."""
 
 
-def switch_aux_loss(probs_TE: torch.Tensor, frac_routed_E: torch.Tensor) -> torch.Tensor:
+@dataclass(frozen=True)
+class SequenceShard:
+    """Which piece of the micro-batch the router sees under sequence parallelism: the micro-batch's ``B * seq_len``
+    tokens, flattened batch-major, split into ``count`` equal contiguous pieces, this one number ``index``.
+    ``reduce`` sums a tensor over the devices holding the pieces (collective-only)."""
+
+    index: int
+    count: int
+    seq_len: int
+    reduce: CountReducer
+
+    def pad(self, x_T: torch.Tensor) -> torch.Tensor:
+        """``x_T`` [t, ...] of this piece placed in zeros of the whole micro-batch's [t * count, ...]."""
+        rows = x_T.shape[0]
+        return F.pad(x_T, (0, 0) * (x_T.dim() - 1) + (rows * self.index, rows * (self.count - 1 - self.index)))
+
+
+def switch_aux_loss(probs_TE: torch.Tensor, frac_routed_E: torch.Tensor,
+                    num_tokens: Optional[int] = None) -> torch.Tensor:
     """Uncoefficiented Switch load-balancing loss ``E * sum_e f_e * mean_t p_te`` for slot fractions ``f_e``
-    (detached counts); 0 when there are no tokens."""
-    num_tokens, num_experts = probs_TE.shape
+    (detached counts); the mean divides by ``num_tokens`` (default: the rows of ``probs_TE``; more when they are
+    one sequence-parallel piece); 0 when there are no tokens."""
+    num_experts = probs_TE.shape[1]
+    num_tokens = probs_TE.shape[0] if num_tokens is None else num_tokens
     mean_prob_E = probs_TE.sum(0) / max(num_tokens, 1)  # sum over no rows is 0 (mean would be NaN)
     return num_experts * (frac_routed_E.to(probs_TE.dtype) * mean_prob_E).sum()
 
@@ -87,19 +111,26 @@ def group_limited_mask(select_TE: torch.Tensor, num_groups: int, group_topk: int
     return chosen_TG.repeat_interleave(per_group, dim=1)
 
 
-def sequence_aux_loss(probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, seq_len: int) -> torch.Tensor:
+def sequence_aux_loss(probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, seq_len: int,
+                      shard: Optional[SequenceShard] = None) -> torch.Tensor:
     """Uncoefficiented sequence-wise balance loss (DeepSeek-V3 eq. 17-20), averaged over the ``T / seq_len``
     sequences: ``sum_e f_e P_e`` with ``f_e = E / (K * S) * (tokens of the sequence choosing e)`` (detached) and
     ``P_e`` the sequence's mean of the normalised scores ``probs_TE``. 1 when balanced; 0 when there are no
-    tokens. Raises ValueError when ``T`` is not a multiple of ``seq_len``."""
+    tokens. With ``shard`` the rows are one sequence-parallel piece: the counts are summed over the pieces and
+    the result is this piece's share. Raises ValueError when ``T`` is not a multiple of ``seq_len``."""
     num_tokens, num_experts = probs_TE.shape
     if num_tokens == 0:
         return probs_TE.sum()
+    chosen_TE = torch.zeros_like(probs_TE).scatter_(1, topk_idx_TK, 1.0)
+    if shard is not None:  # this piece's rows in place among the micro-batch's (zeros elsewhere)
+        chosen_TE, probs_TE, num_tokens = shard.pad(chosen_TE), shard.pad(probs_TE), num_tokens * shard.count
     if num_tokens % seq_len:
         raise ValueError(f"sequence-wise aux loss: {num_tokens} tokens are not whole sequences of {seq_len}")
     k = topk_idx_TK.shape[1]
-    chosen_BSE = torch.zeros_like(probs_TE).scatter_(1, topk_idx_TK, 1.0).view(-1, seq_len, num_experts)
-    frac_BE = chosen_BSE.sum(1) * (num_experts / (k * seq_len))
+    counts_BE = chosen_TE.view(-1, seq_len, num_experts).sum(1)
+    if shard is not None:
+        counts_BE = shard.reduce(counts_BE)
+    frac_BE = counts_BE * (num_experts / (k * seq_len))
     return (frac_BE * probs_TE.view(-1, seq_len, num_experts).mean(1)).sum(-1).mean()
 
 
@@ -118,9 +149,11 @@ def _no_reduction(counts: torch.Tensor) -> torch.Tensor:
     return counts
 
 
-def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
-    """Uncoefficiented router z-loss ``mean_t logsumexp(logits_t)^2``; 0 when there are no tokens."""
-    return torch.logsumexp(logits_TE, dim=-1).square().sum() / max(logits_TE.shape[0], 1)
+def z_loss(logits_TE: torch.Tensor, num_tokens: Optional[int] = None) -> torch.Tensor:
+    """Uncoefficiented router z-loss ``mean_t logsumexp(logits_t)^2``, the mean over ``num_tokens`` (default: the
+    rows); 0 when there are no tokens."""
+    num_tokens = logits_TE.shape[0] if num_tokens is None else num_tokens
+    return torch.logsumexp(logits_TE, dim=-1).square().sum() / max(num_tokens, 1)
 
 
 def capacity_keep_mask(probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -144,6 +177,8 @@ class TopKRouter(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_experts, hidden))
         self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
         self.count_reducer: CountReducer = _no_reduction
+        self.shard: Optional[SequenceShard] = None
+        """Sequence parallelism: the piece of each micro-batch this router sees (module docstring); None = all."""
         self._step_slots_E1: Optional[torch.Tensor] = None
         """global_batch scope: [E + 1] routed slots per expert and in total, this step's micro-batches so far."""
         self.reset_parameters()
@@ -172,6 +207,8 @@ class TopKRouter(nn.Module):
         ``global_batch`` in training those of the step so far over every DP rank (collective through
         ``count_reducer``)."""
         slots_E1 = torch.cat([tokens_per_expert_E, tokens_per_expert_E.new_full((1,), num_tokens * k)]).float()
+        if self.shard is not None:
+            slots_E1 = self.shard.reduce(slots_E1)
         if self.cfg.aux_loss_scope == "global_batch" and self.training:
             slots_E1 = self.count_reducer(slots_E1)
             if self._step_slots_E1 is not None:
@@ -199,10 +236,16 @@ class TopKRouter(nn.Module):
         """The load-balancing loss of ``moe.aux_loss_scope``, times ``moe.aux_loss_coeff``."""
         num_tokens, k = topk_idx_TK.shape
         if self.cfg.aux_loss_scope == "sequence":
-            loss = sequence_aux_loss(probs_TE, topk_idx_TK, seq_len or num_tokens)
+            seq_len = self.shard.seq_len if self.shard is not None else seq_len or num_tokens
+            loss = sequence_aux_loss(probs_TE, topk_idx_TK, seq_len, self.shard)
         else:
-            loss = switch_aux_loss(probs_TE, self.balance_fractions(tokens_per_expert_E, num_tokens, k))
+            loss = switch_aux_loss(probs_TE, self.balance_fractions(tokens_per_expert_E, num_tokens, k),
+                                   self.micro_batch_tokens(num_tokens))
         return self.cfg.aux_loss_coeff * loss
+
+    def micro_batch_tokens(self, num_tokens: int) -> int:
+        """Tokens of the whole micro-batch when this router sees ``num_tokens`` of them."""
+        return num_tokens * (self.shard.count if self.shard is not None else 1)
 
     def forward(self, x_TD: torch.Tensor, k: int, seq_len: Optional[int] = None) -> RouterOutput:
         """Route ``x_TD`` (rows = tokens; ``seq_len`` consecutive rows per sequence, for the sequence-wise loss;
@@ -223,7 +266,7 @@ class TopKRouter(nn.Module):
             tokens_per_expert_E = torch.zeros(self.num_experts, dtype=torch.int64, device=x_TD.device).scatter_add_(
                 0, topk_idx_TK.reshape(-1), torch.ones_like(topk_idx_TK.reshape(-1)))  # no host sync (bincount syncs)
             aux = self.aux_loss(probs_TE, topk_idx_TK, tokens_per_expert_E, seq_len)
-            zl = self.cfg.z_loss_coeff * z_loss(logits_TE)
+            zl = self.cfg.z_loss_coeff * z_loss(logits_TE, self.micro_batch_tokens(x_TD.shape[0]))
             capacity = self.capacity(x_TD.shape[0], k)
             if capacity is not None:
                 keep_TK = capacity_keep_mask(scores_TE.detach(), topk_idx_TK, capacity)

@@ -21,6 +21,7 @@ Shapes: B batch, S sequence, D hidden, H query heads, G key/value heads, Hd head
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -70,6 +71,7 @@ class Attention(nn.Module):
         self.v_proj = factory.column(m.hidden_size, m.num_query_groups * self.head_dim, bias=m.qkv_bias)
         self.o_proj = factory.row(m.num_attention_heads * self.head_dim, m.hidden_size)
         self.q_norm, self.k_norm, self.norm_per_head = qk_norms(m, factory)
+        self.sequence_gather = factory.sequence_gather()
 
     def _heads(self, x_BSW: torch.Tensor, norm: nn.Module, heads: int) -> torch.Tensor:
         """[B, S, heads * Hd] projection output -> normed [B, heads, S, Hd]."""
@@ -78,7 +80,9 @@ class Attention(nn.Module):
             return norm(x_BSW.view(B, S, heads, self.head_dim)).transpose(1, 2)
         return norm(x_BSW).view(B, S, heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """``x`` [B, S, D] (or the token shard under sequence parallelism), cos/sin [S, Hd] -> like ``x``."""
+        x_BSD = self.sequence_gather(x).view(-1, cos.shape[0], x.shape[-1])
         B, S, _ = x_BSD.shape
         q = self._heads(self.q_proj(x_BSD), self.q_norm, self.local_heads)
         k = self._heads(self.k_proj(x_BSD), self.k_norm, self.local_kv_heads)
@@ -113,8 +117,10 @@ class MoETransformer(nn.Module):
     ``forward(tokens_BS)`` on a first stage, ``forward(hidden_BSD)`` on later stages; returns logits [B, S, V/tp]
     on the last stage, hidden [B, S, D] otherwise. With MTP (``model.mtp_num_layers`` > 0) the last stage holds
     ``mtp`` (moe_core/mtp.py) and, given ``mtp_tokens_BS`` (the micro-batch's input tokens, int64), returns
-    ``(logits, [logits of MTP depth k for k = 1..K])``. Layers live in a ModuleDict keyed by their GLOBAL index, so
-    parameter names are identical in every pipeline layout (checkpoint keys never depend on the layout).
+    ``(logits, [logits of MTP depth k for k = 1..K])``. Under sequence parallelism (``factory.sequence_parallel``)
+    the hidden states are this TP rank's token shard [B*S/tp, D] and sequences are ``model.seq_length`` long.
+    Layers live in a ModuleDict keyed by their GLOBAL index, so parameter names are identical in every pipeline
+    layout (checkpoint keys never depend on the layout).
     ``seed`` keys the Matryoshka k draws (seed, step, layer), so every rank draws the same k without talking.
     """
 
@@ -124,6 +130,7 @@ class MoETransformer(nn.Module):
         factory = factory or LayerFactory()
         self.model_cfg = m
         self.pre_process, self.post_process = pre_process, post_process
+        self.sequence_parallel = factory.sequence_parallel
         self.rope_dim = m.rotary_dim
         self.k_schedule = KSchedule(moe, seed, m.moe_layer_indices)
         layer_range = layer_range if layer_range is not None else range(m.num_layers)
@@ -132,6 +139,7 @@ class MoETransformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): Block(m, moe, i, factory, self.k_schedule) for i in layer_range})
         if post_process:
             self.norm = RMSNorm(m.hidden_size, m.norm_eps)
+            self.sequence_gather = factory.sequence_gather()
             self.lm_head = factory.column(m.hidden_size, m.vocab_size)
             if m.mtp_num_layers:
                 self.mtp = MultiTokenPrediction(m, moe, factory, self.k_schedule, Block)
@@ -172,16 +180,27 @@ class MoETransformer(nn.Module):
         self.k_schedule.set_eval_k(k)
 
     def forward(self, x: torch.Tensor, mtp_tokens_BS: Optional[torch.Tensor] = None):
-        h = self.embed_tokens(x) if self.pre_process else x
-        S = h.shape[1]
+        S = x.shape[1] if self.pre_process or not self.sequence_parallel else self.rope_cos.shape[0]
         if S > self.rope_cos.shape[0]:
             raise ValueError(f"sequence length {S} exceeds model.seq_length={self.rope_cos.shape[0]}")
+        if self.sequence_parallel and S != self.rope_cos.shape[0]:
+            raise ValueError(f"sequence parallelism needs sequences of model.seq_length={self.rope_cos.shape[0]} "
+                             f"tokens, got {S}")
+        h = self.embed_tokens(x) if self.pre_process else x
         cos, sin = self.rope_cos[:S], self.rope_sin[:S]
         for block in self.layers.values():
             h = block(h, cos, sin)
         if not self.post_process:
             return h
         h = self.norm(h)
+        logits = self.logits(h, S)
         if mtp_tokens_BS is None or not self.model_cfg.mtp_num_layers:
-            return self.lm_head(h)
-        return self.lm_head(h), self.mtp(h, mtp_tokens_BS, self.embed_tokens, self.lm_head, cos, sin)
+            return logits
+        return logits, self.mtp(h, mtp_tokens_BS, self.embed_tokens, functools.partial(self.logits, seq_len=S),
+                                cos, sin)
+
+    def logits(self, h: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """The LM head on final-normed hidden states (the token shard under sequence parallelism, gathered first):
+        [B, S, V/tp]."""
+        out = self.lm_head(self.sequence_gather(h))
+        return out.view(-1, seq_len, out.shape[-1])

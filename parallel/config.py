@@ -73,6 +73,11 @@ class ParallelConfig:
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """auto = nccl when CUDA is available, else gloo (chosen on the machine that runs, so a resolved config stays
     usable on another kind of machine)."""
+    sequence_parallel: bool = False
+    """true | false (needs tp > 1 and tp dividing model.seq_length): megatron-core's sequence parallelism. The
+    residual stream, norms and MoE layers hold 1/tp of each micro-batch's tokens; all-gather before each block
+    of column-parallel projections, reduce-scatter after row-parallel ones. Same losses and gradients; less
+    activation memory."""
 
     def data_parallel_size(self, world_size: int) -> int:
         """DP = world / (tp * pp) (:meth:`validate_world` checks that it divides)."""
@@ -97,6 +102,20 @@ class ParallelConfig:
             raise ValueError(f"parallel.tp ({self.tp}) must divide model.vocab_size ({model.vocab_size})")
         if model.num_layers % self.pp:
             raise ValueError(f"parallel.pp ({self.pp}) must divide model.num_layers ({model.num_layers})")
+        if self.sequence_parallel:
+            self._validate_sequence_parallel(model, moe)
+
+    def _validate_sequence_parallel(self, model: ModelConfig, moe: ParallelMoEConfig) -> None:
+        if self.tp == 1:
+            raise ValueError("parallel.sequence_parallel needs parallel.tp > 1 (it splits the sequence over the "
+                             "tensor-parallel ranks): set parallel.tp or parallel.sequence_parallel=false")
+        if model.seq_length % self.tp:
+            raise ValueError(f"parallel.sequence_parallel: parallel.tp ({self.tp}) must divide model.seq_length "
+                             f"({model.seq_length})")
+        if moe.capacity_factor is not None:
+            raise ValueError("parallel.sequence_parallel does not support moe.capacity_factor yet (the drop choice "
+                             "needs every token's score): set moe.capacity_factor=null or "
+                             "parallel.sequence_parallel=false")
 
     def validate_world(self, world_size: int) -> None:
         """Raise ValueError when ``world_size`` ranks cannot hold this layout (run before any process group)."""
@@ -142,10 +161,11 @@ class _TrainSettings(Protocol):
 
 
 class RunConfig(Protocol):
-    """What parallel/ reads of the whole run config (``launcher.config.Config`` has this shape): the model and
-    MoE sections, the FP8 section, and ``train.seed`` / ``train.precision`` / ``train.compile``."""
+    """What parallel/ reads of the whole run config (``launcher.config.Config`` has this shape): the model, MoE,
+    parallel and FP8 sections, and ``train.seed`` / ``train.precision`` / ``train.compile``."""
 
     model: ModelConfig
     moe: ParallelMoEConfig
+    parallel: ParallelConfig
     fp8: FP8Config
     train: _TrainSettings

@@ -15,8 +15,9 @@ from torch import nn
 
 from moe_core.experts import SwiGLUExperts
 from moe_core.layers import LayerFactory
+from moe_core.router import SequenceShard
 from moe_core.transformer import MoETransformer
-from parallel.comm import all_reduce_sum, gather_dim0
+from parallel.comm import SINGLE_PROCESS, all_reduce_sum, gather_dim0
 from parallel.compile import compile_blocks
 from parallel.config import RunConfig
 from parallel.groups import ParallelGroups
@@ -25,7 +26,9 @@ from parallel.sharding import attach_specs, init_parameters, share_embedding
 
 def _tp_classes():
     """megatron-core TP layers, returning only the output (a column layer's bias, split over TP like its output,
-    is added inside; row layers have none) and naming their split axis."""
+    is added inside; row layers have none) and naming their split axis. Under sequence parallelism (megatron's
+    ``sequence_parallel`` / ``reduce_scatter_embeddings``, which act on dim 0) the row layer and the embedding see
+    their input as one row of tokens and return the token shard [B*S/tp, D]."""
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
     class ColumnLinear(ColumnParallelLinear):
@@ -35,45 +38,66 @@ def _tp_classes():
             return super().forward(x)[0]
 
     class RowLinear(RowParallelLinear):
-        tp_axis = 1  # weight [out, in/tp]; output all-reduced over TP
+        tp_axis = 1  # weight [out, in/tp]; output all-reduced (sequence parallel: reduce-scattered) over TP
 
         def forward(self, x):
-            return super().forward(x)[0]
+            return super().forward(x.flatten(0, -2) if self.sequence_parallel else x)[0]
 
     class VocabEmbedding(VocabParallelEmbedding):
         tp_axis = 0  # weight [V/tp, D]
+
+        def forward(self, tokens):
+            if not self.reduce_scatter_embeddings:
+                return super().forward(tokens)
+            return super().forward(tokens.reshape(1, -1)).squeeze(1)  # [1, B*S] -> [B*S/tp, 1, D] -> [B*S/tp, D]
 
     return ColumnLinear, RowLinear, VocabEmbedding
 
 
 class TensorParallelFactory(LayerFactory):
-    """megatron-core column/row-parallel projections and vocab-parallel embedding on an explicit TP group."""
+    """megatron-core column/row-parallel projections and vocab-parallel embedding on an explicit TP group.
 
-    def __init__(self, groups: ParallelGroups):
+    ``sequence_parallel`` (megatron-core's pattern, moe_core.layers.LayerFactory): the embedding reduce-scatters
+    its output to the token shard, row layers reduce-scatter instead of all-reducing, and one
+    ``sequence_gather`` (all-gather; backward reduce-scatter) feeds each block of column layers (q/k/v, gate/up,
+    the LM head), which then sum no input gradient themselves (``disable_grad_reduce``): one collective per block
+    instead of one per projection (megatron fuses q/k/v and gate/up into one layer for the same reason)."""
+
+    def __init__(self, groups: ParallelGroups, sequence_parallel: bool = False):
         from megatron.core.model_parallel_config import ModelParallelConfig
 
         self.tp_size, self.tp_rank = groups.tp_size, groups.tp_rank
         self.tp_group = groups.tp_group
+        self.sequence_parallel = sequence_parallel
         # We initialise every tensor ourselves (layout-independent), so megatron must not.
-        self.mp_config = ModelParallelConfig(tensor_model_parallel_size=groups.tp_size, use_cpu_initialization=True,
-                                             perform_initialization=False, params_dtype=torch.float32)
+        self.mp_config, self.row_config = (
+            ModelParallelConfig(tensor_model_parallel_size=groups.tp_size, use_cpu_initialization=True,
+                                perform_initialization=False, params_dtype=torch.float32, sequence_parallel=sp)
+            for sp in (False, sequence_parallel))
         self.column_cls, self.row_cls, self.embedding_cls = _tp_classes()
 
     def column(self, in_features: int, out_features: int, gather_output: bool = False,
                bias: bool = False) -> nn.Module:
         return self.column_cls(in_features, out_features, config=self.mp_config, init_method=_skip_init,
-                               bias=bias, gather_output=gather_output, tp_group=self.tp_group)
+                               bias=bias, gather_output=gather_output, tp_group=self.tp_group,
+                               disable_grad_reduce=self.sequence_parallel)
 
     def row(self, in_features: int, out_features: int) -> nn.Module:
-        return self.row_cls(in_features, out_features, config=self.mp_config, init_method=_skip_init, bias=False,
+        return self.row_cls(in_features, out_features, config=self.row_config, init_method=_skip_init, bias=False,
                             input_is_parallel=True, skip_bias_add=True, tp_group=self.tp_group)
 
     def embedding(self, vocab: int, dim: int) -> nn.Module:
         return self.embedding_cls(vocab, dim, config=self.mp_config, init_method=_skip_init,
-                                  tp_group=self.tp_group)
+                                  reduce_scatter_embeddings=self.sequence_parallel, tp_group=self.tp_group)
 
     def tp_copy(self) -> nn.Module:
-        return _TPCopy(self.tp_group)
+        return nn.Identity() if self.sequence_parallel else _TPCopy(self.tp_group)
+
+    def sequence_gather(self) -> nn.Module:
+        return _SequenceMapping("gather", self.tp_group) if self.sequence_parallel else nn.Identity()
+
+    def sequence_scatter(self) -> nn.Module:
+        return _SequenceMapping("scatter", self.tp_group) if self.sequence_parallel else nn.Identity()
 
     def tp_gather_columns(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         """All-gather of a column layer's output slices over TP (collective; no gradient), in output order."""
@@ -111,6 +135,23 @@ class _TPCopy(nn.Module):
         return self.copy(x, group=self.tp_group)
 
 
+class _SequenceMapping(nn.Module):
+    """megatron-core's sequence-parallel mappings on dim 0: ``gather`` = gather-from-sequence-parallel-region
+    (all-gather forward, reduce-scatter backward), ``scatter`` = scatter-to-sequence-parallel-region (this rank's
+    slice forward, all-gather backward)."""
+
+    def __init__(self, kind: str, tp_group):
+        from megatron.core.tensor_parallel import mappings
+
+        super().__init__()
+        self.tp_group = tp_group
+        self.mapping = {"gather": mappings.gather_from_sequence_parallel_region,
+                        "scatter": mappings.scatter_to_sequence_parallel_region}[kind]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mapping(x, group=self.tp_group)
+
+
 def _skip_init(weight: torch.Tensor) -> None:
     """megatron-core asks for an init method; ours runs later (parallel/sharding.py)."""
 
@@ -121,13 +162,16 @@ def stage_layers(num_layers: int, groups: ParallelGroups) -> range:
 
 
 def _make_dispatcher(cfg: RunConfig, groups: ParallelGroups):
+    # The group the MoE layer's tokens are replicated over: TP, except under sequence parallelism, where each TP
+    # rank already holds its own tokens (nothing to slice, nothing to gather back).
+    tp_group = SINGLE_PROCESS if cfg.parallel.sequence_parallel else groups.tp_group
     if cfg.moe.dispatcher == "llep":
         from parallel.llep.dispatcher import LLEPDispatcher
 
-        return LLEPDispatcher(groups.tp_group, groups.ep_group, cfg.moe.num_experts, cfg.moe.llep)
+        return LLEPDispatcher(tp_group, groups.ep_group, cfg.moe.num_experts, cfg.moe.llep)
     from parallel.dispatch import AllToAllDispatcher
 
-    return AllToAllDispatcher(groups.tp_group, groups.ep_group, cfg.moe.num_experts)
+    return AllToAllDispatcher(tp_group, groups.ep_group, cfg.moe.num_experts)
 
 
 def _localise_experts(model: MoETransformer, cfg: RunConfig, groups: ParallelGroups) -> None:
@@ -162,6 +206,26 @@ def dp_count_reducer(dp_group) -> Callable[[torch.Tensor], torch.Tensor]:
     return over_dp
 
 
+def tp_sum(tp_group) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Sequence parallelism: a router ``SequenceShard.reduce`` summing a count tensor over the TP group, which
+    holds the micro-batch's pieces (collective-only: one all-reduce per MoE layer and micro-batch)."""
+
+    def over_tp(counts: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(counts, group=tp_group)
+        return counts
+
+    return over_tp
+
+
+def activation_shape(cfg: RunConfig, micro_batch_size: int) -> tuple[int, ...]:
+    """The activations one micro-batch passes between pipeline stages: hidden [B, S, D], or under sequence
+    parallelism this TP rank's token shard [B*S/tp, D]."""
+    m, p = cfg.model, cfg.parallel
+    if p.sequence_parallel:
+        return (micro_batch_size * m.seq_length // p.tp, m.hidden_size)
+    return (micro_batch_size, m.seq_length, m.hidden_size)
+
+
 def default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
@@ -171,7 +235,8 @@ def default_device() -> torch.device:
 def build_model(cfg: RunConfig, groups: ParallelGroups, device: torch.device | None = None) -> MoETransformer:
     """This rank's pipeline stage with TP/EP applied, initialised layout-independently from cfg.train.seed."""
     device = device or default_device()
-    factory = TensorParallelFactory(groups) if groups.tp_size > 1 else LayerFactory()
+    sequence_parallel = cfg.parallel.sequence_parallel
+    factory = TensorParallelFactory(groups, sequence_parallel) if groups.tp_size > 1 else LayerFactory()
     with torch.device("meta"):
         model = MoETransformer(cfg.model, cfg.moe, cfg.train.seed, factory,
                                layer_range=stage_layers(cfg.model.num_layers, groups),
@@ -179,7 +244,7 @@ def build_model(cfg: RunConfig, groups: ParallelGroups, device: torch.device | N
         _localise_experts(model, cfg, groups)
     model.to_empty(device=device)
     model.reset_buffers()
-    attach_specs(model, groups)
+    attach_specs(model, groups, sequence_parallel)
     share_embedding(model, groups)
     init_parameters(model, cfg.train.seed, cfg.model.init_std, cfg.model.num_layers, groups)
     if cfg.train.precision != "fp32":
@@ -187,6 +252,10 @@ def build_model(cfg: RunConfig, groups: ParallelGroups, device: torch.device | N
     if cfg.moe.aux_loss_scope == "global_batch" and groups.dp_size > 1:
         for layer in model.moe_layers().values():
             layer.router.count_reducer = dp_count_reducer(groups.dp_group)
+    if sequence_parallel:
+        shard = SequenceShard(groups.tp_rank, groups.tp_size, cfg.model.seq_length, tp_sum(groups.tp_group))
+        for layer in model.moe_layers().values():
+            layer.router.shard = shard
     if cfg.train.precision == "fp8":
         from parallel.fp8.swap import convert_to_fp8  # lazy: bf16/fp32 runs never import FP8 code
 

@@ -31,7 +31,8 @@ class ShardSpec:
     expert_axis: Optional[int] = None
     init: str = "normal"  # normal | scaled_normal (output projections) | ones | zeros
     tp_partial_grad: bool = False
-    """Replicated over TP but fed TP-sharded activations (per-head q/k norms): grads must be summed over TP."""
+    """Replicated over TP but fed TP-sharded activations (per-head q/k norms; under sequence parallelism every
+    TP-replicated dense parameter, which sees its rank's token shard): grads must be summed over TP."""
     pipeline_copies: int = 1
     """Pipeline stages holding this parameter: 2 for the token embedding with MTP at PP > 1 (the first stage's and
     the last stage's copy, :func:`share_embedding`); their gradients are summed over ``groups.embedding_group``."""
@@ -142,8 +143,9 @@ def init_parameters(model: nn.Module, seed: int, std: float, num_layers: int, gr
 _OUTPUT_PROJ = ("o_proj", "down_proj", "w_down")
 
 
-def attach_specs(model: nn.Module, groups: ParallelGroups) -> None:
-    """Give each parameter its ShardSpec from the module that owns it (see parallel/model.py's TP modules)."""
+def attach_specs(model: nn.Module, groups: ParallelGroups, sequence_parallel: bool = False) -> None:
+    """Give each parameter its ShardSpec from the module that owns it (see parallel/model.py's TP modules);
+    ``sequence_parallel``: the model was built with it (``parallel.sequence_parallel``)."""
     from moe_core.experts import SwiGLUExperts
 
     for mod_name, module in model.named_modules():
@@ -164,7 +166,8 @@ def attach_specs(model: nn.Module, groups: ParallelGroups) -> None:
                 init = "scaled_normal"
             else:
                 init = "normal"
-            partial = groups.tp_size > 1 and getattr(module, "per_head", False)
+            replicated = tp_axis is None and expert_axis is None
+            partial = groups.tp_size > 1 and (getattr(module, "per_head", False) or sequence_parallel and replicated)
             p.moetron_spec = ShardSpec(tuple(shape), tp_axis, expert_axis, init, tp_partial_grad=partial)
 
 

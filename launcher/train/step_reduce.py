@@ -10,7 +10,8 @@ per layer.
 
 Everything is summed over the world: the loss pair lives on the last stage (identical over TP, distinct over DP;
 the loss is the summed loss over the summed count, one division), the norm on every rank, layer sums on their
-stage (identical over TP, disjoint over DP), per-step constants (k, MoNE kept fraction) on their stage (identical
+stage (identical over TP, disjoint over DP; disjoint over TP too under sequence parallelism, where each TP rank
+routes its own tokens and its aux/z losses are its share), per-step constants (k, MoNE kept fraction) on their stage (identical
 over TP and DP); each is divided by how often it was counted.
 """
 from __future__ import annotations
@@ -124,13 +125,17 @@ class StepReduction:
 
     ``moe_layers``: every MoE layer index of the model, in order; ``num_experts``: E; ``micro_batches``: the
     step's micro-batches over all DP ranks (aux/z loss divisor); ``mone``: whether MoNE is on; ``mtp_depths``
-    and ``mtp_loss_coeff``: ``model.mtp_num_layers`` and ``model.mtp_loss_coeff``."""
+    and ``mtp_loss_coeff``: ``model.mtp_num_layers`` and ``model.mtp_loss_coeff``; ``sequence_parallel``: the TP
+    ranks route disjoint tokens (``parallel.sequence_parallel``)."""
 
     def __init__(self, groups: ParallelGroups, device: torch.device, moe_layers: list[int], num_experts: int,
-                 micro_batches: int, mone: bool, mtp_depths: int = 0, mtp_loss_coeff: float = 0.0):
+                 micro_batches: int, mone: bool, mtp_depths: int = 0, mtp_loss_coeff: float = 0.0,
+                 sequence_parallel: bool = False):
         self.groups, self.device, self.moe_layers, self.num_experts = groups, device, moe_layers, num_experts
         self.micro_batches, self.mone = micro_batches, mone
         self.mtp_depths, self.mtp_loss_coeff = mtp_depths, mtp_loss_coeff
+        self.layer_copies = 1 if sequence_parallel else groups.tp_size
+        """How many ranks counted each routed token (the TP peers, unless they hold disjoint token shards)."""
         self._sums: dict[int, torch.Tensor] = {}
         """Per MoE layer of this stage, summed over the step's micro-batches so far: tokens per expert [E], then
         dropped routing slots, aux loss, z loss."""
@@ -183,8 +188,8 @@ class StepReduction:
         packed.all_reduce(g.distributed)
         layers, counts_dev = {}, {}
         for idx in self.moe_layers:
-            counts_dev[idx] = packed.device(f"layer{idx}")[:E] / g.tp_size
-            row = [v / g.tp_size for v in packed.host(f"layer{idx}")]
+            counts_dev[idx] = packed.device(f"layer{idx}")[:E] / self.layer_copies
+            row = [v / self.layer_copies for v in packed.host(f"layer{idx}")]
             layers[idx] = LayerStepStats(
                 tokens_per_expert_E=torch.tensor(row[:E], dtype=torch.float64), dropped_slots=row[E],
                 aux_loss=row[E + 1] / self.micro_batches, z_loss=row[E + 2] / self.micro_batches,

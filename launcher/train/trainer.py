@@ -36,7 +36,7 @@ from launcher.train.watchdog import Unwatched, Watchdog
 from moe_core.matryoshka import EvalK
 from moe_core.profiling import phase
 from parallel.groups import ParallelGroups
-from parallel.model import build_model, token_losses
+from parallel.model import activation_shape, build_model, token_losses
 from parallel.optim.optimizer import build_optimizer
 from parallel.pipeline import forward_backward
 
@@ -119,7 +119,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, groups, cfg.optim, cfg.model, distributed=cfg.optim.distributed)
         self.num_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * groups.dp_size)
         self.loader = build_loader(cfg, "train", groups.dp_rank, groups.dp_size)
-        self.hidden_shape = (cfg.train.micro_batch_size, cfg.model.seq_length, cfg.model.hidden_size)
+        self.hidden_shape = activation_shape(cfg, cfg.train.micro_batch_size)
         self.writer = MetricsWriter(self.run_dir, enabled=False)  # fit() opens the real one once there is work
         self.progress = ProgressLine(cfg.train.steps)
         self.interval_times = IntervalTimes()
@@ -134,7 +134,8 @@ class Trainer:
         """The newest checkpoint saved outside a non-finite streak: pruning keeps it, a stopped run names it."""
         self._reduction = StepReduction(groups, self.device, cfg.model.trained_moe_layer_indices, cfg.moe.num_experts,
                                         self.num_micro * groups.dp_size, cfg.moe.mone.enabled,
-                                        cfg.model.mtp_num_layers, cfg.model.mtp_loss_coeff)
+                                        cfg.model.mtp_num_layers, cfg.model.mtp_loss_coeff,
+                                        cfg.parallel.sequence_parallel)
         """The step's numbers: MoE statistics summed as micro-batches run, one all-reduce and host read per step."""
         self._mtp_scale_K: Optional[torch.Tensor] = None
         """This step's MTP gradient scales (``token_loss.mtp_gradient_scales``; last stage, MTP on)."""

@@ -46,6 +46,12 @@ def test_resolved_config_round_trips(tmp_path):
     (["moe.dispatcher=llep", "moe.capacity_factor=1.0"], "moe.dispatcher=llep is dropless"),
     (["moe.mone.enabled=true", "moe.mone.balance_loss_coeff=0.01", "parallel.ep=2"],
      "moe.mone.balance_loss_coeff > 0 is only defined without expert parallelism"),
+    (["parallel.sequence_parallel=true"], "parallel.sequence_parallel needs parallel.tp > 1"),
+    (["parallel.sequence_parallel=true", "parallel.tp=2", "model.seq_length=127"],
+     "parallel.sequence_parallel: parallel.tp (2) must divide model.seq_length (127)"),
+    (["parallel.sequence_parallel=true", "parallel.tp=2", "moe.capacity_factor=1.0"],
+     "parallel.sequence_parallel does not support moe.capacity_factor"),
+    (["parallel.sequence_parallel=yes"], "parallel.sequence_parallel"),
 ])
 def test_invalid_config_rejected_with_key_path(overrides, message):
     with pytest.raises(ConfigError) as err:
