@@ -87,7 +87,7 @@ def one_rank_config(raw: dict, keep_data: bool) -> Config:
     """``raw`` at tp=pp=ep=1 in fp32 without TensorBoard. ``keep_data=False`` also drops the data section, which
     to-hf does not need (the shards need not exist where the checkpoint is converted)."""
     raw = copy.deepcopy(raw)
-    raw["parallel"] = dict(raw.get("parallel", {}), tp=1, pp=1, ep=1, backend="gloo")
+    raw["parallel"] = dict(raw.get("parallel", {}), tp=1, pp=1, ep=1, sequence_parallel=False, backend="gloo")
     raw.setdefault("train", {})["precision"] = "fp32"
     raw.setdefault("logging", {})["tensorboard"] = False
     if not keep_data:

@@ -85,12 +85,12 @@ def resolve_checkpoint(path: Path) -> tuple[Path, Optional[Path]]:
 
 def eval_config(common: dict, overrides: list[str], world_size: int) -> Config:
     """The checkpoint's resolved config with the overrides applied. The parallel layout is the checkpoint's when
-    this world has the training world's size, else tp = pp = ep = 1 (checkpoints load at any layout); overrides
-    win. Eval never trains: the global batch becomes one micro-batch per DP rank and TensorBoard is off. The result
-    is resolved (:func:`launcher.config.resolve`) for ``world_size`` ranks."""
+    this world has the training world's size, else tp = pp = ep = 1 without sequence parallelism (checkpoints load
+    at any layout); overrides win. Eval never trains: the global batch becomes one micro-batch per DP rank and
+    TensorBoard is off. The result is resolved (:func:`launcher.config.resolve`) for ``world_size`` ranks."""
     raw = copy.deepcopy(common["config"])
     if common.get("layout", {}).get("world") != world_size:
-        raw["parallel"].update(tp=1, pp=1, ep=1)
+        raw["parallel"].update(tp=1, pp=1, ep=1, sequence_parallel=False)
     for ov in [*overrides, "logging.tensorboard=false"]:
         apply_override(raw, ov)
     cfg = config_from_dict(raw)

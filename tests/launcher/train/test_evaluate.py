@@ -127,13 +127,14 @@ def test_eval_rejects_missing_checkpoint(tmp_path, capsys):
 
 
 def test_eval_layout_defaults_to_the_checkpoints_when_the_world_matches():
-    trained = load_config(None, ["parallel.tp=2", "parallel.ep=2", "train.micro_batch_size=2",
-                                 "train.global_batch_size=8"])
+    trained = load_config(None, ["parallel.tp=2", "parallel.ep=2", "parallel.sequence_parallel=true",
+                                 "train.micro_batch_size=2", "train.global_batch_size=8"])
     common = {"config": to_dict(trained), "layout": {"world": 2, "tp": 2, "pp": 1, "ep": 2}}
     same = evaluate.eval_config(common, [], world_size=2)
     assert (same.parallel.tp, same.parallel.ep, same.train.global_batch_size) == (2, 2, 2)
     single = evaluate.eval_config(common, [], world_size=1)
     assert (single.parallel.tp, single.parallel.ep, single.train.global_batch_size) == (1, 1, 2)
+    assert same.parallel.sequence_parallel and not single.parallel.sequence_parallel  # needs tp > 1
     four = evaluate.eval_config(common, ["parallel.ep=4"], world_size=4)
     assert (four.parallel.tp, four.parallel.ep, four.train.global_batch_size) == (1, 4, 8)
     assert not four.logging.tensorboard

@@ -50,3 +50,38 @@ def test_step_stats_sum_over_micro_batches_and_dp(tmp_path, world):
         tag = f"train_moe/layer{idx:02d}"
         assert out["scalars"][f"{tag}/dropped_slots"] == dropped
         assert out["scalars"][f"{tag}/aux_loss"] == pytest.approx(st["aux_loss"])
+
+
+def _sp_and_plain_steps(rank, world, run_dir):
+    from launcher.config import load_config
+    from launcher.train.trainer import Trainer
+    from parallel.groups import initialize
+
+    groups, out = None, {}
+    for sp in (False, True):
+        cfg = load_config(None, _overrides(f"{run_dir}/{sp}", 2, "parallel.tp=2", "parallel.ep=2",
+                                           f"parallel.sequence_parallel={str(sp).lower()}", "moe.z_loss_coeff=0.001",
+                                           "moe.aux_loss_coeff=0.01", "logging.tensorboard=false"))
+        groups = groups or initialize(2, 1, 2)
+        trainer = Trainer(cfg, groups)
+        steps = []
+        for _ in range(2):
+            loss, norm, layers, _ = trainer.train_step()
+            trainer.step += 1
+            steps.append((loss, norm, {i: (s.tokens_per_expert_E.tolist(), s.aux_loss, s.z_loss, s.dropped_slots)
+                                       for i, s in layers.items()}))
+        out[sp] = steps
+    return out
+
+
+def test_sequence_parallel_step_numbers_equal_tensor_parallel(tmp_path):
+    """TP=2 x EP=2 with and without parallel.sequence_parallel: the same loss, grad norm and per-layer MoE
+    statistics (each TP rank routes its own tokens under SP: counts and aux/z shares add up over TP)."""
+    result = run_distributed(_sp_and_plain_steps, 4, str(tmp_path))[0]
+    for (loss, norm, layers), (sp_loss, sp_norm, sp_layers) in zip(result[False], result[True]):
+        assert sp_loss == pytest.approx(loss, rel=1e-5) and sp_norm == pytest.approx(norm, rel=1e-5)
+        for idx, (counts, aux, z, dropped) in layers.items():
+            sp_counts, sp_aux, sp_z, sp_dropped = sp_layers[idx]
+            assert sp_counts == counts and sp_dropped == dropped == 0
+            assert sp_aux == pytest.approx(aux, rel=1e-5) and sp_z == pytest.approx(z, rel=1e-5)
+            assert aux > 0 and z > 0

@@ -1,7 +1,7 @@
 """Training end to end on CPU: loss goes down, TensorBoard events and checkpoints are written, and a run
-resumed from a checkpoint reproduces the uninterrupted run's losses exactly (single rank, TP=2 x EP=2, PP=2 x
-DP=2 with multi-token prediction, and a dense model at TP=2); an MTP checkpoint holds one embedding and loads at
-another layout."""
+resumed from a checkpoint reproduces the uninterrupted run's losses exactly (single rank, TP=2 x EP=2, the same
+with sequence parallelism and multi-token prediction, PP=2 x DP=2 with multi-token prediction, and a dense model at
+TP=2); an MTP checkpoint holds one embedding and loads at another layout."""
 import math
 
 import pytest
@@ -33,10 +33,13 @@ def _run(world, overrides):
 
 
 @pytest.mark.parametrize("world,extra", [
-    (1, ()), (4, ("parallel.tp=2", "parallel.ep=2")), (4, ("parallel.pp=2", "model.mtp_num_layers=2")),
+    (1, ()), (4, ("parallel.tp=2", "parallel.ep=2")),
+    (4, ("parallel.tp=2", "parallel.ep=2", "parallel.sequence_parallel=true", "moe.shared_expert_ffn_hidden_size=16",
+         "moe.expert_bias=true", "model.mtp_num_layers=1")),
+    (4, ("parallel.pp=2", "model.mtp_num_layers=2")),
     # a dense model (no MoE layer) with OLMoE's whole-projection q/k norm and q/k/v biases, both split over TP
     (2, ("parallel.tp=2", "model.dense_layers=[0,1]", "model.qk_norm=projection", "model.qkv_bias=true")),
-], ids=["single", "tp2-ep2", "pp2-dp2-mtp", "tp2-dense-projection-norm-bias"])
+], ids=["single", "tp2-ep2", "tp2-ep2-sp-mtp", "pp2-dp2-mtp", "tp2-dense-projection-norm-bias"])
 def test_resume_reproduces_uninterrupted_losses(tmp_path, world, extra):
     full = _run(world, _overrides(tmp_path / "full", 20, *extra))
     first = _run(world, _overrides(tmp_path / "split", 20, "train.exit_interval=10", *extra))
