@@ -13,8 +13,9 @@ around; tests/parallel/test_cpu_compat.py reproduces the original failure, so an
    without an import guard. A thread-safe ``queue.Queue`` carries the same results. moetron never uses
    megatron's asynchronous (cross-process) save on CPU, so nothing else reads that queue.
 3. ``torch.cuda.current_device()`` places the failure flag of a save on the GPU
-   (``dist_checkpointing/strategies/state_dict_saver.py:252``); without CUDA it raises. It returns ``"cpu"``,
-   which every ``device=`` argument accepts.
+   (``dist_checkpointing/strategies/state_dict_saver.py:252``), and the sequence-parallel all-gather and
+   reduce-scatter their outputs (``tensor_parallel/mappings.py:145/182``); without CUDA it raises. It returns
+   ``"cpu"``, which every ``device=`` argument accepts.
 4. The distributed optimizer and its gradient buffers create small tensors with a literal ``device='cuda'``
    (``optimizer/optimizer.py:702`` ``_scale_one``, ``optimizer/clip_grads.py:96/108/180``, ``utils.py:1332``
    ``local_multi_tensor_l2_norm``) and order work on CUDA streams (``distributed/param_and_grad_buffer.py:632``

@@ -24,6 +24,9 @@ def _tp_mlp(rank, world_size, sequence_parallel, recipe):
     from megatron.core.model_parallel_config import ModelParallelConfig
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
+    from parallel import cpu_compat
+
+    cpu_compat.apply()  # megatron's sequence-parallel gather allocates on torch.cuda.current_device()
     x_SBD, grad_SBD, w_col_FD, w_row_DF = _data()
     group = dist.new_group(list(range(world_size)))
     mp = ModelParallelConfig(tensor_model_parallel_size=world_size, use_cpu_initialization=True,
@@ -66,9 +69,8 @@ def _reference(world_size, recipe):
     return y_SBD.detach(), x_SBD.grad, [c.weight.grad for c in cols], [r.weight.grad for r in rows], y_fp32
 
 
-# sequence_parallel=True takes megatron's first-dim all-gather, which allocates on torch.cuda.current_device()
-# (mappings.py:145) until parallel/cpu_compat.py patches it for gloo; add True here once it does.
-@pytest.mark.parametrize("sequence_parallel, recipe", [(False, "tensorwise"), (False, "rowwise")])
+@pytest.mark.parametrize("sequence_parallel, recipe", [(False, "tensorwise"), (False, "rowwise"),
+                                                       (True, "tensorwise")])
 def test_tp_fp8_matches_single_process(sequence_parallel, recipe):
     world = 2
     results = run_distributed(_tp_mlp, world, sequence_parallel, recipe)
