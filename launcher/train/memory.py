@@ -22,11 +22,13 @@ head: whichever is larger), by kind:
   ``b * 4 F_s / tp`` per token and MoE layer, as the dense FFN (its gate/up/activation/hidden), and with
   ``moe.shared_expert_gate`` ``b * (D + 1)`` (its output and the sigmoid, whole on every TP rank); its weights
   are dense parameters split over TP, the gate replicated. Allocator slack and temporaries are not included;
-  checked against measured steps at TP=1 (fp32 and bf16), not yet at TP > 1. Multi-token prediction
-  (``model.mtp_num_layers`` = K) puts K MTP modules on the last stage (weights: enorm, hnorm, eh_proj, one MoE
-  block, norm each; with PP > 1 also a copy of the embedding) and adds per token, per depth, an MoE layer's
-  activations plus ``b * 5 D`` (the two norm inputs, eh_proj's ``2 D`` input, the final norm's) and the logits'
-  ``4 V / tp + 12 D``.
+  checked against measured steps at TP=1 (fp32 and bf16) and TP=2 with and without sequence parallelism.
+  Multi-token prediction (``model.mtp_num_layers`` = K) puts K MTP modules on the last stage (weights: enorm,
+  hnorm, eh_proj, one MoE block, norm each; with PP > 1 also a copy of the embedding) and adds per token, per depth,
+  an MoE layer's activations plus ``b * 5 D`` (the two norm inputs, eh_proj's ``2 D`` input, the final norm's) and
+  the logits' ``4 V / tp + 12 D``. ``parallel.sequence_parallel`` divides the norms' inputs, the router's and the
+  shared-expert gate's tensors and the final norm by TP (each rank keeps its token shard; the gathered inputs of
+  the projections are the TP terms above).
 The estimate is checked against a measured CPU step in tests/launcher/train/test_memory_estimate.py. It costs the
 same at any model.num_layers (one layer of each kind is counted, on the meta device). ``moetron pretrain`` runs
 :func:`check_fits` before it builds anything: a layout whose estimate (a lower bound: no slack) exceeds the device's
@@ -151,18 +153,20 @@ def estimate(cfg: Config, world_size: int) -> MemoryEstimate:
             optimizer = state_per_param * params
         layers = m.num_layers // pp
         moe_layers = round(n_moe_total / pp)
-        # norms and residual inputs are whole on every TP rank; projections, attention and the routed slots (each TP
-        # rank dispatches 1/tp of the tokens) are split over TP
-        attention = b * (4 * m.hidden_size + _attention_elements(cfg, tp))
-        routed = (b * moe.top_k * (4 * moe.expert_ffn_hidden_size + 2 * m.hidden_size) / tp + 12 * moe.num_experts
-                  + 20 * moe.top_k)
+        # norms and residual inputs are whole on every TP rank (1/tp under sequence parallelism, as the router and
+        # the shared-expert gate); projections, attention and the routed slots (each TP rank dispatches 1/tp of the
+        # tokens) are split over TP
+        sp = tp if cfg.parallel.sequence_parallel else 1
+        attention = b * (4 * m.hidden_size / sp + _attention_elements(cfg, tp))
+        routed = (b * moe.top_k * (4 * moe.expert_ffn_hidden_size + 2 * m.hidden_size) / tp
+                  + (12 * moe.num_experts + 20 * moe.top_k) / sp)
         shared = b * (4 * moe.shared_expert_ffn_hidden_size / tp
-                      + (m.hidden_size + 1 if moe.shared_expert_gate else 0))
+                      + (m.hidden_size + 1 if moe.shared_expert_gate else 0) / sp)
         per_token = layers * attention + moe_layers * routed
         per_token += (layers - moe_layers) * b * 4 * m.dense_ffn_hidden_size / tp
         per_token += moe_layers * shared
         if stage == pp - 1:
-            logits = 4 * m.vocab_size // tp + 12 * m.hidden_size
+            logits = 4 * m.vocab_size // tp + 12 * m.hidden_size / sp
             per_token += logits
             per_token += m.mtp_num_layers * (attention + routed + shared + b * 5 * m.hidden_size + logits)
         activations = int(per_token * tokens * min(pp - stage, num_micro))
