@@ -73,6 +73,9 @@ def fp8_config_error(cfg: RunConfig) -> Optional[str]:
         other = "te" if f8.backend == "torchao" else "torchao"
         return f"fp8.recipe={f8.recipe} is not a recipe of fp8.backend={f8.backend}: use one of " \
                f"{' | '.join(RECIPES[f8.backend])} (or fp8.backend={other})"
+    if f8.backend == "te" and cfg.parallel.sequence_parallel:
+        return "fp8.backend=te does not support parallel.sequence_parallel yet (its linears would drop moetron's " \
+               "token-shard layout): use fp8.backend=torchao or parallel.sequence_parallel=false"
     if f8.backend == "torchao":
         defaults = FP8Config()
         for key in _TE_ONLY_KEYS:

@@ -46,6 +46,8 @@ def test_supported_setups_pass(cfg, support):
      "model.hidden_size to be a multiple of 16"),
     (["moe.expert_ffn_hidden_size=40"], "moe.expert_ffn_hidden_size to be a multiple of 16"),
     (["moe.shared_expert_ffn_hidden_size=40"], "moe.shared_expert_ffn_hidden_size to be a multiple of 16"),
+    (["fp8.backend=te", "fp8.recipe=delayed", "parallel.tp=2", "parallel.sequence_parallel=true"],
+     "fp8.backend=te does not support parallel.sequence_parallel yet"),
 ])
 def test_bad_fp8_settings_are_one_line_config_errors_naming_the_key(overrides, expected):
     with pytest.raises(ConfigError) as err:  # checked before the machine, so a CPU reports them too
