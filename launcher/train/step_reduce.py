@@ -11,8 +11,8 @@ per layer.
 Everything is summed over the world: the loss pair lives on the last stage (identical over TP, distinct over DP;
 the loss is the summed loss over the summed count, one division), the norm on every rank, layer sums on their
 stage (identical over TP, disjoint over DP; disjoint over TP too under sequence parallelism, where each TP rank
-routes its own tokens and its aux/z losses are its share), per-step constants (k, MoNE kept fraction) on their stage (identical
-over TP and DP); each is divided by how often it was counted.
+routes its own tokens and its aux/z losses are its share), per-step constants (k, MoNE kept fraction) on their
+stage (identical over TP and DP); each is divided by how often it was counted.
 """
 from __future__ import annotations
 
