@@ -176,8 +176,8 @@ def _make_dispatcher(cfg: RunConfig, groups: ParallelGroups):
 
 def _localise_experts(model: MoETransformer, cfg: RunConfig, groups: ParallelGroups) -> None:
     """Replace each MoE layer's experts with this EP rank's slice and install the EP dispatcher."""
-    if groups.tp_size == 1 and groups.ep_size == 1:
-        return
+    if groups.ep_size == 1 and (groups.tp_size == 1 or cfg.parallel.sequence_parallel):
+        return  # every expert here and no TP slice to take (sequence parallel: the tokens are this rank's own)
     num_local = cfg.moe.num_experts // groups.ep_size
     for layer in model.moe_layers().values():
         layer.experts = SwiGLUExperts(num_local, cfg.model.hidden_size, cfg.moe.expert_ffn_hidden_size,

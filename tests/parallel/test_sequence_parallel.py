@@ -131,3 +131,29 @@ def test_sequence_parallel_stage_output_and_tp_summed_parameters():
     for part in ("input_layernorm", "mlp.router.weight", "shared_expert_gate", "q_a_proj", "kv_a_layernorm",
                  "norm.weight"):
         assert any(part in n for n in marked), part
+
+
+def _compiled_and_eager_losses(rank, world_size, run_dir):
+    from launcher.config import load_config
+    from launcher.train.trainer import Trainer
+    from parallel.groups import initialize
+    from tests.launcher.train.test_train_resume import _overrides
+
+    groups, losses = initialize(2, 1, 1), {}
+    for compiled in (False, True):
+        cfg = load_config(None, _overrides(f"{run_dir}/{compiled}", 3, "parallel.tp=2", "train.precision=bf16",
+                                           "parallel.sequence_parallel=true", f"train.compile={str(compiled).lower()}",
+                                           "moe.shared_expert_ffn_hidden_size=16", "logging.tensorboard=false"))
+        trainer = Trainer(cfg, groups)
+        losses[compiled] = []
+        for _ in range(3):
+            losses[compiled].append(trainer.train_step()[0])
+            trainer.step += 1
+    return losses
+
+
+def test_compiled_blocks_under_sequence_parallelism_match_eager(tmp_path):
+    """train.compile (bf16) with the sequence gathers, reduce-scatters and the local dispatcher (EP=1) inside the
+    compiled blocks: the losses of eager SP to bf16 precision."""
+    losses = run_distributed(_compiled_and_eager_losses, 2, str(tmp_path), timeout=600)[0]
+    assert losses[True] == pytest.approx(losses[False], rel=2e-3)
