@@ -235,7 +235,7 @@ def default_device() -> torch.device:
 def build_model(cfg: RunConfig, groups: ParallelGroups, device: torch.device | None = None) -> MoETransformer:
     """This rank's pipeline stage with TP/EP applied, initialised layout-independently from cfg.train.seed."""
     device = device or default_device()
-    sequence_parallel = cfg.parallel.sequence_parallel
+    sequence_parallel = cfg.parallel.sequence_parallel and groups.tp_size > 1  # one TP rank holds every token
     factory = TensorParallelFactory(groups, sequence_parallel) if groups.tp_size > 1 else LayerFactory()
     with torch.device("meta"):
         model = MoETransformer(cfg.model, cfg.moe, cfg.train.seed, factory,

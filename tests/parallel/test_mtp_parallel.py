@@ -60,7 +60,7 @@ def _reference_grads(cfg, micro_by_dp):
 def _compare(rank, world_size, overrides):
     from launcher.train import token_loss
     from parallel.groups import initialize
-    from parallel.model import build_model, token_losses
+    from parallel.model import activation_shape, build_model, token_losses
     from parallel.optim.grads import sync_grads
     from parallel.pipeline import forward_backward
     from parallel.sharding import get_spec, local_slices
@@ -87,7 +87,7 @@ def _compare(rank, world_size, overrides):
         extras.append((main * loss_scale + (sums_K * mtp_scale).sum()).detach())
         return main, (sums_K * mtp_scale).sum()
 
-    forward_backward(model, micro, forward, g, (MB, S, cfg.model.hidden_size), loss_scale=loss_scale)
+    forward_backward(model, micro, forward, g, activation_shape(cfg, MB), loss_scale=loss_scale)
     sync_grads(model, g)
     checked = []
     for name, p in model.named_parameters():
@@ -107,7 +107,10 @@ def _compare(rank, world_size, overrides):
     # everything composes: MoNE experts and Matryoshka k draws in the main and the MTP MoE blocks, TP and EP
     ("parallel.tp=2", "parallel.ep=2", "moe.mone.enabled=true", "moe.matryoshka.enabled=true",
      "moe.matryoshka.k_min=1", "moe.matryoshka.k_max=3"),
-], ids=["pp2-ep2-dp2", "tp2-pp2", "tp2-ep2-mone-mmoe"])
+    # sequence parallelism: MTP's embedding, norms and block on the token shard, eh_proj on the gathered sequence
+    ("parallel.tp=2", "parallel.pp=2", "model.mtp_num_layers=1", "parallel.sequence_parallel=true"),
+    ("parallel.tp=2", "parallel.ep=2", "parallel.sequence_parallel=true", "moe.aux_loss_scope=sequence"),
+], ids=["pp2-ep2-dp2", "tp2-pp2", "tp2-ep2-mone-mmoe", "tp2-pp2-sp", "tp2-ep2-sp-sequence"])
 def test_mtp_matches_single_process(overrides):
     results = run_distributed(_compare, 4, overrides)
     checked = set().union(*(r["checked"] for r in results))
