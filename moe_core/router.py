@@ -33,7 +33,8 @@ experts and the renormalised weights are sensitive to bf16 rounding and decide w
 - sequence parallelism (``TopKRouter.shard``, a :class:`SequenceShard` installed by parallel/): the router sees one
   of ``count`` equal pieces of the micro-batch's tokens. Slot counts (per sequence for ``sequence``) are summed over
   the pieces first, and every mean over tokens divides by the whole micro-batch's tokens, so each piece's aux and
-  z losses are its share: the pieces' losses and gradients add up to the whole micro-batch's.
+  z losses are its share: the pieces' losses and gradients add up to the whole micro-batch's. The capacity
+  factor's drop choice is made over the whole micro-batch's scores (gathered), as without the split.
 - no tokens (an empty micro-batch or pipeline chunk): aux and z losses are exactly 0 with zero gradient.
 - capacity factor: each expert keeps at most ``ceil(capacity_factor * T * K / E)`` slots, the ones with the highest
   router score (megatron-core's default drop policy); dropped slots get id -1 and weight 0 (the remaining
@@ -74,12 +75,14 @@ CountReducer = Callable[[torch.Tensor], torch.Tensor]
 class SequenceShard:
     """Which piece of the micro-batch the router sees under sequence parallelism: the micro-batch's ``B * seq_len``
     tokens, flattened batch-major, split into ``count`` equal contiguous pieces, this one number ``index``.
-    ``reduce`` sums a tensor over the devices holding the pieces (collective-only)."""
+    ``reduce`` sums a tensor over the devices holding the pieces, ``gather`` concatenates their pieces of a tensor
+    along dim 0 in piece order (both collective-only, no gradient)."""
 
     index: int
     count: int
     seq_len: int
     reduce: CountReducer
+    gather: CountReducer
 
     def pad(self, x_T: torch.Tensor) -> torch.Tensor:
         """``x_T`` [t, ...] of this piece placed in zeros of the whole micro-batch's [t * count, ...]."""
@@ -243,6 +246,14 @@ class TopKRouter(nn.Module):
                                    self.micro_batch_tokens(num_tokens))
         return self.cfg.aux_loss_coeff * loss
 
+    def keep_mask(self, scores_TE: torch.Tensor, topk_idx_TK: torch.Tensor, capacity: int) -> torch.Tensor:
+        """:func:`capacity_keep_mask` of this router's tokens, chosen among the whole micro-batch's (under sequence
+        parallelism the pieces' scores and choices are gathered first: collective)."""
+        if self.shard is None:
+            return capacity_keep_mask(scores_TE, topk_idx_TK, capacity)
+        keep_TK = capacity_keep_mask(self.shard.gather(scores_TE), self.shard.gather(topk_idx_TK), capacity)
+        return keep_TK.narrow(0, self.shard.index * scores_TE.shape[0], scores_TE.shape[0])
+
     def micro_batch_tokens(self, num_tokens: int) -> int:
         """Tokens of the whole micro-batch when this router sees ``num_tokens`` of them."""
         return num_tokens * (self.shard.count if self.shard is not None else 1)
@@ -267,9 +278,9 @@ class TopKRouter(nn.Module):
                 0, topk_idx_TK.reshape(-1), torch.ones_like(topk_idx_TK.reshape(-1)))  # no host sync (bincount syncs)
             aux = self.aux_loss(probs_TE, topk_idx_TK, tokens_per_expert_E, seq_len)
             zl = self.cfg.z_loss_coeff * z_loss(logits_TE, self.micro_batch_tokens(x_TD.shape[0]))
-            capacity = self.capacity(x_TD.shape[0], k)
+            capacity = self.capacity(self.micro_batch_tokens(x_TD.shape[0]), k)
             if capacity is not None:
-                keep_TK = capacity_keep_mask(scores_TE.detach(), topk_idx_TK, capacity)
+                keep_TK = self.keep_mask(scores_TE.detach(), topk_idx_TK, capacity)
                 topk_idx_TK = torch.where(keep_TK, topk_idx_TK, torch.full_like(topk_idx_TK, -1))
                 topk_weight_TK = topk_weight_TK * keep_TK
         return RouterOutput(topk_idx_TK, topk_weight_TK, aux, zl, tokens_per_expert_E)

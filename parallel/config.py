@@ -112,10 +112,6 @@ class ParallelConfig:
         if model.seq_length % self.tp:
             raise ValueError(f"parallel.sequence_parallel: parallel.tp ({self.tp}) must divide model.seq_length "
                              f"({model.seq_length})")
-        if moe.capacity_factor is not None:
-            raise ValueError("parallel.sequence_parallel does not support moe.capacity_factor yet (the drop choice "
-                             "needs every token's score): set moe.capacity_factor=null or "
-                             "parallel.sequence_parallel=false")
 
     def validate_world(self, world_size: int) -> None:
         """Raise ValueError when ``world_size`` ranks cannot hold this layout (run before any process group)."""

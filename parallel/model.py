@@ -6,6 +6,7 @@ numbers the single-device model would hold at every position. Parameter names eq
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -253,7 +254,8 @@ def build_model(cfg: RunConfig, groups: ParallelGroups, device: torch.device | N
         for layer in model.moe_layers().values():
             layer.router.count_reducer = dp_count_reducer(groups.dp_group)
     if sequence_parallel:
-        shard = SequenceShard(groups.tp_rank, groups.tp_size, cfg.model.seq_length, tp_sum(groups.tp_group))
+        shard = SequenceShard(groups.tp_rank, groups.tp_size, cfg.model.seq_length, tp_sum(groups.tp_group),
+                              functools.partial(gather_dim0, group=groups.tp_group))
         for layer in model.moe_layers().values():
             layer.router.shard = shard
     if cfg.train.precision == "fp8":

@@ -49,8 +49,6 @@ def test_resolved_config_round_trips(tmp_path):
     (["parallel.sequence_parallel=true"], "parallel.sequence_parallel needs parallel.tp > 1"),
     (["parallel.sequence_parallel=true", "parallel.tp=2", "model.seq_length=127"],
      "parallel.sequence_parallel: parallel.tp (2) must divide model.seq_length (127)"),
-    (["parallel.sequence_parallel=true", "parallel.tp=2", "moe.capacity_factor=1.0"],
-     "parallel.sequence_parallel does not support moe.capacity_factor"),
     (["parallel.sequence_parallel=yes"], "parallel.sequence_parallel"),
 ])
 def test_invalid_config_rejected_with_key_path(overrides, message):

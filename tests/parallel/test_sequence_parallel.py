@@ -92,8 +92,11 @@ def _compare(rank, world_size, overrides):
     ("parallel.tp=2", "parallel.pp=2", *MLA, *GATED),
     ("parallel.tp=2", "parallel.ep=2", *GATED, "moe.dispatcher=llep", "moe.llep.imbalance_threshold=1.0",
      "moe.llep.min_tokens_per_gemm=1"),
+    # the drop choice is made over the whole micro-batch's scores (each rank's shard holds 1.5 sequences)
+    ("parallel.tp=2", "parallel.ep=2", *GATED, "moe.capacity_factor=0.75"),
+    ("parallel.tp=2", "moe.capacity_factor=1.0", "moe.aux_loss_scope=sequence"),
 ], ids=["tp2-shared-gate", "tp2-ep2-global-batch", "tp2-ep2-sequence-mone-mmoe", "tp2-ep2-mla-q-lora-sequence",
-        "tp2-pp2-mla-shared-gate", "tp2-ep2-llep"])
+        "tp2-pp2-mla-shared-gate", "tp2-ep2-llep", "tp2-ep2-capacity", "tp2-capacity-sequence"])
 def test_sequence_parallel_matches_tensor_parallel_and_single_process(overrides):
     results = run_distributed(_compare, 4, overrides)
     assert any(r["last"] for r in results)
