@@ -70,15 +70,18 @@ def _sp_and_plain_steps(rank, world, run_dir):
             trainer.step += 1
             steps.append((loss, norm, {i: (s.tokens_per_expert_E.tolist(), s.aux_loss, s.z_loss, s.dropped_slots)
                                        for i, s in layers.items()}))
-        out[sp] = steps
+        out[sp] = steps, trainer.evaluate(batches=2)
     return out
 
 
 def test_sequence_parallel_step_numbers_equal_tensor_parallel(tmp_path):
     """TP=2 x EP=2 with and without parallel.sequence_parallel: the same loss, grad norm and per-layer MoE
-    statistics (each TP rank routes its own tokens under SP: counts and aux/z shares add up over TP)."""
+    statistics (each TP rank routes its own tokens under SP: counts and aux/z shares add up over TP), and the same
+    validation loss."""
     result = run_distributed(_sp_and_plain_steps, 4, str(tmp_path))[0]
-    for (loss, norm, layers), (sp_loss, sp_norm, sp_layers) in zip(result[False], result[True]):
+    (plain_steps, plain_valid), (sp_steps, sp_valid) = result[False], result[True]
+    assert sp_valid == pytest.approx(plain_valid, rel=1e-5)  # validation (forward only) too
+    for (loss, norm, layers), (sp_loss, sp_norm, sp_layers) in zip(plain_steps, sp_steps):
         assert sp_loss == pytest.approx(loss, rel=1e-5) and sp_norm == pytest.approx(norm, rel=1e-5)
         for idx, (counts, aux, z, dropped) in layers.items():
             sp_counts, sp_aux, sp_z, sp_dropped = sp_layers[idx]
