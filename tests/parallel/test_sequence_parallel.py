@@ -86,7 +86,8 @@ def _compare(rank, world_size, overrides):
     ("parallel.tp=2", *GATED),
     ("parallel.tp=2", "parallel.ep=2", *GATED, "moe.aux_loss_scope=global_batch"),
     ("parallel.tp=2", "parallel.ep=2", "moe.aux_loss_scope=sequence", "moe.mone.enabled=true",
-     "moe.matryoshka.enabled=true", "moe.matryoshka.k_min=1", "moe.matryoshka.k_max=3"),
+     "moe.matryoshka.enabled=true", "moe.matryoshka.k_min=1", "moe.matryoshka.k_max=3", *GATED,
+     "moe.mone.shared_experts=true"),
     ("parallel.tp=2", "parallel.ep=2", *MLA, "model.q_lora_rank=12", "moe.shared_expert_ffn_hidden_size=40",
      "moe.aux_loss_scope=sequence"),
     ("parallel.tp=2", "parallel.pp=2", *MLA, *GATED),
@@ -95,7 +96,7 @@ def _compare(rank, world_size, overrides):
     # the drop choice is made over the whole micro-batch's scores (each rank's shard holds 1.5 sequences)
     ("parallel.tp=2", "parallel.ep=2", *GATED, "moe.capacity_factor=0.75"),
     ("parallel.tp=2", "moe.capacity_factor=1.0", "moe.aux_loss_scope=sequence"),
-], ids=["tp2-shared-gate", "tp2-ep2-global-batch", "tp2-ep2-sequence-mone-mmoe", "tp2-ep2-mla-q-lora-sequence",
+], ids=["tp2-shared-gate", "tp2-ep2-global-batch", "tp2-ep2-sequence-mone-mmoe-shared", "tp2-ep2-mla-q-lora-sequence",
         "tp2-pp2-mla-shared-gate", "tp2-ep2-llep", "tp2-ep2-capacity", "tp2-capacity-sequence"])
 def test_sequence_parallel_matches_tensor_parallel_and_single_process(overrides):
     results = run_distributed(_compare, 4, overrides)
