@@ -105,8 +105,8 @@ def _tp2_activations(rank, world):
 
 
 def test_sequence_parallel_activations_estimate_follows_the_measured_saving():
-    """TP=2 with a gated shared expert, one micro-batch: SP keeps 0.92 of the saved activations without it (the
-    estimate says 0.89); each estimate is within 10% of its measurement (measured: -3.6% without SP, -6.2% with)."""
+    """TP=2 with a gated shared expert, one micro-batch: SP keeps 0.90 of the saved activations without it (the
+    estimate says 0.89); each estimate is within 10% of its measurement (measured: -5.3% without SP, -6.2% with)."""
     result = run_distributed(_tp2_activations, 2)[0]
     for measured, estimated in result.values():
         assert abs(estimated - measured) <= 0.1 * measured, (estimated, measured)
