@@ -195,27 +195,17 @@ def to_compute_dtype(model: nn.Module, dtype: torch.dtype) -> None:
             p.data = p.data.to(dtype)
 
 
-def dp_count_reducer(dp_group) -> Callable[[torch.Tensor], torch.Tensor]:
-    """For ``moe.aux_loss_scope=global_batch``: a router ``count_reducer`` that sums routed-slot counts over the
-    data-parallel group (collective-only: one all-reduce of E + 1 numbers per MoE layer and micro-batch). Tokens are
-    replicated over TP peers and disjoint over DP ranks, so the DP sum counts each token of the global batch once."""
+def count_sum(group) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A router count reducer summing routed-slot counts over ``group`` in place (collective-only: one all-reduce
+    per MoE layer and micro-batch). ``moe.aux_loss_scope=global_batch``: the DP group (tokens are replicated over TP
+    peers and disjoint over DP ranks, so the DP sum counts each token of the global batch once). Sequence
+    parallelism: the TP group, which holds the micro-batch's pieces (``SequenceShard.reduce``)."""
 
-    def over_dp(counts: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(counts, group=dp_group)
+    def over_group(counts: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(counts, group=group)
         return counts
 
-    return over_dp
-
-
-def tp_sum(tp_group) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Sequence parallelism: a router ``SequenceShard.reduce`` summing a count tensor over the TP group, which
-    holds the micro-batch's pieces (collective-only: one all-reduce per MoE layer and micro-batch)."""
-
-    def over_tp(counts: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(counts, group=tp_group)
-        return counts
-
-    return over_tp
+    return over_group
 
 
 def activation_shape(cfg: RunConfig, micro_batch_size: int) -> tuple[int, ...]:
@@ -252,9 +242,9 @@ def build_model(cfg: RunConfig, groups: ParallelGroups, device: torch.device | N
         to_compute_dtype(model, torch.bfloat16)
     if cfg.moe.aux_loss_scope == "global_batch" and groups.dp_size > 1:
         for layer in model.moe_layers().values():
-            layer.router.count_reducer = dp_count_reducer(groups.dp_group)
+            layer.router.count_reducer = count_sum(groups.dp_group)
     if sequence_parallel:
-        shard = SequenceShard(groups.tp_rank, groups.tp_size, cfg.model.seq_length, tp_sum(groups.tp_group),
+        shard = SequenceShard(groups.tp_rank, groups.tp_size, cfg.model.seq_length, count_sum(groups.tp_group),
                               functools.partial(gather_dim0, group=groups.tp_group))
         for layer in model.moe_layers().values():
             layer.router.shard = shard

@@ -9,12 +9,12 @@ from tests.helpers.dist import run_distributed
 
 def _rank_aux(rank, world, scope):
     from parallel.groups import initialize
-    from parallel.model import dp_count_reducer
+    from parallel.model import count_sum
     from tests.moe_core.test_router import _one_sided_router
 
     groups = initialize(1, 1, 1)
     router, plus, minus = _one_sided_router(scope)
-    router.count_reducer = dp_count_reducer(groups.dp_group)
+    router.count_reducer = count_sum(groups.dp_group)
     router.start_step()
     return {"aux": float(router(plus if rank == 0 else minus, 1).aux_loss)}
 
