@@ -199,3 +199,13 @@ def test_a_failed_write_leaves_the_output_as_it_was(tmp_path):
         (tmp / "a").write_text("1")
         raise OSError("disk full")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "out"] and not any((tmp_path / "empty").iterdir())
+
+
+def test_one_rank_config_drops_sequence_parallelism():
+    """A checkpoint trained with parallel.sequence_parallel converts at tp=1 (where SP is not allowed)."""
+    from launcher.config import load_config, to_dict
+    from launcher.hf.convert import one_rank_config
+
+    trained = load_config(None, ["parallel.tp=2", "parallel.sequence_parallel=true", "data.source=synthetic"])
+    cfg = one_rank_config(to_dict(trained), keep_data=False)
+    assert (cfg.parallel.tp, cfg.parallel.sequence_parallel) == (1, False)
