@@ -96,8 +96,12 @@ def _compare(rank, world_size, overrides):
     # the drop choice is made over the whole micro-batch's scores (each rank's shard holds 1.5 sequences)
     ("parallel.tp=2", "parallel.ep=2", *GATED, "moe.capacity_factor=0.75"),
     ("parallel.tp=2", "moe.capacity_factor=1.0", "moe.aux_loss_scope=sequence"),
+    # GQA options: the whole-projection q/k norm (TP-split weight, all-reduced statistics), q/k/v biases, partial RoPE
+    ("parallel.tp=2", "parallel.ep=2", "model.qk_norm=projection", "model.qkv_bias=true",
+     "model.partial_rotary_factor=0.5"),
 ], ids=["tp2-shared-gate", "tp2-ep2-global-batch", "tp2-ep2-sequence-mone-mmoe-shared", "tp2-ep2-mla-q-lora-sequence",
-        "tp2-pp2-mla-shared-gate", "tp2-ep2-llep", "tp2-ep2-capacity", "tp2-capacity-sequence"])
+        "tp2-pp2-mla-shared-gate", "tp2-ep2-llep", "tp2-ep2-capacity", "tp2-capacity-sequence",
+        "tp2-ep2-gqa-options"])
 def test_sequence_parallel_matches_tensor_parallel_and_single_process(overrides):
     results = run_distributed(_compare, 4, overrides)
     assert any(r["last"] for r in results)
