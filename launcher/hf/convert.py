@@ -196,20 +196,21 @@ def from_hf(args: argparse.Namespace) -> None:
     from launcher.train.trainer import Trainer
 
     hf_path, root = Path(args.hf), Path(args.output)
+    _check_empty(root)  # never write into a run directory that holds anything (its config, its checkpoints)
     hf = read_config(hf_path)
     family = families.for_hf(hf)
+    weights = HFWeights(hf_path)  # every header validated; no tensor read yet
+    hf, note = family.match_weights(hf, weights.info)
     raw = family.merge_into_raw(_recipe_raw(args.recipe, args.overrides), hf)
     raw.setdefault("checkpoint", {})["dir"] = str(root)
     raw.setdefault("logging", {}).setdefault("run_dir", str(root))  # the continued run lives beside its checkpoints
     cfg = config_from_dict(raw)
-    _check_empty(root)  # never write into a run directory that holds anything (its config, its checkpoints)
     tokenizer = hf_dir.hf_tokenizer(hf_path)
-    weights = HFWeights(hf_path)  # every header validated; no tensor read yet
     transfer.check_counts(cfg, weights)
     with single_process_groups() as groups:
         meta = build_model(one_rank_config(to_dict(cfg), keep_data=False), groups, torch.device("meta"))
         plan = transfer.targets(family, cfg, meta.state_dict())
-        source, skipped = transfer.check_hf_tensors(family, hf, plan, weights)
+        source = transfer.check_hf_tensors(family, hf, plan, weights)
         with staging(root) as tmp:
             # The trainer's own step-0 save: the checkpoint has exactly the structure (RNG and data-loader state
             # included) that `moetron pretrain` resumes from, at any layout.
@@ -217,9 +218,8 @@ def from_hf(args: argparse.Namespace) -> None:
             transfer.load_hf(trainer.model, plan, source, weights)
             saved = root / trainer.save().name
             recipe = save_resolved(cfg, tmp).name
-    if skipped:
-        log.warning(f"skipped {len(skipped)} tensors under {sorted({'.'.join(k.split('.')[:3]) for k in skipped})} "
-                    f"({family.skip_reason})")
+    if note:
+        log.warning(note)
     log.log(console.RESULT, f"{hf_path} -> {saved}")
     log.log(console.RESULT, "\n".join(follow_up_commands(cfg, hf_path, tokenizer, root / recipe, root)))
 

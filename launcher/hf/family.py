@@ -2,10 +2,12 @@
 cannot represent, and how parameter names map. One small file per family (``launcher/hf/families/``) builds a
 :class:`Family`; this module is the one engine that applies it both ways (config here, tensors in transfer.py).
 
-Names: a moetron parameter ``name`` (tp=pp=ep=1) is HF key ``model.<name>`` (``lm_head.weight`` as is) rewritten
-by the family's ``renames`` (regex, replacement; applied in order); stacked expert weights ``...experts.w_gate_EFD``
-[E, F, D] become one HF key per expert, ``...experts.{e}.<expert_names[leaf]>.weight``. A family whose HF layout
-keeps extra layers (DeepSeek-V3's MTP modules at ``model.layers.{num_hidden_layers + i}``) adds renames for them.
+Names: a moetron parameter ``name`` (tp=pp=ep=1), first rewritten by the family's ``layer_name`` (names whose HF
+form needs the config: DeepSeek-V3's MTP module i is HF layer ``num_hidden_layers + i``), is HF key
+``model.<name>`` (``lm_head.weight`` as is) rewritten by the family's ``renames`` (regex, replacement; applied in
+order); stacked expert weights ``...experts.w_gate_EFD`` [E, F, D] become one HF key per expert,
+``...experts.{e}.<expert_names[leaf]>.weight``. ``copies`` names extra HF keys that hold a copy of a moetron tensor
+(DeepSeek-V3's MTP layers keep the embedding and the head): to-hf writes them, from-hf requires them bit-equal.
 
 Config: ``fields`` (moetron path -> :class:`Key`) carry the same value both ways; ``soft`` ones (training-time
 defaults) are taken from HF only when the recipe does not set them; ``sets`` are moetron values every model of the
@@ -20,7 +22,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 from launcher.config import Config, ConfigError
 
@@ -78,6 +80,18 @@ def _written(name: str, cfg: Config) -> bool:
     return True
 
 
+def _same_name(name: str, cfg: Config) -> str:
+    return name
+
+
+def _no_copies(name: str, cfg: Config) -> tuple[str, ...]:
+    return ()
+
+
+def _as_is(hf: Mapping[str, Any], keys: Collection[str]) -> tuple[Mapping[str, Any], str]:
+    return hf, ""
+
+
 @dataclass(frozen=True)
 class Family:
     """One Hugging Face ``model_type`` (module docstring)."""
@@ -104,10 +118,13 @@ class Family:
     """Whether moetron tensor ``name`` has an HF counterpart in this model (e.g. an unused expert bias has none)."""
     custom_code: Callable[[Config], bool] = lambda cfg: False
     """Whether the export needs moetron's modeling code (Qwen3-MoE flavour ``moetron``)."""
-    skip_prefixes: Callable[[Mapping[str, Any]], tuple[str, ...]] = lambda hf: ()
-    """HF key prefixes from-hf leaves unread (DeepSeek's MTP layers, until moetron has MTP), reported in one line."""
-    skip_reason: str = ""
-    """What the skipped tensors are, for that line."""
+    layer_name: Callable[[str, Config], str] = _same_name
+    """moetron name -> the name ``renames`` start from, for names whose HF form needs the config."""
+    copies: Callable[[str, Config], tuple[str, ...]] = _no_copies
+    """moetron name -> extra HF keys holding a copy of that tensor (same shape and values)."""
+    match_weights: Callable[[Mapping[str, Any], Collection[str]], tuple[Mapping[str, Any], str]] = _as_is
+    """(config.json, the HF keys present) -> (config.json as the weights have it, a note for the user or ""):
+    parts the config declares but the weights lack (DeepSeek's MTP layers, which transformers' save drops)."""
 
     # ------------------------------------------------------------ config: HF -> moetron
 
@@ -157,19 +174,21 @@ class Family:
 
     # ------------------------------------------------------------ names
 
-    def hf_name(self, name: str) -> str:
+    def hf_name(self, name: str, cfg: Config) -> str:
         """The HF key of a (non-expert-stack) moetron name, or of an expert stack's module."""
+        name = self.layer_name(name, cfg)
         key = name if name == "lm_head.weight" else "model." + name
         for pattern, repl in self.renames:
             key = re.sub(pattern, repl, key)
         return key
 
-    def hf_keys(self, name: str, num_experts: int) -> list[str]:
+    def hf_keys(self, name: str, cfg: Config) -> list[str]:
         """The HF key(s) of moetron tensor ``name``: one, or one per expert for a stacked expert weight."""
         module, _, leaf = name.rpartition(".")
         if leaf in self.expert_names:
-            return [f"{self.hf_name(module)}.{e}.{self.expert_names[leaf]}.weight" for e in range(num_experts)]
-        return [self.hf_name(name)]
+            return [f"{self.hf_name(module, cfg)}.{e}.{self.expert_names[leaf]}.weight"
+                    for e in range(cfg.moe.num_experts)]
+        return [self.hf_name(name, cfg)]
 
 
 # ---------------------------------------------------------------- nested paths

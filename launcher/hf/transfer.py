@@ -3,7 +3,8 @@ family's names (launcher/hf/family.py) and the streaming safetensors reader/writ
 
 from-hf: :func:`check_hf_tensors` compares the directory's validated headers with the model's expected names and
 shapes (a meta-device model: nothing allocated) BEFORE any tensor is read; :func:`load_hf` then copies one HF
-tensor at a time into the model (an expert's [F, D] straight into its row of the [E, F, D] stack).
+tensor at a time into the model (an expert's [F, D] straight into its row of the [E, F, D] stack), and checks that
+the family's copies of a tensor (DeepSeek-V3's MTP embedding and head) are bit-equal to it.
 to-hf: :func:`export_plan` lists every HF tensor with its shape and dtype and a function producing it, from a model
 in memory (:class:`ModelTensors`) or read from the checkpoint in bounded batches (:class:`CheckpointTensors`), converted
 to the export dtype only when written.
@@ -28,12 +29,14 @@ TIED_HEAD, EMBED = "lm_head.weight", "model.embed_tokens.weight"
 
 @dataclass(frozen=True)
 class Target:
-    """One moetron tensor and its HF key(s): one key, or one per expert (``stacked``: key e is row e)."""
+    """One moetron tensor and its HF key(s): one key, or one per expert (``stacked``: key e is row e); ``copies``:
+    further HF keys holding the same values as the (non-stacked) key."""
 
     name: str
     keys: list[str]
     shape: tuple[int, ...]
     stacked: bool
+    copies: tuple[str, ...] = ()
 
     @property
     def key_shape(self) -> tuple[int, ...]:
@@ -45,8 +48,8 @@ def targets(family: Family, cfg: Config, state: Mapping[str, torch.Tensor]) -> l
     out = []
     for name, tensor in state.items():
         if family.writes(name, cfg):
-            keys = family.hf_keys(name, cfg.moe.num_experts)
-            out.append(Target(name, keys, tuple(tensor.shape), name.rpartition(".")[2] in family.expert_names))
+            stacked = name.rpartition(".")[2] in family.expert_names
+            out.append(Target(name, family.hf_keys(name, cfg), tuple(tensor.shape), stacked, family.copies(name, cfg)))
     return out
 
 
@@ -63,15 +66,15 @@ def check_counts(cfg: Config, weights: HFWeights) -> None:
                          f"hold {len(experts)} per layer at most; config.json does not describe these weights")
 
 
-def check_hf_tensors(family: Family, hf: Mapping, plan: list[Target], weights: HFWeights) -> tuple[dict, list]:
-    """Validate the directory against ``plan`` before reading: every expected tensor present (a tied ``lm_head``
-    reads the embedding), a float dtype, the expected shape; nothing left over except the family's skipped layers.
-    Returns ({HF key: key to read it from}, skipped keys)."""
-    source = {key: key for t in plan for key in t.keys}
+def check_hf_tensors(family: Family, hf: Mapping, plan: list[Target], weights: HFWeights) -> dict[str, str]:
+    """Validate the directory against ``plan`` before reading: every expected tensor and copy present (a tied
+    ``lm_head`` reads the embedding), a float dtype, the expected shape; nothing left over. Returns {HF key: key to
+    read it from}."""
+    source = {key: key for t in plan for key in (*t.keys, *t.copies)}
     if hf.get("tie_word_embeddings") and TIED_HEAD in source and TIED_HEAD not in weights.info:
         source[TIED_HEAD] = EMBED  # tied embeddings: lm_head is a copy (the logits are unchanged)
     for t in plan:
-        for key in t.keys:
+        for key in (*t.keys, *t.copies):
             info = weights.info.get(source[key])
             if info is None:
                 raise HFDirError(f"tensor '{source[key]}' is missing from '{weights.hf_dir}' ({family.model_type} "
@@ -82,17 +85,20 @@ def check_hf_tensors(family: Family, hf: Mapping, plan: list[Target], weights: H
             if info.shape != t.key_shape:
                 raise HFDirError(f"tensor '{source[key]}' has shape {list(info.shape)} but config.json implies "
                                  f"{list(t.key_shape)} (config.json and weights disagree)")
-    prefixes = family.skip_prefixes(hf)
-    skipped = sorted(k for k in weights.info if k.startswith(prefixes) and k not in source) if prefixes else []
-    unused = sorted(set(weights.info) - set(source.values()) - set(skipped))
+    unused = sorted(set(weights.info) - set(source.values()))
     if unused:
         raise HFDirError(f"{len(unused)} HF tensors have no moetron counterpart, e.g. {unused[:3]}; this is not a "
                          f"plain {family.model_type} checkpoint moetron can represent")
-    return source, skipped
+    return source
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
 def load_hf(model: torch.nn.Module, plan: list[Target], source: dict, weights: HFWeights) -> None:
-    """Copy the HF tensors into ``model`` (whose state has ``plan``'s names), one tensor in memory at a time."""
+    """Copy the HF tensors into ``model`` (whose state has ``plan``'s names), one tensor in memory at a time (two
+    while a copy is compared: HFDirError unless it has the same dtype and bits as the tensor it copies)."""
     from launcher.progress import progress
 
     state = model.state_dict()
@@ -100,12 +106,18 @@ def load_hf(model: torch.nn.Module, plan: list[Target], source: dict, weights: H
         for t in plan:
             target = state[t.name]
             for e, key in enumerate(t.keys):
-                (target[e] if t.stacked else target).copy_(weights.read(source[key]))
+                value = weights.read(source[key])
+                (target[e] if t.stacked else target).copy_(value)
+            for copy_key in t.copies:
+                if not _same_bits(weights.read(copy_key), value):
+                    raise HFDirError(f"tensor '{copy_key}' differs from '{source[t.keys[0]]}' (dtype or bits); "
+                                     "moetron keeps one tensor for both (its MTP modules share the main model's "
+                                     "embedding and head), so it cannot represent this checkpoint")
             bar.update(1)
 
 
 Fetch = Callable[[str, Optional[int]], torch.Tensor]
-"""(moetron name, expert row or None) -> that tensor; called in plan order, once per HF tensor."""
+"""(moetron name, expert row or None) -> that tensor; called in plan order, once per HF tensor (copies included)."""
 
 
 class ModelTensors:
@@ -122,29 +134,32 @@ class CheckpointTensors:
     """The tensors of a moetron checkpoint, without loading the model: ``state`` comes from a meta-device model of
     its config; the fetcher reads the plan's tensors in order, in batches of about ``batch_bytes`` (at least one
     tensor; an expert stack one expert row at a time), so memory holds one batch, not the model. A batch is
-    ``min_batch_bytes`` or the plan's largest HF tensor, whichever is larger."""
+    ``min_batch_bytes`` or the plan's largest HF tensor, whichever is larger. A tensor's copies come from the same
+    read (they add nothing to a batch)."""
 
     def __init__(self, ckpt_dir: Path, meta_model: torch.nn.Module, min_batch_bytes: int):
         self.ckpt_dir, self.batch_bytes = ckpt_dir, min_batch_bytes
         self.state, self.buffers = meta_model.state_dict(), checkpoint.persistent_buffer_names(meta_model)
         self.pending: list[tuple[Target, Optional[int]]] = []
         self.cache: dict = {}
+        self.uses: dict = {}  # (name, row) -> fetches left of the cached tensor
         self.next = 0
 
     def fetcher(self, plan: list[Target]) -> Fetch:
-        self.pending = [(t, e if t.stacked else None) for t in plan for e in range(len(t.keys))]
+        self.pending = [(t, e if t.stacked else None) for t in plan for e in range(len(t.keys) + len(t.copies))]
         self.batch_bytes = max([self.batch_bytes] + [math.prod(t.key_shape) * 4 for t in plan])
         return self.fetch
 
     def _read_batch(self) -> None:
-        wanted, size = {}, 0
+        wanted, size, self.uses = {}, 0, {}
         while self.next < len(self.pending):
             t, row = self.pending[self.next]
-            nbytes = math.prod(t.key_shape) * 4
+            nbytes = math.prod(t.key_shape) * 4 if (t.name, row) not in wanted else 0
             if wanted and size + nbytes > self.batch_bytes:
                 break
             prefix = "buffer." if t.name in self.buffers else "model."
             wanted[(t.name, row)] = (prefix + t.name, row, t.shape)
+            self.uses[(t.name, row)] = self.uses.get((t.name, row), 0) + 1
             size += nbytes
             self.next += 1
         loaded = checkpoint.load_slices(self.ckpt_dir, wanted)
@@ -154,14 +169,16 @@ class CheckpointTensors:
     def fetch(self, name: str, row: Optional[int]) -> torch.Tensor:
         if (name, row) not in self.cache:
             self._read_batch()
-        return self.cache.pop((name, row))
+        self.uses[(name, row)] -= 1
+        return self.cache[(name, row)] if self.uses[(name, row)] else self.cache.pop((name, row))
 
 
 def export_plan(family: Family, plan: list[Target], fetch: Fetch, dtype: torch.dtype) -> list[PlannedTensor]:
-    """Every HF tensor of ``plan`` in ``dtype`` (fp32 for the family's fp32 keys), produced by ``fetch``."""
+    """Every HF tensor of ``plan`` (copies included) in ``dtype`` (fp32 for the family's fp32 keys), produced by
+    ``fetch``."""
     items = []
     for t in plan:
-        for e, key in enumerate(t.keys):
+        for e, key in enumerate((*t.keys, *t.copies)):
             key_dtype = torch.float32 if key.endswith(family.fp32_keys) else dtype
             row = e if t.stacked else None
             items.append(PlannedTensor(key, t.key_shape, key_dtype, lambda name=t.name, row=row: fetch(name, row)))

@@ -12,19 +12,30 @@ HF ``e_score_correction_bias``; used for selection only), group-limited routing 
     layers.{i}.mlp.experts.w_*            [E,..]   model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj.weight
     layers.{i}.mlp.shared_expert.*                 model.layers.{i}.mlp.shared_experts.*
 
-MTP (official checkpoints, ``num_nextn_predict_layers`` > 0): module i lives at ``model.layers.{N + i}`` (N =
-``num_hidden_layers``): ``enorm``, ``hnorm``, ``eh_proj``, ``shared_head.norm``, the block's own names, plus copies
-of the embedding (``embed_tokens``) and head (``shared_head.head``). moetron's ``mtp.{i}.{enorm, hnorm, eh_proj,
-block.*, norm}`` (``model.mtp_num_layers``) are not mapped yet (a rename needing N + i, plus the two copies):
-from-hf skips those layers (one line says so) and converts with ``model.mtp_num_layers: 0``; to-hf refuses MTP
-models. Official FP8 checkpoints (``weight_scale_inv`` tensors) must be dequantized to bf16 first.
+Multi-token prediction: ``num_nextn_predict_layers`` is ``model.mtp_num_layers`` (``model.mtp_loss_coeff`` is
+not in config.json: the recipe's or the default). Official checkpoints keep MTP module i at HF layer N + i
+(N = ``num_hidden_layers``), with copies of the embedding and the head that moetron shares with the main model:
+
+    mtp.{i}.enorm / hnorm / eh_proj                model.layers.{N+i}.enorm / hnorm / eh_proj
+    mtp.{i}.block.<block name>                     model.layers.{N+i}.<HF name, as for a main layer>
+    mtp.{i}.norm.weight                            model.layers.{N+i}.shared_head.norm.weight
+    (embed_tokens.weight, a copy)                  model.layers.{N+i}.embed_tokens.weight
+    (lm_head.weight, a copy)                       model.layers.{N+i}.shared_head.head.weight
+
+to-hf writes the copies; from-hf refuses (one line) a checkpoint whose copies are not bit-equal to the main
+embedding and head. transformers' ``DeepseekV3ForCausalLM`` builds N layers and leaves layers >= N unused
+(its ``MtpModel`` reads them for MTP drafting), and its ``save_pretrained`` drops them while the config keeps
+``num_nextn_predict_layers`` (default 1): a directory with no ``model.layers.{N}.*`` tensors converts with
+``model.mtp_num_layers: 0``, said in one line. Official FP8 checkpoints (``weight_scale_inv`` tensors) must be
+dequantized to bf16 first.
 
 Deepseek-V2 (``deepseek_v2``) is not served by this file: its router is softmax (no bias) and its group-limited
 greedy routing scores a group by its best expert, not the sum of its top two.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+import re
+from typing import Any, Collection, Mapping
 
 from launcher.config import Config
 from launcher.hf.family import (BASE_FIELDS, BASE_SOFT, Family, Key, gates_from_hf, hf_value, inference_k,
@@ -52,7 +63,7 @@ def write(cfg: Config) -> dict[str, Any]:
             **rope_to_hf(cfg), "n_group": moe.num_groups, "topk_group": moe.group_topk,
             "n_shared_experts": moe.shared_expert_ffn_hidden_size // moe.expert_ffn_hidden_size,
             "num_experts_per_tok": inference_k(cfg)[0], "norm_topk_prob": moe.renormalise_gates,
-            "num_nextn_predict_layers": 0, "use_cache": True, "attention_dropout": 0.0, "pretraining_tp": 1}
+            "use_cache": True, "attention_dropout": 0.0, "pretraining_tp": 1}
 
 
 def check_export(cfg: Config) -> list[str]:
@@ -68,10 +79,35 @@ def check_export(cfg: Config) -> list[str]:
     return out
 
 
-def _mtp_layers(hf: Mapping[str, Any]) -> tuple[str, ...]:
-    layers = hf_value(hf, Key("num_hidden_layers"))
-    mtp = hf_value(hf, Key("num_nextn_predict_layers", int, 0, nullable=True)) or 0
-    return tuple(f"model.layers.{layers + i}." for i in range(mtp))
+MTP_LAYERS = Key("num_nextn_predict_layers", int, 0)
+_MTP_NAME = re.compile(r"mtp\.(\d+)\.(block\.|norm\.)?")
+_MTP_COPIES = {"embed_tokens.weight": "embed_tokens.weight", "lm_head.weight": "shared_head.head.weight"}
+
+
+def mtp_layer_name(name: str, cfg: Config) -> str:
+    """``mtp.{i}.*`` -> ``layers.{N + i}.*`` (module docstring); other names unchanged."""
+    match = _MTP_NAME.match(name)
+    if match is None:
+        return name
+    part = "shared_head.norm." if match[2] == "norm." else ""
+    return f"layers.{cfg.model.num_layers + int(match[1])}.{part}{name[match.end():]}"
+
+
+def mtp_copies(name: str, cfg: Config) -> tuple[str, ...]:
+    """Every MTP layer's copy of the embedding or the head."""
+    leaf = _MTP_COPIES.get(name)
+    m = cfg.model
+    return tuple(f"model.layers.{m.num_layers + i}.{leaf}" for i in range(m.mtp_num_layers)) if leaf else ()
+
+
+def without_absent_mtp(hf: Mapping[str, Any], keys: Collection[str]) -> tuple[Mapping[str, Any], str]:
+    """MTP off when config.json declares MTP layers but the weights hold no ``model.layers.{N}.*`` tensor."""
+    layers, mtp = hf_value(hf, Key("num_hidden_layers")), hf_value(hf, MTP_LAYERS)
+    if not mtp or any(key.startswith(f"model.layers.{layers}.") for key in keys):
+        return hf, ""
+    return dict(hf, **{MTP_LAYERS.name: 0}), (
+        f"config.json says num_nextn_predict_layers={mtp} but the weights hold no MTP layer (model.layers.{layers}.*; "
+        "transformers' save_pretrained drops them): converted without MTP (model.mtp_num_layers: 0)")
 
 
 FAMILY = Family(
@@ -82,18 +118,17 @@ FAMILY = Family(
             "model.qk_nope_head_dim": Key("qk_nope_head_dim"), "model.qk_rope_head_dim": Key("qk_rope_head_dim"),
             "model.v_head_dim": Key("v_head_dim"), "model.rope_interleave": Key("rope_interleave", bool, True),
             "moe.num_experts": Key("n_routed_experts"), "moe.expert_ffn_hidden_size": Key("moe_intermediate_size"),
-            "moe.routed_scaling_factor": Key("routed_scaling_factor", float, 2.5)},
+            "moe.routed_scaling_factor": Key("routed_scaling_factor", float, 2.5),
+            "model.mtp_num_layers": MTP_LAYERS},
     soft=BASE_SOFT,
-    sets={"model.attention": "mla", "moe.score_function": "sigmoid", "moe.expert_bias": True,
-          "model.mtp_num_layers": 0},
+    sets={"model.attention": "mla", "moe.score_function": "sigmoid", "moe.expert_bias": True},
     export_requires={"model.attention": "mla", "moe.score_function": "sigmoid", "moe.shared_expert_gate": False,
-                     "moe.mone.enabled": False, "moe.matryoshka.enabled": False, "model.mtp_num_layers": 0},
+                     "moe.mone.enabled": False, "moe.matryoshka.enabled": False},
     unsupported={"hidden_act": "silu", "attention_bias": False, "scoring_func": "sigmoid",
                  "topk_method": "noaux_tc", "moe_layer_freq": 1},
     renames=((r"\.mlp\.router\.expert_bias$", ".mlp.gate.e_score_correction_bias"), (r"\.mlp\.router\.", ".mlp.gate."),
              (r"\.mlp\.shared_expert\.", ".mlp.shared_experts.")),
     fp32_keys=(".mlp.gate.weight", ".mlp.gate.e_score_correction_bias"),
-    read=read, write=write, check_export=check_export, skip_prefixes=_mtp_layers,
-    skip_reason="the multi-token-prediction (MTP) layers: their mapping to moetron's model.mtp_num_layers modules is "
-                "not written yet; converted the main model",
+    read=read, write=write, check_export=check_export,
+    layer_name=mtp_layer_name, copies=mtp_copies, match_weights=without_absent_mtp,
 )

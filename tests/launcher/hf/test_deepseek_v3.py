@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from launcher.hf import convert
-from launcher.hf.safetensors_io import INDEX_NAME, PlannedTensor, write_json, write_weights
+from launcher.hf.safetensors_io import write_json
 from tests.helpers.dist import run_distributed
 from tests.launcher.hf.test_from_hf import read_all
 
@@ -155,33 +155,25 @@ def _from_hf(rank, world_size, root, out):
 
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        rc = convert.main(["from-hf", "--hf", f"{root}/hf_mtp", "--output", f"{root}/{out}", "data.source=synthetic"])
+        rc = convert.main(["from-hf", "--hf", f"{root}/hf_nextn", "--output", f"{root}/{out}", "data.source=synthetic"])
     return rc, err.getvalue()
 
 
-def test_mtp_layers_are_skipped_with_one_line(conversions):
-    """An official-layout checkpoint keeps MTP module i at model.layers.{num_hidden_layers + i}: until moetron has
-    MTP, from-hf converts the main model and says in one line that it skipped them."""
+def test_a_declared_mtp_layer_without_weights_converts_without_mtp_in_one_line(conversions):
+    """transformers' save_pretrained drops the MTP layers but keeps num_nextn_predict_layers (its default is 1):
+    from-hf converts the main model with model.mtp_num_layers 0 and says so in one line (test_deepseek_v3_mtp.py
+    converts the MTP layers when they are there)."""
     root = conversions("full")["root"]
-    shutil.copytree(root / "hf", root / "hf_mtp")
-    config = json.loads((root / "hf_mtp" / "config.json").read_text())
-    write_json(root / "hf_mtp" / "config.json", dict(config, num_nextn_predict_layers=1))
-    extra = root / "mtp_shard"
-    extra.mkdir()
-    mtp = {f"model.layers.3.{name}": torch.ones(32) for name in ("enorm.weight", "hnorm.weight",
-                                                                  "shared_head.norm.weight")}
-    write_weights(extra, [PlannedTensor(k, (32,), torch.float32, lambda v=v: v) for k, v in mtp.items()], 1 << 20)
-    shutil.copy(extra / "model-00001-of-00001.safetensors", root / "hf_mtp" / "mtp.safetensors")
-    index_path = root / "hf_mtp" / INDEX_NAME
-    if not index_path.exists():
-        write_json(index_path, {"weight_map": dict.fromkeys(read_all(root / "hf"), "model.safetensors")})
-    index = json.loads(index_path.read_text())
-    index["weight_map"].update(dict.fromkeys(mtp, "mtp.safetensors"))
-    write_json(index_path, index)
-    rc, err = run_distributed(_from_hf, 1, str(root), "ckpt_mtp")[0]
+    shutil.copytree(root / "hf", root / "hf_nextn")
+    config = json.loads((root / "hf_nextn" / "config.json").read_text())
+    write_json(root / "hf_nextn" / "config.json", dict(config, num_nextn_predict_layers=1))
+    rc, err = run_distributed(_from_hf, 1, str(root), "ckpt_nextn")[0]
     assert rc == 0, err
-    lines = [line for line in err.splitlines() if "MTP" in line]
-    assert len(lines) == 1 and "skipped 3 tensors under ['model.layers.3']" in lines[0], err
+    lines = [line for line in err.splitlines() if "num_nextn_predict_layers" in line]
+    assert len(lines) == 1 and "num_nextn_predict_layers=1 but the weights hold no MTP layer (model.layers.3.*" in \
+        lines[0] and "converted without MTP (model.mtp_num_layers: 0)" in lines[0], err
+    recipe = yaml.safe_load((root / "ckpt_nextn" / "config.yaml").read_text())
+    assert recipe["model"]["mtp_num_layers"] == 0
 
 
 def _hf_config(**changes) -> dict:

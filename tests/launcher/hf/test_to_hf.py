@@ -165,7 +165,10 @@ def test_exported_files_follow_the_umask(tmp_path):
     (["model.qk_norm=projection"], "model.qk_norm='projection' (needs 'head')"),
     (["model.qk_norm=none"], "model.qk_norm='none' (needs 'head')"),
     (["model.qkv_bias=true"], "model.qkv_bias=True (needs False)"),
-    (["model.partial_rotary_factor=0.5"], "model.partial_rotary_factor=0.5 (needs 1.0)")])
+    (["model.partial_rotary_factor=0.5"], "model.partial_rotary_factor=0.5 (needs 1.0)"),
+    # MoNE in the shared expert: the moetron flavour (MoNE's modeling code) has no shared expert at all
+    (["moe.shared_expert_ffn_hidden_size=64", "moe.mone.enabled=true", "moe.mone.shared_experts=true"],
+     "moe.shared_expert_ffn_hidden_size=64 (needs 0)")])
 def test_qwen3_moe_refuses_what_it_cannot_represent_in_one_line(overrides, named):
     """Qwen3-MoE would compute such a model differently: refuse instead of exporting it wrong."""
     from launcher.config import ConfigError, load_config
@@ -185,6 +188,11 @@ def test_to_hf_picks_the_family_that_represents_the_model_or_names_every_reason(
     with pytest.raises(ConfigError, match=r"qwen3_moe: model.attention='mla' \(needs 'gqa'\).* \| deepseek_v3: "
                                           r"model.dense_layers=\[1\]"):
         families.for_export(load_config(None, mla + ["model.dense_layers=[1]"]))
+    shared_mone = mla + ["moe.shared_expert_ffn_hidden_size=64", "moe.mone.enabled=true",
+                         "moe.mone.shared_experts=true"]  # MoNE in the shared expert: no family writes it
+    with pytest.raises(ConfigError, match=r"qwen3_moe: .*moe.shared_expert_ffn_hidden_size=64 \(needs 0\).* \| "
+                                          r"deepseek_v3: moe.mone.enabled=True \(needs False\)"):
+        families.for_export(load_config(None, shared_mone))
 
 
 def test_a_failed_write_leaves_the_output_as_it_was(tmp_path):
