@@ -172,6 +172,11 @@ class CheckpointConfig:
     """Save when training finishes (turn off for throughput benchmarks)."""
     resume: Literal["auto", "never"] = "auto"
     """auto resumes from the latest complete checkpoint under dir if one exists."""
+    async_save: bool = False
+    """true | false. true: interval saves copy the state to host memory and write it from a background thread
+    while training goes on (torch DCP's writer through megatron-core's async request); 'latest' moves once every
+    rank's files and the manifest are complete (checked after each step), and the save at the end, a stop or an
+    exit waits for it. Costs one host copy of each rank's share of the weights and optimizer state while it writes."""
 
 
 @dataclass

@@ -1,23 +1,25 @@
-"""Distributed checkpoints (megatron-core ``dist_checkpointing``) that resume exactly and reshard.
+"""Distributed checkpoints (megatron-core ``dist_checkpointing``) that resume exactly and reshard: what a checkpoint
+holds, saving (:class:`Saving`: inline, or writing in the background with ``checkpoint.async_save``) and loading.
 
 Layout of ``<root>``::
 
-    step_0000100/        a complete checkpoint (megatron-core torch_dist format + moetron.json: step, run id)
+    step_0000100/        a complete checkpoint (megatron-core torch_dist format + moetron.json: the manifest)
     step_0000200.tmp/    being written (or, ``*.removing.tmp``, being deleted); never read, removed at start
     step_0000200.new/    a complete re-save of the step ``latest`` names, for the moment it replaces it
     latest               text file naming the checkpoint to resume from
 
-Atomicity: every rank writes into ``step_N.tmp``; after a barrier rank 0 fsyncs it, renames it to ``step_N`` and
-then replaces ``latest`` through a temp file + ``os.replace``. Re-saving the step ``latest`` names goes through
-``step_N.new``: ``latest`` names the new copy before the old one is removed (:func:`_commit`). Directories are
-deleted by renaming them to ``*.removing.tmp`` first, so no half-deleted checkpoint keeps a checkpoint name. A kill
-at any point leaves ``latest`` naming a complete checkpoint (or nothing); ``prepare`` finishes or rolls back an
+Atomicity: every rank writes into ``step_N.tmp``; when every rank's files, ``.metadata`` and ``metadata.json`` are
+complete, rank 0 writes the manifest (size and CRC-32 of every file, ``checkpoint_manifest.py``), fsyncs, renames
+``step_N.tmp`` to ``step_N`` and then replaces ``latest`` (``checkpoint_root.py``: the directory protocol, which
+treats every name read from disk as hostile and deletes only directories it wrote). A kill at any point leaves
+``latest`` naming a complete checkpoint (or nothing); :func:`checkpoint_rank0.prepare` finishes or rolls back an
 interrupted commit and removes ``*.tmp`` at the next start.
 
 Runs: each checkpoint records the id of the run (lineage) that wrote it; a resumed run keeps its checkpoint's id,
 a ``resume=never`` run starts a new one and detaches ``latest``. ``keep_last`` prunes only the run's own
 checkpoints, never the one ``latest`` names nor the protected one (the newest saved before a non-finite streak).
-Loading unpickles only allowlisted types (``safe_load.py``); the model/MoE config must match on resume.
+Loading checks the bytes against the manifest first and unpickles only allowlisted types (``safe_load.py``); the
+model/MoE config must match on resume and evaluation (:func:`model_changes`).
 
 Contents: every parameter, AdamW moment and (bf16 runs) fp32 main weight as a ``ShardedTensor`` with its global
 shape/offsets (see ``parallel/sharding.py`` and ``parallel/optim/optimizer.py``) -> loadable at any TP/PP/EP/DP layout,
@@ -30,12 +32,8 @@ says so); the data position always: exactly when the DP size is unchanged (TP/PP
 from __future__ import annotations
 
 import contextlib
-import errno
-import json
-import logging
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -43,27 +41,19 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from launcher.errors import MoetronError
+from launcher.train import checkpoint_manifest as manifest, checkpoint_root as disk
+from launcher.train.checkpoint_rank0 import first_line, on_rank0, root_cause, save_failure
+from launcher.train.checkpoint_root import TMP, CheckpointError, find_latest, step_name
+from launcher.train.checkpoint_write import WriteJob, all_written
 from parallel.groups import ParallelGroups
 from parallel.optim.optimizer import TrainOptimizer
 from parallel.sharding import is_writer, named_specs, sharded_tensor
 
-log = logging.getLogger(__name__)
-LATEST = "latest"
-SIDECAR = "moetron.json"
-TMP, NEW = ".tmp", ".new"
-_STEP_DIR = re.compile(r"^step_(\d{7})$")
 RESUME_MAY_DIFFER = ("moe.dispatcher", "moe.llep", "moe.mone.backend", "moe.matryoshka.eval_k", "moe.aux_loss_coeff",
                      "moe.aux_loss_scope", "moe.z_loss_coeff", "moe.expert_bias_update_rate",
                      "moe.mone.balance_loss_coeff")
-"""model.*/moe.* keys a resumed run may change: how tokens travel, which kernel runs, and the weights of the
-auxiliary losses (training settings, not the model that is computed)."""
-
-
-class CheckpointError(MoetronError):
-    """A checkpoint directory or checkpoint cannot be used; the message is one line: what, and what to do."""
-
-    kind = "checkpoint"
+"""model.*/moe.* keys a resumed run (or an evaluation) may change: how tokens travel, which kernel runs, the eval k
+and the weights of the auxiliary losses (training settings, not the model that is computed)."""
 
 
 def _layout(groups: ParallelGroups) -> dict[str, int]:
@@ -102,109 +92,103 @@ def sharded_state_dict(model: nn.Module, groups: ParallelGroups, per_rank: Optio
     return sd
 
 
-def save(root: str | Path, step: int, model: nn.Module, optimizer: TrainOptimizer,
-         groups: ParallelGroups, common: dict[str, Any], per_rank: dict[str, Any], keep_last: int = 2,
-         run: str = "", protect: tuple[str, ...] = ()) -> Path:
-    """Write checkpoint ``step`` atomically (collective over the world); returns its directory. ``run`` is the
-    lineage id recorded in it and ``protect`` names checkpoints pruning must keep (both used on rank 0). A failed
-    write (e.g. ENOSPC) removes the partial ``.tmp`` and raises :class:`CheckpointError` on every rank."""
+class Saving:
+    """One checkpoint save, started by :func:`start_save` (collective): this rank's files are being written (inline:
+    already written). :meth:`ready` says whether every rank's writes ended; :meth:`finish` (collective) waits for
+    them, writes the manifest and commits: ``latest`` names the new checkpoint only then."""
+
+    def __init__(self, root: Path, step: int, groups: ParallelGroups, job: WriteJob, keep_last: int, run: str,
+                 protect: tuple[str, ...], device: torch.device):
+        self.root, self.step, self.groups, self.job, self.device = root, step, groups, job, device
+        self.path = root / step_name(step)
+        self._keep_last, self._run, self._protect = keep_last, run, protect
+
+    def ready(self) -> bool:
+        """Whether every rank's writes have ended (collective: one small all-reduce)."""
+        return all_written(self.job, self.device)
+
+    def finish(self) -> Path:
+        """Wait for every rank's writes, finalize, write the manifest, commit and prune (collective); returns the
+        committed checkpoint. A failure removes the partial ``.tmp`` and raises :class:`CheckpointError` on every
+        rank; ``latest`` still names the previous checkpoint."""
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        tmp = self.root / (self.path.name + TMP)
+        try:
+            self.job.finalize()
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP reports a rank's failure on every rank
+            self._fail(e)
+        records = self._gather_records()
+
+        def commit() -> None:
+            if isinstance(records, BaseException):
+                raise records
+            _fsync_tree(tmp)
+            files = dict(records, **manifest.records(tmp, [".metadata", disk.COMPLETE_MARKER]))
+            manifest.write(tmp, self.step, self._run, files)
+            disk.commit(self.root, tmp.name, self.path.name)
+            disk.prune(self.root, self._keep_last, self._run, self.step, self._protect, manifest.run_of)
+
+        on_rank0(self.groups, commit, f"cannot commit checkpoint '{self.path}'",
+                 cleanup=lambda: disk.remove(self.root, tmp.name))
+        return self.path
+
+    def _gather_records(self) -> dict[str, dict] | BaseException:
+        """Every rank's file records merged on rank 0 (a rank's failure to record them, as an error there)."""
+        mine = ("error", f"rank {self.groups.rank}: {type(self.job.error).__name__}: {first_line(self.job.error)}") \
+            if self.job.error is not None else ("ok", self.job.records)
+        parts = [mine]
+        if self.groups.world_size > 1:
+            parts = [None] * self.groups.world_size if self.groups.rank == 0 else None
+            dist.gather_object(mine, parts, dst=0)
+        if self.groups.rank != 0:
+            return {}
+        errors = [text for kind, text in parts if kind == "error"]
+        if errors:
+            return CheckpointError(save_failure(RuntimeError(errors[0]), self.root, self.path))
+        return {name: r for kind, rec in parts for name, r in rec.items()}
+
+    def _fail(self, e: BaseException):
+        if self.groups.rank == 0:
+            with contextlib.suppress(OSError, CheckpointError):
+                disk.remove(self.root, self.path.name + TMP)
+        raise CheckpointError(save_failure(e, self.root, self.path)) from None
+
+
+def start_save(root: str | Path, step: int, model: nn.Module, optimizer: TrainOptimizer,
+               groups: ParallelGroups, common: dict[str, Any], per_rank: dict[str, Any], keep_last: int = 2,
+               run: str = "", protect: tuple[str, ...] = (), background: bool = False) -> Saving:
+    """Plan checkpoint ``step`` and write this rank's files into ``step_N.tmp`` (collective); with ``background``
+    the files are written by a thread from a host copy of the state, so training may go on. ``run`` is the lineage
+    id recorded in it and ``protect`` names checkpoints pruning must keep (both used on rank 0). Finish it with
+    :meth:`Saving.finish`. A failed plan removes the partial ``.tmp`` and raises :class:`CheckpointError`."""
     from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint.api import CheckpointException
 
     root = Path(root)
-    final, tmp = root / step_name(step), root / (step_name(step) + TMP)
-    _on_rank0(groups, lambda: (_remove(tmp), tmp.mkdir(parents=True)), f"cannot create '{tmp}'")
+    tmp_name = step_name(step) + TMP
+    on_rank0(groups, lambda: (disk.remove(root, tmp_name), (root / tmp_name).mkdir(parents=True)),
+             f"cannot create '{root / tmp_name}'")
     optimizer.sync_params()
     sd = sharded_state_dict(model, groups, per_rank)
     sd.update(optimizer.state_for_save(model, groups))
     sd["common"] = dict(common, layout=_layout(groups), per_rank_keys=sorted(per_rank),
                         optim_step=optimizer.updates(), optim_main_params=optimizer.main_params_saved)
+    saving = Saving(root, step, groups, None, keep_last, run, protect, next(model.parameters()).device)
     try:
-        dist_checkpointing.save(sd, str(tmp))
+        request = dist_checkpointing.save(sd, str(root / tmp_name), async_sharded_save=True, async_strategy="mcore")
+        saving.job = WriteJob(request, root / tmp_name, background)
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP reports a rank's failure on every rank
-        if groups.rank == 0:
-            _remove(tmp)
-        raise CheckpointError(_save_failure(e, root, final)) from None
-    dist.barrier()
-
-    def commit() -> None:
-        _fsync_tree(tmp)
-        _write_json(tmp / SIDECAR, {"step": step, "run": run})
-        _commit(root, tmp, final)
-        _prune(root, keep_last, run, step, protect)
-
-    _on_rank0(groups, commit, f"cannot commit checkpoint '{final}'", cleanup=lambda: _remove(tmp))
-    return final
+        saving._fail(e)
+    return saving
 
 
-def step_name(step: int) -> str:
-    return f"step_{step:07d}"
-
-
-def _on_rank0(groups: ParallelGroups, fn, what: str, cleanup=None) -> None:
-    """Run ``fn`` on rank 0 (collective); an OSError there raises :class:`CheckpointError` on every rank."""
-    error = None
-    if groups.rank == 0:
-        try:
-            fn()
-        except OSError as e:
-            if cleanup is not None:
-                with contextlib.suppress(OSError):
-                    cleanup()
-            error = f"{what}: {_os_reason(e)}"
-    if groups.world_size > 1:
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error:
-        raise CheckpointError(error)
-
-
-def _os_reason(e: OSError) -> str:
-    name = errno.errorcode.get(e.errno or 0, "")
-    reason = f"{e.strerror or e} ({name})" if name else str(e)
-    return f"{reason}: '{e.filename}'" if e.filename else reason
-
-
-def _save_failure(e: BaseException, root: Path, final: Path) -> str:
-    """One line for a failed ``dist_checkpointing.save``: ENOSPC anywhere in the failure (or a full disk) is said
-    as such; anything else by its innermost message."""
-    cause = _root_cause(e)
-    free = _free_bytes(root)
-    no_space = (isinstance(cause, OSError) and cause.errno == errno.ENOSPC) or "No space left" in str(e) \
-        or (free is not None and free < 1 << 20)
-    what = (f"no space left on device ({free:,} bytes free)" if no_space and free is not None else
-            "no space left on device" if no_space else f"{type(cause).__name__}: {_first_line(cause)}")
-    return (f"saving checkpoint '{final}' failed: {what}; its partial {final.name}{TMP} was removed and "
-            f"'{root / LATEST}' still names the last complete checkpoint: free space (or lower "
-            "checkpoint.keep_last) and restart to resume from it")
-
-
-def _root_cause(e: BaseException) -> BaseException:
-    """The innermost exception of ``e``, following DCP's per-rank failures and ``__cause__``/``__context__``."""
-    seen = set()
-    while id(e) not in seen:
-        seen.add(id(e))
-        failures = getattr(e, "failures", None)
-        if isinstance(failures, dict) and failures:
-            e = next(iter(failures.values()))[0]
-        elif e.__cause__ is not None or e.__context__ is not None:
-            e = e.__cause__ or e.__context__
-        else:
-            break
-    return e
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
-
-
-def _free_bytes(path: Path) -> Optional[int]:
-    try:
-        return shutil.disk_usage(path).free
-    except OSError:
-        return None
+def save(root: str | Path, step: int, model: nn.Module, optimizer: TrainOptimizer,
+         groups: ParallelGroups, common: dict[str, Any], per_rank: dict[str, Any], keep_last: int = 2,
+         run: str = "", protect: tuple[str, ...] = ()) -> Path:
+    """:func:`start_save` and :meth:`Saving.finish` in one: write checkpoint ``step`` atomically (collective);
+    returns its directory."""
+    return start_save(root, step, model, optimizer, groups, common, per_rank, keep_last, run, protect).finish()
 
 
 def _fsync_tree(path: Path) -> None:
@@ -212,162 +196,7 @@ def _fsync_tree(path: Path) -> None:
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-    _fsync_dir(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: Path, value: dict) -> None:
-    with open(path, "w") as fh:
-        json.dump(value, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _write_latest(root: Path, name: str) -> None:
-    tmp = root / f"{LATEST}{TMP}"
-    with open(tmp, "w") as fh:
-        fh.write(name + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, root / LATEST)
-    _fsync_dir(root)
-
-
-def _latest_name(root: Path) -> Optional[str]:
-    marker = root / LATEST
-    return marker.read_text().strip() if marker.is_file() else None
-
-
-def _remove(path: Path) -> None:
-    """Delete a directory so that no crash leaves it half-deleted under a checkpoint name: rename to
-    ``*.removing.tmp`` (atomic), then delete."""
-    if not path.exists():
-        return
-    if not path.name.endswith(TMP):
-        trash = path.with_name(f"{path.name}.removing{TMP}")
-        shutil.rmtree(trash, ignore_errors=True)
-        os.replace(path, trash)
-        path = trash
-    shutil.rmtree(path)
-
-
-def _commit(root: Path, tmp: Path, final: Path) -> None:
-    """Give the complete ``tmp`` the name ``final`` and point ``latest`` at it; ``latest`` names a complete
-    checkpoint at every instant. When ``final`` exists and ``latest`` names it, the new copy first becomes
-    ``final.new`` and ``latest`` names that while the old copy is removed (:func:`find_latest` maps a missing
-    ``X.new`` to ``X`` for the one rename in between)."""
-    if final.exists() and _latest_name(root) == final.name:
-        staged = final.with_name(final.name + NEW)
-        _remove(staged)
-        os.replace(tmp, staged)
-        _write_latest(root, staged.name)
-        tmp = staged
-    _remove(final)  # an older copy of this step that `latest` does not name (another run, an abandoned branch)
-    os.replace(tmp, final)
-    _write_latest(root, final.name)
-
-
-def run_of(ckpt: Path) -> str:
-    """The run (lineage) id recorded in checkpoint ``ckpt``; "" for checkpoints written before ids existed."""
-    try:
-        return str(json.loads((Path(ckpt) / SIDECAR).read_text()).get("run", ""))
-    except (OSError, ValueError, AttributeError):
-        return ""
-
-
-def _checkpoints(root: Path) -> dict[int, Path]:
-    """Committed checkpoints under ``root`` by step."""
-    out = {}
-    for p in root.iterdir() if root.is_dir() else ():
-        m = _STEP_DIR.match(p.name)
-        if m and p.is_dir():
-            out[int(m.group(1))] = p
-    return out
-
-
-def _prune(root: Path, keep_last: int, run: str, step: int, protect: tuple[str, ...]) -> None:
-    """Keep the newest ``keep_last`` checkpoints of run ``run`` up to ``step`` (0 keeps all) plus ``latest``'s and
-    the protected ones; the run's checkpoints above ``step`` are an abandoned branch (``latest`` was moved back)
-    and go too. Other runs' checkpoints are never touched."""
-    if keep_last <= 0:
-        return
-    keep = {_latest_name(root), *protect}
-    mine = sorted((s, p) for s, p in _checkpoints(root).items() if run_of(p) == run)
-    live = [p for s, p in mine if s <= step]
-    doomed = live[:-keep_last] + [p for s, p in mine if s > step]
-    for p in doomed:
-        if p.name not in keep:
-            _remove(p)
-
-
-def find_latest(root: str | Path) -> Optional[Path]:
-    """The checkpoint ``<root>/latest`` names; None when there is no ``latest``. Raises :class:`CheckpointError`
-    when ``latest`` names a directory that does not exist (never silently starts over)."""
-    root = Path(root)
-    name = _latest_name(root)
-    if name is None:
-        return None
-    for candidate in (root / name, root / name.removesuffix(NEW)):
-        if candidate.is_dir():
-            return candidate
-    raise CheckpointError(f"'{root / LATEST}' names '{name}', which does not exist: restore that checkpoint, or "
-                          f"remove '{root / LATEST}' to start from scratch")
-
-
-def set_latest(root: str | Path, ckpt: Path, groups: ParallelGroups) -> None:
-    """Point ``latest`` at the complete checkpoint ``ckpt`` (collective; rank 0 writes)."""
-    _on_rank0(groups, lambda: _write_latest(Path(root), ckpt.name), f"cannot update '{Path(root) / LATEST}'")
-
-
-def prepare(root: str | Path, groups: ParallelGroups, resume: bool,
-            writable: tuple[Path, ...] = ()) -> Optional[Path]:
-    """Start of a training run (collective): check that ``root`` and ``writable`` can be written, finish or roll
-    back a commit a kill interrupted, remove ``*.tmp`` left by killed saves, and return the checkpoint to resume
-    from (None when ``resume`` is false: ``latest`` is then detached, so this directory belongs to the new run)."""
-    root = Path(root)
-
-    def tidy() -> None:
-        for d in (root, *writable):
-            _probe_writable(Path(d))
-        name = _latest_name(root)
-        if name is not None and name.endswith(NEW):  # killed inside _commit: finish it
-            staged, final = root / name, root / name.removesuffix(NEW)
-            if staged.is_dir():
-                _remove(final)
-                os.replace(staged, final)
-            _write_latest(root, final.name)
-        for p in root.iterdir():
-            if p.is_dir() and (p.name.endswith(TMP) or p.name.endswith(NEW)) and p.name.startswith("step_"):
-                _remove(p)
-        (root / f"{LATEST}{TMP}").unlink(missing_ok=True)
-        if not resume and (root / LATEST).exists():
-            others = sorted(p.name for p in _checkpoints(root).values())
-            os.remove(root / LATEST)
-            log.info(f"checkpoint.resume=never: '{root}' holds checkpoints of an earlier run "
-                     f"({', '.join(others) or 'none'}); 'latest' no longer names them, they are kept until this run "
-                     "saves the same step")
-
-    _on_rank0(groups, tidy, "checkpoint directory not usable")
-    return find_latest(root) if resume else None
-
-
-def _probe_writable(path: Path) -> None:
-    """Create ``path`` if missing; raise OSError unless this process may create files in it (``access(2)``: also
-    false on a read-only mount, even for root). Writes nothing when it exists."""
-    path.mkdir(parents=True, exist_ok=True)
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise OSError(errno.EROFS if _read_only_mount(path) else errno.EACCES, "not writable", str(path))
-
-
-def _read_only_mount(path: Path) -> bool:
-    return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    disk.fsync_dir(path)
 
 
 def checkpoint_bytes(model: nn.Module, groups: ParallelGroups, with_optimizer: bool = True) -> int:
@@ -383,31 +212,14 @@ def checkpoint_bytes(model: nn.Module, groups: ParallelGroups, with_optimizer: b
     return int(total.item())
 
 
-def preflight_space(root: str | Path, groups: ParallelGroups, per_checkpoint: int, saves: int, keep_last: int,
-                    run: str) -> None:
-    """Raise :class:`CheckpointError` (every rank) unless ``root`` has room for what this run will write: ``saves``
-    checkpoints of ``per_checkpoint`` bytes, of which at most ``keep_last`` + 1 exist at once (the one being
-    written before pruning) counting run ``run``'s checkpoints already there."""
-    root = Path(root)
-
-    def check() -> None:
-        existing = sum(1 for p in _checkpoints(root).values() if run_of(p) == run)
-        count = saves if keep_last <= 0 else min(saves, max(1, keep_last + 1 - existing))
-        free, need = _free_bytes(root), per_checkpoint * count
-        if free is not None and free < need:
-            raise OSError(errno.ENOSPC, f"{free:,} bytes free but this run needs {need:,} bytes ({count} more "
-                                        f"checkpoint(s) of {per_checkpoint:,} bytes with checkpoint.keep_last="
-                                        f"{keep_last}): free space, lower checkpoint.keep_last or use another "
-                                        "checkpoint.dir")
-
-    if saves > 0:
-        _on_rank0(groups, check, f"checkpoint.dir '{root}' is too small")
-
-
 def load_common(ckpt_dir: str | Path) -> dict[str, Any]:
-    """The common state (step, config, layout, counters) of a checkpoint; allowlisted unpickling only."""
+    """The common state (step, config, layout, counters) of a checkpoint, after checking the sizes of its files
+    and the checksums of the small ones (:func:`checkpoint_manifest.problem`); allowlisted unpickling only."""
     from megatron.core import dist_checkpointing
 
+    damaged = manifest.problem(Path(ckpt_dir), distcp=False)
+    if damaged:
+        raise CheckpointError(damaged)
     with _loading(ckpt_dir):
         return dist_checkpointing.load_common_state_dict(str(ckpt_dir))["common"]
 
@@ -425,15 +237,36 @@ def _loading(ckpt_dir: str | Path):
     except CheckpointError:
         raise
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - every load failure becomes one line
-        cause = _root_cause(e)
-        text = _first_line(cause)
+        cause = root_cause(e)
+        text = first_line(cause)
         if NOT_ALLOWED in text:  # torch DCP may re-raise a metadata error as text only
             what = re.split(r"[;,)\s]", text.split(NOT_ALLOWED, 1)[1], maxsplit=1)[0]
             raise CheckpointError(f"refusing to load '{ckpt_dir}': it holds a pickled object outside the checkpoint "
                                   f"allowlist ({what}); it was not written by moetron or was altered, so use "
                                   "another checkpoint") from None
         raise CheckpointError(f"cannot load checkpoint '{ckpt_dir}': {type(cause).__name__}: "
-                              f"{_first_line(cause)}") from None
+                              f"{first_line(cause)}") from None
+
+
+def verify(ckpt_dir: Path, groups: ParallelGroups) -> None:
+    """Check every file of the checkpoint against its manifest, each rank the checksums of its share of the
+    ``.distcp`` files (collective); a damaged file raises the same :class:`CheckpointError` line on every rank."""
+    damaged = manifest.problem(ckpt_dir, groups.rank, groups.world_size)
+    if groups.world_size > 1:
+        found: list[Optional[str]] = [None] * groups.world_size
+        dist.all_gather_object(found, damaged)
+        damaged = next((text for text in found if text), None)
+    if damaged:
+        raise CheckpointError(damaged)
+
+
+def model_changes(saved_config: dict, current: dict, world_size: int) -> list[str]:
+    """``key saved -> current`` for every model.*/moe.* setting of the resolved config ``current`` that differs
+    from the checkpoint's ``saved_config`` (resolved for ``world_size`` ranks first); :data:`RESUME_MAY_DIFFER`
+    may. A resumed run and an evaluation refuse any (a different shape would load wrongly or not at all)."""
+    from launcher.config import resolved_dict
+
+    return config_differences(resolved_dict(saved_config, world_size), current)
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
@@ -464,6 +297,7 @@ def load(ckpt_dir: str | Path, model: nn.Module, optimizer: Optional[TrainOptimi
     from megatron.core import dist_checkpointing
 
     common = load_common(ckpt_dir)
+    verify(Path(ckpt_dir), groups)
     targets = _per_rank_targets(per_rank_templates or {}, set(common.get("per_rank_keys", ())),
                                 common.get("layout"), groups)
     with_main = bool(common.get("optim_main_params", False))

@@ -5,8 +5,10 @@ Single process: `python -m launcher.evaluate --checkpoint runs/smoke --k 1,2,4`
 Any layout:     `torchrun --nproc-per-node 4 -m launcher.evaluate --checkpoint runs/smoke parallel.tp=2 parallel.ep=2`
 
 ``DIR`` is a checkpoint (``step_XXXXXXX``), a checkpoint root (holding ``latest``) or a run directory (holding
-``checkpoints/``); the newest complete checkpoint is used. The config is the one stored in the checkpoint; dotted
-overrides change it (parallel layout, ``data.path`` / ``data.valid_path``, ``train.micro_batch_size``, ...). The
+``checkpoints/``); the checkpoint ``latest`` names is used (its files are checked against its manifest first). The
+config is the one stored in the checkpoint; dotted overrides change it (parallel layout, ``data.path`` /
+``data.valid_path``, ``train.micro_batch_size``, ``moe.matryoshka.eval_k``, ...), but not its model: an override
+of a ``model.*``/``moe.*`` setting that a resumed run could not change either is refused in one line. The
 layout defaults to the checkpoint's when the world size is the training's, else to tp = pp = ep = 1.
 ``--k 1,2,4`` evaluates each k in every MoE layer; ``--k-list 1,2,2,4`` one run with one k per MoE layer; neither
 evaluates the checkpoint's eval k (``moe.matryoshka.eval_k``, else ``k_max`` for M-MoE, else ``top_k``).
@@ -31,7 +33,7 @@ from launcher import env, log as console
 from launcher.errors import ArgumentParser, MoetronError, report
 from launcher.train import checkpoint
 from launcher.config import (Config, ConfigError, apply_override, check_data_dirs, config_from_dict, resolve,
-                             validate_world)
+                             to_dict, validate_world)
 from moe_core.config import check_eval_k
 from moe_core.matryoshka import EvalK
 
@@ -96,8 +98,14 @@ def eval_config(common: dict, overrides: list[str], world_size: int) -> Config:
     cfg = config_from_dict(raw)
     cfg.train.global_batch_size = cfg.train.micro_batch_size * max(1, cfg.parallel.data_parallel_size(world_size))
     validate_world(cfg, world_size)  # before any process group exists
+    cfg = resolve(cfg, world_size)
+    diffs = checkpoint.model_changes(common["config"], to_dict(cfg), world_size)
+    if diffs:
+        raise ConfigError(f"the overrides change the checkpoint's model ({', '.join(diffs)}): drop them; evaluation "
+                          "uses the checkpoint's own model settings (the eval k, batch sizes, data and layout may "
+                          "change)")
     check_data_dirs(cfg.data)
-    return resolve(cfg, world_size)
+    return cfg
 
 
 def k_values(args: argparse.Namespace, cfg: Config) -> list[EvalK]:

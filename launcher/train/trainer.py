@@ -24,6 +24,8 @@ import numpy as np
 import torch
 
 from launcher.train import checkpoint, flops, summary, token_loss
+from launcher.train.checkpoint_manifest import run_of
+from launcher.train.checkpoint_rank0 import preflight_space, prepare, set_latest
 from launcher.config import (Config, ConfigError, check_eval_batches, resolve, resolved_dict, save_resolved,
                              to_dict)
 from launcher.data.build import build_loader
@@ -132,6 +134,11 @@ class Trainer:
         """Lineage id of this run's checkpoints (a resumed run takes its checkpoint's; rank 0's is the one used)."""
         self.last_good: Optional[str] = None
         """The newest checkpoint saved outside a non-finite streak: pruning keeps it, a stopped run names it."""
+        self._saving: Optional[tuple[checkpoint.Saving, bool, float]] = None
+        """The save in flight (``checkpoint.async_save``; whether it is outside a non-finite streak, the seconds its
+        start took), committed by :meth:`finish_save`."""
+        self.save_stalls: list[float] = []
+        """Seconds each committed save kept training waiting (``launcher/bench/checkpoint_stall.py``)."""
         self._reduction = StepReduction(groups, self.device, cfg.model.trained_moe_layer_indices, cfg.moe.num_experts,
                                         self.num_micro * groups.dp_size, cfg.moe.mone.enabled,
                                         cfg.model.mtp_num_layers, cfg.model.mtp_loss_coeff,
@@ -166,25 +173,45 @@ class Trainer:
         self.watchdog.enter(name, self.step, slow=slow or self.step == self._first_step)
 
     def save(self) -> Path:
+        """Save the current state and wait until it is committed (collective); returns the checkpoint."""
+        self.start_save(background=False)
+        return self.finish_save()
+
+    def start_save(self, background: bool) -> None:
+        """Start saving the current state (collective; a save still in flight is finished first). ``background``:
+        this rank's files are written by a thread (``checkpoint.async_save``) and :meth:`finish_save` commits them."""
+        self.finish_save()
         self._mark("checkpoint save", slow=True)
         start = time.perf_counter()
         common = {"step": self.step, "skipped_steps": self.skipped, "config": to_dict(self.cfg),
                   "nonfinite_streak": self.nonfinite_streak, "last_good": self.last_good}
-        path = checkpoint.save(self.ckpt_root, self.step, self.model, self.optimizer, self.groups, common,
-                               self._per_rank_state(), keep_last=self.cfg.checkpoint.keep_last, run=self.run_id,
-                               protect=(self.last_good,) if self.last_good else ())
-        if self.nonfinite_streak == 0:
+        saving = checkpoint.start_save(
+            self.ckpt_root, self.step, self.model, self.optimizer, self.groups, common, self._per_rank_state(),
+            keep_last=self.cfg.checkpoint.keep_last, run=self.run_id,
+            protect=(self.last_good,) if self.last_good else (), background=background)
+        self._saving = (saving, self.nonfinite_streak == 0, time.perf_counter() - start)
+
+    def finish_save(self) -> Optional[Path]:
+        """Wait for the save in flight, if any, and commit it (collective); returns its checkpoint."""
+        if self._saving is None:
+            return None
+        (saving, good, stall), self._saving = self._saving, None
+        self._mark("checkpoint save", slow=True)
+        start = time.perf_counter()
+        path = saving.finish()
+        if good:
             self.last_good = path.name
-        log.debug(f"saved {path} in {time.perf_counter() - start:.1f} s")
+        self.save_stalls.append(stall + time.perf_counter() - start)
+        log.debug(f"saved {path}; training stalled {self.save_stalls[-1]:.3f} s for it")
         return path
 
     def maybe_resume(self, ckpt: Optional[Path]) -> Optional[Path]:
-        """Resume from ``ckpt`` (``checkpoint.prepare``'s answer; None starts from scratch) after checking that its
-        model/MoE config is this run's: a different shape would load wrongly or not at all."""
+        """Resume from ``ckpt`` (``checkpoint_rank0.prepare``'s answer; None starts from scratch) after checking that
+        its model/MoE config is this run's: a different shape would load wrongly or not at all."""
         if ckpt is None:
             return None
-        saved = resolved_dict(checkpoint.load_common(ckpt).get("config", {}), self.groups.world_size)
-        diffs = checkpoint.config_differences(saved, to_dict(self.cfg))
+        saved = checkpoint.load_common(ckpt).get("config", {})
+        diffs = checkpoint.model_changes(saved, to_dict(self.cfg), self.groups.world_size)
         if diffs:
             raise checkpoint.CheckpointError(
                 f"cannot resume from '{ckpt}': the model differs from the checkpoint's ({', '.join(diffs)}); restore "
@@ -193,13 +220,25 @@ class Trainer:
         self.step, self.skipped = int(common["step"]), int(common.get("skipped_steps", 0))
         self.nonfinite_streak = int(common.get("nonfinite_streak", 0))
         self.last_good = ckpt.name if self.nonfinite_streak == 0 else common.get("last_good")
-        self.run_id = checkpoint.run_of(ckpt)
+        self.run_id = run_of(ckpt) or self.run_id  # a checkpoint without a run id: never prune what it did not write
         self._restore_per_rank(per_rank)
         if "rng" not in per_rank:
             log.info(f"resumed {ckpt} at a different parallel layout: random streams are re-seeded; the data "
                      "continues from the checkpoint's position (exactly when the data-parallel size is unchanged)")
+        self._note_micro_batch_change(saved)
         log.info(f"resumed from {ckpt} at step {self.step}")
         return ckpt
+
+    def _note_micro_batch_change(self, saved: dict) -> None:
+        """Say that a synthetic-data run resumed with another ``train.micro_batch_size`` draws other samples from
+        here on (its batch ``b`` is a function of the micro-batch size); the shard loaders say so themselves
+        (``launcher/data/loader.py``). Megatron-LM also lets a resumed run change the micro-batch size."""
+        before = saved.get("train", {}).get("micro_batch_size")
+        now = self.cfg.train.micro_batch_size
+        if self.cfg.data.source == "synthetic" and before not in (None, now):
+            log.warning(f"train.micro_batch_size changed since the checkpoint ({before} -> {now}): the data position "
+                        "is approximate (the synthetic batches drawn from here on differ from the uninterrupted "
+                        "run's); set it back to continue exactly")
 
     # ------------------------------------------------------------ one step
     def _forward(self, model, mb: dict, x: Optional[torch.Tensor]):
@@ -346,7 +385,7 @@ class Trainer:
         the model is being built or resumed is not lost."""
         cfg = self.cfg
         preemption = preemption or Preemption()
-        ckpt = checkpoint.prepare(self.ckpt_root, self.groups, resume=cfg.checkpoint.resume == "auto",
+        ckpt = prepare(self.ckpt_root, self.groups, resume=cfg.checkpoint.resume == "auto",
                                   writable=(self.run_dir,))
         resumed = self.maybe_resume(ckpt)
         result = TrainResult(checkpoint=str(resumed) if resumed else None)
@@ -354,7 +393,7 @@ class Trainer:
             log.info(f"nothing to do: finished at step {self.step}")
             result.final_step, result.skipped_steps = self.step, self.skipped
             return result
-        checkpoint.preflight_space(self.ckpt_root, self.groups, checkpoint.checkpoint_bytes(self.model, self.groups),
+        preflight_space(self.ckpt_root, self.groups, checkpoint.checkpoint_bytes(self.model, self.groups),
                                    self._saves_to_come(), cfg.checkpoint.keep_last, self.run_id)
         if self.groups.rank == 0:  # the run directory's files are rank 0's to write
             save_resolved(cfg, self.run_dir)
@@ -386,8 +425,12 @@ class Trainer:
             self.step += 1
             if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0:
                 self._validate()
+            if self._saving is not None and self._saving[0].ready():
+                result.checkpoint = str(self.finish_save())
             if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
-                result.checkpoint = str(self.save())
+                self.start_save(background=cfg.checkpoint.async_save)
+                if not cfg.checkpoint.async_save:
+                    result.checkpoint = str(self.finish_save())
                 last_saved = self.step
             if stop:
                 if last_saved != self.step:
@@ -405,6 +448,8 @@ class Trainer:
         else:
             if cfg.checkpoint.save_at_end and last_saved != self.step:  # never re-save the step resumed from
                 result.checkpoint = str(self.save())
+        if self._saving is not None:  # an interval save still writing: the run ends once it is committed
+            result.checkpoint = str(self.finish_save())
         result.final_step, result.skipped_steps = self.step, self.skipped
         self.writer.close()
         return result
@@ -418,6 +463,7 @@ class Trainer:
     def _stop_nonfinite(self) -> str:
         """Point ``latest`` back at the newest checkpoint saved before the non-finite streak (collective) and say
         so: the TrainingError message."""
+        self.finish_save()
         cfg, first = self.cfg, self.step - self.nonfinite_streak + 1
         head = (f"{self.nonfinite_streak} consecutive non-finite steps (train.max_consecutive_nonfinite="
                 f"{cfg.train.max_consecutive_nonfinite}) at step {self.step}")
@@ -425,7 +471,7 @@ class Trainer:
         if good is None or not good.is_dir():
             return (f"{head}: no checkpoint was saved before the first of them (step {first}); lower optim.lr or "
                     "check the data, and start again")
-        checkpoint.set_latest(self.ckpt_root, good, self.groups)
+        set_latest(self.ckpt_root, good, self.groups)
         return (f"{head}: 'latest' now names {good}, the last checkpoint saved before them (the first was step "
                 f"{first}); lower optim.lr or check the data, then restart to resume from it")
 

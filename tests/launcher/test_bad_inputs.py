@@ -27,7 +27,7 @@ from launcher.config import Config, load_config
 from launcher.data import preprocess
 from launcher.data.format import read_index
 from moe_core.config_fields import Range
-from tests.helpers.dist import free_port
+from tests.helpers.dist import free_port, run_distributed
 from tests.launcher.data.helpers import SEQ, corpus_docs, preprocess as make_shards, write_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
@@ -391,6 +391,167 @@ def test_bad_records_are_skipped_and_counted_not_fatal(tmp_path, capsys):
     assert "mixed.jsonl:2: 'text' is not Unicode text (lone surrogate '\\ud800' at character 7)" in err
     assert "mixed.jsonl:3: JSON this parser cannot read (RecursionError" in err
     assert "mixed.jsonl:4: JSON this parser cannot read (ValueError" in err
+
+
+# ---------------------------------------------------------------- 12. checkpoints read from disk (issue 27)
+
+def _train_tiny(rank, world_size, run_dir):
+    pretrain.main(["--recipe", str(REPO / "recipes" / "smoke_cpu.yaml"), *TINY, "model.num_layers=2",
+                   "checkpoint.save_at_end=true", f"logging.run_dir={run_dir}", "--quiet"])
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """A finished 2-layer TINY run (checkpoints/step_0000002), copied by each row before it is damaged."""
+    run = tmp_path_factory.mktemp("tiny") / "run"
+    run_distributed(_train_tiny, 1, run)
+    assert (run / "checkpoints" / "step_0000002" / "metadata.json").is_file()
+    return run
+
+
+def _tree(root: Path) -> dict[str, object]:
+    """Every entry under ``root`` (links not followed): a link's target, a file's bytes, or "dir"."""
+    out: dict[str, object] = {}
+    for parent, dirs, files in os.walk(root, followlinks=False):
+        for name in dirs + files:
+            path = Path(parent) / name
+            out[str(path.relative_to(root))] = (os.readlink(path) if path.is_symlink() else
+                                                "dir" if path.is_dir() else path.read_bytes())
+    return out
+
+
+def _latest(text: bytes):
+    return lambda root, outside: (root / "latest").write_bytes(text)
+
+
+def _latest_link(target: str):
+    def make(root, outside):
+        (root / "latest").unlink()
+        (root / "latest").symlink_to(target)
+    return make
+
+
+def _latest_dir(root, outside):
+    (root / "latest").unlink()
+    (root / "latest").mkdir()
+
+
+def _step_link(root, outside):
+    """`latest` names a step directory that is a link to another run's checkpoint outside the root."""
+    shutil.copytree(root / "step_0000002", outside / "other_run_step")
+    (root / "step_0000005").symlink_to(outside / "other_run_step")
+    (root / "latest").write_text("step_0000005\n")
+
+
+def _stale_tmp(root, outside):
+    shutil.copytree(root / "step_0000002", root / "step_0000003.tmp")
+    (root / "latest").write_text("step_0000003.tmp\n")
+
+
+def _incomplete(root, outside):
+    shutil.copytree(root / "step_0000002", root / "step_0000004")
+    (root / "step_0000004" / "metadata.json").unlink()
+    (root / "latest").write_text("step_0000004\n")
+
+
+def _damage(name: str, how: str):
+    def make(root, outside):
+        path = root / "step_0000002" / name
+        data = path.read_bytes()
+        if how == "truncate":
+            path.write_bytes(data[:len(data) // 2])
+        elif how == "flip":
+            path.write_bytes(data[:len(data) // 2] + bytes([data[len(data) // 2] ^ 0xFF]) + data[len(data) // 2 + 1:])
+        elif how == "binary":
+            path.write_bytes(b"\x00\xff\xfe" * 50)
+        else:
+            path.unlink()
+    return make
+
+
+C = "step_0000002"
+HOSTILE = {  # how the checkpoint root is damaged -> what the one line says
+    "latest-dotdot": (_latest(b"../../important\n"), "holds b'../../important\\n', not a checkpoint name"),
+    "latest-absolute": (lambda root, outside: (root / "latest").write_text(str(outside / "important")),
+                        "not a checkpoint name"),
+    "latest-binary": (_latest(bytes(range(256))), "not a checkpoint name"),
+    "latest-empty": (_latest(b""), "/latest' is empty"),
+    "latest-dot": (_latest(b".\n"), "not a checkpoint name"),
+    "latest-directory": (_latest_dir, "/latest' is a directory"),
+    "latest-dangling-link": (_latest_link("/nonexistent/step_0000002"), "/latest' is a symbolic link"),
+    "latest-link-outside": (_latest_link("../../important/thesis.txt"), "/latest' is a symbolic link"),
+    "latest-stale-tmp": (_stale_tmp, "holds b'step_0000003.tmp\\n', not a checkpoint name"),
+    "latest-missing-step": (_latest(b"step_0000009\n"), "names 'step_0000009', which does not exist"),
+    "latest-step-is-link": (_step_link, "names 'step_0000005', which is a symbolic link, not a checkpoint directory"),
+    "latest-incomplete-step": (_incomplete, "names 'step_0000004', which is not a complete checkpoint"),
+    "distcp-truncated": (_damage("__0_0.distcp", "truncate"), f"{C}' is damaged: '__0_0.distcp' has "),
+    "distcp-altered": (_damage("__0_0.distcp", "flip"), f"{C}' is damaged: '__0_0.distcp' has CRC-32 "),
+    "distcp-missing": (_damage("__0_0.distcp", "delete"), f"{C}' is damaged: '__0_0.distcp' is missing"),
+    "metadata-truncated": (_damage(".metadata", "truncate"), f"{C}' is damaged: '.metadata' has "),
+    "manifest-binary": (_damage("moetron.json", "binary"), "moetron.json' is not a moetron checkpoint manifest"),
+}
+
+
+@pytest.fixture
+def entry(capsys, monkeypatch):
+    """``entry(main, argv)``: one entry point in a fresh one-rank world; returns its one error line."""
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1"}.items():
+        monkeypatch.setenv(key, value)
+
+    def run(main: Callable[[list[str]], int], argv: list[str]) -> str:
+        monkeypatch.setenv("MASTER_PORT", str(free_port()))
+        return _one_error_line(capsys, main, argv)
+    return run
+
+
+@pytest.mark.parametrize("fault", list(HOSTILE))
+def test_hostile_checkpoint_is_one_line_and_touches_nothing(tiny_run, tmp_path, entry, fault):
+    """Resume, `evaluate` and `convert to-hf` of a damaged checkpoint root: one line, exit 2, and not one file of
+    the run, of its neighbours or outside it (`important/thesis.txt`) is changed."""
+    from launcher.hf import convert
+    from launcher.train import evaluate
+
+    run, outside = tmp_path / "work" / "run", tmp_path / "work"
+    shutil.copytree(tiny_run, run)
+    (outside / "important").mkdir()
+    (outside / "important" / "thesis.txt").write_text("four years of work")
+    (run / "notes.txt").write_text("next to the checkpoint root")
+    mutate, message = HOSTILE[fault]
+    mutate(run / "checkpoints", outside)
+    before = _tree(tmp_path)
+    lines = [entry(pretrain.main, ["--recipe", str(REPO / "recipes" / "smoke_cpu.yaml"), *TINY, "model.num_layers=2",
+                                   "train.steps=4", "checkpoint.resume=auto", f"logging.run_dir={run}"]),
+             entry(evaluate.main, ["--checkpoint", str(run), "--batches", "1"]),
+             entry(convert.main, ["to-hf", "--checkpoint", str(run / "checkpoints"), "--output", str(tmp_path / "hf")])]
+    for line in lines:
+        assert line.startswith("moetron: checkpoint error: ") and message in line, line
+    assert _tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.num_layers=1", "(model.num_layers 2 -> 1)"),
+    ("moe.mone.enabled=true", "(moe.mone.enabled False -> True)"),
+    ("model.hidden_size=32", "model.hidden_size 16 -> 32"),
+])
+def test_evaluate_refuses_overrides_that_change_the_model(tiny_run, entry, override, message):
+    from launcher.train import evaluate
+
+    line = entry(evaluate.main, ["--checkpoint", str(tiny_run), "--batches", "1", override])
+    assert line.startswith("moetron: config error: the overrides change the checkpoint's model ") and message in line
+
+
+def test_evaluate_takes_settings_that_may_differ(tiny_run, tmp_path, monkeypatch, capsys):
+    from launcher.train import evaluate
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(key, value)
+    assert evaluate.main(["--checkpoint", str(run), "--batches", "2", "train.micro_batch_size=1",
+                          "moe.dispatcher=alltoall", "--quiet"]) == 0
+    assert "validation loss over 2 micro-batches of 1x" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- the same contract at the process boundary

@@ -34,11 +34,11 @@ def tensorboard_steps(run_dir: Path, tag: str = "train/loss") -> list[list[int]]
 
 def latest_checkpoint(run_dir: Path) -> tuple[Path, dict]:
     """The checkpoint named by ``checkpoints/latest`` and its common state (step, layout, ...)."""
-    from launcher.train import checkpoint
+    from launcher.train import checkpoint, checkpoint_root
 
     root = run_dir / "checkpoints"
-    latest = root / (root / checkpoint.LATEST).read_text().strip()
-    assert latest.is_dir(), f"{root / checkpoint.LATEST} names {latest.name}, which does not exist"
+    latest = root / (root / checkpoint_root.LATEST).read_text().strip()
+    assert latest.is_dir(), f"{root / checkpoint_root.LATEST} names {latest.name}, which does not exist"
     return latest, checkpoint.load_common(latest)
 
 

@@ -30,7 +30,7 @@ import psutil
 import pytest
 import torch
 
-from launcher.train import checkpoint
+from launcher.train import checkpoint, checkpoint_manifest as manifest, checkpoint_root as disk
 from tests.helpers.dist import free_port, run_distributed
 from tests.launcher.train.test_train_resume import _overrides
 
@@ -189,9 +189,9 @@ class _Trigger:
     def __init__(self, kill: Kill, root: Path, start: int):
         self.kill, self.root, self.t0 = kill, root, time.monotonic()
         self.step = start + kill.n
-        self.path = root / (checkpoint.step_name(self.step) + ("" if kill.when == "commit" else checkpoint.TMP))
+        self.path = root / (checkpoint.step_name(self.step) + ("" if kill.when == "commit" else disk.TMP))
         self.stale = self.path.exists()
-        self.saving = root / (checkpoint.step_name(self.step) + checkpoint.TMP)
+        self.saving = root / (checkpoint.step_name(self.step) + disk.TMP)
         self.importing: set[int] = set()
 
     def spin(self) -> bool:
@@ -263,7 +263,7 @@ def _kill(proc: subprocess.Popen, pids: _Pids, kill: Kill, run_dir: Path) -> int
 
 
 def _latest_step(root: Path) -> int:
-    name = (root / checkpoint.LATEST).read_text().strip() if (root / checkpoint.LATEST).is_file() else ""
+    name = (root / disk.LATEST).read_text().strip() if (root / disk.LATEST).is_file() else ""
     m = re.match(r"step_(\d{7})", name)
     return int(m.group(1)) if m else -1
 
@@ -303,16 +303,16 @@ def _check_latest(root: Path, keys: set[str], previous: int, lineage: str | None
     """``latest`` right after a kill (before any restart tidies up): the complete checkpoint it names loads, it
     is not older than before, and it belongs to the run's lineage. Returns (its step, lineage); (0, None) when
     nothing was ever committed."""
-    latest = checkpoint.find_latest(root) if root.is_dir() else None  # CheckpointError if it names nothing
+    latest = disk.find_latest(root) if root.is_dir() else None  # CheckpointError if it names nothing
     if latest is None:
         assert previous == 0, f"'latest' vanished (it named step {previous})"
         return 0, None
     common = checkpoint.load_common(latest)
     step = int(common["step"])
-    assert latest.name.removesuffix(checkpoint.NEW) == checkpoint.step_name(step)
+    assert latest.name.removesuffix(disk.NEW) == checkpoint.step_name(step)
     assert step >= previous, f"'latest' moved back from step {previous} to {step}"
     assert set(_read_all(latest)) == keys, f"{latest} lacks entries"
-    run = checkpoint.run_of(latest)
+    run = manifest.run_of(latest)
     assert run and run == (lineage or run), f"{latest} belongs to run {run}, not to the resumed run {lineage}"
     return step, run
 
@@ -349,7 +349,7 @@ def _tb_losses(event_file: Path) -> dict[int, float]:
 def _check_kill(kill: Kill, root: Path, ran: list[int], keys: set[str], start: int,
                lineage: str | None) -> tuple[int, str | None]:
     """Record what ``kill`` hit and check ``latest`` (see :func:`_check_latest`)."""
-    left = sorted(p.name for p in root.iterdir() if p.name.endswith((checkpoint.TMP, checkpoint.NEW))) \
+    left = sorted(p.name for p in root.iterdir() if p.name.endswith((disk.TMP, disk.NEW))) \
         if root.is_dir() else []
     kill.outcome = (f"ran steps {ran[0]}..{ran[-1]}" if ran else "ran no step") + \
         (f", left {', '.join(left)}" if left else "")
@@ -366,13 +366,13 @@ def _check_final(root: Path, run_dir: Path, ran: list[int], steps: int, ref: dic
     new_events = sorted(set((run_dir / "tb").glob("events.*")) - events_before)
     assert len(new_events) == 1, new_events
     assert _tb_losses(new_events[0]) == {s: float(np.float32(ref["losses"][s])) for s in ran}
-    final = _read_all(checkpoint.find_latest(root))
+    final = _read_all(disk.find_latest(root))
     assert final.keys() == ref_final.keys()
     # the global torch/python/numpy RNG states are the process's own (the trainer never seeds them and nothing in
     # training draws from them: model init and M-MoE draws use keyed generators), so they are only checked to load
     differ = [k for k in final if not k.startswith("rng/") and not _same(final[k], ref_final[k])]
     assert not differ, f"final checkpoint differs from the uninterrupted run's in {differ}"
-    assert not [p.name for p in root.iterdir() if p.name.endswith((checkpoint.TMP, checkpoint.NEW))]
+    assert not [p.name for p in root.iterdir() if p.name.endswith((disk.TMP, disk.NEW))]
 
 
 @pytest.mark.parametrize("world,extra,steps", [(1, (), 12), (4, ("parallel.tp=2", "parallel.ep=2"), 6)],
@@ -394,7 +394,7 @@ def test_kill_9_anywhere_keeps_latest_loadable_and_resume_exact(tmp_path, world,
     start, lineage = 0, None
     try:
         for i, kill in enumerate(kills):
-            latest = checkpoint.find_latest(root) if root.is_dir() else None
+            latest = disk.find_latest(root) if root.is_dir() else None
             rc = _run_segment(world, overrides, run_dir, tmp_path / f"launch{i}.log", start, kill)
             text = (tmp_path / f"launch{i}.log").read_text(errors="replace")
             killed = -signal.SIGKILL if kill.target == "all" else 128 + signal.SIGKILL
@@ -402,7 +402,7 @@ def test_kill_9_anywhere_keeps_latest_loadable_and_resume_exact(tmp_path, world,
             ran = _check_console(text, start, reference, latest)
             start, lineage = _check_kill(kill, root, ran, set(ref_final), start, lineage)
         assert any(".tmp" in k.outcome for k in kills), "no kill landed inside a save"
-        latest, events_before = checkpoint.find_latest(root), set((run_dir / "tb").glob("events.*"))
+        latest, events_before = disk.find_latest(root), set((run_dir / "tb").glob("events.*"))
         rc = _run_segment(world, overrides, run_dir, tmp_path / "last.log", start, None)
         text = (tmp_path / "last.log").read_text(errors="replace")
         assert rc == 0, f"the last launch failed (rc {rc}):\n{text[-3000:]}"

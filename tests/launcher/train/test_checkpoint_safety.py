@@ -10,7 +10,8 @@ import shutil
 
 import pytest
 
-from launcher.train import checkpoint
+from launcher.train import checkpoint, checkpoint_manifest as manifest, checkpoint_root as disk
+from launcher.train.checkpoint_rank0 import prepare
 from parallel.groups import ParallelGroups
 from tests.helpers.dist import run_distributed
 from tests.launcher.train.test_train_resume import _overrides
@@ -23,7 +24,8 @@ def _fake(root, step, payload, run="r"):
     d.mkdir(parents=True)
     (d / "payload").write_text(payload)
     (d / "part2").write_text(payload)
-    (d / checkpoint.SIDECAR).write_text(json.dumps({"step": step, "run": run}))
+    (d / disk.COMPLETE_MARKER).write_text("{}")
+    (d / manifest.MANIFEST).write_text(json.dumps({"step": step, "run": run}))
     return d
 
 
@@ -59,8 +61,8 @@ def _kill_at(monkeypatch, n):
         tick()
         real_rmtree(path, *a, **k)
 
-    monkeypatch.setattr(checkpoint.os, "replace", replace)
-    monkeypatch.setattr(checkpoint.shutil, "rmtree", rmtree)
+    monkeypatch.setattr(disk.os, "replace", replace)
+    monkeypatch.setattr(disk.shutil, "rmtree", rmtree)
     return calls
 
 
@@ -74,21 +76,21 @@ def test_resave_never_leaves_latest_without_a_complete_checkpoint(tmp_path, monk
         root = tmp_path / f"kill{n}"
         _fake(root, 2, "two")
         _fake(root, 4, "old")
-        checkpoint._write_latest(root, checkpoint.step_name(latest_step))
-        tmp = root / (checkpoint.step_name(4) + checkpoint.TMP)
+        disk.write_latest(root, checkpoint.step_name(latest_step))
+        tmp = root / (checkpoint.step_name(4) + disk.TMP)
         tmp.mkdir()
-        for f in ("payload", "part2"):
+        for f in ("payload", "part2", disk.COMPLETE_MARKER):
             (tmp / f).write_text("new")
         calls = _kill_at(monkeypatch, n)
         try:
-            checkpoint._commit(root, tmp, root / checkpoint.step_name(4))
+            disk.commit(root, tmp.name, checkpoint.step_name(4))
             finished = True
         except Killed:
             finished = False
         monkeypatch.undo()
-        assert _complete(checkpoint.find_latest(root)), f"kill at mutation {n}"
-        checkpoint.prepare(root, ParallelGroups(*(None,) * 5), resume=True)
-        latest = checkpoint.find_latest(root)
+        assert _complete(disk.find_latest(root)), f"kill at mutation {n}"
+        prepare(root, ParallelGroups(*(None,) * 5), resume=True)
+        latest = disk.find_latest(root)
         assert _complete(latest) and (latest / "payload").read_text() in ("old", "new", "two")
         assert not [p.name for p in root.iterdir() if p.name.endswith((".tmp", ".new"))]
         if finished:
@@ -102,11 +104,11 @@ def test_stale_tmp_directories_are_removed_at_start(tmp_path):
     """tmp_accumulate.py: `.tmp` of killed saves (and of killed removals) stayed for good."""
     root = tmp_path / "ckpt"
     _fake(root, 10, "ten")
-    checkpoint._write_latest(root, "step_0000010")
+    disk.write_latest(root, "step_0000010")
     for name in ("step_0000015.tmp", "step_0000024.tmp", "step_0000005.removing.tmp", "step_0000010.new"):
         (root / name).mkdir()
         (root / name / "__0_0.distcp").write_bytes(b"x" * 100)
-    assert checkpoint.prepare(root, ParallelGroups(*(None,) * 5), resume=True).name == "step_0000010"
+    assert prepare(root, ParallelGroups(*(None,) * 5), resume=True).name == "step_0000010"
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000010"]
 
 
@@ -117,8 +119,8 @@ def test_prune_keeps_latest_protected_and_other_runs(tmp_path):
     for step in (1, 2, 3, 4):
         _fake(root, step, "B", run="B")
     _fake(root, 7, "B", run="B")  # B's abandoned branch (latest was moved back to step 4)
-    checkpoint._write_latest(root, "step_0000004")
-    checkpoint._prune(root, 2, "B", 4, protect=("step_0000001",))
+    disk.write_latest(root, "step_0000004")
+    disk.prune(root, 2, "B", 4, ("step_0000001",), manifest.run_of)
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000001", "step_0000003", "step_0000004",
                                                       "step_0000005", "step_0000010"]
 
@@ -207,7 +209,7 @@ def test_resume_refuses_a_different_model_in_one_line(tmp_path):
 
 
 def _fit_on_small_disk(rank, world_size, overrides, free):
-    checkpoint.shutil.disk_usage = lambda path: shutil._ntuple_diskusage(1 << 40, (1 << 40) - free, free)
+    shutil.disk_usage = lambda path: shutil._ntuple_diskusage(1 << 40, (1 << 40) - free, free)
     return _fit(rank, world_size, overrides)
 
 
@@ -271,6 +273,13 @@ class _Payload:
         return (open, (self.marker, "w"))
 
 
+def _reseal(ckpt):
+    """Record the checkpoint's current bytes in its manifest, as a deliberate forger would."""
+    value = json.loads((ckpt / manifest.MANIFEST).read_text())
+    value["files"] = manifest.records(ckpt, sorted(value["files"]))
+    (ckpt / manifest.MANIFEST).write_text(json.dumps(value))
+
+
 def _load_everywhere(rank, world_size, ckpt, overrides):
     from launcher.config import load_config
     from launcher.train import evaluate
@@ -299,6 +308,7 @@ def test_crafted_metadata_is_refused_without_running_code(tmp_path, capfd):
     ckpt, marker = run / "checkpoints" / "step_0000002", tmp_path / "CODE_RAN"
     real = pickle.loads((ckpt / ".metadata").read_bytes())
     (ckpt / ".metadata").write_bytes(pickle.dumps((_Payload(str(marker)), real)))
+    _reseal(ckpt)  # a forger rewrites the checksums too: the allowlist must still hold
     refused = (f"refusing to load '{ckpt}': it holds a pickled object outside the checkpoint allowlist "
                "(io.open); it was not written by moetron or was altered, so use another checkpoint")
     common, resume, evaluate_rc = run_distributed(_load_everywhere, 1, ckpt, _overrides(run, 4))[0]
