@@ -1,4 +1,4 @@
-"""`moetron <command> ...`: pretrain | preprocess | evaluate | convert | config. Each command is a module with main(argv)
+"""`moetron <command> ...`: pretrain | preprocess | evaluate | convert | config | torchrun. Each command is a module with main(argv)
 and is also ``python -m <module>``; `moetron --version` names the installed version."""
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ COMMANDS = {
     "evaluate": ("launcher.evaluate", "validation loss of a checkpoint, optionally swept over k (M-MoE)"),
     "convert": ("launcher.convert", "convert a checkpoint to/from Hugging Face format"),
     "config": ("launcher.config", "the config: every key's value, type, default, range and meaning"),
+    "torchrun": ("launcher.torchrun", "torchrun (same arguments) that ends in one line, not a traceback, on a signal"),
 }
 
 

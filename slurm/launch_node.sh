@@ -41,7 +41,7 @@ echo "[moetron] node ${SLURMD_NODENAME:-?} ($(hostname)): slurm node id ${SLURM_
 # An ignored signal stays ignored across exec and is inherited by the workers; the trainer's handler then
 # replaces the SIG_IGN (a signal that arrives before the handler is installed is lost).
 trap '' USR2
-exec "$MOETRON_PYTHON" -m torch.distributed.run \
+exec "$MOETRON_PYTHON" -m launcher.torchrun \
   --nnodes="$SLURM_NNODES" \
   --nproc-per-node="$NPROC" \
   --rdzv-backend=c10d \

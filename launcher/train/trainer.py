@@ -80,19 +80,40 @@ def precision_context(cfg: Config, groups: ParallelGroups):
 class Preemption:
     """SIGUSR2/SIGTERM and a first Ctrl-C (SIGINT) set a flag; every step OR-reduces it over all ranks (inside the
     step's one all-reduce, ``launcher.train.step_reduce``) so they stop together after saving a checkpoint. A second
-    Ctrl-C stops at once (KeyboardInterrupt)."""
+    Ctrl-C stops at once (KeyboardInterrupt), except inside a checkpoint save the trainer holds (:meth:`holding`):
+    then it stops as soon as that save is committed, so the checkpoint the first Ctrl-C asked for is kept; a third
+    stops at once."""
 
     def __init__(self) -> None:
         self.requested = False
+        self._in_save = 0
+        self._stop_after_save = False
         for sig in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame) -> None:  # noqa: ARG002
         if signum == signal.SIGINT:
+            if self.requested and self._in_save and not self._stop_after_save:
+                self._stop_after_save = True
+                log.warning("Ctrl-C during a checkpoint save: stopping as soon as it is written (Ctrl-C again: stop "
+                            "now, without it)")
+                return
             if self.requested:
                 raise KeyboardInterrupt
             log.warning("Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again: stop now, without one)")
         self.requested = True
+
+    @contextlib.contextmanager
+    def holding(self):
+        """A checkpoint save runs in the block (re-entrant): a second Ctrl-C waits for the end of the outermost
+        block, then raises KeyboardInterrupt."""
+        self._in_save += 1
+        try:
+            yield
+        finally:
+            self._in_save -= 1
+        if self._stop_after_save and not self._in_save:
+            raise KeyboardInterrupt
 
 
 @dataclass
@@ -137,6 +158,8 @@ class Trainer:
         self._saving: Optional[tuple[checkpoint.Saving, bool, float]] = None
         """The save in flight (``checkpoint.async_save``; whether it is outside a non-finite streak, the seconds its
         start took), committed by :meth:`finish_save`."""
+        self._preemption: Optional[Preemption] = None
+        """The signal flags of :meth:`fit` (saves outside it, e.g. convert's, have none)."""
         self.save_stalls: list[float] = []
         """Seconds each committed save kept training waiting (``launcher/bench/checkpoint_stall.py``)."""
         self._reduction = StepReduction(groups, self.device, cfg.model.trained_moe_layer_indices, cfg.moe.num_experts,
@@ -174,14 +197,19 @@ class Trainer:
 
     def save(self) -> Path:
         """Save the current state and wait until it is committed (collective); returns the checkpoint."""
-        self.start_save(background=False)
-        return self.finish_save()
+        with self._hold():
+            self.start_save(background=False)
+            return self.finish_save()
 
     def start_save(self, background: bool) -> None:
         """Start saving the current state (collective; a save still in flight is finished first). ``background``:
         this rank's files are written by a thread (``checkpoint.async_save``) and :meth:`finish_save` commits them."""
         self.finish_save()
         self._mark("checkpoint save", slow=True)
+        with self._hold():
+            self._start_save(background)
+
+    def _start_save(self, background: bool) -> None:
         start = time.perf_counter()
         common = {"step": self.step, "skipped_steps": self.skipped, "config": to_dict(self.cfg),
                   "nonfinite_streak": self.nonfinite_streak, "last_good": self.last_good}
@@ -198,12 +226,17 @@ class Trainer:
         (saving, good, stall), self._saving = self._saving, None
         self._mark("checkpoint save", slow=True)
         start = time.perf_counter()
-        path = saving.finish()
+        with self._hold():
+            path = saving.finish()
         if good:
             self.last_good = path.name
         self.save_stalls.append(stall + time.perf_counter() - start)
         log.debug(f"saved {path}; training stalled {self.save_stalls[-1]:.3f} s for it")
         return path
+
+    def _hold(self):
+        """A second Ctrl-C waits for the end of the save in this block (:meth:`Preemption.holding`)."""
+        return self._preemption.holding() if self._preemption else contextlib.nullcontext()
 
     def maybe_resume(self, ckpt: Optional[Path]) -> Optional[Path]:
         """Resume from ``ckpt`` (``checkpoint_rank0.prepare``'s answer; None starts from scratch) after checking that
@@ -384,7 +417,7 @@ class Trainer:
         """Train to train.steps. Pass the Preemption created at process start so a signal that arrives while
         the model is being built or resumed is not lost."""
         cfg = self.cfg
-        preemption = preemption or Preemption()
+        preemption = self._preemption = preemption or Preemption()
         ckpt = prepare(self.ckpt_root, self.groups, resume=cfg.checkpoint.resume == "auto",
                                   writable=(self.run_dir,))
         resumed = self.maybe_resume(ckpt)
@@ -428,9 +461,10 @@ class Trainer:
             if self._saving is not None and self._saving[0].ready():
                 result.checkpoint = str(self.finish_save())
             if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
-                self.start_save(background=cfg.checkpoint.async_save)
-                if not cfg.checkpoint.async_save:
-                    result.checkpoint = str(self.finish_save())
+                if cfg.checkpoint.async_save:
+                    self.start_save(background=True)
+                else:
+                    result.checkpoint = str(self.save())
                 last_saved = self.step
             if stop:
                 if last_saved != self.step:

@@ -9,7 +9,7 @@ from tests.launcher.train.test_train_resume import _overrides
 
 def test_commands_map_one_to_one_to_modules():
     assert {name: module for name, (module, _) in cli.COMMANDS.items()} == \
-        {name: f"launcher.{name}" for name in ("pretrain", "preprocess", "evaluate", "convert", "config")}
+        {name: f"launcher.{name}" for name in ("pretrain", "preprocess", "evaluate", "convert", "config", "torchrun")}
 
 
 def test_version(capsys):

@@ -1,6 +1,6 @@
 """The Slurm scripts' own logic, without a cluster: the torchrun command each node runs, and the errors for
-wrong use. launch_node.sh runs ``$MOETRON_PYTHON -m torch.distributed.run ...``; with MOETRON_PYTHON=echo it
-prints the exact command instead of running it."""
+wrong use. launch_node.sh runs ``$MOETRON_PYTHON -m launcher.torchrun ...`` (torchrun, ending in one line on a
+signal); with MOETRON_PYTHON=echo it prints the exact command instead of running it."""
 from __future__ import annotations
 
 import subprocess
@@ -28,7 +28,7 @@ def test_torchrun_command_follows_the_allocation(gpu_env, nproc):
     proc = _launch_node({**SLURM_ENV, **gpu_env}, "head01:23456", "recipes/r.yaml", "train.steps=5", "moe.top_k=1")
     assert proc.returncode == 0, proc.stderr
     command = proc.stdout.strip().splitlines()[-1]
-    assert command == ("-m torch.distributed.run --nnodes=3 --nproc-per-node=%d --rdzv-backend=c10d "
+    assert command == ("-m launcher.torchrun --nnodes=3 --nproc-per-node=%d --rdzv-backend=c10d "
                        "--rdzv-endpoint=head01:23456 --rdzv-id=moetron-4242 --max-restarts=0 "
                        "-m launcher.pretrain --recipe recipes/r.yaml train.steps=5 moe.top_k=1" % nproc)
     assert "node gpu07" in proc.stdout and f"{nproc} workers" in proc.stdout
