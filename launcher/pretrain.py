@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:  # every rank reads the same config: one line for the whole job, not one per rank
         return report(e, every_rank=False)
     from launcher.train import run_lock, summary, watchdog
-    from launcher.train.trainer import Preemption, Trainer
+    from launcher.train.preemption import Preemption
+    from launcher.train.trainer import Trainer
 
     started = time.perf_counter()
     preemption = Preemption()  # first thing: a SIGUSR2/SIGTERM during start-up must still checkpoint + exit

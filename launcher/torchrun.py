@@ -3,7 +3,7 @@
 when a signal stops it.
 
 torchrun turns SIGTERM/SIGINT into an exception: it sends the signal on to its workers, waits for them (each saves a
-checkpoint and exits cleanly, ``launcher.train.trainer.Preemption``) and then raises ``SignalException`` from its
+checkpoint and exits cleanly, ``launcher.train.preemption.Preemption``) and then raises ``SignalException`` from its
 main loop, which plain ``torchrun`` prints as a traceback even when every worker finished its save. Here that
 exception becomes ``moetron: warning: torchrun stopped by SIGTERM ...`` and exit code 128 + the signal number (what
 a shell and Slurm report for a process ended by that signal). Everything else is torchrun's own.

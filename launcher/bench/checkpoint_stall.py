@@ -21,6 +21,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 from launcher.errors import ArgumentParser
 from launcher.bench.world import run_gloo_world
@@ -60,8 +61,8 @@ def measure(rank: int, world: int, overrides: list[str]) -> dict:
             "crc32_s": time.perf_counter() - start, "bytes": size}
 
 
-def run(args: argparse.Namespace) -> dict[str, dict]:
-    """Rank 0's numbers for the synchronous and the asynchronous run."""
+def run(args: argparse.Namespace, runner: Callable = run_gloo_world) -> dict[str, dict]:
+    """Rank 0's numbers for the synchronous and the asynchronous run; ``runner(fn, world, *args)`` runs the worlds."""
     out = {}
     for mode in ("sync", "async"):
         with tempfile.TemporaryDirectory(prefix="moetron-ckpt-stall-") as tmp:
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
                          "checkpoint.save_at_end=false", "checkpoint.keep_last=2", f"logging.run_dir={tmp}",
                          f"checkpoint.async_save={mode == 'async'}", f"parallel.ep={args.ep}",
                          f"model.hidden_size={args.hidden}", f"moe.expert_ffn_hidden_size={args.ffn}"]
-            out[mode] = run_gloo_world(measure, args.world, overrides)[0]
+            out[mode] = runner(measure, args.world, overrides)[0]
     return out
 
 
@@ -81,7 +82,8 @@ def report(results: dict[str, dict]) -> str:
                      f"{r['wall_s']:>8.2f}")
     sync, async_ = (statistics.mean(results[m]["stalls"]) for m in ("sync", "async"))
     r = results["sync"]
-    lines.append(f"stall ratio sync/async: {sync / async_:.1f}x ({sync * 1e3:.1f} ms -> {async_ * 1e3:.1f} ms per save)")
+    lines.append(f"stall ratio sync/async: {sync / async_:.1f}x "
+                 f"({sync * 1e3:.1f} ms -> {async_ * 1e3:.1f} ms per save)")
     lines.append(f"crc32 of one checkpoint ({r['bytes'] / 2**20:.1f} MiB): {r['crc32_s'] * 1e3:.1f} ms")
     return "\n".join(lines)
 
@@ -91,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--world", type=int, default=1, help="gloo processes (default 1)")
     p.add_argument("--ep", type=int, default=1, help="expert-parallel size (default 1)")
-    p.add_argument("--steps", type=int, default=32, help="training steps per mode (default 32: the last save has two steps to finish writing)")
+    p.add_argument("--steps", type=int, default=32,
+                   help="training steps per mode (default 32: the last save has two steps to finish writing)")
     p.add_argument("--interval", type=int, default=5, help="save every N steps (default 5)")
     p.add_argument("--hidden", type=int, default=128, help="model.hidden_size (default 128, the smoke model's)")
     p.add_argument("--ffn", type=int, default=256, help="moe.expert_ffn_hidden_size (default 256, the smoke model's)")

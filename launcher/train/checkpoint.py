@@ -43,7 +43,8 @@ from torch import nn
 
 from launcher.train import checkpoint_manifest as manifest, checkpoint_root as disk
 from launcher.train.checkpoint_rank0 import first_line, on_rank0, root_cause, save_failure
-from launcher.train.checkpoint_root import TMP, CheckpointError, find_latest, step_name
+from launcher.train.checkpoint_root import TMP, CheckpointError, step_name
+from launcher.train.checkpoint_root import find_latest  # noqa: F401 - this module's API (evaluate, convert)
 from launcher.train.checkpoint_write import WriteJob, all_written
 from parallel.groups import ParallelGroups
 from parallel.optim.optimizer import TrainOptimizer

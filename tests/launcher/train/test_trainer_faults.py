@@ -12,7 +12,8 @@ def _train_with_faults(rank, world_size, overrides, nan_steps, signal_at, signum
     import torch
 
     from launcher.config import load_config
-    from launcher.train.trainer import Preemption, Trainer, TrainingError
+    from launcher.train.preemption import Preemption
+    from launcher.train.trainer import Trainer, TrainingError
     from parallel.groups import initialize
 
     cfg = load_config(None, overrides)
