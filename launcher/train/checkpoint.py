@@ -98,7 +98,7 @@ class Saving:
     already written). :meth:`ready` says whether every rank's writes ended; :meth:`finish` (collective) waits for
     them, writes the manifest and commits: ``latest`` names the new checkpoint only then."""
 
-    def __init__(self, root: Path, step: int, groups: ParallelGroups, job: WriteJob, keep_last: int, run: str,
+    def __init__(self, root: Path, step: int, groups: ParallelGroups, job: Optional[WriteJob], keep_last: int, run: str,
                  protect: tuple[str, ...], device: torch.device):
         self.root, self.step, self.groups, self.job, self.device = root, step, groups, job, device
         self.path = root / step_name(step)
