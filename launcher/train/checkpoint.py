@@ -19,7 +19,7 @@ Runs: each checkpoint records the id of the run (lineage) that wrote it; a resum
 a ``resume=never`` run starts a new one and detaches ``latest``. ``keep_last`` prunes only the run's own
 checkpoints, never the one ``latest`` names nor the protected one (the newest saved before a non-finite streak).
 Loading checks the bytes against the manifest first and unpickles only allowlisted types (``safe_load.py``); the
-model/MoE config must match on resume and evaluation (:func:`model_changes`).
+model/MoE config must match on resume and evaluation (``checkpoint_config.model_changes``).
 
 Contents: every parameter, AdamW moment and (bf16 runs) fp32 main weight as a ``ShardedTensor`` with its global
 shape/offsets (see ``parallel/sharding.py`` and ``parallel/optim/optimizer.py``) -> loadable at any TP/PP/EP/DP layout,
@@ -49,13 +49,6 @@ from launcher.train.checkpoint_write import WriteJob, all_written
 from parallel.groups import ParallelGroups
 from parallel.optim.optimizer import TrainOptimizer
 from parallel.sharding import is_writer, named_specs, sharded_tensor
-
-RESUME_MAY_DIFFER = ("moe.dispatcher", "moe.llep", "moe.mone.backend", "moe.matryoshka.eval_k", "moe.aux_loss_coeff",
-                     "moe.aux_loss_scope", "moe.z_loss_coeff", "moe.expert_bias_update_rate",
-                     "moe.mone.balance_loss_coeff")
-"""model.*/moe.* keys a resumed run (or an evaluation) may change: how tokens travel, which kernel runs, the eval k
-and the weights of the auxiliary losses (training settings, not the model that is computed)."""
-
 
 def _layout(groups: ParallelGroups) -> dict[str, int]:
     return dict(world=groups.world_size, tp=groups.tp_size, pp=groups.pp_size, ep=groups.ep_size)
@@ -261,35 +254,6 @@ def verify(ckpt_dir: Path, groups: ParallelGroups) -> None:
         raise CheckpointError(damaged)
 
 
-def model_changes(saved_config: dict, current: dict, world_size: int) -> list[str]:
-    """``key saved -> current`` for every model.*/moe.* setting of the resolved config ``current`` that differs
-    from the checkpoint's ``saved_config`` (resolved for ``world_size`` ranks first); :data:`RESUME_MAY_DIFFER`
-    may. A resumed run and an evaluation refuse any (a different shape would load wrongly or not at all)."""
-    from launcher.config import resolved_dict
-
-    return config_differences(resolved_dict(saved_config, world_size), current)
-
-
-def config_differences(saved: dict, current: dict) -> list[str]:
-    """``key saved -> current`` for every model.* / moe.* value that differs (except :data:`RESUME_MAY_DIFFER`);
-    keys one side lacks (older checkpoints) are not compared."""
-    flat_saved, flat_current = _flatten(saved), _flatten(current)
-    return [f"{key} {flat_saved[key]!r} -> {flat_current[key]!r}" for key in sorted(flat_saved)
-            if key.split(".")[0] in ("model", "moe") and key in flat_current
-            and not any(key == k or key.startswith(k + ".") for k in RESUME_MAY_DIFFER)
-            and flat_saved[key] != flat_current[key]]
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def load(ckpt_dir: str | Path, model: nn.Module, optimizer: Optional[TrainOptimizer],
          groups: ParallelGroups, per_rank_templates: Optional[dict[str, Any]] = None) -> tuple[dict, dict]:
     """Load into ``model``/``optimizer`` in place (any layout). Returns (common, per_rank) with the per-rank objects
@@ -320,12 +284,22 @@ def load(ckpt_dir: str | Path, model: nn.Module, optimizer: Optional[TrainOptimi
     return common, {k: loaded[k] for k in targets}
 
 
+_verified_whole: set[str] = set()
+"""Checkpoints :func:`load_slices` has checked whole in this process (it reads one in many small batches)."""
+
+
 def load_slices(ckpt_dir: str | Path, wanted: dict[Any, tuple[str, Optional[int], tuple[int, ...]]]) -> dict:
     """Read only some tensors of a checkpoint: ``wanted`` maps any key to (checkpoint key, row, shape): the whole
     fp32 tensor when ``row`` is None, else row ``row`` (shape ``[1, ...]``) of a ``shape[0]``-row tensor (one expert
-    of a stack). Memory holds just these tensors (``moetron convert to-hf`` streams a checkpoint this way)."""
+    of a stack). Memory holds just these tensors (``moetron convert to-hf`` streams a checkpoint this way). The first
+    call for a checkpoint checks all its files against the manifest (this process reads every checksum)."""
     from megatron.core.dist_checkpointing import ShardedTensor, load as dcp_load
 
+    if str(Path(ckpt_dir).resolve()) not in _verified_whole:
+        damaged = manifest.problem(Path(ckpt_dir))
+        if damaged:
+            raise CheckpointError(damaged)
+        _verified_whole.add(str(Path(ckpt_dir).resolve()))
     sd = {}
     for handle, (key, row, shape) in wanted.items():
         if row is None:

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Optional
 from launcher import env, log as console
 from launcher.errors import ArgumentParser, MoetronError, report
 from launcher.train import checkpoint
+from launcher.train.checkpoint_config import model_changes
 from launcher.config import (Config, ConfigError, apply_override, check_data_dirs, config_from_dict, resolve,
                              to_dict, validate_world)
 from moe_core.config import check_eval_k
@@ -99,7 +100,7 @@ def eval_config(common: dict, overrides: list[str], world_size: int) -> Config:
     cfg.train.global_batch_size = cfg.train.micro_batch_size * max(1, cfg.parallel.data_parallel_size(world_size))
     validate_world(cfg, world_size)  # before any process group exists
     cfg = resolve(cfg, world_size)
-    diffs = checkpoint.model_changes(common["config"], to_dict(cfg), world_size)
+    diffs = model_changes(common["config"], to_dict(cfg), world_size)
     if diffs:
         raise ConfigError(f"the overrides change the checkpoint's model ({', '.join(diffs)}): drop them; evaluation "
                           "uses the checkpoint's own model settings (the eval k, batch sizes, data and layout may "

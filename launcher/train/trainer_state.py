@@ -17,6 +17,7 @@ import torch
 
 from launcher.config import to_dict
 from launcher.train import checkpoint
+from launcher.train.checkpoint_config import model_changes
 from launcher.train.checkpoint_manifest import run_of
 
 log = logging.getLogger("launcher.train.trainer")
@@ -85,7 +86,7 @@ class CheckpointedState:
         if ckpt is None:
             return None
         saved = checkpoint.load_common(ckpt).get("config", {})
-        diffs = checkpoint.model_changes(saved, to_dict(self.cfg), self.groups.world_size)
+        diffs = model_changes(saved, to_dict(self.cfg), self.groups.world_size)
         if diffs:
             raise checkpoint.CheckpointError(
                 f"cannot resume from '{ckpt}': the model differs from the checkpoint's ({', '.join(diffs)}); restore "

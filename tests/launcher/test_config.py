@@ -9,7 +9,7 @@ from launcher import config, pretrain
 from launcher.config_sections import OptimConfig
 from launcher.config import (ConfigError, load_config, resolve, resolved_dict, save_resolved,
                              to_dict, validate_world)
-from launcher.train import checkpoint
+from launcher.train.checkpoint_config import _flatten, config_differences
 from moe_core.config import MoEConfig
 from moe_core.model_config import ModelConfig
 from parallel.config import ParallelConfig
@@ -133,7 +133,7 @@ def test_run_dir_config_yaml_holds_no_automatic_null(tmp_path, capsys):
     code = pretrain.main(["--recipe", str(REPO / "recipes" / "smoke_cpu.yaml"), "data.source=synthetic",
                           "data.path=null", "train.steps=1", f"logging.run_dir={run_dir}"])
     assert code == 0, capsys.readouterr().err
-    written = checkpoint._flatten(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    written = _flatten(yaml.safe_load((run_dir / "config.yaml").read_text()))
     assert {key for key, value in written.items() if value is None} <= OFF_NULLS
     assert all(written[key] is not None for key in AUTOMATIC)
     assert written["checkpoint.dir"] == str(run_dir / "checkpoints") and written["optim.min_lr"] == 0.003 / 10
@@ -167,7 +167,7 @@ def test_resolve_is_idempotent_and_its_yaml_is_a_recipe(tmp_path, overrides, wor
     resolved = resolve(parsed, world_size)
     assert resolve(resolved, world_size) == resolved
     assert load_config(None, overrides) == parsed  # resolve copies; the parsed config is unchanged
-    flat = checkpoint._flatten(to_dict(resolved))
+    flat = _flatten(to_dict(resolved))
     assert all(flat[key] is not None for key in AUTOMATIC)
     reread = load_config(save_resolved(resolved, tmp_path), [])  # every resolved value passes validation
     validate_world(reread, world_size)
@@ -188,10 +188,10 @@ def test_automatic_values():
 def test_resume_compares_resolved_with_unresolved_configs():
     parsed = load_config(None, ["model.dense_layers=[0]"])
     resolved = to_dict(resolve(parsed, 2))
-    assert checkpoint.config_differences(resolved_dict(to_dict(parsed), 2), resolved) == []  # an older checkpoint
-    assert checkpoint.config_differences(resolved_dict(resolved, 2), resolved) == []
+    assert config_differences(resolved_dict(to_dict(parsed), 2), resolved) == []  # an older checkpoint
+    assert config_differences(resolved_dict(resolved, 2), resolved) == []
     other = to_dict(load_config(None, ["model.head_dim=64"]))
-    assert checkpoint.config_differences(resolved_dict(other, 2), resolved) == ["model.dense_layers [] -> [0]",
+    assert config_differences(resolved_dict(other, 2), resolved) == ["model.dense_layers [] -> [0]",
                                                                                 "model.head_dim 64 -> 32"]
     older = {"model": {"head_dim": None, "retired_key": 1}, "moe": {}}  # another version's keys: compared as stored
     assert resolved_dict(older, 2) == older
