@@ -98,10 +98,13 @@ def select_neurons(pre_act_NF: torch.Tensor, keep_k: int, score: str) -> torch.T
 
 
 def mone_swiglu_torch(x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, w_gate_EFD: torch.Tensor,
-                      w_up_EFD: torch.Tensor, w_down_EDF: torch.Tensor, keep_k: int, score: str) -> torch.Tensor:
-    """Pure-torch implementation of the kernel contract in this module's docstring."""
+                      w_up_EFD: torch.Tensor, w_down_EDF: torch.Tensor, keep_k: int, score: str,
+                      recompute_act: bool = False) -> torch.Tensor:
+    """Pure-torch implementation of the kernel contract in this module's docstring; ``recompute_act`` (this path
+    only): the activation and down GEMM as one recompute region fed the first pass's keep-mask
+    (``moe_core.grouped.swiglu_down``)."""
     return swiglu_grouped(x_ND, tokens_per_expert_E, w_gate_EFD, w_up_EFD, w_down_EDF,
-                          lambda pre_act_NF: select_neurons(pre_act_NF, keep_k, score))
+                          lambda pre_act_NF: select_neurons(pre_act_NF, keep_k, score), recompute_act)
 
 
 def neuron_balance_stats(x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, w_gate_EFD: torch.Tensor,
