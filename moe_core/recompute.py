@@ -39,7 +39,8 @@ from typing import Any, Callable, Iterator, Optional, TypeVar
 import torch
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["MODES", "MODULES", "Recompute", "checkpointed", "first_pass_value", "maybe_checkpointed"]
+__all__ = ["MODES", "MODULES", "Recompute", "checkpointed", "checkpointed_replaying", "first_pass_value",
+           "maybe_checkpointed"]
 
 MODES = ("none", "selective", "full")
 MODULES = ("core_attn", "moe_act", "shared_experts", "norm", "mla_up_proj", "moe", "mlp")
@@ -135,10 +136,22 @@ def first_pass_value(compute: Callable[[], T]) -> T:
 
 
 def checkpointed(fn: Callable[..., T], *args: Any) -> T:
-    """``fn(*args)`` as one recompute region (non-reentrant checkpoint, RNG state restored for the recompute)."""
+    """``fn(*args)`` as one recompute region (non-reentrant checkpoint, RNG state restored for the recompute); for
+    regions that read no cross-call state, which ``torch.compile`` traces inside a compiled block."""
+    return checkpoint(fn, *args, use_reentrant=False)
+
+
+@torch.compiler.disable
+def checkpointed_replaying(fn: Callable[..., T], *args: Any) -> T:
+    """:func:`checkpointed` for a region whose forward may call :func:`first_pass_value` (a whole block or MoE
+    layer: the router's global-batch counts). It runs eagerly under ``torch.compile``, whose checkpoint takes no
+    custom context: ``full`` wraps the compiled block from outside (it stays compiled inside the region);
+    ``moe`` runs the MoE layer eagerly in a compiled block."""
     return checkpoint(fn, *args, use_reentrant=False, context_fn=_region_contexts)
 
 
-def maybe_checkpointed(enabled: bool, fn: Callable[..., T], *args: Any) -> T:
-    """:func:`checkpointed` when ``enabled``, else ``fn(*args)``."""
-    return checkpointed(fn, *args) if enabled else fn(*args)
+def maybe_checkpointed(enabled: bool, fn: Callable[..., T], *args: Any, replaying: bool = False) -> T:
+    """``fn(*args)``, as a region when ``enabled`` (:func:`checkpointed_replaying` when ``replaying``)."""
+    if not enabled:
+        return fn(*args)
+    return (checkpointed_replaying if replaying else checkpointed)(fn, *args)

@@ -120,8 +120,9 @@ class Block(nn.Module):
         norm = self.recompute.covers("norm")
         with phase("attention"):
             x = x + self.self_attn(maybe_checkpointed(norm, self.input_layernorm, x), cos, sin)
-        ffn = self.recompute.covers("moe" if isinstance(self.mlp, MoELayer) else "mlp")
-        return x + maybe_checkpointed(ffn, self.mlp, maybe_checkpointed(norm, self.post_attention_layernorm, x))
+        moe = isinstance(self.mlp, MoELayer)
+        h = maybe_checkpointed(norm, self.post_attention_layernorm, x)
+        return x + maybe_checkpointed(self.recompute.covers("moe" if moe else "mlp"), self.mlp, h, replaying=moe)
 
 
 class MoETransformer(nn.Module):

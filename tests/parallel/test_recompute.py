@@ -63,7 +63,7 @@ def test_a_recomputing_model_needs_set_step():
 
 
 def test_first_pass_value_replays_inside_a_recomputation_only():
-    from moe_core.recompute import checkpointed, first_pass_value
+    from moe_core.recompute import checkpointed_replaying, first_pass_value
 
     calls = []
 
@@ -71,7 +71,7 @@ def test_first_pass_value_replays_inside_a_recomputation_only():
         return x * first_pass_value(lambda: calls.append(1) or float(len(calls)))
 
     x = torch.ones(3, requires_grad=True)
-    y = checkpointed(lambda t: region(t).sin(), x)
+    y = checkpointed_replaying(lambda t: region(t).sin(), x)
     y.sum().backward()  # the recomputation reuses the first pass's value: one call, gradient of sin(1 * x)
     assert calls == [1]
     torch.testing.assert_close(x.grad, torch.cos(x.detach()), rtol=0, atol=0)
