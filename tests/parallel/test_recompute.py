@@ -20,13 +20,16 @@ def _cfg(*overrides):
     return load_config(None, [*TINY_MOE, f"model.seq_length={S}", "model.num_layers=3", *overrides])
 
 
-def _grads_and_saved(overrides):
-    """Two micro-batches of one step (so the global-batch counts accumulate): every gradient, and the bytes
-    autograd saves outside recompute regions in the first micro-batch's forward."""
+def _grads_and_saved(overrides, fp8=False):
+    """Two micro-batches of one step (so the global-batch counts accumulate): every gradient, and the elements
+    autograd saves outside recompute regions. ``fp8``: a bf16 config switched to fp8 past the config's check
+    for an FP8 GPU (CPU runs torchao's modules and the emulated grouped GEMM)."""
     from parallel.groups import ParallelGroups
     from parallel.model import build_model, token_losses
 
     cfg, single = _cfg(*overrides), ParallelGroups.single()
+    if fp8:
+        cfg.train.precision = "fp8"
     model = build_model(cfg, single)
     model.set_step(3)
     gen, saved = torch.Generator().manual_seed(7), []
@@ -96,3 +99,16 @@ def test_bad_recompute_settings_are_one_line_naming_the_key(overrides, message):
     with pytest.raises(ConfigError) as err:
         _cfg(*overrides)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("mone", [False, True])
+def test_fp8_recompute_gives_bit_identical_gradients(mone):
+    """torchao FP8 (CPU: torchao's Float8Linear and the emulated grouped FP8 GEMM of the experts): dynamic scales
+    are recomputed from the same tensors, so recompute changes no bit."""
+    fp8 = ["train.precision=bf16", "fp8.keep_first_last_bf16=false", "moe.expert_ffn_hidden_size=32",
+           "moe.shared_expert_ffn_hidden_size=48",
+           *(["moe.mone.enabled=true"] if mone else [])]
+    ref, _ = _grads_and_saved(fp8, fp8=True)
+    for name in ("full", "selective"):
+        grads, _ = _grads_and_saved([*fp8, *OPTIONS[name]], fp8=True)
+        assert not [n for n in ref if not torch.equal(grads[n], ref[n])], name
