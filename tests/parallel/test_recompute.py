@@ -1,6 +1,6 @@
 """Activation recompute (train.recompute, moe_core/recompute.py) on one device: every option gives gradients
-bit-identical to the run without it (fp32, torch.equal), with MoNE, Matryoshka, MLA, a gated shared expert, a dense
-layer and the global-batch aux loss (whose cross-micro-batch counts the recomputation must replay, not redo); the
+bit-identical to the run without it (fp32, torch.equal), with MoNE, Matryoshka, MLA or GQA with an MTP module, a gated
+shared expert, a dense layer and the global-batch aux loss (whose cross-micro-batch counts the recomputation must replay, not redo); the
 regions really drop what they cover; bad settings are refused in one line naming the key."""
 import pytest
 import torch
@@ -36,14 +36,18 @@ def _grads_and_saved(overrides, fp8=False):
     for i in range(2):
         tokens = torch.randint(0, cfg.model.vocab_size, (2, S + 1), generator=gen)
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-            loss = token_losses(model(tokens[:, :-1]), tokens[:, 1:], single).mean()
+            if cfg.model.mtp_num_layers:  # MTP: the depths' logits too (their blocks recompute like the others)
+                logits, mtp_logits = model(tokens[:, :-1], tokens[:, :-1])
+                loss = sum(token_losses(lg, tokens[:, 1:], single).mean() for lg in [logits, *mtp_logits])
+            else:
+                loss = token_losses(model(tokens[:, :-1]), tokens[:, 1:], single).mean()
         loss.backward()
     return {n: p.grad.clone() for n, p in model.named_parameters()}, sum(saved)
 
 
 @pytest.mark.parametrize("attention", ["gqa", "mla"])
 def test_every_option_gives_bit_identical_gradients_and_saves_less(attention):
-    extra = (MLA if attention == "mla" else []) + ALL
+    extra = (MLA if attention == "mla" else ["model.mtp_num_layers=1"]) + ALL
     ref, ref_saved = _grads_and_saved(extra)
     for name, option in OPTIONS.items():
         if "mla_up_proj" in name and attention != "mla":
