@@ -1,7 +1,8 @@
 """Activation recompute (train.recompute, moe_core/recompute.py) on one device: every option gives gradients
-bit-identical to the run without it (fp32, torch.equal), with MoNE, Matryoshka, MLA or GQA with an MTP module, a gated
-shared expert, a dense layer and the global-batch aux loss (whose cross-micro-batch counts the recomputation must replay, not redo); the
-regions really drop what they cover; bad settings are refused in one line naming the key."""
+bit-identical to the run without it (fp32, torch.equal), with MoNE, Matryoshka, MLA (or GQA with an MTP module), a
+gated shared expert, a dense layer and the global-batch aux loss (whose cross-micro-batch counts the recomputation
+must replay, not redo); the regions really drop what they cover; bad settings are refused in one line naming the
+key."""
 import pytest
 import torch
 
