@@ -141,16 +141,18 @@ def estimate(cfg: Config, world_size: int) -> MemoryEstimate:
         layers = [layer_bytes(m, moe, b, tp, sp, i in moe_indices, rc)
                   for i in range(stage * per_stage, (stage + 1) * per_stage)]
         kept = sum(layer.kept for layer in layers)
-        loss_grad = 0.0
+        loss_grad = freed = 0.0
         if stage == pp - 1:
             logits = 4 * m.vocab_size / tp + 12 * m.hidden_size / sp
             mtp_block = layer_bytes(m, moe, b, tp, sp, True, rc)
             kept += logits + m.mtp_num_layers * (mtp_block.kept + b * 5 * m.hidden_size + logits)
             loss_grad = 8 * m.vocab_size / tp  # the logits' gradient: two fp32 [tokens, V/tp] buffers
             layers += [mtp_block] * m.mtp_num_layers
+            freed = logits if m.mtp_num_layers else 0.0  # the last MTP depth's logits, before its block's backward
         # backward's peak on top of what the stage keeps: its start on the last stage (the loss gradient), then its
         # last block, the first one backward recomputes, while every earlier block's activations are still kept
-        activations = int(tokens * (kept * min(pp - stage, num_micro) + max(loss_grad, layers[-1].backward)))
+        peak = max(loss_grad, layers[-1].backward - freed)
+        activations = int(tokens * (kept * min(pp - stage, num_micro) + peak))
         est = MemoryEstimate(params, int(weights), 4 * params, int(optimizer), activations)
         best = est if best is None or est.total > best.total else best
     return best

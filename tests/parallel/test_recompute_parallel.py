@@ -1,6 +1,7 @@
 """Activation recompute on 4 gloo ranks with PP=2 x EP=2 (DP=2), MoNE + Matryoshka + LLEP on its rebalancing path, a
-shared expert, the global-batch aux loss and megatron-core's distributed optimizer: two trainer steps with each recompute option leave the losses and every
-parameter bit-identical to the same steps without recompute (fp32; the distributed optimizer's state included).
+shared expert, the global-batch aux loss and megatron-core's distributed optimizer: two trainer steps with each
+recompute option leave the losses and every parameter bit-identical to the same steps without recompute (fp32; the
+distributed optimizer's state included).
 ``moe_act`` adds no all-to-all; ``moe`` and ``full`` run each MoE layer's dispatch and combine again in backward.
 (tests/parallel/test_model_parallel.py compares a recomputing PP x EP model with the single-process reference.)"""
 import pytest

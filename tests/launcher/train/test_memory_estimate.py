@@ -45,8 +45,8 @@ def _measured(rank, world, shape):
         peak = LivePeak.excluding(trainer.model)
         trainer.model.set_step(trainer.step)
         with peak:
-            out = trainer._forward(trainer.model, next(trainer.loader), None)
-            (sum(out) if isinstance(out, tuple) else out).backward()  # with MTP: (loss sum, MTP objective)
+            loss = trainer._forward(trainer.model, next(trainer.loader), None)
+            (sum(loss) if isinstance(loss, tuple) else loss).backward()  # with MTP: (loss sum, MTP objective)
         est = estimate(cfg, world)
         out[option] = (weights + held["grads"] + held["optimizer_state"] + held["main_params"], peak.peak,
                        est.weights + est.gradients + est.optimizer, est.activations)
