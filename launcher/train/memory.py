@@ -148,7 +148,7 @@ def estimate(cfg: Config, world_size: int) -> MemoryEstimate:
             kept += logits + m.mtp_num_layers * (mtp_block.kept + b * 5 * m.hidden_size + logits)
             loss_grad = 8 * m.vocab_size / tp  # the logits' gradient: two fp32 [tokens, V/tp] buffers
             layers += [mtp_block] * m.mtp_num_layers
-            freed = logits if m.mtp_num_layers else 0.0  # the last MTP depth's logits, before its block's backward
+            freed = logits  # the last head's logits (the main one's, or the last MTP depth's), before its block
         # backward's peak on top of what the stage keeps: its start on the last stage (the loss gradient), then its
         # last block, the first one backward recomputes, while every earlier block's activations are still kept
         peak = max(loss_grad, layers[-1].backward - freed)
