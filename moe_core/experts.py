@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from moe_core.config import MoNEConfig
 from moe_core.aux_loss import AuxLossAutoScaler
 from moe_core.grouped import swiglu_grouped
-from moe_core.mone import keep_count, mone_swiglu_torch, neuron_balance_loss, resolve_mone_fn
+from moe_core.mone import keep_count, mone_swiglu_torch, neuron_balance_loss, neuron_selector, resolve_mone_fn
 
 
 def swiglu_reference(x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, w_gate_EFD: torch.Tensor,
@@ -78,8 +78,11 @@ class SwiGLUExperts(nn.Module):
             return swiglu_grouped(x_ND, tokens_per_expert_E, w_gate_EFD, w_up_EFD, w_down_EDF,
                                   recompute_act=self.recompute_act)
         mone_fn = resolve_mone_fn(self.mone.backend, x_ND.device)
-        args = (x_ND, tokens_per_expert_E, w_gate_EFD, w_up_EFD, w_down_EDF, self.keep_k, self.mone.score)
-        y_ND = mone_swiglu_torch(*args, self.recompute_act) if mone_fn is mone_swiglu_torch else mone_fn(*args)
+        if mone_fn is mone_swiglu_torch and self.recompute_act:  # the torch path with its moe_act region
+            y_ND = swiglu_grouped(x_ND, tokens_per_expert_E, w_gate_EFD, w_up_EFD, w_down_EDF,
+                                  neuron_selector(self.keep_k, self.mone.score), recompute_act=True)
+        else:
+            y_ND = mone_fn(x_ND, tokens_per_expert_E, w_gate_EFD, w_up_EFD, w_down_EDF, self.keep_k, self.mone.score)
         if balance_loss and self.balance_loss_enabled:
             balance = neuron_balance_loss(x_ND, tokens_per_expert_E, w_gate_EFD, self.keep_k, self.mone.score)
             y_ND = AuxLossAutoScaler.apply(y_ND, self.mone.balance_loss_coeff * balance)
