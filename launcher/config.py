@@ -153,6 +153,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
              "optim.overlap_param_gather=true cannot go with train.compile=true: megatron-core's parameter all-gather "
              "runs from forward pre-hooks inside the compiled blocks and breaks their graphs; leave "
              "optim.overlap_param_gather unset (null: off with compile)")
+    _validate_recompute(cfg)
     _validate_device_needs(cfg)
     if tr.precision == "fp8":
         from parallel.fp8.swap import fp8_unavailable_here  # lazy: TE is only imported when fp8 is asked for
@@ -161,6 +162,21 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         _require(reason is None, str(reason))
     if world_size is not None:
         validate_world(cfg, world_size)
+
+
+def _validate_recompute(cfg: Config) -> None:
+    """train.recompute_modules that name a part this model lacks, and recompute with TE's FP8 (its delayed scaling
+    would update the amax history again in the recomputed forward)."""
+    mods, m = cfg.train.recompute_modules, cfg.model
+    _require("mla_up_proj" not in mods or m.attention == "mla",
+             "train.recompute_modules: mla_up_proj needs model.attention=mla (this model uses gqa)")
+    _require("mlp" not in mods or bool(m.dense_layers),
+             "train.recompute_modules: mlp recomputes the dense layers' FFN and model.dense_layers is empty")
+    _require("shared_experts" not in mods or cfg.moe.shared_expert_ffn_hidden_size > 0,
+             "train.recompute_modules: shared_experts needs moe.shared_expert_ffn_hidden_size > 0")
+    _require(cfg.train.recompute == "none" or cfg.train.precision != "fp8" or cfg.fp8.backend == "torchao",
+             "train.recompute with fp8.backend=te is not supported (TE's amax history would be updated again by "
+             "the recomputed forward): use fp8.backend=torchao, or train.recompute=none")
 
 
 def check_data_dirs(data: DataConfig) -> None:

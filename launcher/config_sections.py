@@ -31,6 +31,18 @@ class TrainConfig:
     """torch.compile each transformer block (regional compilation, as torchtitan does; parallel/compile.py): fuses
     norms, RoPE, SwiGLU, the routing math and FP8 casts. The first step pays the compile (tens of seconds per
     distinct block; Matryoshka adds one compile per k in [k_min, k_max]). Needs train.precision bf16 or fp8."""
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recompute (moe_core/recompute.py; torch's non-reentrant checkpoint): none = keep every activation;
+    full = keep only each transformer block's input and recompute the block in backward (about one more forward:
+    +33% of the step's FLOPs; an MoE block with EP runs its all-to-alls again); selective = the parts named in
+    train.recompute_modules. Recomputed values equal the first pass's bit for bit (same k, neurons, RNG)."""
+    recompute_modules: list[Literal["core_attn", "moe_act", "shared_experts", "norm", "mla_up_proj", "moe", "mlp"]] = \
+        field(default_factory=list)
+    """train.recompute=selective only (empty otherwise): any of core_attn (softmax(qk^T)v), moe_act (the routed
+    experts' SwiGLU and down projection, nothing dispatched twice), shared_experts, norm (the block's RMSNorms),
+    mla_up_proj (MLA's up-projections and RoPE; needs model.attention=mla), moe (the whole MoE layer; with EP its
+    all-to-alls run again in backward), mlp (the dense layers' FFN; needs model.dense_layers). Saved bytes and
+    FLOPs per module: docs/scale.md."""
     max_consecutive_nonfinite: PositiveInt = 5
     """Steps whose loss is NaN/inf are skipped and counted; this many in a row stops the run."""
     exit_interval: NonNegativeInt = 0
@@ -55,6 +67,13 @@ class TrainConfig:
     slowest step and below MOETRON_DIST_TIMEOUT_MINUTES (10 min), after which a hung collective fails on its own."""
 
     def validate(self) -> None:
+        from moe_core.recompute import Recompute
+
+        problem = Recompute(self.recompute, frozenset(self.recompute_modules)).problem()
+        if problem is not None:
+            raise ValueError(problem)
+        if len(set(self.recompute_modules)) != len(self.recompute_modules):
+            raise ValueError(f"train.recompute_modules lists a module twice: {self.recompute_modules}")
         if self.compile and self.precision == "fp32":
             raise ValueError("train.compile=true needs train.precision=bf16 or fp8 (torch.compile's grouped expert "
                              "GEMM takes bf16 only): set train.precision=bf16, or train.compile=false")

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from moe_core.config import MoNEConfig
 from moe_core.aux_loss import AuxLossAutoScaler
 from moe_core.grouped import swiglu_grouped
-from moe_core.mone import keep_count, neuron_balance_loss, resolve_mone_fn
+from moe_core.mone import keep_count, mone_swiglu_torch, neuron_balance_loss, neuron_selector, resolve_mone_fn
 
 
 def swiglu_reference(x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, w_gate_EFD: torch.Tensor,
@@ -43,6 +43,9 @@ class SwiGLUExperts(nn.Module):
                              f"hidden={hidden} ffn={ffn}")
         self.num_local_experts, self.hidden, self.ffn = num_local_experts, hidden, ffn
         self.first_expert, self.mone = first_expert, mone
+        self.recompute_act = False
+        """``train.recompute_modules: [moe_act]``: the activation and down projection are recomputed in backward
+        (``moe_core.grouped.swiglu_down``; the Triton MoNE kernel keeps no more than that already)."""
         self.keep_k = keep_count(mone.keep_ratio, ffn) if mone.enabled else ffn
         self.w_gate_EFD = nn.Parameter(torch.empty(num_local_experts, ffn, hidden))
         self.w_up_EFD = nn.Parameter(torch.empty(num_local_experts, ffn, hidden))
@@ -72,9 +75,14 @@ class SwiGLUExperts(nn.Module):
         caller whose expert's rows are split over several calls (LLEP) computes it itself from
         ``moe_core.mone.neuron_balance_stats`` of each call, so it is the loss of all of the expert's rows."""
         if not self.mone.enabled:
-            return swiglu_grouped(x_ND, tokens_per_expert_E, w_gate_EFD, w_up_EFD, w_down_EDF)
+            return swiglu_grouped(x_ND, tokens_per_expert_E, w_gate_EFD, w_up_EFD, w_down_EDF,
+                                  recompute_act=self.recompute_act)
         mone_fn = resolve_mone_fn(self.mone.backend, x_ND.device)
-        y_ND = mone_fn(x_ND, tokens_per_expert_E, w_gate_EFD, w_up_EFD, w_down_EDF, self.keep_k, self.mone.score)
+        if mone_fn is mone_swiglu_torch and self.recompute_act:  # the torch path with its moe_act region
+            y_ND = swiglu_grouped(x_ND, tokens_per_expert_E, w_gate_EFD, w_up_EFD, w_down_EDF,
+                                  neuron_selector(self.keep_k, self.mone.score), recompute_act=True)
+        else:
+            y_ND = mone_fn(x_ND, tokens_per_expert_E, w_gate_EFD, w_up_EFD, w_down_EDF, self.keep_k, self.mone.score)
         if balance_loss and self.balance_loss_enabled:
             balance = neuron_balance_loss(x_ND, tokens_per_expert_E, w_gate_EFD, self.keep_k, self.mone.score)
             y_ND = AuxLossAutoScaler.apply(y_ND, self.mone.balance_loss_coeff * balance)

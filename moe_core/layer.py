@@ -17,6 +17,7 @@ the dispatch and the combine (``moe_core.dispatcher``), where an asynchronous tr
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -26,13 +27,14 @@ import torch.nn as nn
 
 from moe_core.config import MoEConfig
 from moe_core.aux_loss import AuxLossAutoScaler
-from moe_core.dispatcher import DispatchState, TokenDispatcher, dispatch_compute_combine
+from moe_core.dispatcher import DispatchState, SharedExperts, TokenDispatcher, dispatch_compute_combine
 from moe_core.experts import SwiGLUExperts
 from moe_core.layers import LayerFactory, ReplicatedLinear, SwiGLUMLP
 from moe_core.matryoshka import KSchedule
 from moe_core.mone import MoNESwiGLUMLP
 from moe_core.permute import make_permutation, permute_tokens, unpermute_tokens
 from moe_core.profiling import phase
+from moe_core.recompute import Recompute, checkpointed
 from moe_core.router import TopKRouter
 
 __all__ = ["AuxLossAutoScaler", "LocalDispatcher", "MoELayer", "MoELayerStats"]
@@ -121,6 +123,9 @@ class MoELayer(nn.Module):
         this int (under ``torch.compile`` one graph per distinct k, never one per step)."""
         self._unset_step_calls = 0
         self.last_stats: Optional[MoELayerStats] = None
+        self.recompute = Recompute()
+        """Activation recompute (moe_core/recompute.py): ``shared_experts`` is read here; with any recompute mode a
+        training forward needs :meth:`set_step` (a recomputed forward must route with the first pass's k)."""
 
     def set_step(self, step: int) -> None:
         """The current training step (keys the Matryoshka k draw): call it once per optimizer step, before the
@@ -157,12 +162,16 @@ class MoELayer(nn.Module):
             raise ValueError(f"MoELayer expects inputs [..., {self.hidden}], got {tuple(x.shape)}")
         x_TD = x.reshape(-1, self.hidden)
         if self.training and self._step_k is None:  # without set_step every training forward is its own step
+            if self.recompute.active:
+                raise RuntimeError("training with activation recompute needs MoELayer.set_step(step) (model.set_step) "
+                                   "once per optimizer step: a forward without it draws a new Matryoshka k and "
+                                   "restarts the global-batch counts, so its recomputation would not repeat it")
             self.router.start_step()
         k = self._next_k()
         with phase("router"):
             routed = self.router(x_TD, k, seq_len=x.shape[-2] if x.dim() >= 3 else None)  # [B, S, D]: S per sequence
         y_TD = dispatch_compute_combine(self.dispatcher, x_TD, routed.topk_idx_TK, routed.topk_weight_TK,
-                                        self.experts, self._shared_output if self.shared_expert is not None else None)
+                                        self.experts, self._shared_experts())
         if self.training:
             y_TD = AuxLossAutoScaler.apply(y_TD, routed.aux_loss + routed.z_loss)
         self.last_stats = MoELayerStats(
@@ -170,6 +179,14 @@ class MoELayer(nn.Module):
             dropped_slots=(routed.topk_idx_TK < 0).sum().detach(), mone_kept_fraction=self.experts.kept_fraction,
             aux_loss=routed.aux_loss.detach(), z_loss=routed.z_loss.detach())
         return y_TD.reshape(x.shape)
+
+    def _shared_experts(self) -> Optional[SharedExperts]:
+        """The driver's shared-expert callable (None without one), one recompute region with ``shared_experts``."""
+        if self.shared_expert is None:
+            return None
+        if self.recompute.covers("shared_experts"):
+            return functools.partial(checkpointed, self._shared_output)
+        return self._shared_output
 
     def _shared_output(self, x_TD: torch.Tensor) -> torch.Tensor:
         """The shared expert's term of the output [T, D] (gated when ``shared_expert_gate`` is set)."""

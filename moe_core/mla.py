@@ -36,6 +36,7 @@ from torch import nn
 
 from moe_core.model_config import ModelConfig
 from moe_core.layers import LayerFactory, ReplicatedLinear, RMSNorm
+from moe_core.recompute import Recompute, checkpointed, maybe_checkpointed
 from moe_core.rope import apply_rope, apply_rope_interleaved, softmax_mscale
 
 LATENT_NORM_EPS = 1e-6
@@ -69,24 +70,43 @@ class MLAttention(nn.Module):
         self.sequence_gather = factory.sequence_gather()
         self.apply_rope = apply_rope_interleaved if m.rope_interleave else apply_rope
         self.scale = qk ** -0.5 * softmax_mscale(m.rope_scaling)
+        self.recompute = Recompute()
+        """Which parts recompute in backward (``mla_up_proj``, ``core_attn``; moe_core/recompute.py)."""
 
-    def _query(self, x: torch.Tensor) -> torch.Tensor:
-        if self.q_lora:
-            return self.q_b_proj(self.q_a_layernorm(self.sequence_gather(self.q_a_proj(x))))
-        return self.q_proj(self.sequence_gather(x))
-
-    def forward(self, x: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor) -> torch.Tensor:
-        """``x`` [B, S, D] (or the token shard under sequence parallelism) -> like ``x``."""
-        S, Hl = cos_SR.shape[0], self.local_heads
-        q = self._query(x).view(-1, S, Hl, self.nope + self.rope).transpose(1, 2)
-        B = q.shape[0]
-        q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
-        kv_a_BSK = self.sequence_gather(self.kv_a_proj_with_mqa(x)).view(B, S, -1)
-        latent_BSC, k_rope_BSR = kv_a_BSK.split([self.kv_rank, self.rope], dim=-1)
+    def _up_project(self, q_in: torch.Tensor, latent_BSC: torch.Tensor, k_rope_BSR: torch.Tensor,
+                    cos_SR: torch.Tensor, sin_SR: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The up-projections and RoPE (``mla_up_proj``): q, k ``[B, Hl, S, nope + rope]`` and the values
+        ``[B, Hl, S, v]`` from the q input (``q_a_proj``'s output with q_lora, else x; the whole sequence), the kv
+        latent and the RoPE key."""
+        B, S, _ = latent_BSC.shape
+        Hl = self.local_heads
+        q = self.q_b_proj(self.q_a_layernorm(q_in)) if self.q_lora else self.q_proj(q_in)
+        q_nope, q_rope = q.view(B, S, Hl, self.nope + self.rope).transpose(1, 2).split([self.nope, self.rope], dim=-1)
         kv = self.kv_b_proj(self.kv_a_layernorm(latent_BSC)).view(B, S, Hl, self.nope + self.v_dim).transpose(1, 2)
         k_nope, value = kv.split([self.nope, self.v_dim], dim=-1)
         k_rope = self.apply_rope(self.k_rope_tp_copy(k_rope_BSR).unsqueeze(1), cos_SR, sin_SR)  # [B, 1, S, R]
         q = torch.cat([q_nope, self.apply_rope(q_rope, cos_SR, sin_SR)], dim=-1)
         k = torch.cat([k_nope, k_rope.expand(B, Hl, S, self.rope)], dim=-1)
-        out_BHSv = F.scaled_dot_product_attention(q, k, value, is_causal=True, scale=self.scale)
-        return self.o_proj(out_BHSv.transpose(1, 2).reshape(B, S, Hl * self.v_dim))
+        return q, k, value
+
+    def _core(self, q: torch.Tensor, k: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """Causal attention (``core_attn``): ``[B, Hl, S, v]``."""
+        return F.scaled_dot_product_attention(q, k, value, is_causal=True, scale=self.scale)
+
+    def _up_and_core(self, *args: torch.Tensor) -> torch.Tensor:
+        return self._core(*self._up_project(*args))
+
+    def forward(self, x: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor) -> torch.Tensor:
+        """``x`` [B, S, D] (or the token shard under sequence parallelism) -> like ``x``."""
+        S = cos_SR.shape[0]
+        q_in = self.sequence_gather(self.q_a_proj(x) if self.q_lora else x)
+        kv_a = self.sequence_gather(self.kv_a_proj_with_mqa(x))
+        latent_BSC, k_rope_BSR = kv_a.view(-1, S, kv_a.shape[-1]).split([self.kv_rank, self.rope], dim=-1)
+        up, core = self.recompute.covers("mla_up_proj"), self.recompute.covers("core_attn")
+        args = (q_in, latent_BSC, k_rope_BSR, cos_SR, sin_SR)
+        if up and core:  # one region: neither the up-projections' outputs nor the attention's are kept
+            out_BHSv = checkpointed(self._up_and_core, *args)
+        else:
+            out_BHSv = maybe_checkpointed(core, self._core, *maybe_checkpointed(up, self._up_project, *args))
+        B = latent_BSC.shape[0]
+        return self.o_proj(out_BHSv.transpose(1, 2).reshape(B, S, self.local_heads * self.v_dim))

@@ -51,7 +51,7 @@ import torch
 
 from kernels.grouped_gemm import group_of_rows, grouped_linear
 from moe_core.config import MoNEConfig
-from moe_core.grouped import masked_swiglu, swiglu_grouped
+from moe_core.grouped import NeuronSelect, masked_swiglu, swiglu_grouped
 from moe_core.layers import LayerFactory, SwiGLUMLP
 
 MoNEFn = Callable[..., torch.Tensor]
@@ -97,11 +97,16 @@ def select_neurons(pre_act_NF: torch.Tensor, keep_k: int, score: str) -> torch.T
     return torch.zeros(score_NF.shape, dtype=torch.bool, device=pre_act_NF.device).scatter_(-1, keep_idx_NK, True)
 
 
+def neuron_selector(keep_k: int, score: str) -> NeuronSelect:
+    """The selection of the module docstring as a ``select(pre_act_NF) -> keep_NF`` for
+    :func:`moe_core.grouped.swiglu_grouped`."""
+    return lambda pre_act_NF: select_neurons(pre_act_NF, keep_k, score)
+
+
 def mone_swiglu_torch(x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, w_gate_EFD: torch.Tensor,
                       w_up_EFD: torch.Tensor, w_down_EDF: torch.Tensor, keep_k: int, score: str) -> torch.Tensor:
     """Pure-torch implementation of the kernel contract in this module's docstring."""
-    return swiglu_grouped(x_ND, tokens_per_expert_E, w_gate_EFD, w_up_EFD, w_down_EDF,
-                          lambda pre_act_NF: select_neurons(pre_act_NF, keep_k, score))
+    return swiglu_grouped(x_ND, tokens_per_expert_E, w_gate_EFD, w_up_EFD, w_down_EDF, neuron_selector(keep_k, score))
 
 
 def neuron_balance_stats(x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, w_gate_EFD: torch.Tensor,

@@ -46,6 +46,7 @@ from moe_core.config import MoEConfig
 from moe_core.layers import LayerFactory, RMSNorm
 from moe_core.matryoshka import KSchedule
 from moe_core.model_config import ModelConfig
+from moe_core.recompute import maybe_checkpointed
 
 
 def shift_left(x_BS: torch.Tensor, k: int) -> torch.Tensor:
@@ -82,7 +83,8 @@ class MTPModule(nn.Module):
                 sin: torch.Tensor) -> torch.Tensor:
         x = torch.cat([self.enorm(emb_BSD), self.hnorm(h_BSD)], dim=-1)
         x = self.sequence_scatter(self.eh_proj(self.sequence_gather(x)))
-        return self.norm(self.block(x, cos, sin))
+        full = self.block.recompute.block  # train.recompute=full: the block is one region, as in the main stack
+        return self.norm(maybe_checkpointed(full, self.block, x, cos, sin, replaying=True))
 
 
 class MultiTokenPrediction(nn.ModuleList):

@@ -42,6 +42,7 @@ experts and the renormalised weights are sensitive to bf16 rounding and decide w
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -51,6 +52,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moe_core.config import MoEConfig
+from moe_core.recompute import first_pass_value
 
 
 @dataclass
@@ -213,11 +215,18 @@ class TopKRouter(nn.Module):
         if self.shard is not None:
             slots_E1 = self.shard.reduce(slots_E1)
         if self.cfg.aux_loss_scope == "global_batch" and self.training:
-            slots_E1 = self.count_reducer(slots_E1)
-            if self._step_slots_E1 is not None:
-                slots_E1 = slots_E1 + self._step_slots_E1
-            self._step_slots_E1 = slots_E1
+            slots_E1 = first_pass_value(functools.partial(self._accumulate_step_slots, slots_E1))
         return slots_E1[:-1] / slots_E1[-1].clamp_min(1)
+
+    def _accumulate_step_slots(self, slots_E1: torch.Tensor) -> torch.Tensor:
+        """This micro-batch's ``[E + 1]`` slot counts summed over DP (``count_reducer``) plus the step's earlier
+        ones; recorded as the step's counts so far. A recomputed forward replays the first pass's result
+        (``moe_core.recompute.first_pass_value``): nothing is counted or all-reduced twice."""
+        slots_E1 = self.count_reducer(slots_E1)
+        if self._step_slots_E1 is not None:
+            slots_E1 = slots_E1 + self._step_slots_E1
+        self._step_slots_E1 = slots_E1
+        return slots_E1
 
     def capacity(self, num_tokens: int, k: int) -> int | None:
         """Slots each expert may keep, or None when dropless."""

@@ -16,6 +16,8 @@ Parallelism is not this file's business: the linear/embedding constructors come 
 dispatcher is set on each MoE layer from outside. ``layer_range`` / ``pre_process`` / ``post_process`` build one
 pipeline stage; the MTP modules live on the last stage, which then also holds ``embed_tokens`` (the same parameter
 name as the first stage's: ``parallel/`` keeps the two copies identical).
+``set_recompute`` chooses the activations recomputed in backward (moe_core/recompute.py): ``full`` wraps each
+block call (the MTP modules' blocks too) from outside the block, so a compiled block runs compiled inside its region.
 
 Shapes: B batch, S sequence, D hidden, H query heads, G key/value heads, Hd head dim, V vocab.
 """
@@ -36,6 +38,7 @@ from moe_core.matryoshka import KSchedule
 from moe_core.mla import MLAttention
 from moe_core.mtp import MultiTokenPrediction
 from moe_core.profiling import phase
+from moe_core.recompute import Recompute, maybe_checkpointed
 from moe_core.rope import apply_rope, rope_cos_sin
 
 
@@ -72,6 +75,8 @@ class Attention(nn.Module):
         self.o_proj = factory.row(m.num_attention_heads * self.head_dim, m.hidden_size)
         self.q_norm, self.k_norm, self.norm_per_head = qk_norms(m, factory)
         self.sequence_gather = factory.sequence_gather()
+        self.recompute = Recompute()
+        """Which parts recompute in backward (``core_attn``; moe_core/recompute.py)."""
 
     def _heads(self, x_BSW: torch.Tensor, norm: nn.Module, heads: int) -> torch.Tensor:
         """[B, S, heads * Hd] projection output -> normed [B, heads, S, Hd]."""
@@ -88,9 +93,13 @@ class Attention(nn.Module):
         k = self._heads(self.k_proj(x_BSD), self.k_norm, self.local_kv_heads)
         v = self.v_proj(x_BSD).view(B, S, self.local_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out_BHSd = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                                  enable_gqa=self.local_heads != self.local_kv_heads)
+        out_BHSd = maybe_checkpointed(self.recompute.covers("core_attn"), self._core, q, k, v)
         return self.o_proj(out_BHSd.transpose(1, 2).reshape(B, S, self.local_heads * self.head_dim))
+
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention (``core_attn``): ``[B, H, S, Hd]``."""
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                              enable_gqa=self.local_heads != self.local_kv_heads)
 
 
 class Block(nn.Module):
@@ -104,11 +113,16 @@ class Block(nn.Module):
             self.mlp: nn.Module = MoELayer(m.hidden_size, moe, layer_idx, k_schedule, factory=factory)
         else:
             self.mlp = SwiGLUMLP(m.hidden_size, m.dense_ffn_hidden_size, factory)
+        self.recompute = Recompute()
+        """Which of the block's parts recompute in backward (``norm``, ``moe``, ``mlp``; moe_core/recompute.py)."""
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        norm = self.recompute.covers("norm")
         with phase("attention"):
-            x = x + self.self_attn(self.input_layernorm(x), cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+            x = x + self.self_attn(maybe_checkpointed(norm, self.input_layernorm, x), cos, sin)
+        moe = isinstance(self.mlp, MoELayer)
+        h = maybe_checkpointed(norm, self.post_attention_layernorm, x)
+        return x + maybe_checkpointed(self.recompute.covers("moe" if moe else "mlp"), self.mlp, h, replaying=moe)
 
 
 class MoETransformer(nn.Module):
@@ -143,6 +157,7 @@ class MoETransformer(nn.Module):
             self.lm_head = factory.column(m.hidden_size, m.vocab_size)
             if m.mtp_num_layers:
                 self.mtp = MultiTokenPrediction(m, moe, factory, self.k_schedule, Block)
+        self.recompute = Recompute()
         cos, sin = rope_cos_sin(m.seq_length, self.rope_dim, m.rope_theta, m.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -165,6 +180,16 @@ class MoETransformer(nn.Module):
         first_mtp = self.model_cfg.num_layers
         blocks.update({first_mtp + k: module.block for k, module in enumerate(getattr(self, "mtp", ()))})
         return blocks
+
+    def set_recompute(self, recompute: Recompute) -> None:
+        """Which activations are recomputed in backward (``train.recompute``; moe_core/recompute.py): ``full``
+        makes each block one region; ``selective`` tells each part whether it is one."""
+        self.recompute = recompute
+        for block in self.blocks().values():
+            block.recompute = block.self_attn.recompute = recompute
+            if isinstance(block.mlp, MoELayer):
+                block.mlp.recompute = recompute
+                block.mlp.experts.recompute_act = recompute.covers("moe_act")
 
     def moe_layers(self) -> dict[int, MoELayer]:
         """This stage's MoE layers by layer index, the MTP modules' blocks included."""
@@ -189,7 +214,7 @@ class MoETransformer(nn.Module):
         h = self.embed_tokens(x) if self.pre_process else x
         cos, sin = self.rope_cos[:S], self.rope_sin[:S]
         for block in self.layers.values():
-            h = block(h, cos, sin)
+            h = maybe_checkpointed(self.recompute.block, block, h, cos, sin, replaying=True)
         if not self.post_process:
             return h
         h = self.norm(h)

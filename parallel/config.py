@@ -154,11 +154,14 @@ class _TrainSettings(Protocol):
     seed: int
     precision: str
     compile: bool
+    recompute: str
+    recompute_modules: list[str]
 
 
 class RunConfig(Protocol):
     """What parallel/ reads of the whole run config (``launcher.config.Config`` has this shape): the model, MoE,
-    parallel and FP8 sections, and ``train.seed`` / ``train.precision`` / ``train.compile``."""
+    parallel and FP8 sections, and ``train.seed`` / ``train.precision`` / ``train.compile`` / ``train.recompute`` /
+    ``train.recompute_modules``."""
 
     model: ModelConfig
     moe: ParallelMoEConfig

@@ -215,6 +215,7 @@ def shard_moe_layer(layer: MoELayer, groups) -> MoELayer:
     with torch.device("meta"):  # no init: weights are copied below, and the global RNG stream stays untouched
         local = SwiGLUExperts(n, full.hidden, full.ffn, full.mone, first_expert=first)
     local = local.to_empty(device=full.w_gate_EFD.device).to(full.w_gate_EFD.dtype).train(full.training)
+    local.recompute_act = full.recompute_act
     with torch.no_grad():
         for name, param in local.named_parameters():
             param.copy_(getattr(full, name)[first:first + n])

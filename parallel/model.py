@@ -16,6 +16,7 @@ from torch import nn
 
 from moe_core.experts import SwiGLUExperts
 from moe_core.layers import LayerFactory
+from moe_core.recompute import Recompute
 from moe_core.router import SequenceShard
 from moe_core.transformer import MoETransformer
 from parallel.comm import SINGLE_PROCESS, all_reduce_sum, gather_dim0
@@ -224,7 +225,8 @@ def default_device() -> torch.device:
 
 
 def build_model(cfg: RunConfig, groups: ParallelGroups, device: torch.device | None = None) -> MoETransformer:
-    """This rank's pipeline stage with TP/EP applied, initialised layout-independently from cfg.train.seed."""
+    """This rank's pipeline stage with TP/EP applied, initialised layout-independently from cfg.train.seed, with
+    ``train.recompute`` set on it (moe_core/recompute.py)."""
     device = device or default_device()
     sequence_parallel = cfg.parallel.sequence_parallel and groups.tp_size > 1  # one TP rank holds every token
     factory = TensorParallelFactory(groups, sequence_parallel) if groups.tp_size > 1 else LayerFactory()
@@ -233,6 +235,7 @@ def build_model(cfg: RunConfig, groups: ParallelGroups, device: torch.device | N
                                layer_range=stage_layers(cfg.model.num_layers, groups),
                                pre_process=groups.is_first_stage, post_process=groups.is_last_stage)
         _localise_experts(model, cfg, groups)
+    model.set_recompute(Recompute(cfg.train.recompute, frozenset(cfg.train.recompute_modules)))
     model.to_empty(device=device)
     model.reset_buffers()
     attach_specs(model, groups, sequence_parallel)

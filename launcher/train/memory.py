@@ -8,27 +8,19 @@ head: whichever is larger), by kind:
 - optimizer state: two fp32 Adam moments (+ fp32 main weights in bf16 runs), divided by the data-parallel size for
   dense parameters and by the expert-data-parallel size for expert parameters when the distributed optimizer is on;
 - activations: what autograd keeps for one micro-batch, times the micro-batches a 1F1B stage holds at once
-  (min(pp - stage, micro-batches)). Per token and layer: ``b * (12 D + K (4 F + 2 D)) + 12 E + 20 K`` bytes plus
-  ``4 V + 12 D`` per token outside the layers (fp32 logits for the loss), where b is the compute dtype's bytes;
-  the coefficients count the tensors moetron's eager block saves (norm inputs, q/k/v/o inputs, SDPA outputs, the
-  router's fp32 logits and probabilities, the permuted rows, gate/up/activation/hidden of each routed slot, the
-  combine's inputs), measured with autograd's saved-tensor hooks on CPU. With ``model.attention=mla`` the
-  attention's ``8 D`` becomes ``D + 3c + r + 3c_q + H (3n + 2r + 3v)`` (c = kv_lora_rank, c_q = q_lora_rank or
-  0, n/r/v = qk_nope/qk_rope/v head dims): the attention input, the kv/q latents and their norms (whole on every
-  TP rank), and per head q, k, the kv_b output, the SDPA output and o_proj's input, as a fused (flash or
-  memory-efficient) SDPA keeps them; CPU's math fallback, used when v differs from n + r, also keeps the
-  H x S x S probabilities. With TP the projections, attention and routed slots are divided by TP (the norms'
-  inputs and MLA's latents are not). A shared expert (F_s = ``moe.shared_expert_ffn_hidden_size``) adds
-  ``b * 4 F_s / tp`` per token and MoE layer, as the dense FFN (its gate/up/activation/hidden), and with
-  ``moe.shared_expert_gate`` ``b * (D + 1)`` (its output and the sigmoid, whole on every TP rank); its weights
-  are dense parameters split over TP, the gate replicated. Allocator slack and temporaries are not included;
-  checked against measured steps at TP=1 (fp32 and bf16) and TP=2 with and without sequence parallelism.
-  Multi-token prediction (``model.mtp_num_layers`` = K) puts K MTP modules on the last stage (weights: enorm,
-  hnorm, eh_proj, one MoE block, norm each; with PP > 1 also a copy of the embedding) and adds per token, per depth,
-  an MoE layer's activations plus ``b * 5 D`` (the two norm inputs, eh_proj's ``2 D`` input, the final norm's) and
-  the logits' ``4 V / tp + 12 D``. ``parallel.sequence_parallel`` divides the norms' inputs, the router's and the
-  shared-expert gate's tensors and the final norm by TP (each rank keeps its token shard; the gathered inputs of
-  the projections are the TP terms above).
+  (min(pp - stage, micro-batches)), per layer as launcher/train/activations.py counts it (GQA/MLA attention, MoE
+  with MoNE and shared experts, dense FFN; what each ``train.recompute`` option drops), plus ``4 V + 12 D`` per
+  token outside the layers on the last stage (fp32 logits for the loss), plus the peak of backward on top, for
+  one micro-batch: the larger of the loss gradient (``8 V`` per token more on the last stage) and the stage's
+  last layer's backward (its largest recomputed region and its FFN's gradient temporaries; earlier layers'
+  regions are recomputed after later layers' activations are freed). Allocator slack and other temporaries are not
+  included; checked against the measured activation peak of CPU steps at TP=1 (fp32 and bf16, every recompute
+  option) and TP=2 with and without sequence parallelism. Multi-token prediction (``model.mtp_num_layers`` = K) puts K MTP modules on the
+  last stage (weights: enorm, hnorm, eh_proj, one MoE block, norm each; with PP > 1 also a copy of the embedding)
+  and adds per token, per depth, an MoE layer's activations plus ``b * 5 D`` (the two norm inputs, eh_proj's
+  ``2 D`` input, the final norm's) and the logits' ``4 V / tp + 12 D``; backward starts in the last depth's block.
+  ``parallel.sequence_parallel`` divides what is whole on every TP rank (norms, router, shared-expert gate, block
+  inputs, the final norm) by TP.
 The estimate is checked against a measured CPU step in tests/launcher/train/test_memory_estimate.py. It costs the
 same at any model.num_layers (one layer of each kind is counted, on the meta device). ``moetron pretrain`` runs
 :func:`check_fits` before it builds anything: a layout whose estimate (a lower bound: no slack) exceeds the device's
@@ -43,6 +35,8 @@ from dataclasses import dataclass
 import torch
 
 from launcher.config import Config, ConfigError, resolve
+from launcher.train.activations import layer_bytes
+from moe_core.recompute import Recompute
 
 MiB, GiB = 1 << 20, 1 << 30
 
@@ -120,16 +114,6 @@ def _stage_params(cfg: Config, tp: int, ep: int, pp: int) -> list[dict[str, int]
     return stages
 
 
-def _attention_elements(cfg: Config, tp: int) -> float:
-    """Activation elements one token keeps in one attention layer on one TP rank (module docstring)."""
-    m = cfg.model
-    if m.attention == "gqa":
-        return 8 * m.hidden_size / tp
-    c, r, n, v = m.kv_lora_rank, m.qk_rope_head_dim, m.qk_nope_head_dim, m.v_head_dim
-    whole = m.hidden_size + 3 * c + r + 3 * (m.q_lora_rank or 0)
-    return whole + m.num_attention_heads * (3 * n + 2 * r + 3 * v) / tp
-
-
 def estimate(cfg: Config, world_size: int) -> MemoryEstimate:
     """The busiest rank's estimate for ``cfg`` at ``world_size`` ranks (module docstring)."""
     cfg = resolve(cfg, world_size)
@@ -141,7 +125,8 @@ def estimate(cfg: Config, world_size: int) -> MemoryEstimate:
     distributed = cfg.optim.distributed
     num_micro = tr.global_batch_size // (tr.micro_batch_size * dp)
     tokens = tr.micro_batch_size * m.seq_length
-    n_moe_total = len(m.moe_layer_indices)
+    moe_indices = set(m.moe_layer_indices)
+    rc = Recompute(tr.recompute, frozenset(tr.recompute_modules))
     best = None
     for stage, counts in enumerate(_stage_params(cfg, tp, ep, pp)):
         params = sum(counts.values())
@@ -151,25 +136,23 @@ def estimate(cfg: Config, world_size: int) -> MemoryEstimate:
             optimizer = state_per_param * ((counts["dense"] + counts["router"]) / dp + counts["expert"] / edp)
         else:
             optimizer = state_per_param * params
-        layers = m.num_layers // pp
-        moe_layers = round(n_moe_total / pp)
-        # norms and residual inputs are whole on every TP rank (1/tp under sequence parallelism, as the router and
-        # the shared-expert gate); projections, attention and the routed slots (each TP rank dispatches 1/tp of the
-        # tokens) are split over TP
-        sp = tp if cfg.parallel.sequence_parallel else 1
-        attention = b * (4 * m.hidden_size / sp + _attention_elements(cfg, tp))
-        routed = (b * moe.top_k * (4 * moe.expert_ffn_hidden_size + 2 * m.hidden_size) / tp
-                  + (12 * moe.num_experts + 20 * moe.top_k) / sp)
-        shared = b * (4 * moe.shared_expert_ffn_hidden_size / tp
-                      + (m.hidden_size + 1 if moe.shared_expert_gate else 0) / sp)
-        per_token = layers * attention + moe_layers * routed
-        per_token += (layers - moe_layers) * b * 4 * m.dense_ffn_hidden_size / tp
-        per_token += moe_layers * shared
+        per_stage = m.num_layers // pp
+        sp = tp if cfg.parallel.sequence_parallel else 1  # what is whole on TP ranks is a token shard under SP
+        layers = [layer_bytes(m, moe, b, tp, sp, i in moe_indices, rc)
+                  for i in range(stage * per_stage, (stage + 1) * per_stage)]
+        kept = sum(layer.kept for layer in layers)
+        loss_grad = freed = 0.0
         if stage == pp - 1:
-            logits = 4 * m.vocab_size // tp + 12 * m.hidden_size / sp
-            per_token += logits
-            per_token += m.mtp_num_layers * (attention + routed + shared + b * 5 * m.hidden_size + logits)
-        activations = int(per_token * tokens * min(pp - stage, num_micro))
+            logits = 4 * m.vocab_size / tp + 12 * m.hidden_size / sp
+            mtp_block = layer_bytes(m, moe, b, tp, sp, True, rc)
+            kept += logits + m.mtp_num_layers * (mtp_block.kept + b * 5 * m.hidden_size + logits)
+            loss_grad = 8 * m.vocab_size / tp  # the logits' gradient: two fp32 [tokens, V/tp] buffers
+            layers += [mtp_block] * m.mtp_num_layers
+            freed = logits  # the last head's logits (the main one's, or the last MTP depth's), before its block
+        # backward's peak on top of what the stage keeps: its start on the last stage (the loss gradient), then its
+        # last block, the first one backward recomputes, while every earlier block's activations are still kept
+        peak = max(loss_grad, layers[-1].backward - freed)
+        activations = int(tokens * (kept * min(pp - stage, num_micro) + peak))
         est = MemoryEstimate(params, int(weights), 4 * params, int(optimizer), activations)
         best = est if best is None or est.total > best.total else best
     return best

@@ -7,10 +7,10 @@ experts, ``D`` hidden, ``F`` expert FFN width.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kernels.grouped_gemm import check_groups
+from moe_core.grouped import swiglu_down
 from parallel.fp8.grouped import PaddedGroups, check_aligned, fp8_grouped_mm
 
 
@@ -63,8 +63,10 @@ class Float8GroupedExperts(ExpertsProxy):
         gate_PF = fp8_grouped_mm(x_PD, self.w_gate_EFD, groups.offs_E)
         if self.mone_enabled:
             return mone_from_gate(self._hp, x_ND, tokens_per_expert_E, groups.unpad(gate_PF))
-        h_PF = F.silu(gate_PF) * fp8_grouped_mm(x_PD, self.w_up_EFD, groups.offs_E)
-        return groups.unpad(fp8_grouped_mm(h_PF, self.w_down_EDF, groups.offs_E))
+        up_PF = fp8_grouped_mm(x_PD, self.w_up_EFD, groups.offs_E)
+        y_PD = swiglu_down(gate_PF, up_PF, None, lambda h_PF: fp8_grouped_mm(h_PF, self.w_down_EDF, groups.offs_E),
+                           self.recompute_act)
+        return groups.unpad(y_PD)
 
 
 def mone_from_gate(experts: nn.Module, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor,
@@ -74,13 +76,13 @@ def mone_from_gate(experts: nn.Module, x_ND: torch.Tensor, tokens_per_expert_E: 
     grouped GEMMs, and the optional neuron balance loss (moe_core/mone.py defines the selection)."""
     from kernels.grouped_gemm import grouped_linear
     from moe_core.aux_loss import AuxLossAutoScaler
-    from moe_core.grouped import masked_swiglu
     from moe_core.mone import neuron_balance_loss, select_neurons
 
     mone = experts.mone
     keep_NF = select_neurons(gate_NF, experts.keep_k, mone.score)
-    h_NF = masked_swiglu(gate_NF, grouped_linear(x_ND, experts.w_up_EFD, tokens_per_expert_E), keep_NF)
-    y_ND = grouped_linear(h_NF, experts.w_down_EDF, tokens_per_expert_E)
+    up_NF = grouped_linear(x_ND, experts.w_up_EFD, tokens_per_expert_E)
+    y_ND = swiglu_down(gate_NF, up_NF, keep_NF,
+                       lambda h_NF: grouped_linear(h_NF, experts.w_down_EDF, tokens_per_expert_E), experts.recompute_act)
     if mone.balance_loss_coeff > 0 and experts.training:
         balance = neuron_balance_loss(x_ND, tokens_per_expert_E, experts.w_gate_EFD, experts.keep_k, mone.score)
         y_ND = AuxLossAutoScaler.apply(y_ND, mone.balance_loss_coeff * balance)

@@ -1,6 +1,6 @@
 """train.compile: every transformer block under torch.compile (regional compilation, parallel/compile.py) matches
 eager outputs and gradients, captures each block whole (no graph break, no host sync to break on) and recompiles
-only per distinct Matryoshka k."""
+only per distinct Matryoshka k; with activation recompute too."""
 from __future__ import annotations
 
 import copy
@@ -92,6 +92,19 @@ def test_mone_in_the_shared_expert_compiles_whole():
     out_c = _step_grads(compiled, tokens_BS, [0, 1])[0][0]  # a second step: no recompilation
     assert not dict(counters["graph_break"]) and counters["stats"]["unique_graphs"] == 1
     assert _rel(out_c, out_e) < 2e-2
+
+
+@pytest.mark.parametrize("extra, breaks_at", [
+    (["train.recompute=full"], None),  # the compiled block runs inside its region, whole
+    (["train.recompute=selective", "train.recompute_modules=[core_attn,moe_act,norm]"], None),  # traced regions
+    (["train.recompute=selective", "train.recompute_modules=[moe]"], "checkpointed_replaying"),  # eager MoE layer
+], ids=["full", "selective", "moe"])
+def test_recompute_under_compile_matches_eager(extra, breaks_at):
+    breaks, _ = _compare(extra, steps=[0, 1])
+    if breaks_at is None:
+        assert not breaks, breaks
+    else:
+        assert breaks and all(breaks_at in reason for reason in breaks), breaks
 
 
 def test_compile_needs_bf16():

@@ -123,9 +123,16 @@ def _compare(rank, world_size, overrides):
     # GLM-4.5 / OLMoE attention options: q/k norm over the whole TP-split projection, split q/k/v biases, half RoPE
     ("parallel.tp=2", "parallel.ep=2", "model.qk_norm=projection", "model.qkv_bias=true", "model.head_dim=16",
      "model.partial_rotary_factor=0.5"),
+    # activation recompute (tests/parallel/test_recompute_parallel.py: bit-identical to the run without it)
+    ("parallel.pp=2", "parallel.ep=2", "train.global_batch_size=8", "moe.mone.enabled=true",
+     "moe.matryoshka.enabled=true", "moe.matryoshka.k_min=1", "moe.matryoshka.k_max=3", "moe.dispatcher=llep",
+     "moe.llep.imbalance_threshold=1.0", "moe.llep.min_tokens_per_gemm=1", "train.recompute=full"),
+    ("parallel.tp=2", "parallel.ep=2", *MLA, *SHARED, "train.recompute=selective",
+     "train.recompute_modules=[core_attn,mla_up_proj,moe_act,shared_experts,norm,mlp]"),
 ], ids=["tp2-ep2", "pp2-ep2", "tp2-pp2", "tp2-ep2-mone-mmoe", "tp2-ep2-mla-q-lora-yarn", "tp2-pp2-mla",
         "tp2-ep2-shared-gate-mone-shared-mmoe-capacity", "tp2-ep2-llep-shared", "pp2-ep2-dp2-shared-gate", "ep4-deepseek",
-        "ep4-deepseek-llep", "tp2-ep2-projection-norm-bias-partial-rope"])
+        "ep4-deepseek-llep", "tp2-ep2-projection-norm-bias-partial-rope",
+        "pp2-ep2-llep-mone-mmoe-recompute-full", "tp2-ep2-mla-shared-recompute-selective"])
 def test_model_parallel_matches_single_process(overrides):
     results = run_distributed(_compare, 4, overrides)
     assert any(r["last"] for r in results)

@@ -163,12 +163,13 @@ RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 
 
 def _header_command(recipe: Path) -> tuple[int, str]:
-    """(processes, recipe path) of the training command written in the recipe's header comment."""
+    """(processes, recipe path) of the training command written in the recipe's header comment (torchrun's
+    processes, or the ``WORLD_SIZE=N`` of a dry-run command)."""
     text = recipe.read_text()
-    m = re.search(r"^#.*?(?:torchrun .*?--nproc-per-node (\d+) -m|python3? -m) launcher\.pretrain --recipe (\S+)",
-                  text, re.M)
+    m = re.search(r"^#.*?(?:torchrun .*?--nproc-per-node (\d+) -m|(?:WORLD_SIZE=(\d+) )?python3? -m) "
+                  r"launcher\.pretrain --recipe (\S+)", text, re.M)
     assert m, f"{recipe.name}: the header names no `launcher.pretrain --recipe` command"
-    return int(m.group(1) or 1), m.group(2)
+    return int(m.group(1) or m.group(2) or 1), m.group(3)
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
@@ -181,6 +182,28 @@ def test_recipe_loads_and_fits_its_launch_command(recipe, tmp_path, monkeypatch)
     validate_world(cfg, processes)
     dp = processes // (cfg.parallel.tp * cfg.parallel.pp)
     assert cfg.train.eval_interval == 0 or cfg.train.eval_batches % dp == 0  # validation splits batches over DP
+
+
+SCALE_RECIPES = ["qwen3_30b_a3b", "qwen3_235b_a22b", "deepseek_v3_671b"]
+
+
+@pytest.mark.parametrize("name", SCALE_RECIPES)
+def test_scale_recipes_dry_run_at_their_layout_and_fit_80_gb(name, capsys):
+    """docs/scale.md: each published-size recipe's --dry-run at the world size its header names, and its settings
+    fit an 80 GB GPU (the estimate, before allocator slack)."""
+    from launcher import pretrain
+    from launcher.train.memory import estimate
+
+    recipe = REPO / "recipes" / f"{name}.yaml"
+    processes, _ = _header_command(recipe)
+    cfg = load_config(recipe)
+    assert processes >= 64 and cfg.train.recompute != "none"
+    assert estimate(cfg, processes).total < 80e9
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WORLD_SIZE", str(processes))
+        mp.setattr("launcher.train.memory.check_fits", lambda *a: None)  # this CPU host is not the 80 GB target
+        assert pretrain.main(["--recipe", str(recipe), "--dry-run"]) == 0
+    assert f"dry run: {processes} rank(s)" in capsys.readouterr().out
 
 
 def _recipe(name: str):
