@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def dry_run(cfg, world_size: int) -> int:
     """Parameter counts and the busiest rank's memory estimate (launcher/train/memory.py); nothing is built. A
-    layout that does not fit this machine then fails with :func:`memory.check_fits`' line (ConfigError)."""
+    layout that does not fit this machine gets :func:`memory.fit_problem`'s line as a warning: a dry run plans
+    for the machines the run will use, which are often not this one (a login node)."""
     from launcher.train import flops
 
     counts = flops.param_counts(cfg)
@@ -84,7 +85,9 @@ def dry_run(cfg, world_size: int) -> int:
             f"{par.data_parallel_size(world_size)}, EP {par.ep}; {counts.total:,} parameters, "
             f"{int(counts.activated):,} activated per token; busiest rank:\n"
             + "\n".join(memory.estimate(cfg, world_size).lines()))
-    memory.check_fits(cfg, world_size)
+    problem = memory.fit_problem(cfg, world_size)
+    if problem:
+        log.warning(f"{problem} (a real run on such ranks stops with this line)")
     return 0
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -177,8 +178,12 @@ def _what_to_change(cfg: Config, est: MemoryEstimate) -> str:
     """The settings that shrink the largest part of ``est``."""
     m, tr, par = cfg.model, cfg.train, cfg.parallel
     if est.activations >= est.total / 2:
+        levers = [f"train.recompute ({tr.recompute})"] if tr.recompute != "full" else []
+        if par.tp > 1 and not par.sequence_parallel:
+            levers.append("parallel.sequence_parallel (false)")
         return (f"lower train.micro_batch_size ({tr.micro_batch_size}), model.seq_length ({m.seq_length}) or "
-                f"model.num_layers ({m.num_layers}), or raise parallel.tp ({par.tp}) / parallel.pp ({par.pp})")
+                f"model.num_layers ({m.num_layers}), or raise " + ", ".join(levers + [f"parallel.tp ({par.tp})"])
+                + f" / parallel.pp ({par.pp})")
     moe = cfg.moe
     expert_weights = 3 * moe.num_experts * moe.expert_ffn_hidden_size * m.hidden_size / par.ep
     if expert_weights >= est.params / 2:
@@ -188,15 +193,22 @@ def _what_to_change(cfg: Config, est: MemoryEstimate) -> str:
             f"({m.vocab_size}), or raise parallel.tp ({par.tp}) / parallel.pp ({par.pp})")
 
 
-def check_fits(cfg: Config, world_size: int) -> MemoryEstimate:
-    """The busiest rank's estimate, or ConfigError (one line: the estimate, the budget, what to change) when it
-    exceeds :func:`device_budget`."""
+def fit_problem(cfg: Config, world_size: int) -> Optional[str]:
+    """None when the busiest rank's estimate fits :func:`device_budget`, else one line: the estimate by part, the
+    budget and the settings to change."""
     est = estimate(cfg, world_size)
     budget, what = device_budget()
-    if est.total > budget:
-        raise ConfigError(
-            f"this layout needs at least {format_bytes(est.total).strip()} per rank (weights "
+    if est.total <= budget:
+        return None
+    return (f"this layout needs at least {format_bytes(est.total).strip()} per rank (weights "
             f"{format_bytes(est.weights).strip()}, gradients {format_bytes(est.gradients).strip()}, optimizer "
             f"{format_bytes(est.optimizer).strip()}, activations {format_bytes(est.activations).strip()}; "
             f"pretrain --dry-run) but a rank has {what}: {_what_to_change(resolve(cfg, world_size), est)}")
-    return est
+
+
+def check_fits(cfg: Config, world_size: int) -> None:
+    """ConfigError with :func:`fit_problem`'s line when the layout does not fit this machine (before a run builds
+    anything)."""
+    problem = fit_problem(cfg, world_size)
+    if problem:
+        raise ConfigError(problem)
