@@ -214,6 +214,14 @@ def validate_world(cfg: Config, world_size: int) -> None:
     _require(tr.global_batch_size % (tr.micro_batch_size * dp) == 0,
              f"train.global_batch_size ({tr.global_batch_size}) must be divisible by train.micro_batch_size * "
              f"data-parallel size ({tr.micro_batch_size}*{dp})")
+    if par.virtual_pp > 1:  # megatron-core's interleaved schedule runs micro-batches in groups of pp
+        micro = tr.global_batch_size // (tr.micro_batch_size * dp)
+        _require(micro % par.pp == 0, f"parallel.virtual_pp > 1 needs the micro-batches per step ({micro} = "
+                 f"train.global_batch_size / (train.micro_batch_size * data-parallel size)) divisible by "
+                 f"parallel.pp ({par.pp})")
+        _require(not tr.eval_interval or (tr.eval_batches // dp) % par.pp == 0,
+                 f"parallel.virtual_pp > 1 needs train.eval_batches / data-parallel size "
+                 f"({tr.eval_batches}/{dp}) divisible by parallel.pp ({par.pp})")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
