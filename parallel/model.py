@@ -23,7 +23,7 @@ from parallel.comm import SINGLE_PROCESS, all_reduce_sum, gather_dim0
 from parallel.compile import compile_blocks
 from parallel.config import RunConfig
 from parallel.groups import ParallelGroups
-from parallel.layout import rank_chunks
+from parallel.layout import ChunkPlan, rank_chunks
 from parallel.sharding import attach_specs, init_parameters, share_embedding
 
 
@@ -266,14 +266,23 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def _chunk_plans(cfg: RunConfig, groups: ParallelGroups) -> list[ChunkPlan]:
+    """This rank's virtual stages under ``cfg.parallel``; one process (a single-device reference, HF export)
+    holds the whole model as one chunk whatever the config's pipeline layout."""
+    if groups.pp_size == 1:
+        return [ChunkPlan(range(cfg.model.num_layers), pre_process=True, post_process=True)]
+    if groups.pp_size != cfg.parallel.pp:
+        raise ValueError(f"the pipeline group has {groups.pp_size} stages, parallel.pp is {cfg.parallel.pp}")
+    return rank_chunks(cfg.parallel.stage_plans(cfg.model), groups.pp_size, groups.pp_rank)
+
+
 def build_model(cfg: RunConfig, groups: ParallelGroups, device: torch.device | None = None) -> PipelineStage:
     """This rank's model chunks with TP/EP applied, initialised layout-independently from cfg.train.seed."""
     device = device or default_device()
     sequence_parallel = cfg.parallel.sequence_parallel and groups.tp_size > 1  # one TP rank holds every token
     factory = TensorParallelFactory(groups, sequence_parallel) if groups.tp_size > 1 else LayerFactory()
-    plans = rank_chunks(cfg.parallel.stage_plans(cfg.model), groups.pp_size, groups.pp_rank)
     chunks = []
-    for plan in plans:
+    for plan in _chunk_plans(cfg, groups):
         with torch.device("meta"):
             chunk = MoETransformer(cfg.model, cfg.moe, cfg.train.seed, factory, layer_range=plan.layers,
                                    pre_process=plan.pre_process, post_process=plan.post_process)

@@ -43,7 +43,10 @@ def _schedule_config(groups: ParallelGroups, virtual_pp: int, hidden_size: int, 
         hidden_size: int = 0
         calculate_per_token_loss: bool = True  # the loss function's output is used as it is (token_loss.py)
 
-    return ScheduleConfig(pipeline_model_parallel_size=groups.pp_size, pipeline_dtype=dtype,
+    # batch_p2p_comm=False: megatron-core's unbatched p2p (Megatron-LM's choice for interleaving) keeps the two
+    # directions apart at pp = 2, where a rank's previous and next stage are the same peer: batched, gloo matched
+    # an activation with a gradient receive of the same shape (wrong values, no error)
+    return ScheduleConfig(pipeline_model_parallel_size=groups.pp_size, pipeline_dtype=dtype, batch_p2p_comm=False,
                           virtual_pipeline_model_parallel_size=virtual_pp if virtual_pp > 1 else None,
                           hidden_size=hidden_size, params_dtype=dtype)
 

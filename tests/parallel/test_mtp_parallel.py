@@ -62,7 +62,7 @@ def _compare(rank, world_size, overrides):
     from parallel.groups import initialize
     from parallel.model import activation_shape, build_model, token_losses
     from parallel.optim.grads import sync_grads
-    from parallel.pipeline import forward_backward
+    from parallel.schedule import PipelineSchedule
     from parallel.sharding import get_spec, local_slices
 
     cfg = tiny_cfg(*MTP, *overrides)
@@ -79,15 +79,16 @@ def _compare(rank, world_size, overrides):
                                                 cfg.model.mtp_loss_coeff, g, device) if g.is_last_stage else None)
     extras = []
 
-    def forward(m, mb, x):
-        inp = mb["tokens"] if x is None else x
-        if not g.is_last_stage:
-            return m(inp)
-        main, sums_K = _objective_parts(*m(inp, mb["tokens"]), mb, lambda a, b: token_losses(a, b, g))
+    def forward(chunk, mb, x):
+        inp = mb["tokens"] if chunk.pre_process else x
+        if not chunk.post_process:
+            return chunk(inp)
+        main, sums_K = _objective_parts(*chunk(inp, mb["tokens"]), mb, lambda a, b: token_losses(a, b, g))
         extras.append((main * loss_scale + (sums_K * mtp_scale).sum()).detach())
         return main, (sums_K * mtp_scale).sum()
 
-    forward_backward(model, micro, forward, g, activation_shape(cfg, MB), loss_scale=loss_scale)
+    schedule = PipelineSchedule(g, cfg.parallel.virtual_pp, activation_shape(cfg, MB), torch.float32)
+    schedule(model.chunks, micro, forward, loss_scale=loss_scale)
     sync_grads(model, g)
     checked = []
     for name, p in model.named_parameters():
