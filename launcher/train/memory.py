@@ -1,14 +1,16 @@
 """Per-rank memory estimate of a training layout, without building anything real (``moetron pretrain --dry-run``).
 
-Bytes on the busiest rank (the first pipeline stage, which also holds the embedding, or the last, which holds the LM
-head: whichever is larger), by kind:
+Bytes on the busiest pipeline rank (each rank holds its virtual stages' layers, ``parallel/layout.py``; the first
+also the embedding, the last the LM head), by kind:
 - weights: this rank's parameters (TP splits the attention/dense projections, embedding and LM head; EP splits the
   experts; PP splits the layers), bf16 in bf16/fp8 runs except the fp32 router, else fp32;
 - gradients: one fp32 buffer of the rank's parameters (megatron-core's ``main_grad`` buffer, or fp32 ``.grad``);
 - optimizer state: two fp32 Adam moments (+ fp32 main weights in bf16 runs), divided by the data-parallel size for
   dense parameters and by the expert-data-parallel size for expert parameters when the distributed optimizer is on;
-- activations: what autograd keeps for one micro-batch, times the micro-batches a 1F1B stage holds at once
-  (min(pp - stage, micro-batches)). Per token and layer: ``b * (12 D + K (4 F + 2 D)) + 12 E + 20 K`` bytes plus
+- activations: what autograd keeps for one micro-batch in each model chunk, times the micro-batches of that chunk in
+  flight when the rank's first backward starts (megatron-core's schedules: 1F1B runs pp - rank - 1 warm-up forwards,
+  interleaved 1F1B (pp - rank - 1) * 2 + (virtual_pp - 1) * pp, chunk by chunk in groups of pp micro-batches,
+  at most every micro-batch of every chunk; one more forward is alive then). Per token and layer: ``b * (12 D + K (4 F + 2 D)) + 12 E + 20 K`` bytes plus
   ``4 V + 12 D`` per token outside the layers (fp32 logits for the loss), where b is the compute dtype's bytes;
   the coefficients count the tensors moetron's eager block saves (norm inputs, q/k/v/o inputs, SDPA outputs, the
   router's fp32 logits and probabilities, the permuted rows, gate/up/activation/hidden of each routed slot, the
@@ -33,7 +35,8 @@ The estimate is checked against a measured CPU step in tests/launcher/train/test
 same at any model.num_layers (one layer of each kind is counted, on the meta device). ``moetron pretrain`` runs
 :func:`check_fits` before it builds anything: a layout whose estimate (a lower bound: no slack) exceeds the device's
 free memory, or on CPU the host's available RAM divided by the node's ranks, is one line with the estimate and what
-to change.
+to change. The dry run also prints the pipeline bubble: the idle fraction of a step, (pp - 1) / (virtual_pp *
+micro-batches).
 """
 from __future__ import annotations
 
@@ -59,6 +62,8 @@ class MemoryEstimate:
     gradients: int
     optimizer: int
     activations: int
+    bubble: float = 0.0
+    """Pipeline bubble: idle fraction of a step, (pp - 1) / (virtual_pp * micro-batches per step)."""
 
     @property
     def total(self) -> int:
@@ -71,13 +76,14 @@ class MemoryEstimate:
                 f"  gradients   {format_bytes(self.gradients)}",
                 f"  optimizer   {format_bytes(self.optimizer)}",
                 f"  activations {format_bytes(self.activations)}",
-                f"  total       {format_bytes(self.total)} (no allocator slack or temporaries)"]
+                f"  total       {format_bytes(self.total)} (no allocator slack or temporaries)",
+                f"  pipeline bubble {self.bubble:.1%} of a step"]
 
 
 def _stage_params(cfg: Config, tp: int, ep: int, pp: int) -> list[dict[str, int]]:
-    """Per pipeline stage: parameter counts on one rank by kind (dense, router, expert). Counted on a meta-device
+    """Per pipeline rank: parameter counts on one rank by kind (dense, router, expert). Counted on a meta-device
     model of one layer of each kind (dense, MoE) plus the embedding, final norm, LM head and MTP modules, then
-    multiplied out per stage: the cost does not grow with model.num_layers."""
+    multiplied out per rank (its virtual stages' layers): the model built does not grow with model.num_layers."""
     from torch import nn
 
     from moe_core.layers import ProjectionRMSNorm, ReplicatedLinear
@@ -107,17 +113,27 @@ def _stage_params(cfg: Config, tp: int, ep: int, pp: int) -> list[dict[str, int]
             outside["last"][kind] += n if cfg.model.mtp_num_layers and pp > 1 else 0
         else:
             outside["last"][kind] += n
-    per_stage = m.num_layers // pp
+    plans = cfg.parallel.stage_plans(m)
     stages = []
     for s in range(pp):
-        n_dense = sum(1 for i in dense if s * per_stage <= i < (s + 1) * per_stage)
+        n_layers = sum(len(plan.layers) for plan in plans[s::pp])
+        n_dense = sum(1 for i in dense if any(i in plan.layers for plan in plans[s::pp]))
         counts = {kind: n_dense * (per_layer[dense[0]][kind] if n_dense else 0)
-                  + (per_stage - n_dense) * (per_layer[first_moe][kind] if first_moe is not None else 0)
+                  + (n_layers - n_dense) * (per_layer[first_moe][kind] if first_moe is not None else 0)
                   for kind in ("dense", "router", "expert")}
         for kind in counts:
             counts[kind] += outside["first"][kind] * (s == 0) + outside["last"][kind] * (s == pp - 1)
         stages.append(counts)
     return stages
+
+
+def in_flight(pp: int, virtual_pp: int, rank: int, num_micro: int) -> list[int]:
+    """Micro-batches of each of pipeline rank ``rank``'s model chunks whose activations are alive when its first
+    backward starts (module docstring): megatron-core's warm-up forwards plus one."""
+    total = num_micro * virtual_pp
+    warmup = pp - rank - 1 if virtual_pp == 1 else (pp - rank - 1) * 2 + (virtual_pp - 1) * pp
+    alive = min(warmup + 1, total)
+    return [sum(1 for k in range(alive) if (k // pp) % virtual_pp == c) for c in range(virtual_pp)]
 
 
 def _attention_elements(cfg: Config, tp: int) -> float:
@@ -133,7 +149,7 @@ def _attention_elements(cfg: Config, tp: int) -> float:
 def estimate(cfg: Config, world_size: int) -> MemoryEstimate:
     """The busiest rank's estimate for ``cfg`` at ``world_size`` ranks (module docstring)."""
     cfg = resolve(cfg, world_size)
-    tp, pp, ep = cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep
+    tp, pp, ep, vpp = cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep, cfg.parallel.virtual_pp
     dp = cfg.parallel.data_parallel_size(world_size)
     edp = tp * dp // ep
     m, moe, tr = cfg.model, cfg.moe, cfg.train
@@ -141,7 +157,27 @@ def estimate(cfg: Config, world_size: int) -> MemoryEstimate:
     distributed = cfg.optim.distributed
     num_micro = tr.global_batch_size // (tr.micro_batch_size * dp)
     tokens = tr.micro_batch_size * m.seq_length
-    n_moe_total = len(m.moe_layer_indices)
+    dense = set(m.dense_layers)
+    plans = cfg.parallel.stage_plans(m)
+    # norms and residual inputs are whole on every TP rank (1/tp under sequence parallelism, as the router and
+    # the shared-expert gate); projections, attention and the routed slots (each TP rank dispatches 1/tp of the
+    # tokens) are split over TP
+    sp = tp if cfg.parallel.sequence_parallel else 1
+    attention = b * (4 * m.hidden_size / sp + _attention_elements(cfg, tp))
+    routed = (b * moe.top_k * (4 * moe.expert_ffn_hidden_size + 2 * m.hidden_size) / tp
+              + (12 * moe.num_experts + 20 * moe.top_k) / sp)
+    shared = b * (4 * moe.shared_expert_ffn_hidden_size / tp
+                  + (m.hidden_size + 1 if moe.shared_expert_gate else 0) / sp)
+
+    def chunk_per_token(plan) -> float:
+        moe_layers = len(plan.layers) - sum(1 for i in dense if i in plan.layers)
+        per_token = len(plan.layers) * attention + moe_layers * (routed + shared)
+        per_token += (len(plan.layers) - moe_layers) * b * 4 * m.dense_ffn_hidden_size / tp
+        if plan.post_process:
+            logits = 4 * m.vocab_size // tp + 12 * m.hidden_size / sp
+            per_token += logits + m.mtp_num_layers * (attention + routed + shared + b * 5 * m.hidden_size + logits)
+        return per_token
+
     best = None
     for stage, counts in enumerate(_stage_params(cfg, tp, ep, pp)):
         params = sum(counts.values())
@@ -151,26 +187,10 @@ def estimate(cfg: Config, world_size: int) -> MemoryEstimate:
             optimizer = state_per_param * ((counts["dense"] + counts["router"]) / dp + counts["expert"] / edp)
         else:
             optimizer = state_per_param * params
-        layers = m.num_layers // pp
-        moe_layers = round(n_moe_total / pp)
-        # norms and residual inputs are whole on every TP rank (1/tp under sequence parallelism, as the router and
-        # the shared-expert gate); projections, attention and the routed slots (each TP rank dispatches 1/tp of the
-        # tokens) are split over TP
-        sp = tp if cfg.parallel.sequence_parallel else 1
-        attention = b * (4 * m.hidden_size / sp + _attention_elements(cfg, tp))
-        routed = (b * moe.top_k * (4 * moe.expert_ffn_hidden_size + 2 * m.hidden_size) / tp
-                  + (12 * moe.num_experts + 20 * moe.top_k) / sp)
-        shared = b * (4 * moe.shared_expert_ffn_hidden_size / tp
-                      + (m.hidden_size + 1 if moe.shared_expert_gate else 0) / sp)
-        per_token = layers * attention + moe_layers * routed
-        per_token += (layers - moe_layers) * b * 4 * m.dense_ffn_hidden_size / tp
-        per_token += moe_layers * shared
-        if stage == pp - 1:
-            logits = 4 * m.vocab_size // tp + 12 * m.hidden_size / sp
-            per_token += logits
-            per_token += m.mtp_num_layers * (attention + routed + shared + b * 5 * m.hidden_size + logits)
-        activations = int(per_token * tokens * min(pp - stage, num_micro))
-        est = MemoryEstimate(params, int(weights), 4 * params, int(optimizer), activations)
+        alive = in_flight(pp, vpp, stage, num_micro)
+        activations = int(sum(chunk_per_token(plans[c * pp + stage]) * tokens * n for c, n in enumerate(alive)))
+        est = MemoryEstimate(params, int(weights), 4 * params, int(optimizer), activations,
+                             bubble=(pp - 1) / (vpp * num_micro))
         best = est if best is None or est.total > best.total else best
     return best
 
