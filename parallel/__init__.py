@@ -1,6 +1,6 @@
 """What wraps the single-device model for a parallel run: process groups from megatron-core (``groups.py``,
-``comm.py``, the CPU shim ``cpu_compat.py``), the TP/EP/PP model build (``model.py``, ``sharding.py``), the 1F1B
-pipeline schedule (``pipeline.py``), expert-parallel token dispatch (``dispatch.py``) and LLEP (``llep/``), the
+``comm.py``, the CPU shim ``cpu_compat.py``), the TP/EP/PP model build (``model.py``, ``sharding.py``, the
+pipeline layout ``layout.py``), megatron-core's pipeline schedules (``schedule.py``), expert-parallel token dispatch (``dispatch.py``) and LLEP (``llep/``), the
 optimizer and gradient reduction (``optim/``), FP8 projections (``fp8/``), regional ``torch.compile``
 (``compile.py``) and the configs of all of these (``config.py``). Every collective here takes its process group
 explicitly; the config, planner and FP8 module swaps are local.
