@@ -86,6 +86,12 @@ class ParallelConfig:
     of column-parallel projections, reduce-scatter after row-parallel ones. Same losses and gradients; less
     activation memory."""
 
+    @property
+    def micro_batch_group(self) -> int:
+        """Micro-batches per step (and per validation) must be a multiple of this: pp under interleaving
+        (megatron-core's interleaved schedule runs them in groups of pp), else 1."""
+        return self.pp if self.virtual_pp > 1 else 1
+
     def data_parallel_size(self, world_size: int) -> int:
         """DP = world / (tp * pp) (:meth:`validate_world` checks that it divides)."""
         return world_size // (self.tp * self.pp)

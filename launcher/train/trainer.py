@@ -241,7 +241,8 @@ class Trainer(CheckpointedState):
     def _valid_batches(self, n: int) -> list[dict]:
         """This DP rank's share of the first ``n`` micro-batches of the valid split: the split is read whole and
         in order on every rank and DP rank r takes batches r, r + dp, ..., so every layout sees the same batches."""
-        check_eval_batches(n, self.groups.dp_size, "train.eval_batches (or eval --batches)")
+        check_eval_batches(n, self.groups.dp_size, "train.eval_batches (or eval --batches)",
+                           self.cfg.parallel.micro_batch_group)
         loader = build_loader(self.cfg, "valid", 0, 1)
         if loader.plan is not None and n > loader.plan.batches_per_epoch:
             plan = loader.plan

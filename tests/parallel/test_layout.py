@@ -47,3 +47,12 @@ def test_interleaving_needs_micro_batches_in_groups_of_pp():
     validate(load_config(None, ["data.source=synthetic", "model.num_layers=4", "parallel.pp=2",
                                 "parallel.virtual_pp=2", "train.micro_batch_size=2", "train.global_batch_size=8"]),
              world_size=2)
+
+
+def test_interleaved_validation_batches_come_in_groups_of_pp():
+    from launcher.config import ConfigError, load_config, validate
+
+    cfg = load_config(None, ["data.source=synthetic", "model.num_layers=4", "parallel.pp=2", "parallel.virtual_pp=2",
+                             "train.micro_batch_size=2", "train.eval_interval=5", "train.eval_batches=3"])
+    with pytest.raises(ConfigError, match=r"train.eval_batches \(3\) / data-parallel size \(1\) must be a multiple"):
+        validate(cfg, world_size=2)
