@@ -65,7 +65,7 @@ def resolve(cfg: Config, world_size: int) -> Config:
     ranks on this machine: what the run uses and records (``<run_dir>/config.yaml``, TensorBoard, checkpoints).
     Idempotent: a resolved config (or its config.yaml read back as a recipe) resolves to itself. Nulls that mean
     "off" (``moe.capacity_factor``, ``data.valid_path``, an unknown ``logging.peak_tflops``, ``train.cpu_threads``
-    where CUDA is available) stay null."""
+    where CUDA is available, ``parallel.pp_layout``: the even split) stay null."""
     out = copy.deepcopy(cfg)
     o, dp = out.optim, out.parallel.data_parallel_size(world_size)
     if out.model.attention == "gqa":  # MLA's head widths are its own fields
