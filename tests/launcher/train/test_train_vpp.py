@@ -27,3 +27,12 @@ def test_interleaved_pipeline_matches_pp1_resumes_exactly_and_loads_at_pp1(tmp_p
     assert sorted(at_pp1["losses"]) == [3, 4, 5]
     assert [at_pp1["losses"][s] for s in (3, 4, 5)] == pytest.approx([full["losses"][s] for s in (3, 4, 5)],
                                                                       rel=1e-5)
+
+
+def test_bf16_interleaved_pipeline_sends_bf16_and_equals_plain_1f1b(tmp_path):
+    """Activations cross stages in the compute dtype: megatron-core receives into bf16 buffers (an fp32 send would
+    not fit them), and the stage boundaries move without changing a bit of the bf16 run's losses."""
+    extra = ("model.num_layers=4", "train.precision=bf16", "parallel.pp=2")
+    plain = _run(2, _overrides(tmp_path / "pp2", 3, *extra))
+    interleaved = _run(2, _overrides(tmp_path / "vpp2", 3, *extra, "parallel.virtual_pp=2"))
+    assert interleaved["losses"] == plain["losses"]
