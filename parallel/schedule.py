@@ -7,7 +7,8 @@ token-weighted loss and the MTP ``(loss, extra)`` output pass through unchanged)
 MoE models with (docs/architecture.md). The schedule runs on CPU/gloo with the ``parallel/cpu_compat.py`` patches.
 
 Activations cross stages in the compute dtype (``pipeline_dtype``), in megatron-core's ``[S, B, D]`` order: a
-chunk's hidden output ``[B, S, D]`` is transposed for the wire and back on arrival (data movement only).
+chunk's hidden output ``[B, S, D]`` is transposed for the wire and back on arrival, a sequence-parallel token shard
+``[T, D]`` (``parallel.model.activation_shape``) travels as ``[T, 1, D]`` (data movement only).
 
 Loss semantics (``launcher/train/token_loss.py``): the last chunk's output per micro-batch, a loss sum (or
 ``(loss sum, extra)``), becomes ``loss * loss_scale (+ extra)`` before its backward (megatron-core's per-token-loss
@@ -69,15 +70,14 @@ class PipelineSchedule:
     """Runs one step's micro-batches through this rank's model chunks with megatron-core's schedule for
     ``groups.pp_size`` x ``virtual_pp``. Collective over the pipeline group."""
 
-    def __init__(self, groups: ParallelGroups, virtual_pp: int, hidden_shape: tuple[int, int, int],
-                 dtype: torch.dtype):
+    def __init__(self, groups: ParallelGroups, virtual_pp: int, hidden_shape: tuple[int, ...], dtype: torch.dtype):
         from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
         from megatron.core.pipeline_parallel.schedules import get_forward_backward_func
         from megatron.core.process_groups_config import ProcessGroupCollection
 
         cpu_compat.apply()
         self.groups, self.hidden_shape, self.dtype = groups, hidden_shape, dtype
-        self.config = _schedule_config(groups, virtual_pp, hidden_shape[2], dtype)
+        self.config = _schedule_config(groups, virtual_pp, hidden_shape[-1], dtype)
         self.pg_collection = ProcessGroupCollection(tp=check_group(groups.tp_group, "tp_group"),
                                                     cp=check_group(groups.cp_group, "cp_group"))
         self.p2p = None
@@ -96,14 +96,21 @@ class PipelineSchedule:
         self.config.no_sync_func = no_sync
         wrapped = [_Chunk(chunk, self.config) for chunk in chunks]
         n = len(micro_batches)
-        B, S, D = self.hidden_shape
+        sequence_first = len(self.hidden_shape) == 3  # [B, S, D]; else a token shard [T, D]
+        B, S = self.hidden_shape[:2] if sequence_first else (1, self.hidden_shape[0])
+
+        def to_wire(h: torch.Tensor) -> torch.Tensor:
+            return (h.transpose(0, 1) if sequence_first else h.unsqueeze(1)).contiguous()
+
+        def from_wire(x_SBD: torch.Tensor) -> torch.Tensor:
+            return x_SBD.transpose(0, 1) if sequence_first else x_SBD.squeeze(1)
 
         def forward_step(data_iterator, model: _Chunk):
             mb = next(data_iterator)
-            x = None if model.input_SBD is None else model.input_SBD.transpose(0, 1)
+            x = None if model.input_SBD is None else from_wire(model.input_SBD)
             out = forward_fn(model.chunk, mb, x)
             if not model.chunk.post_process:
-                return out.to(self.dtype).transpose(0, 1).contiguous(), None
+                return to_wire(out.to(self.dtype)), None
             loss, extra = out if isinstance(out, tuple) else (out, None)
 
             def loss_func(loss_out):
