@@ -65,7 +65,7 @@ def resolve(cfg: Config, world_size: int) -> Config:
     ranks on this machine: what the run uses and records (``<run_dir>/config.yaml``, TensorBoard, checkpoints).
     Idempotent: a resolved config (or its config.yaml read back as a recipe) resolves to itself. Nulls that mean
     "off" (``moe.capacity_factor``, ``data.valid_path``, an unknown ``logging.peak_tflops``, ``train.cpu_threads``
-    where CUDA is available) stay null."""
+    where CUDA is available, ``parallel.pp_layout``: the even split) stay null."""
     out = copy.deepcopy(cfg)
     o, dp = out.optim, out.parallel.data_parallel_size(world_size)
     if out.model.attention == "gqa":  # MLA's head widths are its own fields
@@ -210,11 +210,15 @@ def _validate_device_needs(cfg: Config) -> None:
              "path on CPU), or TRITON_INTERPRET=1 for Triton's slow interpreter")
 
 
-def check_eval_batches(batches: int, dp_size: int, key: str) -> None:
-    """ConfigError unless ``batches`` validation micro-batches split evenly over ``dp_size`` DP ranks."""
+def check_eval_batches(batches: int, dp_size: int, key: str, group: int = 1) -> None:
+    """ConfigError unless ``batches`` validation micro-batches split evenly over ``dp_size`` DP ranks, each rank's
+    share a multiple of ``group`` (``ParallelConfig.micro_batch_group``)."""
     _require(batches >= 1 and batches % dp_size == 0,
              f"{key} ({batches}) must be a positive multiple of the data-parallel size ({dp_size}): validation "
              "batches are split evenly over DP ranks")
+    _require((batches // dp_size) % group == 0,
+             f"{key} ({batches}) / data-parallel size ({dp_size}) must be a multiple of parallel.pp ({group}) with "
+             "parallel.virtual_pp > 1: the interleaved schedule runs micro-batches in groups of pp")
 
 
 def validate_world(cfg: Config, world_size: int) -> None:
@@ -226,10 +230,14 @@ def validate_world(cfg: Config, world_size: int) -> None:
         raise ConfigError(str(e)) from None
     dp = par.data_parallel_size(world_size)
     if tr.eval_interval:
-        check_eval_batches(tr.eval_batches, dp, "train.eval_batches")
+        check_eval_batches(tr.eval_batches, dp, "train.eval_batches", par.micro_batch_group)
     _require(tr.global_batch_size % (tr.micro_batch_size * dp) == 0,
              f"train.global_batch_size ({tr.global_batch_size}) must be divisible by train.micro_batch_size * "
              f"data-parallel size ({tr.micro_batch_size}*{dp})")
+    micro = tr.global_batch_size // (tr.micro_batch_size * dp)
+    _require(micro % par.micro_batch_group == 0,
+             f"parallel.virtual_pp > 1 needs the micro-batches per step ({micro} = train.global_batch_size / "
+             f"(train.micro_batch_size * data-parallel size)) divisible by parallel.pp ({par.pp})")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -1,6 +1,6 @@
 """What wraps the single-device model for a parallel run: process groups from megatron-core (``groups.py``,
-``comm.py``, the CPU shim ``cpu_compat.py``), the TP/EP/PP model build (``model.py``, ``sharding.py``), the 1F1B
-pipeline schedule (``pipeline.py``), expert-parallel token dispatch (``dispatch.py``) and LLEP (``llep/``), the
+``comm.py``, the CPU shim ``cpu_compat.py``), the TP/EP/PP model build (``model.py``, ``sharding.py``, the
+pipeline layout ``layout.py``), megatron-core's pipeline schedules (``schedule.py``), expert-parallel token dispatch (``dispatch.py``) and LLEP (``llep/``), the
 optimizer and gradient reduction (``optim/``), FP8 projections (``fp8/``), regional ``torch.compile``
 (``compile.py``) and the configs of all of these (``config.py``). Every collective here takes its process group
 explicitly; the config, planner and FP8 module swaps are local.
@@ -9,6 +9,8 @@ Importing it quiets megatron-core's and torch's notices that no moetron user can
 they can (a bad input's one line, the run summary, progress):
 - "Transformer Engine and Apex are not installed": megatron-core at import, on every CPU and every TE-less GPU node,
   where it falls back to torch code by design (8 lines per process);
+- "Apex is not installed. Falling back to Torch Norm": megatron-core's model layer specs (T5, LLaVA, heterogeneous
+  GPT), which its pipeline schedules import (``parallel/schedule.py``); moetron builds none of those models;
 - "MCore's async save is deprecated": megatron-core on the first save of every rank, about an API moetron does not
   call (``dist_checkpointing/strategies/torch.py:749``);
 - "torch.distributed is disabled ... single process": torch.distributed.checkpoint when megatron-core reads a
@@ -32,6 +34,7 @@ import logging
 import warnings
 
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed", category=UserWarning)
+warnings.filterwarnings("ignore", message="Apex is not installed. Falling back to Torch Norm", category=UserWarning)
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 warnings.filterwarnings("ignore", message="The argument order of load has been changed")
 warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf Tensor is being accessed",

@@ -34,6 +34,12 @@ class SingleProcess:
     def __repr__(self) -> str:
         return "SINGLE_PROCESS"
 
+    def size(self) -> int:
+        return 1
+
+    def rank(self) -> int:
+        return 0
+
 
 SINGLE_PROCESS = SingleProcess()
 ProcessGroup = Union[dist.ProcessGroup, SingleProcess]

@@ -8,7 +8,7 @@ derived from it (``ParallelConfig.data_parallel_size``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated, Literal, Protocol
+from typing import Annotated, Literal, Optional, Protocol, Union
 
 from moe_core.config import MoEConfig
 from moe_core.model_config import ModelConfig
@@ -67,7 +67,14 @@ class ParallelConfig:
     tp: PositiveInt = 1
     """Tensor-parallel size (dense layers)."""
     pp: PositiveInt = 1
-    """Pipeline-parallel stages."""
+    """Pipeline-parallel stages (ranks of a pipeline; megatron-core's 1F1B schedule at pp > 1)."""
+    virtual_pp: PositiveInt = 1
+    """Model chunks per pipeline rank: > 1 runs megatron-core's interleaved 1F1B (needs pp > 1 and micro-batches
+    per step divisible by pp); the pipeline bubble falls from (pp-1)/m to (pp-1)/(virtual_pp*m)."""
+    pp_layout: Optional[Union[str, list[str]]] = None
+    """null = layers split evenly over the pp * virtual_pp virtual stages; else megatron-core's
+    --pipeline-model-parallel-layout vocabulary, e.g. "Et|tt|tmL" (E embedding, t layer, m MTP module, L head,
+    | next virtual stage, X*n repeats; or a list of one string per stage): see parallel/layout.py."""
     ep: PositiveInt = 1
     """Expert-parallel size."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
@@ -78,6 +85,12 @@ class ParallelConfig:
     residual stream, norms and MoE layers hold 1/tp of each micro-batch's tokens; all-gather before each block
     of column-parallel projections, reduce-scatter after row-parallel ones. Same losses and gradients; less
     activation memory."""
+
+    @property
+    def micro_batch_group(self) -> int:
+        """Micro-batches per step (and per validation) must be a multiple of this: pp under interleaving
+        (megatron-core's interleaved schedule runs them in groups of pp), else 1."""
+        return self.pp if self.virtual_pp > 1 else 1
 
     def data_parallel_size(self, world_size: int) -> int:
         """DP = world / (tp * pp) (:meth:`validate_world` checks that it divides)."""
@@ -100,8 +113,7 @@ class ParallelConfig:
                              f"({moe.shared_expert_ffn_hidden_size}): the shared expert is tensor-parallel")
         if model.vocab_size % self.tp:
             raise ValueError(f"parallel.tp ({self.tp}) must divide model.vocab_size ({model.vocab_size})")
-        if model.num_layers % self.pp:
-            raise ValueError(f"parallel.pp ({self.pp}) must divide model.num_layers ({model.num_layers})")
+        self.stage_plans(model)
         if self.sequence_parallel:
             self._validate_sequence_parallel(model, moe)
 
@@ -112,6 +124,12 @@ class ParallelConfig:
         if model.seq_length % self.tp:
             raise ValueError(f"parallel.sequence_parallel: parallel.tp ({self.tp}) must divide model.seq_length "
                              f"({model.seq_length})")
+
+    def stage_plans(self, model: ModelConfig):
+        """Every virtual pipeline stage's layers (``parallel.layout.plan_stages``); ValueError naming the key."""
+        from parallel.layout import plan_stages
+
+        return plan_stages(model.num_layers, model.mtp_num_layers, self.pp, self.virtual_pp, self.pp_layout)
 
     def validate_world(self, world_size: int) -> None:
         """Raise ValueError when ``world_size`` ranks cannot hold this layout (run before any process group)."""

@@ -27,6 +27,9 @@ around; tests/parallel/test_cpu_compat.py reproduces the original failure, so an
    ``:758``) and ``clip_grads.py:174`` asserts ``param.grad.type() == 'torch.cuda.FloatTensor'``; CPU tensors are
    named ``torch.BFloat16Tensor`` and are rejected. While ``DistributedOptimizer.__init__`` and
    ``clip_grad_by_total_norm_fp32`` run, ``Tensor.type()`` (no arguments) answers with the CUDA name.
+6. The pipeline schedules count tokens in a tensor made with a literal ``device="cuda"``
+   (``pipeline_parallel/schedules.py:749`` ``forward_backward_no_pipelining``, ``:1121`` interleaved, ``:2292``
+   1F1B): the schedules module gets patch 4's ``torch`` too.
 """
 from __future__ import annotations
 
@@ -67,7 +70,8 @@ _RESULTS_QUEUE: queue.Queue | None = None
 _FACTORIES = frozenset({"tensor", "zeros", "ones", "empty", "full", "zeros_like", "empty_like", "ones_like"})
 _CUDA_MODULES = ("megatron.core.optimizer.optimizer", "megatron.core.optimizer.distrib_optimizer",
                  "megatron.core.optimizer.clip_grads", "megatron.core.utils",
-                 "megatron.core.distributed.param_and_grad_buffer")
+                 "megatron.core.distributed.param_and_grad_buffer",
+                 "megatron.core.pipeline_parallel.schedules")  # patch 6
 
 
 class _CpuStream:

@@ -40,6 +40,9 @@ class ParallelGroups:
     embedding_group: Optional[dist.ProcessGroup] = None
     """The first and the last stage of this rank's pipeline (megatron-core's embedding group; None on the other
     stages and at PP = 1): the gradients of the embedding copies MTP puts on the last stage are summed here."""
+    cp_group: Optional[dist.ProcessGroup] = None
+    """megatron-core's context-parallel group (always this rank alone: moetron has no CP); its pipeline schedules
+    read its size (``parallel/schedule.py``)."""
 
     @classmethod
     def single(cls) -> "ParallelGroups":
@@ -47,7 +50,7 @@ class ParallelGroups:
         torch.distributed would read as the world)."""
         from parallel.comm import SINGLE_PROCESS
 
-        return cls(*(SINGLE_PROCESS,) * 5)
+        return cls(*(SINGLE_PROCESS,) * 5, cp_group=SINGLE_PROCESS)
 
     @property
     def is_first_stage(self) -> bool:
@@ -113,6 +116,7 @@ def initialize(tp: int, pp: int, ep: int) -> ParallelGroups:
         pp_ranks=tuple(dist.get_process_group_ranks(pp_group)),
         amax_group=ps.get_amax_reduction_group(),
         embedding_group=ps.get_embedding_group(check_initialized=False) if pp > 1 else None,
+        cp_group=ps.get_context_parallel_group(),
     )
 
 

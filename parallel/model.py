@@ -1,4 +1,5 @@
-"""Build this rank's piece of the model: TP projections, local experts + EP dispatcher, one pipeline stage.
+"""Build this rank's piece of the model: TP projections, local experts + EP dispatcher, its pipeline model chunks
+(one per virtual stage it runs, ``parallel/layout.py``) gathered in a :class:`PipelineStage`.
 
 The module tree is built on the ``meta`` device (no memory), experts are replaced by this EP rank's slice, then
 the tensors are materialised and filled by :func:`parallel.sharding.init_parameters`, which draws exactly the
@@ -23,6 +24,7 @@ from parallel.comm import SINGLE_PROCESS, all_reduce_sum, gather_dim0
 from parallel.compile import compile_blocks
 from parallel.config import RunConfig
 from parallel.groups import ParallelGroups
+from parallel.layout import ChunkPlan, rank_chunks
 from parallel.sharding import attach_specs, init_parameters, share_embedding
 
 
@@ -158,9 +160,50 @@ def _skip_init(weight: torch.Tensor) -> None:
     """megatron-core asks for an init method; ours runs later (parallel/sharding.py)."""
 
 
-def stage_layers(num_layers: int, groups: ParallelGroups) -> range:
-    per_stage = num_layers // groups.pp_size
-    return range(groups.pp_rank * per_stage, (groups.pp_rank + 1) * per_stage)
+class PipelineStage(nn.Module):
+    """This rank's model chunks (``MoETransformer`` stages, in virtual-stage order) as one module whose parameter
+    names are the single-device model's: each chunk's ``layers`` (keyed by GLOBAL layer index), ``embed_tokens``,
+    ``norm``, ``lm_head`` and ``mtp`` are registered here under those names, so checkpoints, the optimizer and
+    metrics see the same keys at every PP x VPP layout. ``chunks`` (a plain list) is what the schedule runs."""
+
+    def __init__(self, chunks: list[MoETransformer]):
+        super().__init__()
+        self.chunks = list(chunks)
+        self.model_cfg = chunks[0].model_cfg
+        for name in ("embed_tokens", "layers", "norm", "lm_head", "mtp"):  # MoETransformer's order
+            if name == "layers":
+                self.layers = nn.ModuleDict({i: blk for chunk in chunks for i, blk in chunk.layers.items()})
+                continue
+            owners = [getattr(chunk, name) for chunk in chunks if hasattr(chunk, name)]
+            if owners:
+                setattr(self, name, owners[0])  # at most one chunk of a rank holds each at PP > 1
+
+    def train(self, mode: bool = True) -> "PipelineStage":
+        super().train(mode)
+        for chunk in self.chunks:
+            chunk.train(mode)
+        return self
+
+    def blocks(self) -> dict:
+        return {i: blk for chunk in self.chunks for i, blk in chunk.blocks().items()}
+
+    def moe_layers(self) -> dict:
+        return {i: layer for chunk in self.chunks for i, layer in chunk.moe_layers().items()}
+
+    def set_step(self, step: int) -> None:
+        for chunk in self.chunks:
+            chunk.set_step(step)
+
+    def set_eval_k(self, k) -> None:
+        for chunk in self.chunks:
+            chunk.set_eval_k(k)
+
+    def forward(self, *args, **kwargs):
+        """The one chunk's forward (a rank with several chunks runs them through ``parallel.schedule``)."""
+        if len(self.chunks) != 1:
+            raise RuntimeError("a rank with several model chunks (parallel.virtual_pp > 1) runs them through "
+                               "parallel.schedule.PipelineSchedule")
+        return self.chunks[0](*args, **kwargs)
 
 
 def _make_dispatcher(cfg: RunConfig, groups: ParallelGroups):
@@ -224,20 +267,33 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def build_model(cfg: RunConfig, groups: ParallelGroups, device: torch.device | None = None) -> MoETransformer:
-    """This rank's pipeline stage with TP/EP applied, initialised layout-independently from cfg.train.seed, with
-    ``train.recompute`` set on it (moe_core/recompute.py)."""
+def _chunk_plans(cfg: RunConfig, groups: ParallelGroups) -> list[ChunkPlan]:
+    """This rank's virtual stages under ``cfg.parallel``; one process (a single-device reference, HF export)
+    holds the whole model as one chunk whatever the config's pipeline layout."""
+    if groups.pp_size == 1:
+        return [ChunkPlan(range(cfg.model.num_layers), pre_process=True, post_process=True)]
+    if groups.pp_size != cfg.parallel.pp:
+        raise ValueError(f"the pipeline group has {groups.pp_size} stages, parallel.pp is {cfg.parallel.pp}")
+    return rank_chunks(cfg.parallel.stage_plans(cfg.model), groups.pp_size, groups.pp_rank)
+
+
+def build_model(cfg: RunConfig, groups: ParallelGroups, device: torch.device | None = None) -> PipelineStage:
+    """This rank's model chunks with TP/EP applied, initialised layout-independently from cfg.train.seed, with
+    ``train.recompute`` set on each (moe_core/recompute.py)."""
     device = device or default_device()
     sequence_parallel = cfg.parallel.sequence_parallel and groups.tp_size > 1  # one TP rank holds every token
     factory = TensorParallelFactory(groups, sequence_parallel) if groups.tp_size > 1 else LayerFactory()
-    with torch.device("meta"):
-        model = MoETransformer(cfg.model, cfg.moe, cfg.train.seed, factory,
-                               layer_range=stage_layers(cfg.model.num_layers, groups),
-                               pre_process=groups.is_first_stage, post_process=groups.is_last_stage)
-        _localise_experts(model, cfg, groups)
-    model.set_recompute(Recompute(cfg.train.recompute, frozenset(cfg.train.recompute_modules)))
-    model.to_empty(device=device)
-    model.reset_buffers()
+    chunks = []
+    for plan in _chunk_plans(cfg, groups):
+        with torch.device("meta"):
+            chunk = MoETransformer(cfg.model, cfg.moe, cfg.train.seed, factory, layer_range=plan.layers,
+                                   pre_process=plan.pre_process, post_process=plan.post_process)
+            _localise_experts(chunk, cfg, groups)
+        chunk.set_recompute(Recompute(cfg.train.recompute, frozenset(cfg.train.recompute_modules)))
+        chunk.to_empty(device=device)
+        chunk.reset_buffers()
+        chunks.append(chunk)
+    model = PipelineStage(chunks)
     attach_specs(model, groups, sequence_parallel)
     share_embedding(model, groups)
     init_parameters(model, cfg.train.seed, cfg.model.init_std, cfg.model.num_layers, groups)

@@ -1,14 +1,17 @@
 """Per-rank memory estimate of a training layout, without building anything real (``moetron pretrain --dry-run``).
 
-Bytes on the busiest rank (the first pipeline stage, which also holds the embedding, or the last, which holds the LM
-head: whichever is larger), by kind:
+Bytes on the busiest pipeline rank (each rank holds its virtual stages' layers, ``parallel/layout.py``; the first
+also the embedding, the last the LM head), by kind:
 - weights: this rank's parameters (TP splits the attention/dense projections, embedding and LM head; EP splits the
   experts; PP splits the layers), bf16 in bf16/fp8 runs except the fp32 router, else fp32;
 - gradients: one fp32 buffer of the rank's parameters (megatron-core's ``main_grad`` buffer, or fp32 ``.grad``);
 - optimizer state: two fp32 Adam moments (+ fp32 main weights in bf16 runs), divided by the data-parallel size for
   dense parameters and by the expert-data-parallel size for expert parameters when the distributed optimizer is on;
-- activations: what autograd keeps for one micro-batch, times the micro-batches a 1F1B stage holds at once
-  (min(pp - stage, micro-batches)), per layer as launcher/train/activations.py counts it (GQA/MLA attention, MoE
+- activations: what autograd keeps for one micro-batch in each model chunk, times the micro-batches of that chunk in
+  flight when the rank's first backward starts (megatron-core's schedules: 1F1B runs pp - rank - 1 warm-up
+  forwards, interleaved 1F1B (pp - rank - 1) * 2 + (virtual_pp - 1) * pp, chunk by chunk in groups of pp
+  micro-batches, at most every micro-batch of every chunk; one more forward is alive then), per layer as
+  launcher/train/activations.py counts it (GQA/MLA attention, MoE
   with MoNE and shared experts, dense FFN; what each ``train.recompute`` option drops), plus ``4 V + 12 D`` per
   token outside the layers on the last stage (fp32 logits for the loss), plus the peak of backward on top, for
   one micro-batch: the larger of the loss gradient (``8 V`` per token more on the last stage) and the stage's
@@ -25,7 +28,8 @@ The estimate is checked against a measured CPU step in tests/launcher/train/test
 same at any model.num_layers (one layer of each kind is counted, on the meta device). ``moetron pretrain`` runs
 :func:`check_fits` before it builds anything: a layout whose estimate (a lower bound: no slack) exceeds the device's
 free memory, or on CPU the host's available RAM divided by the node's ranks, is one line with the estimate and what
-to change.
+to change. The dry run also prints the pipeline bubble: the idle fraction of a step, (pp - 1) / (virtual_pp *
+micro-batches).
 """
 from __future__ import annotations
 
@@ -54,6 +58,8 @@ class MemoryEstimate:
     gradients: int
     optimizer: int
     activations: int
+    bubble: float = 0.0
+    """Pipeline bubble: idle fraction of a step, (pp - 1) / (virtual_pp * micro-batches per step)."""
 
     @property
     def total(self) -> int:
@@ -66,13 +72,14 @@ class MemoryEstimate:
                 f"  gradients   {format_bytes(self.gradients)}",
                 f"  optimizer   {format_bytes(self.optimizer)}",
                 f"  activations {format_bytes(self.activations)}",
-                f"  total       {format_bytes(self.total)} (no allocator slack or temporaries)"]
+                f"  total       {format_bytes(self.total)} (no allocator slack or temporaries)",
+                f"  pipeline bubble {self.bubble:.1%} of a step"]
 
 
 def _stage_params(cfg: Config, tp: int, ep: int, pp: int) -> list[dict[str, int]]:
-    """Per pipeline stage: parameter counts on one rank by kind (dense, router, expert). Counted on a meta-device
+    """Per pipeline rank: parameter counts on one rank by kind (dense, router, expert). Counted on a meta-device
     model of one layer of each kind (dense, MoE) plus the embedding, final norm, LM head and MTP modules, then
-    multiplied out per stage: the cost does not grow with model.num_layers."""
+    multiplied out per rank (its virtual stages' layers): the model built does not grow with model.num_layers."""
     from torch import nn
 
     from moe_core.layers import ProjectionRMSNorm, ReplicatedLinear
@@ -102,12 +109,13 @@ def _stage_params(cfg: Config, tp: int, ep: int, pp: int) -> list[dict[str, int]
             outside["last"][kind] += n if cfg.model.mtp_num_layers and pp > 1 else 0
         else:
             outside["last"][kind] += n
-    per_stage = m.num_layers // pp
+    plans = cfg.parallel.stage_plans(m)
     stages = []
     for s in range(pp):
-        n_dense = sum(1 for i in dense if s * per_stage <= i < (s + 1) * per_stage)
+        n_layers = sum(len(plan.layers) for plan in plans[s::pp])
+        n_dense = sum(1 for i in dense if any(i in plan.layers for plan in plans[s::pp]))
         counts = {kind: n_dense * (per_layer[dense[0]][kind] if n_dense else 0)
-                  + (per_stage - n_dense) * (per_layer[first_moe][kind] if first_moe is not None else 0)
+                  + (n_layers - n_dense) * (per_layer[first_moe][kind] if first_moe is not None else 0)
                   for kind in ("dense", "router", "expert")}
         for kind in counts:
             counts[kind] += outside["first"][kind] * (s == 0) + outside["last"][kind] * (s == pp - 1)
@@ -115,10 +123,19 @@ def _stage_params(cfg: Config, tp: int, ep: int, pp: int) -> list[dict[str, int]
     return stages
 
 
+def in_flight(pp: int, virtual_pp: int, rank: int, num_micro: int) -> list[int]:
+    """Micro-batches of each of pipeline rank ``rank``'s model chunks whose activations are alive when its first
+    backward starts (module docstring): megatron-core's warm-up forwards plus one."""
+    total = num_micro * virtual_pp
+    warmup = pp - rank - 1 if virtual_pp == 1 else (pp - rank - 1) * 2 + (virtual_pp - 1) * pp
+    alive = min(warmup + 1, total)
+    return [sum(1 for k in range(alive) if (k // pp) % virtual_pp == c) for c in range(virtual_pp)]
+
+
 def estimate(cfg: Config, world_size: int) -> MemoryEstimate:
     """The busiest rank's estimate for ``cfg`` at ``world_size`` ranks (module docstring)."""
     cfg = resolve(cfg, world_size)
-    tp, pp, ep = cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep
+    tp, pp, ep, vpp = cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep, cfg.parallel.virtual_pp
     dp = cfg.parallel.data_parallel_size(world_size)
     edp = tp * dp // ep
     m, moe, tr = cfg.model, cfg.moe, cfg.train
@@ -126,8 +143,10 @@ def estimate(cfg: Config, world_size: int) -> MemoryEstimate:
     distributed = cfg.optim.distributed
     num_micro = tr.global_batch_size // (tr.micro_batch_size * dp)
     tokens = tr.micro_batch_size * m.seq_length
-    moe_indices = set(m.moe_layer_indices)
+    sp = tp if cfg.parallel.sequence_parallel else 1  # what is whole on TP ranks is a token shard under SP
     rc = Recompute(tr.recompute, frozenset(tr.recompute_modules))
+    kinds = {is_moe: layer_bytes(m, moe, b, tp, sp, is_moe, rc) for is_moe in (False, True)}  # one layer of each
+    plans = cfg.parallel.stage_plans(m)
     best = None
     for stage, counts in enumerate(_stage_params(cfg, tp, ep, pp)):
         params = sum(counts.values())
@@ -137,24 +156,27 @@ def estimate(cfg: Config, world_size: int) -> MemoryEstimate:
             optimizer = state_per_param * ((counts["dense"] + counts["router"]) / dp + counts["expert"] / edp)
         else:
             optimizer = state_per_param * params
-        per_stage = m.num_layers // pp
-        sp = tp if cfg.parallel.sequence_parallel else 1  # what is whole on TP ranks is a token shard under SP
-        layers = [layer_bytes(m, moe, b, tp, sp, i in moe_indices, rc)
-                  for i in range(stage * per_stage, (stage + 1) * per_stage)]
-        kept = sum(layer.kept for layer in layers)
-        loss_grad = freed = 0.0
-        if stage == pp - 1:
-            logits = 4 * m.vocab_size / tp + 12 * m.hidden_size / sp
-            mtp_block = layer_bytes(m, moe, b, tp, sp, True, rc)
-            kept += logits + m.mtp_num_layers * (mtp_block.kept + b * 5 * m.hidden_size + logits)
-            loss_grad = 8 * m.vocab_size / tp  # the logits' gradient: two fp32 [tokens, V/tp] buffers
-            layers += [mtp_block] * m.mtp_num_layers
-            freed = logits  # the last head's logits (the main one's, or the last MTP depth's), before its block
-        # backward's peak on top of what the stage keeps: its start on the last stage (the loss gradient), then its
-        # last block, the first one backward recomputes, while every earlier block's activations are still kept
-        peak = max(loss_grad, layers[-1].backward - freed)
-        activations = int(tokens * (kept * min(pp - stage, num_micro) + peak))
-        est = MemoryEstimate(params, int(weights), 4 * params, int(optimizer), activations)
+        alive = in_flight(pp, vpp, stage, num_micro)
+        kept = peak = 0.0
+        for chunk, micro_batches in enumerate(alive):
+            plan = plans[chunk * pp + stage]
+            n_moe = sum(1 for i in plan.layers if m.is_moe_layer(i))
+            chunk_kept = n_moe * kinds[True].kept + (len(plan.layers) - n_moe) * kinds[False].kept
+            last = kinds[m.is_moe_layer(plan.layers[-1])] if len(plan.layers) else None
+            loss_grad = freed = 0.0
+            if plan.post_process:
+                logits = 4 * m.vocab_size / tp + 12 * m.hidden_size / sp
+                chunk_kept += logits + m.mtp_num_layers * (kinds[True].kept + b * 5 * m.hidden_size + logits)
+                loss_grad = 8 * m.vocab_size / tp  # the logits' gradient: two fp32 [tokens, V/tp] buffers
+                last = kinds[True] if m.mtp_num_layers else last
+                freed = logits  # the last head's logits (the main one's, or the last MTP depth's), before its block
+            kept += chunk_kept * micro_batches
+            # backward's peak on top of what the rank keeps: its start on the last stage (the loss gradient), then
+            # the chunk's last block, the first one backward recomputes, while earlier blocks' activations are kept
+            peak = max(peak, loss_grad, (last.backward - freed) if last else 0.0)
+        activations = int(tokens * (kept + peak))
+        est = MemoryEstimate(params, int(weights), 4 * params, int(optimizer), activations,
+                             bubble=(pp - 1) / (vpp * num_micro))
         best = est if best is None or est.total > best.total else best
     return best
 

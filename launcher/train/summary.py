@@ -51,6 +51,8 @@ def start_block(cfg: Config, groups: ParallelGroups, start_step: int, ckpt_root:
     lines = [
         "run",
         f"  layout      {g.world_size} rank(s) = TP {g.tp_size} x PP {g.pp_size} x DP {g.dp_size}; "
+        + (f"{cfg.parallel.virtual_pp} model chunks per pipeline rank (interleaved 1F1B); "
+           if cfg.parallel.virtual_pp > 1 else "") +
         f"EP {g.ep_size}, expert-DP {g.edp_size}",
         f"  parameters  {counts.total:,} total, {math.floor(counts.activated):,} activated per token",
         f"  training    {tr.steps} steps ({begin}), {tokens_per_step(cfg):,} tokens per step "

@@ -26,7 +26,7 @@ the objective ``L + mtp_loss_coeff * mean_k L_k``. Each micro-batch's depth sums
 all-reduce). Validation and ``train/loss`` stay the main loss.
 
 The MoE aux and z losses are not token losses: each stays its micro-batch's mean, scaled by 1/micro-batches
-(``parallel/pipeline.py`` sets ``AuxLossAutoScaler``) and averaged over DP by the gradient reduction.
+(``parallel/schedule.py`` sets ``AuxLossAutoScaler``) and averaged over DP by the gradient reduction.
 """
 from __future__ import annotations
 

@@ -38,7 +38,7 @@ from moe_core.profiling import phase
 from parallel.groups import ParallelGroups
 from parallel.model import activation_shape, build_model, token_losses
 from parallel.optim.optimizer import build_optimizer
-from parallel.pipeline import forward_backward
+from parallel.schedule import PipelineSchedule
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,8 @@ class Trainer(CheckpointedState):
         self.num_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * groups.dp_size)
         self.loader = build_loader(cfg, "train", groups.dp_rank, groups.dp_size)
         self.hidden_shape = activation_shape(cfg, cfg.train.micro_batch_size)
+        self.schedule = PipelineSchedule(groups, cfg.parallel.virtual_pp, self.hidden_shape, self.compute_dtype)
+        """megatron-core's 1F1B / interleaved 1F1B over this rank's model chunks (``self.model.chunks``)."""
         self.writer = MetricsWriter(self.run_dir, enabled=False)  # fit() opens the real one once there is work
         self.progress = ProgressLine(cfg.train.steps)
         self.interval_times = IntervalTimes()
@@ -142,16 +144,16 @@ class Trainer(CheckpointedState):
 
     # ------------------------------------------------------------ one step
     def _forward(self, model, mb: dict, x: Optional[torch.Tensor]):
-        """One micro-batch through this stage: its output activations, or on the last stage its loss SUM over its
-        label tokens (fp32 0-dim; ``loss_mask`` weights each token, every label counts without one). Training with
-        MTP: ``(loss sum, MTP objective)`` (the depths' loss sums times this step's ``_mtp_scale_K``)."""
-        inp = mb["tokens"].to(self.device) if x is None else x.to(self.compute_dtype)  # stages exchange fp32
-        mtp = bool(self.cfg.model.mtp_num_layers) and model.training and self.groups.is_last_stage
+        """One micro-batch through one model chunk: its output activations, or on the last chunk its loss SUM over
+        its label tokens (fp32 0-dim; ``loss_mask`` weights each token, every label counts without one). Training
+        with MTP: ``(loss sum, MTP objective)`` (the depths' loss sums times this step's ``_mtp_scale_K``)."""
+        inp = mb["tokens"].to(self.device) if model.pre_process else x  # chunks exchange the compute dtype
+        mtp = bool(self.cfg.model.mtp_num_layers) and model.training and model.post_process
         with precision_context(self.cfg, self.groups):
             out = model(inp, mb["tokens"].to(self.device)) if mtp else model(inp)
         if model.training:  # MoE statistics of training steps only (validation forwards run in eval mode)
             self._reduction.add_micro_batch(model.moe_layers())
-        if not self.groups.is_last_stage:
+        if not model.post_process:
             return out
         logits, mtp_logits = out if mtp else (out, [])
         labels, mask = mb["labels"].to(self.device), mb.get("loss_mask")
@@ -213,9 +215,9 @@ class Trainer(CheckpointedState):
         mtp_tokens = self._mtp_label_tokens(batches)
         micro = [self._to_device(mb) for mb in batches]
         self._mark("forward_backward")
-        loss_sums = forward_backward(self.model, micro, self._forward, self.groups, self.hidden_shape,
-                                     loss_scale=token_loss.gradient_scale(tokens, self.groups, self.device),
-                                     no_sync=self.optimizer.no_sync)
+        loss_sums = self.schedule(self.model.chunks, micro, self._forward,
+                                  loss_scale=token_loss.gradient_scale(tokens, self.groups, self.device),
+                                  no_sync=self.optimizer.no_sync)
         self._mark("optimizer")
         with phase("optimizer"):
             self.optimizer.reduce_grads()
@@ -239,7 +241,8 @@ class Trainer(CheckpointedState):
     def _valid_batches(self, n: int) -> list[dict]:
         """This DP rank's share of the first ``n`` micro-batches of the valid split: the split is read whole and
         in order on every rank and DP rank r takes batches r, r + dp, ..., so every layout sees the same batches."""
-        check_eval_batches(n, self.groups.dp_size, "train.eval_batches (or eval --batches)")
+        check_eval_batches(n, self.groups.dp_size, "train.eval_batches (or eval --batches)",
+                           self.cfg.parallel.micro_batch_group)
         loader = build_loader(self.cfg, "valid", 0, 1)
         if loader.plan is not None and n > loader.plan.batches_per_epoch:
             plan = loader.plan
@@ -259,8 +262,7 @@ class Trainer(CheckpointedState):
         self.model.eval()
         self.model.set_eval_k(k)
         try:
-            loss_sums = forward_backward(self.model, micro, self._forward, self.groups, self.hidden_shape,
-                                         forward_only=True)
+            loss_sums = self.schedule(self.model.chunks, micro, self._forward, forward_only=True)
         finally:
             self.model.set_eval_k(None)
             self.model.train()

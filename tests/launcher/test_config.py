@@ -123,9 +123,10 @@ AUTOMATIC = ("model.head_dim", "moe.matryoshka.eval_k", "optim.min_lr", "optim.d
 """Settings whose null means "automatic": concrete once resolved."""
 OFF_NULLS = {"moe.capacity_factor", "data.path", "data.valid_path", "logging.peak_tflops", "model.q_lora_rank",
              "model.rope_scaling.mscale", "model.rope_scaling.mscale_all_dim", "model.rope_scaling.attention_factor",
-             "train.cpu_threads"}
+             "train.cpu_threads", "parallel.pp_layout"}
 """Settings whose null means "off" / "none" (peak_tflops: no datasheet value on a CPU; the rope_scaling ones are
-unused without rope_scaling.type=yarn; cpu_threads: left to torch where CUDA is available)."""
+unused without rope_scaling.type=yarn; cpu_threads: left to torch where CUDA is available; pp_layout: the even
+split)."""
 
 
 def test_run_dir_config_yaml_holds_no_automatic_null(tmp_path, capsys):

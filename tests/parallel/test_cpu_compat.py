@@ -94,6 +94,7 @@ def test_megatron_still_has_the_patched_assumptions():
         from megatron.core import utils
         from megatron.core.distributed import param_and_grad_buffer
         from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
+        from megatron.core.pipeline_parallel import schedules
         src = inspect.getsource
         print("torch.cuda.synchronize()" in src(filesystem_async.FileSystemWriterAsync.preload_tensors),
               "Manager()" in src(filesystem_async.get_write_results_queue),
@@ -102,10 +103,36 @@ def test_megatron_still_has_the_patched_assumptions():
               'device="cuda"' in src(utils.local_multi_tensor_l2_norm),
               "torch.cuda.current_stream()" in src(param_and_grad_buffer._ParamAndGradBucketGroup.start_grad_sync),
               "'torch.cuda.BFloat16Tensor'" in src(distrib_optimizer.DistributedOptimizer),
-              "'torch.cuda.FloatTensor'" in src(clip_grads.clip_grad_by_total_norm_fp32))
+              "'torch.cuda.FloatTensor'" in src(clip_grads.clip_grad_by_total_norm_fp32),
+              'device="cuda"' in src(schedules.forward_backward_no_pipelining))
     """)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["True"] * 8
+    assert proc.stdout.split() == ["True"] * 9
+
+
+def test_pipeline_schedule_fails_without_patch_6_and_runs_with_it():
+    """Patch 6: megatron-core's schedule (here PP = 1, one process) cannot run on a CPU as shipped; patched, it runs
+    forward and backward (the gradient of sum(w x) is x)."""
+    proc = _run("""
+        import torch
+        from parallel import cpu_compat, schedule
+        from parallel.groups import ParallelGroups
+        apply = cpu_compat.apply
+        cpu_compat.apply = lambda: False  # the schedule below runs unpatched first
+        lin = torch.nn.Linear(2, 1, bias=False)
+        lin.pre_process = lin.post_process = True
+        run = schedule.PipelineSchedule(ParallelGroups.single(), 1, (1, 1, 2), torch.float32)
+        step = lambda: run([lin], [torch.tensor([[3.0, 5.0]])], lambda chunk, mb, x: chunk(mb).sum())
+        try:
+            step()
+            print("ran")
+        except (AssertionError, RuntimeError):
+            print("failed")
+        assert apply() is True
+        print(float(step()[0] != 0), lin.weight.grad.tolist())
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[:2] == ["failed", "1.0 [[3.0, 5.0]]"]
 
 
 def test_inert_when_cuda_is_available(monkeypatch):

@@ -65,7 +65,7 @@ def _compare(rank, world_size, overrides):
     from parallel.optim.grads import sync_grads
     from parallel.groups import initialize
     from parallel.model import build_model, token_losses
-    from parallel.pipeline import forward_backward
+    from parallel.schedule import PipelineSchedule
     from parallel.sharding import get_spec, local_slices
 
     cfg = tiny_cfg(*overrides)
@@ -76,12 +76,12 @@ def _compare(rank, world_size, overrides):
     model = build_model(cfg, g)
     model.set_step(0)
 
-    def forward(m, mb, x):
-        out = m(mb["tokens"] if x is None else x)
-        return token_losses(out, mb["labels"], g).mean() if g.is_last_stage else out
+    def forward(chunk, mb, x):
+        out = chunk(mb["tokens"] if chunk.pre_process else x)
+        return token_losses(out, mb["labels"], g).mean() if chunk.post_process else out
 
-    losses = forward_backward(model, micro_by_dp[g.dp_rank], forward, g, (MB, S, cfg.model.hidden_size),
-                              loss_scale=1.0 / MICRO)
+    schedule = PipelineSchedule(g, cfg.parallel.virtual_pp, (MB, S, cfg.model.hidden_size), torch.float32)
+    losses = schedule(model.chunks, micro_by_dp[g.dp_rank], forward, loss_scale=1.0 / MICRO)
     sync_grads(model, g)
     worst = {}
     for name, p in model.named_parameters():
@@ -129,10 +129,16 @@ def _compare(rank, world_size, overrides):
      "moe.llep.imbalance_threshold=1.0", "moe.llep.min_tokens_per_gemm=1", "train.recompute=full"),
     ("parallel.tp=2", "parallel.ep=2", *MLA, *SHARED, "train.recompute=selective",
      "train.recompute_modules=[core_attn,mla_up_proj,moe_act,shared_experts,norm,mlp]"),
+    # interleaved 1F1B (one layer per model chunk) and uneven layouts (megatron-core's layout vocabulary)
+    ("parallel.pp=2", "parallel.virtual_pp=2", "parallel.ep=2", "train.global_batch_size=8"),
+    ("parallel.tp=2", "parallel.pp=2", "parallel.pp_layout=Ettt|tL"),
+    ("parallel.pp=2", "parallel.virtual_pp=2", "parallel.ep=2", "train.global_batch_size=8",
+     "parallel.pp_layout=[Et, '', ttt, L]"),
 ], ids=["tp2-ep2", "pp2-ep2", "tp2-pp2", "tp2-ep2-mone-mmoe", "tp2-ep2-mla-q-lora-yarn", "tp2-pp2-mla",
         "tp2-ep2-shared-gate-mone-shared-mmoe-capacity", "tp2-ep2-llep-shared", "pp2-ep2-dp2-shared-gate", "ep4-deepseek",
         "ep4-deepseek-llep", "tp2-ep2-projection-norm-bias-partial-rope",
-        "pp2-ep2-llep-mone-mmoe-recompute-full", "tp2-ep2-mla-shared-recompute-selective"])
+        "pp2-ep2-llep-mone-mmoe-recompute-full", "tp2-ep2-mla-shared-recompute-selective", "pp2-vpp2-ep2-dp2",
+        "tp2-pp2-uneven-layout", "pp2-vpp2-uneven-layout-empty-stage"])
 def test_model_parallel_matches_single_process(overrides):
     results = run_distributed(_compare, 4, overrides)
     assert any(r["last"] for r in results)

@@ -28,16 +28,17 @@ def _train_micro_batches(cfg, g, micro):
 
     from parallel.model import activation_shape, build_model, token_losses
     from parallel.optim.grads import sync_grads
-    from parallel.pipeline import forward_backward
+    from parallel.schedule import PipelineSchedule
 
     model = build_model(cfg, g)
     model.set_step(0)
 
-    def forward(m, mb, x):
-        out = m(mb["tokens"] if x is None else x)
-        return token_losses(out, mb["labels"], g).mean() if g.is_last_stage else out
+    def forward(chunk, mb, x):
+        out = chunk(mb["tokens"] if chunk.pre_process else x)
+        return token_losses(out, mb["labels"], g).mean() if chunk.post_process else out
 
-    losses = forward_backward(model, micro, forward, g, activation_shape(cfg, MB), loss_scale=1.0 / MICRO)
+    schedule = PipelineSchedule(g, cfg.parallel.virtual_pp, activation_shape(cfg, MB), torch.float32)
+    losses = schedule(model.chunks, micro, forward, loss_scale=1.0 / MICRO)
     sync_grads(model, g)
     stats = {}
     for idx, layer in model.moe_layers().items():

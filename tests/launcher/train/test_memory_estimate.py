@@ -45,7 +45,7 @@ def _measured(rank, world, shape):
         peak = LivePeak.excluding(trainer.model)
         trainer.model.set_step(trainer.step)
         with peak:
-            loss = trainer._forward(trainer.model, next(trainer.loader), None)
+            loss = trainer._forward(trainer.model.chunks[0], next(trainer.loader), None)
             (sum(loss) if isinstance(loss, tuple) else loss).backward()  # with MTP: (loss sum, MTP objective)
         est = estimate(cfg, world)
         out[option] = (weights + held["grads"] + held["optimizer_state"] + held["main_params"], peak.peak,
@@ -83,7 +83,8 @@ def test_memory_table_switches_to_gib_at_one_gib():
     lines = MemoryEstimate(params=10, weights=3 << 20, gradients=5 << 30, optimizer=0, activations=1 << 29).lines()
     assert lines[1:] == ["  weights          3.0 MiB", "  gradients       5.00 GiB", "  optimizer        0.0 MiB",
                          "  activations    512.0 MiB",
-                         "  total           5.50 GiB (no allocator slack or temporaries)"]
+                         "  total           5.50 GiB (no allocator slack or temporaries)",
+                         "  pipeline bubble 0.0% of a step"]
 
 
 def _tp2_activations(rank, world):
@@ -104,7 +105,7 @@ def _tp2_activations(rank, world):
         peak = LivePeak.excluding(trainer.model)
         trainer.model.set_step(trainer.step)
         with peak:
-            trainer._forward(trainer.model, next(trainer.loader), None).backward()
+            trainer._forward(trainer.model.chunks[0], next(trainer.loader), None).backward()
         out[sp] = (peak.peak, estimate(cfg, world).activations)
     return out
 
@@ -118,3 +119,30 @@ def test_sequence_parallel_activations_estimate_follows_the_measured_saving():
     (plain, plain_est), (sp, sp_est) = result[False], result[True]
     assert sp < 0.95 * plain and sp_est < 0.95 * plain_est
     assert abs(sp_est / plain_est - sp / plain) < 0.05, (sp / plain, sp_est / plain_est)
+
+
+
+def test_in_flight_micro_batches_follow_megatron_core_warmup():
+    """1F1B: pp - rank; interleaved: (pp - rank - 1) * 2 + (vpp - 1) * pp + 1 virtual micro-batches, by chunk in
+    groups of pp, never more than there are."""
+    from launcher.train.memory import in_flight
+
+    assert [in_flight(4, 1, r, 8) for r in range(4)] == [[4], [3], [2], [1]]
+    assert in_flight(4, 1, 0, 2) == [2]
+    assert in_flight(2, 2, 0, 4) == [3, 2] and in_flight(2, 2, 1, 4) == [2, 1]
+    assert in_flight(2, 2, 0, 2) == [2, 2]  # every micro-batch of both chunks
+
+
+def test_interleaving_shrinks_the_bubble_and_the_estimate_counts_its_chunks():
+    from launcher.config import load_config
+    from launcher.train.memory import estimate
+
+    base = ["data.source=synthetic", "model.num_layers=4", "parallel.pp=2", "train.global_batch_size=32",
+            "train.micro_batch_size=4"]  # 8 micro-batches per step at DP = 1
+    plain, interleaved = (estimate(load_config(None, [*base, f"parallel.virtual_pp={v}"]), 2) for v in (1, 2))
+    assert plain.bubble == pytest.approx(1 / 8) and interleaved.bubble == pytest.approx(1 / 16)
+    assert plain.weights == interleaved.weights
+    # rank 0 holds 2 micro-batches of 2 layers (1F1B) or 3 + 2 of 1 layer each (interleaved), plus the embedding
+    assert interleaved.activations > plain.activations
+    uneven = estimate(load_config(None, [*base, "parallel.pp_layout=Ettt|tL"]), 2)
+    assert uneven.weights > plain.weights  # the busiest rank holds three layers
