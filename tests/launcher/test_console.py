@@ -3,7 +3,6 @@ result lines, ``--verbose`` adds debug lines, ranks other than 0 print errors on
 one ``moetron: <kind> error: <message>`` line with exit code 2 on every command."""
 from __future__ import annotations
 
-import json
 import logging
 import re
 
@@ -53,7 +52,7 @@ def test_quiet_prints_only_the_result_line(capsys, tmp_path):
 def test_verbose_adds_debug_lines(capsys, tmp_path):
     out, _ = _pretrain(capsys, tmp_path, "--verbose")
     assert re.search(r"^\[moetron\] 1 rank\(s\), backend gloo, TP 1 x PP 1 x DP 1, EP 1; ", out, re.M), out
-    assert re.search(r"^\[moetron\] saved \S+step_0000002 in \d+\.\d s$", out, re.M), out
+    assert re.search(r"^\[moetron\] saved \S+step_0000002; training stalled \d+\.\d{3} s for it$", out, re.M), out
     assert "[moetron] run\n" in out and "[moetron] done: step 2" in out
 
 
@@ -119,8 +118,12 @@ def bad_recipe(tmp_path):
 
 
 def test_bad_recipe_is_the_same_line_on_pretrain_and_convert(capsys, tmp_path, bad_recipe):
-    (tmp_path / "hf").mkdir()
-    (tmp_path / "hf" / "config.json").write_text(json.dumps(_qwen3_config()))
+    """from-hf checks the HF directory first (config, weight headers), then the recipe: a complete HF directory."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    qwen = {k: v for k, v in _qwen3_config().items() if k != "model_type"}
+    Qwen3MoeForCausalLM(Qwen3MoeConfig(**qwen)).save_pretrained(tmp_path / "hf")
+    capsys.readouterr()  # transformers' progress bar
     expected = f"moetron: config error: recipe '{bad_recipe}' is not valid YAML: key 'lr' is given twice at line 3"
     for argv in (["pretrain", "--recipe", str(bad_recipe)],
                  ["convert", "from-hf", "--hf", str(tmp_path / "hf"), "--output", str(tmp_path / "o"), "--recipe",
