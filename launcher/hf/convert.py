@@ -230,9 +230,10 @@ def read_hf(args: argparse.Namespace) -> HFSource:
     _check_empty(root)  # never write into a run directory that holds anything (its config, its checkpoints)
     hf = read_config(hf_path)
     family = families.for_hf(hf)
+    recipe = _recipe_raw(args.recipe, args.overrides)  # a bad recipe is named before the weights are looked at
     weights = HFWeights(hf_path)  # every header validated; no tensor read yet
     hf, note = family.match_weights(hf, weights.info)
-    raw = family.merge_into_raw(_recipe_raw(args.recipe, args.overrides), hf)
+    raw = family.merge_into_raw(recipe, hf)
     raw.setdefault("checkpoint", {})["dir"] = str(root)
     raw.setdefault("logging", {}).setdefault("run_dir", str(root))  # the continued run lives beside its checkpoints
     cfg = config_from_dict(raw)
