@@ -2,8 +2,9 @@
 
     moetron convert to-hf --checkpoint RUN/checkpoints --output hf_model [--tokenizer data/shards]
     moetron convert from-hf --hf HF_DIR --output ckpts [--recipe recipes/x.yaml] [key.path=value ...]
+    moetron convert upcycle --hf DENSE_HF_DIR --output ckpts --experts E --top-k K [...] (launcher/hf/upcycle_hf.py)
 
-Families (config.json model_type): qwen3_moe, deepseek_v3 (launcher/hf/families/). to-hf loads a checkpoint saved
+Families (config.json model_type): launcher/hf/families/ (docs/convert.md has the table). to-hf loads a checkpoint saved
 at ANY TP/PP/EP layout in one process (a 1-rank world: megatron-core's dist_checkpointing reshards it to
 tp=pp=ep=1) and writes config.json, safetensors shards + index, the tokenizer and generation config, as the first
 family that represents the model (or --model-type); MoNE / Matryoshka / expert-bias GQA models with moetron's own
@@ -21,6 +22,7 @@ import logging
 import os
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -31,8 +33,9 @@ from launcher.errors import ArgumentParser, MoetronError, report
 from launcher.train import checkpoint
 from launcher.config import (Config, apply_override, config_from_dict, read_recipe, save_resolved,
                              to_dict)
-from launcher.hf import families, hf_dir, transfer
+from launcher.hf import families, hf_dir, transfer, upcycle_hf
 from launcher.hf.safetensors_io import HFWeights, read_config, write_json, write_weights
+from launcher.upcycle import upcycle_config, upcycle_state_dict
 from parallel.model import build_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -61,12 +64,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     to.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (e.g. 5GB, 500MB)")
     to.add_argument("--model-type", choices=sorted(families.FAMILIES),
                     help="Hugging Face family to write (default: the first that represents the model)")
-    fr = sub.add_parser("from-hf", help="Hugging Face directory (qwen3_moe, deepseek_v3) -> moetron checkpoint")
+    fr = sub.add_parser("from-hf", help="Hugging Face directory (launcher/hf/families) -> moetron checkpoint")
     fr.add_argument("--hf", required=True, help="Hugging Face model directory (config.json + safetensors)")
     fr.add_argument("--output", required=True, help="checkpoint root to create (becomes checkpoint.dir)")
     fr.add_argument("--recipe", help="YAML recipe with the training settings; the architecture comes from HF")
     fr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.ep=8 train.steps=1000")
-    for direction in (to, fr):
+    for direction in (to, fr, upcycle_hf.add_parser(sub)):
         console.add_verbosity_flags(direction)
     return p.parse_args(argv)
 
@@ -192,36 +195,95 @@ def _recipe_raw(recipe: str | None, overrides: list[str]) -> dict:
     return raw
 
 
-def from_hf(args: argparse.Namespace) -> None:
-    from launcher.train.trainer import Trainer
+@dataclass
+class HFSource:
+    """An HF directory checked against its family and the recipe, no tensor read yet (:func:`read_hf`)."""
 
+    path: Path
+    hf: dict
+    family: families.Family
+    cfg: Config
+    tokenizer: Path | None
+    weights: HFWeights
+    note: str
+    """What the family's ``match_weights`` says about parts of config.json the weights lack or that it skips."""
+
+    def plan(self, groups) -> tuple[list, dict]:
+        """The transfer plan and where each HF key is read from, every tensor's shape and dtype checked (a meta
+        model of the config; ``groups``: :func:`single_process_groups`'); warns once about untied embeddings and
+        once with the family's note."""
+        meta = build_model(one_rank_config(to_dict(self.cfg), keep_data=False), groups, torch.device("meta"))
+        plan = transfer.targets(self.family, self.cfg, meta.state_dict())
+        source = transfer.check_hf_tensors(self.family, self.hf, plan, self.weights)
+        if self.hf.get("tie_word_embeddings"):
+            log.warning(f"{self.path}: tie_word_embeddings is true; lm_head.weight is a copy of the embedding "
+                        "(untied: the same logits now, trained separately from here on; to-hf writes it untied)")
+        if self.note:
+            log.warning(self.note)
+        return plan, source
+
+
+def read_hf(args: argparse.Namespace) -> HFSource:
+    """``args.hf``'s config.json, family, tokenizer and validated headers, merged with ``args.recipe`` /
+    ``args.overrides`` into the config whose ``checkpoint.dir`` is ``args.output`` (new or empty)."""
     hf_path, root = Path(args.hf), Path(args.output)
     _check_empty(root)  # never write into a run directory that holds anything (its config, its checkpoints)
     hf = read_config(hf_path)
     family = families.for_hf(hf)
+    recipe = _recipe_raw(args.recipe, args.overrides)  # a bad recipe is named before the weights are looked at
     weights = HFWeights(hf_path)  # every header validated; no tensor read yet
     hf, note = family.match_weights(hf, weights.info)
-    raw = family.merge_into_raw(_recipe_raw(args.recipe, args.overrides), hf)
+    raw = family.merge_into_raw(recipe, hf)
     raw.setdefault("checkpoint", {})["dir"] = str(root)
     raw.setdefault("logging", {}).setdefault("run_dir", str(root))  # the continued run lives beside its checkpoints
     cfg = config_from_dict(raw)
     tokenizer = hf_dir.hf_tokenizer(hf_path)
     transfer.check_counts(cfg, weights)
+    return HFSource(hf_path, hf, family, cfg, tokenizer, weights, note)
+
+
+def write_step0(cfg: Config, groups, fill) -> tuple[Path, Path]:
+    """The trainer's own step-0 checkpoint of ``cfg`` (whose ``checkpoint.dir`` is new or empty) with the weights
+    ``fill(model)`` puts in, plus ``<checkpoint.dir>/config.yaml``; returns (checkpoint, recipe) paths. The
+    checkpoint has exactly the structure (RNG and data-loader state included) that `moetron pretrain` resumes
+    from, at any layout."""
+    from launcher.train.trainer import Trainer
+
+    root = Path(cfg.checkpoint.dir)
+    with staging(root) as tmp:
+        trainer = Trainer(one_rank_config(_staged(to_dict(cfg), root, tmp), keep_data=True), groups)
+        fill(trainer.model)
+        saved = root / trainer.save().name
+        recipe = save_resolved(cfg, tmp).name
+    return saved, root / recipe
+
+
+def from_hf(args: argparse.Namespace) -> None:
+    src = read_hf(args)
     with single_process_groups() as groups:
-        meta = build_model(one_rank_config(to_dict(cfg), keep_data=False), groups, torch.device("meta"))
-        plan = transfer.targets(family, cfg, meta.state_dict())
-        source = transfer.check_hf_tensors(family, hf, plan, weights)
-        with staging(root) as tmp:
-            # The trainer's own step-0 save: the checkpoint has exactly the structure (RNG and data-loader state
-            # included) that `moetron pretrain` resumes from, at any layout.
-            trainer = Trainer(one_rank_config(_staged(to_dict(cfg), root, tmp), keep_data=True), groups)
-            transfer.load_hf(trainer.model, plan, source, weights)
-            saved = root / trainer.save().name
-            recipe = save_resolved(cfg, tmp).name
-    if note:
-        log.warning(note)
-    log.log(console.RESULT, f"{hf_path} -> {saved}")
-    log.log(console.RESULT, "\n".join(follow_up_commands(cfg, hf_path, tokenizer, root / recipe, root)))
+        plan, source = src.plan(groups)
+        saved, recipe = write_step0(src.cfg, groups, lambda model: transfer.load_hf(model, plan, source, src.weights))
+    log.log(console.RESULT, f"{src.path} -> {saved}")
+    log.log(console.RESULT, "\n".join(follow_up_commands(src.cfg, src.path, src.tokenizer, recipe, Path(args.output))))
+
+
+def upcycle(args: argparse.Namespace) -> None:
+    """`convert upcycle` (launcher/hf/upcycle_hf.py): the arguments are checked against the dense model's config
+    before a tensor is read."""
+    kwargs = upcycle_hf.options(args)
+    src = read_hf(args)
+    upcycle_config(src.cfg, args.experts, args.top_k, args.granularity, **kwargs)
+    with single_process_groups() as groups:
+        plan, source = src.plan(groups)
+        dense = build_model(one_rank_config(to_dict(src.cfg), keep_data=False), groups, torch.device("cpu"))
+        transfer.load_hf(dense, plan, source, src.weights)
+        cfg, state = upcycle_state_dict(src.cfg, dense.state_dict(), args.experts, args.top_k, args.granularity,
+                                        **kwargs)
+        del dense
+        saved, recipe = write_step0(cfg, groups, lambda model: model.load_state_dict(state, strict=True))
+    log.log(console.RESULT, f"{src.path} -> {saved} (upcycled: {args.experts} experts, top-{args.top_k}, "
+                            f"granularity {args.granularity})")
+    log.log(console.RESULT, "\n".join(follow_up_commands(cfg, src.path, src.tokenizer, recipe, Path(args.output))))
 
 
 def _staged(raw: dict, root: Path, tmp: Path) -> dict:
@@ -253,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     console.setup(args.quiet, args.verbose)
     try:
-        (to_hf if args.direction == "to-hf" else from_hf)(args)
+        {"to-hf": to_hf, "from-hf": from_hf, "upcycle": upcycle}[args.direction](args)
     except MoetronError as e:
         return report(e)
     return 0

@@ -125,6 +125,8 @@ class Family:
     match_weights: Callable[[Mapping[str, Any], Collection[str]], tuple[Mapping[str, Any], str]] = _as_is
     """(config.json, the HF keys present) -> (config.json as the weights have it, a note for the user or ""):
     parts the config declares but the weights lack (DeepSeek's MTP layers, which transformers' save drops)."""
+    ignored: Callable[[Mapping[str, Any]], tuple[str, ...]] = lambda hf: ()
+    """config.json -> HF key prefixes from-hf leaves unread (GLM-4.5's MTP layers; ``match_weights`` says so)."""
 
     # ------------------------------------------------------------ config: HF -> moetron
 

@@ -68,8 +68,8 @@ def check_counts(cfg: Config, weights: HFWeights) -> None:
 
 def check_hf_tensors(family: Family, hf: Mapping, plan: list[Target], weights: HFWeights) -> dict[str, str]:
     """Validate the directory against ``plan`` before reading: every expected tensor and copy present (a tied
-    ``lm_head`` reads the embedding), a float dtype, the expected shape; nothing left over. Returns {HF key: key to
-    read it from}."""
+    ``lm_head`` reads the embedding), a float dtype, the expected shape; nothing left over but the family's
+    ``ignored`` keys. Returns {HF key: key to read it from}."""
     source = {key: key for t in plan for key in (*t.keys, *t.copies)}
     if hf.get("tie_word_embeddings") and TIED_HEAD in source and TIED_HEAD not in weights.info:
         source[TIED_HEAD] = EMBED  # tied embeddings: lm_head is a copy (the logits are unchanged)
@@ -85,7 +85,8 @@ def check_hf_tensors(family: Family, hf: Mapping, plan: list[Target], weights: H
             if info.shape != t.key_shape:
                 raise HFDirError(f"tensor '{source[key]}' has shape {list(info.shape)} but config.json implies "
                                  f"{list(t.key_shape)} (config.json and weights disagree)")
-    unused = sorted(set(weights.info) - set(source.values()))
+    ignored = family.ignored(hf)
+    unused = sorted(k for k in set(weights.info) - set(source.values()) if not (ignored and k.startswith(ignored)))
     if unused:
         raise HFDirError(f"{len(unused)} HF tensors have no moetron counterpart, e.g. {unused[:3]}; this is not a "
                          f"plain {family.model_type} checkpoint moetron can represent")

@@ -6,10 +6,13 @@ from typing import Any, Mapping, Optional
 
 from launcher.config import Config, ConfigError
 from launcher.hf.family import Family
-from launcher.hf.families import deepseek_v3, qwen3_moe
+from launcher.hf.families import deepseek_v3, glm4_moe, llama, mixtral, olmoe, qwen2_moe, qwen3, qwen3_moe
 
-FAMILIES: dict[str, Family] = {f.model_type: f for f in (qwen3_moe.FAMILY, deepseek_v3.FAMILY)}
-"""model_type -> family; to-hf tries them in this order."""
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (
+    qwen3.FAMILY, llama.FAMILY, qwen3_moe.FAMILY, deepseek_v3.FAMILY, qwen2_moe.FAMILY, mixtral.FAMILY, olmoe.FAMILY,
+    glm4_moe.FAMILY)}
+"""model_type -> family; to-hf tries them in this order (the dense families first: an all-dense model is Qwen3 or
+Llama, not a Qwen3-MoE without MoE layers). No two families represent the same model."""
 
 
 def for_hf(hf: Mapping[str, Any]) -> Family:

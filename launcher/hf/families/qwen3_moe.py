@@ -37,7 +37,7 @@ def needs_custom_code(cfg: Config) -> bool:
     return moe.mone.enabled or moe.matryoshka.enabled or moe.expert_bias or len(set(inference_k(cfg))) > 1
 
 
-def _dense_layers(hf: Mapping[str, Any], num_layers: int) -> list[int]:
+def dense_layers_from_hf(hf: Mapping[str, Any], num_layers: int) -> list[int]:
     """Qwen3-MoE's rule: layer i is dense if listed in mlp_only_layers or not every decoder_sparse_step-th."""
     only = hf.get("mlp_only_layers") or []
     require(isinstance(only, list) and all(type(i) is int for i in only),
@@ -53,7 +53,7 @@ def read(hf: Mapping[str, Any]) -> dict[str, Any]:
                                                   "MoE models")
     return {"model.num_query_groups": hf_value(hf, Key("num_key_value_heads", int, heads)),
             "model.head_dim": hf_value(hf, Key("head_dim", int, hf_value(hf, Key("hidden_size")) // max(heads, 1))),
-            "model.dense_layers": _dense_layers(hf, hf_value(hf, Key("num_hidden_layers"))),
+            "model.dense_layers": dense_layers_from_hf(hf, hf_value(hf, Key("num_hidden_layers"))),
             **rope_from_hf(hf, yarn=False),
             **gates_from_hf(hf, hf_value(hf, Key("num_experts_per_tok")), norm_default=False)}
 
@@ -90,6 +90,8 @@ FAMILY = Family(
     renames=((r"\.mlp\.router\.", ".mlp.gate."),),
     fp32_keys=(".mlp.gate.weight", ".mlp.gate.expert_bias"),
     read=read, write=write,
+    check_export=lambda cfg: [] if cfg.model.moe_layer_indices else ["model.dense_layers=every layer (no MoE layer: "
+                                                                     "a dense model is qwen3 or llama)"],
     writes=lambda name, cfg: not name.endswith(".expert_bias") or cfg.moe.expert_bias,
     custom_code=needs_custom_code,
 )

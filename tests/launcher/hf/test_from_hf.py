@@ -79,7 +79,7 @@ def test_round_trip_is_identical_and_pretraining_resumes(tmp_path):
 
 def test_from_hf_rejects_what_moetron_cannot_represent():
     with pytest.raises(ConfigError, match="model_type"):
-        _merge({}, _qwen3_config(model_type="mixtral"))
+        _merge({}, _qwen3_config(model_type="llama4"))
     with pytest.raises(ConfigError, match="rope type 'yarn'"):
         _merge({}, _qwen3_config(rope_parameters={"rope_type": "yarn", "rope_theta": 1.0}))
     with pytest.raises(ConfigError, match="model.hidden_size=128 but the HF model has 32"):

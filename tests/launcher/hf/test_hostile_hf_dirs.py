@@ -102,7 +102,8 @@ def _symlinked_tokenizer(d: Path) -> None:
 
 CASES = {  # name: (edit the directory, what the one line must say)
     "unknown model_type": (lambda d: _config(d, model_type="llama4"),
-                           "model_type 'llama4' is not supported; from-hf converts deepseek_v3, qwen3_moe"),
+                           "model_type 'llama4' is not supported; from-hf converts deepseek_v3, glm4_moe, llama, "
+                           "mixtral, olmoe, qwen2_moe, qwen3, qwen3_moe"),
     "unsupported option": (lambda d: _config(d, use_sliding_window=True, hidden_act="gelu"),
                            "options moetron cannot represent: hidden_act='gelu'"),
     "unsupported rope": (lambda d: _config(d, rope_parameters={"rope_type": "llama3", "rope_theta": 1e4}),
