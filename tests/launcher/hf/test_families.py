@@ -17,7 +17,7 @@ from tests.launcher.hf.test_from_hf import read_all
 from tests.moe_core.test_hf_families import CASES, HF_COMMON, SEQ, VOCAB, hf_model
 
 FAMILIES = ["qwen2_moe", "mixtral", "olmoe", "glm4_moe", "qwen3", "llama", "llama-tied"]
-TRAINED = ("mixtral", "glm4_moe")
+TRAINED = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "glm4_moe", "deepseek_v3", "qwen3", "llama")
 TOKENS = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(3))
 TRAIN = ["data.source=synthetic", "logging.tensorboard=false", "train.steps=2", "train.micro_batch_size=2",
          "train.global_batch_size=2", "train.eval_batches=2", "optim.warmup_steps=1", "checkpoint.interval=2"]
@@ -136,7 +136,7 @@ def test_tied_embeddings_are_untied_with_one_line(conversions):
 
 @pytest.mark.parametrize("case", TRAINED)
 def test_trained_round_trip_matches_moetron_evaluation_loss(conversions, case):
-    """Two steps of pretraining from the converted checkpoint, then to-hf: the stock model's token-weighted loss on
+    """Every family: two steps of pretraining from the converted checkpoint, then to-hf: the stock model's token-weighted loss on
     moetron's validation batches is moetron's own evaluation loss."""
     from transformers import AutoModelForCausalLM
 
