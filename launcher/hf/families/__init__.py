@@ -27,8 +27,8 @@ def for_hf(hf: Mapping[str, Any]) -> Family:
 
 
 def for_export(cfg: Config, model_type: Optional[str] = None) -> Family:
-    """``model_type``'s family, or the first family that can represent ``cfg``; ConfigError naming, per family,
-    what it cannot represent."""
+    """``model_type``'s family, or the first family that can represent ``cfg``; ConfigError naming what the
+    closest families (fewest mismatches first, at most three) cannot represent."""
     if model_type is not None:
         if model_type not in FAMILIES:
             raise ConfigError(f"--model-type {model_type!r} is not supported; to-hf writes {', '.join(FAMILIES)}")
@@ -37,5 +37,6 @@ def for_export(cfg: Config, model_type: Optional[str] = None) -> Family:
     for name, found in problems.items():
         if not found:
             return FAMILIES[name]
-    raise ConfigError("no Hugging Face family represents this model: " + " | ".join(
-        f"{name}: {'; '.join(found)}" for name, found in problems.items()))
+    closest = sorted(problems.items(), key=lambda item: len(item[1]))[:3]
+    raise ConfigError("no Hugging Face family represents this model; the closest: " + " | ".join(
+        f"{name}: {'; '.join(found)}" for name, found in closest))
